@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh clone: `make train` and `make test`.
+# TORCH picks the torch build: the default installs a CPU build on a CPU-only machine and a CUDA
+# build on a GPU box; override with e.g. `make test TORCH="torch==2.14.1"`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+TRAIN_ARGS ?=
+
+.PHONY: train test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+train: $(VENV)/.runtime
+	$(BIN)/python -m llm.training.train --task lm $(TRAIN_ARGS)
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check llm tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check llm tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""llm: a PyTorch-native, extensible training framework for language models."""

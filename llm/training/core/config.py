@@ -1,0 +1,421 @@
+"""Run configuration: plain dataclass sections composed in `Config`.
+
+Precedence is defaults < task defaults < `--config file.yaml` < CLI flags. CLI flags are generated
+from these dataclasses (`--<section>-<field>`, see `cli.py`); the trailing comment of each field is
+its `--help` text, so keep them short and true. Every value is checked in `validate_config` before
+any work starts; an error names the field, the bad value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import logging
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import yaml
+
+from .errors import ConfigError, did_you_mean, invalid
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+NAN_POLICIES = ("raise", "skip")
+INTERVALS = ("step", "epoch")
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class ModelConfig:
+    """Model sizes; the field names are `DecoderModel`'s keyword arguments."""
+
+    vocab_size: int = 256  # token vocabulary (the lm task sets it from the tokenizer unless given)
+    hidden_size: int = 128  # width of the residual stream
+    num_layers: int = 4  # number of TransformerBlocks
+    num_heads: int = 4  # attention heads; must divide hidden_size
+    num_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention (default: num_heads)
+    intermediate_size: Optional[int] = None  # MLP width (default: SwiGLU-sized from hidden_size)
+    max_seq_len: int = 2048  # longest sequence the rotary cache covers
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share input embedding and output layer weights
+    dropout: float = 0.0  # dropout on attention and residual branches
+    use_moe: bool = False  # replace each block's MLP with a Mixture-of-Experts layer
+    num_experts: int = 8  # experts per MoE layer
+    top_k: int = 2  # experts activated per token
+    moe_intermediate_size: Optional[int] = None  # width of each expert (default: intermediate_size)
+    num_shared_experts: int = 0  # always-on experts added to the routed ones
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing auxiliary loss
+    moe_z_loss_coef: float = 0.001  # weight of the router z-loss
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is cut into batches."""
+
+    path: str = ""  # file, directory, glob, .jsonl, .csv or .bin; empty = the task's embedded default
+    module: str = ""  # data module name or package.module:Class; empty = the task's default
+    seq_len: int = 256  # tokens per training window (lm) or sequence length (regression)
+    tokenizer: str = "byte"  # byte | bpe (trained on the corpus) | path/to/tokenizer.json
+    vocab_size: int = 4096  # vocabulary size when training a BPE tokenizer
+    max_bytes: int = 16_000_000  # cap on the embedded corpus size in bytes (0 = no cap)
+    val_fraction: float = 0.05  # share of the data held out for validation
+    num_samples: int = 4096  # samples of the synthetic regression data set
+    num_workers: int = 0  # DataLoader worker processes
+    cache_dir: str = ""  # token cache directory (default: ~/.cache/llm)
+
+
+@dataclass
+class TrainingConfig:
+    """Optimization, schedule, precision and the callbacks of a run."""
+
+    lr: float = 1e-3  # peak learning rate
+    epochs: int = 10  # passes over the training data (max_steps, when set, ends the run earlier)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    batch_size: int = 32  # samples per process per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    optimizer: str = "adamw"  # adamw | adam | sgd | package.module:Class
+    weight_decay: float = 0.0  # decoupled weight decay (never applied to norms, biases, embeddings)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
+    momentum: float = 0.9  # SGD momentum
+    scheduler_type: str = "cosine"  # cosine, step, plateau, exponential, linear, constant, wsd, none
+    scheduler_interval: str = "step"  # step the scheduler per optimizer 'step' or per 'epoch'
+    step_size: int = 30  # StepLR period (in scheduler intervals)
+    gamma: float = 0.1  # StepLR/ExponentialLR decay factor
+    warmup: int = 0  # linear warmup length in optimizer steps, composed with any scheduler
+    min_lr_ratio: float = 0.0  # floor of cosine/linear/wsd decay as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    plateau_monitor: str = "val/loss"  # plateau: validation metric watched
+    plateau_patience: int = 10  # plateau: validations without improvement before a cut
+    plateau_factor: float = 0.1  # plateau: lr multiplier on a cut
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
+    val_interval: int = 0  # validate every N optimizer steps (0 = at epoch end only)
+    val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
+    log_interval: int = 10  # optimizer steps between metric logs
+    callbacks: List[str] = field(
+        default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar"]
+    )  # callbacks by name or package.module:Class
+    early_stopping_monitor: str = "val/loss"  # EarlyStopping: metric watched
+    early_stopping_mode: str = "min"  # EarlyStopping: min | max
+    early_stopping_patience: int = 3  # EarlyStopping: validations without improvement before stopping
+    early_stopping_min_delta: float = 0.0  # EarlyStopping: smallest change counted as improvement
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    nan_policy: str = "raise"  # on a non-finite loss or grad norm: raise | skip the update
+    max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+
+
+@dataclass
+class LoggingConfig:
+    """Where a run writes its records."""
+
+    log_dir: str = ""  # run directory (default: runs/<task>-<timestamp>)
+    level: str = "INFO"  # console log level
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints and resume."""
+
+    interval: int = 0  # save every N optimizer steps (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted)
+    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | none | PATH
+    monitor: str = ""  # also keep the best checkpoint by this validation metric (e.g. val/loss)
+    mode: str = "min"  # best checkpoint: min | max
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training."""
+
+    nproc_per_node: int = 1  # local worker processes to spawn (torchrun sets its own)
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    strategy: str = "ddp"  # ddp | fsdp
+    timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
+    master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
+
+
+@dataclass
+class Config:
+    """The whole run: one section per component, plus the task and seed."""
+
+    task: str = "regression"  # task name (see --help for the list) or package.module:Class
+    seed: int = 42  # global seed; each rank derives its own
+    plugins: List[str] = field(default_factory=list)  # modules imported first, to register extensions
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The framework's logger (the user's guide calls `config.logger.warning(...)`)."""
+        return logging.getLogger("llm")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_yaml())
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+    "distributed": DistributedConfig,
+}
+TOP_LEVEL = ("task", "seed", "plugins")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field introspection: types and the help text taken from each field's trailing comment.
+# ---------------------------------------------------------------------------------------------
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    helps: dict[str, str] = {}
+    for match in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", source, flags=re.M):
+        helps.setdefault(match.group(1), match.group(2).strip())
+    # A field whose default spans lines carries its comment on the closing line.
+    for match in re.finditer(r"^\s+(\w+)\s*:[^\n]*\(\n(?:[^\n]*\n)*?\s*\)\s*#\s*(.+)$", source, flags=re.M):
+        helps.setdefault(match.group(1), match.group(2).strip())
+    return helps
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def type_name(tp: Any) -> str:
+    base, optional = unwrap_optional(tp)
+    if typing.get_origin(base) in (list, List):
+        inner = typing.get_args(base)[0]
+        name = f"list of {getattr(inner, '__name__', inner)}"
+    else:
+        name = getattr(base, "__name__", str(base))
+    return f"{name} or null" if optional else name
+
+
+def coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check a YAML value against a field type; ints widen to floats, nothing else is guessed."""
+    base, optional = unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: expected {type_name(tp)}, got null")
+    if typing.get_origin(base) in (list, List):
+        inner = typing.get_args(base)[0]
+        if not isinstance(value, list):
+            value = [value]
+        return [coerce(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
+    """Apply a nested mapping ({section: {field: value}} plus top-level keys) onto `config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    top_types = field_types(Config)
+    for key, value in data.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping, got {value!r}")
+            section = getattr(config, key)
+            types = field_types(SECTIONS[key])
+            for name, item in value.items():
+                if name not in types:
+                    raise ConfigError(
+                        f"{source}: unknown key '{key}.{name}'{did_you_mean(name, types)}; "
+                        f"valid keys of '{key}': {', '.join(types)}"
+                    )
+                setattr(section, name, coerce(f"{key}.{name}", item, types[name]))
+        elif key in TOP_LEVEL:
+            setattr(config, key, coerce(key, value, top_types[key]))
+        else:
+            raise ConfigError(
+                f"{source}: unknown key {key!r}{did_you_mean(key, list(SECTIONS) + list(TOP_LEVEL))}; "
+                f"valid: {', '.join(list(TOP_LEVEL) + list(SECTIONS))}"
+            )
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: file not found: {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"config: {path!r} is not valid YAML: {first}") from None
+    return data or {}
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a saved `config.yaml` mapping (e.g. a checkpoint's)."""
+    config = Config()
+    apply_dict(config, data, "config")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: one place, before any work starts.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, field: str, value: Any, valid: str, candidates: Any = None) -> None:
+    if not ok:
+        raise invalid(field, value, valid, candidates)
+
+
+def validate_config(config: Config, *, check_names: bool = True, check_scheduler: bool = True) -> None:
+    """Raise ConfigError on the first invalid value. Registries are consulted for names."""
+    m, d, t, c, dist = config.model, config.data, config.training, config.checkpoint, config.distributed
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts", "top_k"):
+        _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
+    _check(
+        m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+        f"must be divisible by model.num_heads={m.num_heads}",
+    )
+    if m.num_kv_heads is not None:
+        _check(
+            m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+            f"must be >= 1 and divide model.num_heads={m.num_heads}",
+        )
+    for name in ("intermediate_size", "moe_intermediate_size"):
+        value = getattr(m, name)
+        _check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null")
+    _check(m.top_k <= m.num_experts, "model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
+    _check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts, "must be >= 0")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+        _check(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
+
+    _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be >= 1")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.num_samples >= 2, "data.num_samples", d.num_samples, "must be >= 2")
+    _check(d.vocab_size >= 257, "data.vocab_size", d.vocab_size, "must be >= 257 (the 256 bytes plus merges)")
+    _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
+    if d.path:
+        exists = os.path.exists(d.path) or (glob.has_magic(d.path) and bool(glob.glob(d.path, recursive=True)))
+        _check(exists, "data.path", d.path, "no such file, directory or glob match")
+    if d.tokenizer not in ("byte", "bpe"):
+        _check(
+            os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer,
+            "must be 'byte', 'bpe' or the path of an existing tokenizer.json",
+        )
+
+    _check(t.lr > 0, "training.lr", t.lr, "must be > 0")
+    _check(t.epochs >= 1, "training.epochs", t.epochs, "must be >= 1")
+    _check(t.max_steps >= 0, "training.max_steps", t.max_steps, "must be >= 0 (0 = no limit)")
+    _check(t.batch_size >= 1, "training.batch_size", t.batch_size, "must be >= 1")
+    _check(t.grad_accum_steps >= 1, "training.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    _check(t.grad_clip >= 0, "training.grad_clip", t.grad_clip, "must be >= 0 (0 = no clipping)")
+    _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "training.betas", t.betas, "two values in [0, 1)")
+    _check(t.warmup >= 0, "training.warmup", t.warmup, "must be >= 0")
+    _check(t.step_size >= 1, "training.step_size", t.step_size, "must be >= 1")
+    _check(t.gamma > 0, "training.gamma", t.gamma, "must be > 0")
+    _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _check(0 < t.decay_fraction <= 1, "training.decay_fraction", t.decay_fraction, "must be in (0, 1]")
+    _check(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}", PRECISIONS)
+    _check(t.nan_policy in NAN_POLICIES, "training.nan_policy", t.nan_policy, "raise or skip", NAN_POLICIES)
+    _check(
+        t.scheduler_interval in INTERVALS, "training.scheduler_interval", t.scheduler_interval, "step or epoch",
+        INTERVALS,
+    )
+    _check(t.early_stopping_mode in ("min", "max"), "training.early_stopping_mode", t.early_stopping_mode, "min or max")
+    _check(t.log_interval >= 1, "training.log_interval", t.log_interval, "must be >= 1")
+    _check(t.val_interval >= 0, "training.val_interval", t.val_interval, "must be >= 0")
+    _check(t.val_max_batches >= 0, "training.val_max_batches", t.val_max_batches, "must be >= 0")
+    _check(t.max_skipped_steps >= 1, "training.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    _check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "training.device", t.device,
+        "auto, cpu, cuda or cuda:N",
+    )
+    if t.device.startswith("cuda") or (t.device == "auto" and _cuda_available()):
+        pass
+    elif t.precision == "fp16":
+        raise invalid("training.precision", t.precision, "fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    _check(
+        config.logging.level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "logging.level", config.logging.level,
+        "DEBUG, INFO, WARNING or ERROR",
+    )
+
+    _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = only at the end)")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _check(c.mode in ("min", "max"), "checkpoint.mode", c.mode, "min or max")
+    if c.resume not in ("auto", "none"):
+        _check(os.path.exists(c.resume), "checkpoint.resume", c.resume, "auto, none or an existing checkpoint path")
+
+    _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
+    _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
+    _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp or fsdp", STRATEGIES)
+    _check(dist.timeout_minutes > 0, "distributed.timeout_minutes", dist.timeout_minutes, "must be > 0")
+    _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")
+
+    if check_names:
+        from . import registry
+        from .callbacks import resolve_callback
+        from .optimizers import OPTIMIZERS  # noqa: F401  (registers the built-ins)
+        from .schedulers import SCHEDULERS  # noqa: F401
+
+        for name in t.callbacks:
+            resolve_callback(name)
+        registry.OPTIMIZERS.get(t.optimizer)
+        if check_scheduler and t.scheduler_type != "none":
+            registry.SCHEDULERS.get(t.scheduler_type)
+        if d.module:
+            from llm.data import datamodule  # noqa: F401
+
+            registry.DATA_MODULES.get(d.module)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

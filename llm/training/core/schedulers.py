@@ -1,0 +1,166 @@
+"""Learning-rate schedulers: a registry of the built-ins and `LRSchedule`, which composes linear
+warmup with any of them (including one a task builds itself, as in the guide's recipe 1).
+
+A registered scheduler is `fn(optimizer, cfg: TrainingConfig, total: int) -> LRScheduler | None`,
+where `total` is the number of scheduler intervals (optimizer steps, or epochs) after warmup.
+The closed-form schedules are `LambdaLR`s, so their value at any step does not depend on the
+history of stepping (which keeps resume exact).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
+
+from .registry import SCHEDULERS, register_scheduler
+
+__all__ = ["SCHEDULERS", "LRSchedule", "build_scheduler"]
+
+
+class _Cosine:
+    """Picklable cosine factor from 1 to `floor` over `total` steps."""
+
+    def __init__(self, total: int, floor: float) -> None:
+        self.total, self.floor = max(1, total), floor
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total) / self.total
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Linear:
+    def __init__(self, total: int, floor: float) -> None:
+        self.total, self.floor = max(1, total), floor
+
+    def __call__(self, step: int) -> float:
+        return self.floor + (1 - self.floor) * max(0.0, 1 - step / self.total)
+
+
+class _WarmupStableDecay:
+    """Hold the peak, then decay linearly to `floor` over the last `fraction` of the run."""
+
+    def __init__(self, total: int, floor: float, fraction: float) -> None:
+        self.total, self.floor = max(1, total), floor
+        self.decay = max(1, round(self.total * fraction))
+
+    def __call__(self, step: int) -> float:
+        into_decay = step - (self.total - self.decay)
+        if into_decay <= 0:
+            return 1.0
+        return self.floor + (1 - self.floor) * max(0.0, 1 - into_decay / self.decay)
+
+
+@register_scheduler("cosine")
+def _cosine(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
+    return LambdaLR(opt, _Cosine(total, cfg.min_lr_ratio))
+
+
+@register_scheduler("linear")
+def _linear(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
+    return LambdaLR(opt, _Linear(total, cfg.min_lr_ratio))
+
+
+@register_scheduler("wsd")
+def _wsd(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
+    return LambdaLR(opt, _WarmupStableDecay(total, cfg.min_lr_ratio, cfg.decay_fraction))
+
+
+@register_scheduler("constant")
+def _constant(opt: Optimizer, cfg: Any, total: int) -> None:
+    return None
+
+
+@register_scheduler("step")
+def _step(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
+    return StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+
+
+@register_scheduler("exponential")
+def _exponential(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
+    return ExponentialLR(opt, gamma=cfg.gamma)
+
+
+@register_scheduler("plateau")
+def _plateau(opt: Optimizer, cfg: Any, total: int) -> ReduceLROnPlateau:
+    mode = "max" if any(k in cfg.plateau_monitor for k in ("acc", "accuracy")) else "min"
+    return ReduceLROnPlateau(opt, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+
+
+def build_scheduler(optimizer: Optimizer, cfg: Any, total: int) -> Any:
+    """The registered scheduler `cfg.scheduler_type` ('none' means a constant lr)."""
+    if cfg.scheduler_type == "none":
+        return None
+    return SCHEDULERS.get(cfg.scheduler_type)(optimizer, cfg, total)
+
+
+class LRSchedule:
+    """Linear warmup for `warmup` optimizer steps, then `scheduler` stepped per step or per epoch.
+
+    The inner scheduler is not stepped during warmup; warmup scales the lr it starts from, and at
+    the hand-over that lr is restored, so chained (recursive) torch schedulers stay correct.
+    `ReduceLROnPlateau` steps on validation with the monitored metric instead.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        scheduler: Any,
+        *,
+        warmup: int = 0,
+        interval: str = "step",
+        monitor: str = "val/loss",
+    ) -> None:
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.warmup, self.interval, self.monitor = warmup, interval, monitor
+        self.is_plateau = isinstance(scheduler, ReduceLROnPlateau)
+        self.steps = 0
+        self.target_lrs = [group["lr"] for group in optimizer.param_groups]
+        if warmup > 0:
+            self._apply_warmup()
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.steps < self.warmup
+
+    def _apply_warmup(self) -> None:
+        factor = (self.steps + 1) / self.warmup
+        for group, lr in zip(self.optimizer.param_groups, self.target_lrs):
+            group["lr"] = lr * factor
+
+    def step_batch(self) -> None:
+        """Call after every optimizer step."""
+        self.steps += 1
+        if self.in_warmup:
+            self._apply_warmup()
+        elif self.steps == self.warmup:
+            for group, lr in zip(self.optimizer.param_groups, self.target_lrs):
+                group["lr"] = lr
+        elif self.scheduler is not None and self.interval == "step" and not self.is_plateau:
+            self.scheduler.step()
+
+    def step_epoch(self) -> None:
+        if self.scheduler is not None and self.interval == "epoch" and not self.is_plateau and not self.in_warmup:
+            self.scheduler.step()
+
+    def step_validation(self, metrics: dict[str, Any]) -> None:
+        if not (self.is_plateau and not self.in_warmup):
+            return
+        if self.monitor not in metrics:
+            raise KeyError(f"training.plateau_monitor: metric {self.monitor!r} not in validation logs {sorted(metrics)}")
+        self.scheduler.step(float(metrics[self.monitor]))
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self.scheduler.state_dict() if self.scheduler is not None else None
+        return {"steps": self.steps, "target_lrs": list(self.target_lrs), "scheduler": inner}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.target_lrs = list(state["target_lrs"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])

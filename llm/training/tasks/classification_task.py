@@ -1,0 +1,35 @@
+"""The classification task: digits images as pixel tokens through a TransformerBlock encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm.data.digits import NUM_CLASSES, NUM_LEVELS, DigitsDataModule
+
+from .base_task import TrainingTask
+from .encoders import SequenceEncoder
+
+
+class ClassificationTask(TrainingTask):
+    config_defaults = {
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
+        "data": {"val_fraction": 0.2},
+        "training": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "warmup": 20, "log_interval": 20},
+    }
+    data_module_class = DigitsDataModule
+
+    def build_model(self) -> nn.Module:
+        return SequenceEncoder(self.config.model, output_size=NUM_CLASSES, vocab_size=NUM_LEVELS)
+
+    def build_criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
+        outputs = model(images)  # (B, classes)
+        loss = criterion(outputs, labels)
+        accuracy = (outputs.detach().argmax(dim=1) == labels).float().mean()
+        return loss, {"accuracy": accuracy}

@@ -1,0 +1,200 @@
+"""CLI entry point: `python -m llm.training.train --task regression|classification|lm [flags]`.
+
+argv/YAML -> validated `Config` -> task class -> launcher (one process, N spawned local processes,
+or torchrun) -> `train_worker(rank, world_size, config, task_class)` -> `TrainingEngine.run()`.
+User mistakes are reported as one line on stderr with exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llm.training.core import callbacks as training_callbacks
+from llm.training.core.cli import apply_flags, build_parser, parse_flags, pre_parse
+from llm.training.core.config import Config, apply_dict, load_yaml, validate_config
+from llm.training.core.distributed import (
+    barrier,
+    broadcast_object,
+    destroy_process_group,
+    init_process_group,
+    resolve_device,
+    spawn,
+    torchrun_env,
+)
+from llm.training.core.engine import TrainingEngine
+from llm.training.core.errors import ConfigError, UserError
+from llm.training.core.registry import TASKS, import_plugins
+from llm.training.tasks.base_task import TrainingTask
+from llm.training.tasks.classification_task import ClassificationTask
+from llm.training.tasks.lm_task import LMTask
+from llm.training.tasks.regression_task import RegressionTask
+
+# The task table (the user's guide, recipe 3). Tasks registered with `@register_task` in plugins
+# and `package.module:Class` names work too.
+AVAILABLE_TASKS: dict[str, type[TrainingTask]] = {
+    "regression": RegressionTask,
+    "classification": ClassificationTask,
+    "lm": LMTask,
+}
+
+
+def resolve_task(name: str) -> type[TrainingTask]:
+    if name in AVAILABLE_TASKS:
+        return AVAILABLE_TASKS[name]
+    try:
+        task = TASKS.get(name)
+    except ConfigError:
+        known = sorted(set(AVAILABLE_TASKS) | set(TASKS.names()))
+        from llm.training.core.errors import did_you_mean
+
+        raise ConfigError(
+            f"task: unknown task {name!r}; valid: {', '.join(known)} or 'package.module:Class'"
+            f"{did_you_mean(name, known)}"
+        ) from None
+    if not (isinstance(task, type) and issubclass(task, TrainingTask)):
+        raise ConfigError(f"task: {name!r} is not a TrainingTask subclass")
+    return task
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTask], bool]:
+    """Resolve defaults < task defaults < YAML < flags; returns (config, task class, print_config)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = pre_parse(argv)
+    yaml_data = load_yaml(pre.config) if pre.config else {}
+    if not isinstance(yaml_data, dict):
+        raise ConfigError(f"config: {pre.config!r} must hold a mapping of sections, got {type(yaml_data).__name__}")
+    plugins = pre.plugins if pre.plugins is not None else list(yaml_data.get("plugins") or [])
+    import_plugins(plugins)
+    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())))
+    if pre.help:
+        parser.print_help()
+        raise SystemExit(0)
+    flags = parse_flags(parser, argv)  # parse (and reject bad flags) before any other work
+    task_name = pre.task or yaml_data.get("task") or Config.task
+    task_class = resolve_task(str(task_name))
+    config = Config()
+    apply_dict(config, {"task": str(task_name), **task_class.config_defaults}, f"{task_class.__name__}.config_defaults")
+    apply_dict(config, yaml_data, pre.config or "config")
+    apply_flags(config, flags)
+    config.plugins = plugins
+    task_class.validate_config(config)
+    # A task that builds its own scheduler may accept names the registry does not know.
+    own_scheduler = task_class.build_scheduler is not TrainingTask.build_scheduler
+    validate_config(config, check_scheduler=not own_scheduler)
+    return config, task_class, pre.print_config
+
+
+def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
+    """Console logging (rank 0 at `level`, other ranks warnings only) plus `RUN_DIR/train.log`."""
+    logger = logging.getLogger("llm")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(level.upper() if rank == 0 else "WARNING")
+    fmt = logging.Formatter("%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") + "%(message)s",
+                            datefmt="%H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if run_dir is not None and rank == 0:
+        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through tqdm so log lines do not tear an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def prepare_run_dir(config: Config) -> Path:
+    run_dir = Path(config.logging.log_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    return run_dir
+
+
+def train_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> dict[str, Any]:
+    """One training process: join the process group, build everything, run the engine."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = resolve_device(config.training.device, local_rank)
+    dist_cfg = config.distributed
+    init_process_group(rank, world_size, dist_cfg.backend, device, dist_cfg.timeout_minutes)
+    try:
+        # torchrun starts every process on its own; rank 0's run directory name is everyone's.
+        config.logging.log_dir = broadcast_object(config.logging.log_dir)
+        if rank == 0:
+            prepare_run_dir(config)
+        barrier()
+        setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
+        task = task_class(config)
+        data_module = task.build_data_module()
+        instantiated_callbacks = training_callbacks.build_callbacks(config)
+        engine = TrainingEngine(
+            config,
+            task,
+            rank,
+            world_size,
+            data_module=data_module,
+            callbacks=instantiated_callbacks,
+        )
+        return engine.run()
+    finally:
+        destroy_process_group()
+
+
+def _spawned_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> None:
+    try:
+        train_worker(rank, world_size, config, task_class)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def launch(config: Config, task_class: type[TrainingTask]) -> None:
+    env = torchrun_env()
+    if env is not None:
+        train_worker(env[0], env[1], config, task_class)
+    elif config.distributed.nproc_per_node > 1:
+        spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class), config.distributed.master_port)
+    else:
+        train_worker(0, 1, config, task_class)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, task_class, print_config = parse_config(argv)
+        if print_config:
+            sys.stdout.write(config.to_yaml())
+            return 0
+        if not config.logging.log_dir:
+            config.logging.log_dir = os.path.join("runs", f"{config.task.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        launch(config, task_class)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a spawned worker's failure: its own error was printed by that worker
+        import torch.multiprocessing as mp
+
+        if isinstance(exc, mp.ProcessExitedException):
+            return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
