@@ -1,7 +1,7 @@
-"""scikit-learn's bundled 8x8 digits images (1,797 samples, no download) as pixel-token sequences.
+"""scikit-learn's bundled 8x8 digits images (1,797 samples, no download) as patch sequences.
 
-Each image becomes 64 tokens whose ids are the pixel intensities 0..16, so a plain token model
-classifies it; batches are (tokens: (B, 64) long, labels: (B,) long).
+Each image becomes 16 patches of 2x2 pixels (ViT-style, scaled to [0, 1]), so a sequence model
+classifies it; batches are (patches: (B, 16, 4) float, labels: (B,) long).
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ from torch.utils.data import TensorDataset
 
 from .datamodule import DataModule
 
-NUM_LEVELS = 17  # pixel intensities 0..16
 NUM_CLASSES = 10
+PATCH = 2
+NUM_PATCHES = (8 // PATCH) ** 2
+PATCH_FEATURES = PATCH * PATCH
+
+
+def to_patches(images: torch.Tensor) -> torch.Tensor:
+    """(N, 64) pixels 0..16 -> (N, 16, 4) patches in [0, 1], row-major patch order."""
+    x = images.float().reshape(-1, 8 // PATCH, PATCH, 8 // PATCH, PATCH) / 16.0  # (N, 4, 2, 4, 2)
+    return x.permute(0, 1, 3, 2, 4).reshape(-1, NUM_PATCHES, PATCH_FEATURES)
 
 
 class DigitsDataModule(DataModule):
@@ -27,7 +35,7 @@ class DigitsDataModule(DataModule):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        x = torch.as_tensor(digits.data, dtype=torch.long)  # (N, 64)
+        x = to_patches(torch.as_tensor(digits.data))  # (N, 16, 4)
         y = torch.as_tensor(digits.target, dtype=torch.long)  # (N,)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
         num_val = max(1, int(len(x) * self.config.data.val_fraction))

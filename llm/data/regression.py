@@ -1,8 +1,8 @@
 """Data for the regression task: a seeded synthetic sequence-regression problem, or a CSV file.
 
 Synthetic: each sample is a sequence of `seq_len` feature vectors (8 features); the target mixes
-a per-position nonlinearity with an interaction between the first and last positions, so a model
-must attend across the sequence to fit it. CSV: numeric columns with a header row; the last
+a per-position nonlinearity with terms that depend on the first and last positions, so a model
+must attend across the sequence and know positions to fit it. CSV: numeric columns with a header row; the last
 column is the target and every other column is one position of a length-(columns-1) sequence.
 """
 
@@ -26,7 +26,8 @@ def synthetic_regression(num_samples: int, seq_len: int, seed: int) -> tuple[tor
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, seq_len, NUM_FEATURES, generator=gen)
     w, u, v = (torch.randn(NUM_FEATURES, generator=gen) / NUM_FEATURES**0.5 for _ in range(3))
-    y = torch.tanh(x @ w).mean(dim=1) * 3.0 + (x[:, 0] @ u) * (x[:, -1] @ v)  # (N,)
+    # A per-position nonlinearity plus terms that depend on where a feature sits in the sequence.
+    y = torch.tanh(x @ w).mean(dim=1) * 3.0 + x[:, 0] @ u - 0.5 * torch.relu(x[:, -1] @ v)  # (N,)
     y = y + 0.05 * torch.randn(num_samples, generator=gen)
     return x, (y - y.mean()) / y.std()
 

@@ -84,8 +84,17 @@ def misspelled_hooks(callback: Callback) -> list[str]:
     problems = []
     for name in dir(type(callback)):
         if name.startswith("on_") and name not in HOOKS and callable(getattr(type(callback), name, None)):
-            problems.append(f"{type(callback).__name__}.{name} is not a hook{did_you_mean(name, HOOKS)}")
+            # Other frameworks' words for the same moments (Keras' on_train_begin, HF's on_step_end).
+            guess = name
+            for theirs, ours in _HOOK_SYNONYMS.items():
+                guess = guess.replace(theirs, ours)
+            hint = f" (did you mean {guess!r}?)" if guess in HOOKS else did_you_mean(name, HOOKS)
+            problems.append(f"{type(callback).__name__}.{name} is not a hook{hint}")
     return problems
+
+
+_HOOK_SYNONYMS = {"_begin": "_start", "_finish": "_end", "_step_": "_batch_", "_eval_": "_validation_",
+                  "_val_": "_validation_", "_fit_": "_train_", "_training_": "_train_"}
 
 
 class CallbackList:
@@ -305,6 +314,7 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self.bar: Any = None
         self._last_print = 0.0
+        self._start: tuple[float, int] | None = None
 
     def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
         if not self.engine.is_global_zero:
@@ -324,10 +334,18 @@ class ProgressBar(Callback):
                 if "train/tokens_per_s" in logs:
                     postfix["tok/s"] = f"{logs['train/tokens_per_s']:.0f}"
                 self.bar.set_postfix(postfix, refresh=False)
-        elif "train/loss" in logs and time.monotonic() - self._last_print > 5.0:
-            self._last_print = time.monotonic()
-            total = self.engine.total_steps
-            self.engine.logger.info("progress %d/%d %s", logs["step"], total, format_logs(logs))
+        elif "train/loss" in logs and time.monotonic() - self._last_print > 10.0:
+            # Not a terminal (CI, a log file): a short line now and then instead of a bar.
+            now, step, total = time.monotonic(), logs["step"], self.engine.total_steps
+            if self._start is None:
+                self._start = (now, step)
+            rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)
+            eta = (total - step) / rate if rate > 0 else float("nan")
+            self._last_print = now
+            self.engine.logger.info(
+                "progress %d/%d (%.0f%%) loss=%.4f eta=%s", step, total, 100 * step / max(total, 1),
+                logs["train/loss"], "?" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta)),
+            )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.close()
@@ -428,3 +446,4 @@ def resolve_callback(name: str) -> type[Callback]:
 def build_callbacks(config: Any) -> list[Callback]:
     """Instantiate `config.training.callbacks` in order."""
     return [resolve_callback(name).from_config(config) for name in config.training.callbacks]
+from . import checkpointing  # noqa: E402,F401  (registers ModelCheckpoint)

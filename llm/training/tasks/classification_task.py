@@ -1,4 +1,4 @@
-"""The classification task: digits images as pixel tokens through a TransformerBlock encoder."""
+"""The classification task: digits images as patch sequences through a TransformerBlock encoder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm.data.digits import NUM_CLASSES, NUM_LEVELS, DigitsDataModule
+from llm.data.digits import NUM_CLASSES, NUM_PATCHES, PATCH_FEATURES, DigitsDataModule
 
 from .base_task import TrainingTask
 from .encoders import SequenceEncoder
@@ -17,12 +17,14 @@ class ClassificationTask(TrainingTask):
     config_defaults = {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
         "data": {"val_fraction": 0.2},
-        "training": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "warmup": 20, "log_interval": 20},
+        "training": {"lr": 5e-3, "epochs": 6, "batch_size": 32, "warmup": 20, "log_interval": 20},
     }
     data_module_class = DigitsDataModule
 
     def build_model(self) -> nn.Module:
-        return SequenceEncoder(self.config.model, output_size=NUM_CLASSES, vocab_size=NUM_LEVELS)
+        return SequenceEncoder(
+            self.config.model, output_size=NUM_CLASSES, in_features=PATCH_FEATURES, num_positions=NUM_PATCHES
+        )
 
     def build_criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()

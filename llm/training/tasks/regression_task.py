@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm.data.regression import RegressionDataModule
+from llm.data.regression import NUM_FEATURES, RegressionDataModule
 from llm.training.core.errors import ConfigError
 
 from .base_task import TrainingTask
@@ -16,7 +16,7 @@ from .encoders import SequenceEncoder
 
 class RegressionTask(TrainingTask):
     config_defaults = {
-        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 512},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
         "data": {"seq_len": 16, "num_samples": 4096, "val_fraction": 0.1},
         "training": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "warmup": 20, "log_interval": 20},
     }
@@ -24,15 +24,18 @@ class RegressionTask(TrainingTask):
 
     @classmethod
     def validate_config(cls, config: Any) -> None:
-        if config.data.seq_len > config.model.max_seq_len:
+        if config.data.seq_len >= config.model.max_seq_len:  # one position goes to the summary token
             raise ConfigError(
-                f"data.seq_len: invalid value {config.data.seq_len}; must be <= model.max_seq_len={config.model.max_seq_len}"
+                f"data.seq_len: invalid value {config.data.seq_len}; must be < model.max_seq_len={config.model.max_seq_len}"
             )
         if config.data.path and not config.data.path.endswith(".csv"):
             raise ConfigError(f"data.path: invalid value {config.data.path!r}; the regression task reads a .csv file")
 
     def build_model(self) -> nn.Module:
-        return SequenceEncoder(self.config.model, output_size=1, in_features=1 if self.config.data.path else 8)
+        return SequenceEncoder(
+            self.config.model, output_size=1, in_features=1 if self.config.data.path else NUM_FEATURES,
+            num_positions=self.config.model.max_seq_len,
+        )
 
     def build_criterion(self) -> nn.Module:
         return nn.MSELoss()

@@ -1,0 +1,128 @@
+"""The CLI end to end, as a user runs it: the guide's commands, bad input, plugins, two processes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import yaml
+from helpers import TINY_REGRESSION, read_metrics, run_cli
+
+
+def test_guide_moe_command_trains_and_writes_the_run_dir(tmp_path):
+    proc = run_cli(
+        ["--task", "regression", "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
+         "--training-max-steps", "6", "--logging-log-dir", "run", "--training-val-interval", "3"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["use_moe"] is True and saved["model"]["num_experts"] == 8
+    assert (run / "model.safetensors").is_file() and list(run.glob("events.out.tfevents.*"))
+    vals = [m["val/loss"] for m in read_metrics(run) if "val/loss" in m]
+    assert len(vals) == 2
+
+
+def test_regression_validation_loss_decreases(tmp_path):
+    proc = run_cli(["--task", "regression", "--training-epochs", "3", "--data-num-samples", "1024",
+                    "--logging-log-dir", "run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    vals = [m["val/loss"] for m in read_metrics(tmp_path / "run") if "val/loss" in m]
+    assert len(vals) == 3 and vals[-1] < vals[0] < 1.2
+
+
+def test_welcome_message_callback_from_the_guide(tmp_path):
+    proc = run_cli(
+        [*TINY_REGRESSION, "--training-max-steps", "2", "--logging-log-dir", "run",
+         "--training-callbacks", "MetricsLogger", "TensorBoardLogger", "WelcomeMessage"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "Welcome to the training session!" in log and "Training finished. Goodbye!" in log
+    assert log.index("Welcome") < log.index("Goodbye")
+
+
+def test_print_config_and_help(tmp_path):
+    proc = run_cli(["--task", "classification", "--print-config", "--training-lr", "0.5"], cwd=tmp_path)
+    assert proc.returncode == 0
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["task"] == "classification" and printed["training"]["lr"] == 0.5
+    assert not (tmp_path / "runs").exists()
+    proc = run_cli(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and "--model-use-moe" in proc.stdout and "--scheduler-type" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--training-lr", "-1"], "training.lr"),
+        (["--model-top-k", "4", "--model-num-experts", "2"], "model.top_k"),
+        (["--training-callbacks", "WelcomeMesage"], "did you mean 'WelcomeMessage'"),
+        (["--training-epoch", "3"], "did you mean '--training-epochs'"),
+    ],
+)
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, args, needle):
+    proc = run_cli(["--task", "regression", *args], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plugins_register_tasks_and_callbacks_without_editing_the_framework(tmp_path):
+    (tmp_path / "my_plugin.py").write_text(textwrap.dedent('''
+        from llm.training.core.callbacks import Callback
+        from llm.training.core.registry import register_callback, register_task
+        from llm.training.tasks.regression_task import RegressionTask
+
+        @register_task("my_regression")
+        class MyTask(RegressionTask):
+            pass
+
+        @register_callback("Marker")
+        class Marker(Callback):
+            def on_train_end(self, logs=None):
+                open("marker.txt", "w").write(str(logs["step"]))
+
+        class Unregistered(Callback):
+            def on_train_start(self, logs=None):
+                open("unregistered.txt", "w").write("yes")
+    '''))
+    args = ["--model-hidden-size", "32", "--model-num-layers", "1", "--data-num-samples", "128",
+            "--training-max-steps", "2", "--logging-log-dir", "run"]
+    proc = run_cli(
+        ["--plugins", "my_plugin", "--task", "my_regression", *args,
+         "--training-callbacks", "Marker", "my_plugin:Unregistered"],
+        cwd=tmp_path, env={"PYTHONPATH": f"{tmp_path}:{__import__('helpers').REPO}"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "marker.txt").read_text() == "2" and (tmp_path / "unregistered.txt").exists()
+
+
+def test_classification_task_learns(tmp_path):
+    proc = run_cli(["--task", "classification", "--training-epochs", "3", "--logging-log-dir", "run",
+                    "--training-callbacks", "MetricsLogger", "LRSchedulerCallback"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    vals = [m for m in read_metrics(tmp_path / "run") if "val/accuracy" in m]
+    assert vals[-1]["val/accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    common = [*TINY_REGRESSION, "--training-max-steps", "5", "--training-val-interval", "5", "--seed", "3"]
+    single = run_cli([*common, "--training-batch-size", "16", "--logging-log-dir", "one"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    double = run_cli([*common, "--training-batch-size", "8", "--distributed-nproc-per-node", "2",
+                      "--logging-log-dir", "two"], cwd=tmp_path)
+    assert double.returncode == 0, double.stderr
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    loss1 = [m["train/loss"] for m in one if "train/loss" in m]
+    loss2 = [m["train/loss"] for m in two if "train/loss" in m]
+    assert len(loss1) == len(loss2) == 5
+    assert loss2 == pytest.approx(loss1, abs=1e-5)
+    val1 = [m["val/loss"] for m in one if "val/loss" in m]
+    val2 = [m["val/loss"] for m in two if "val/loss" in m]
+    assert val2 == pytest.approx(val1, abs=1e-5)
+    assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
