@@ -152,6 +152,12 @@ class TrainingEngine:
         self.optimizer = self.task.build_optimizer(self.unwrapped_model)
         self._plan_steps()
         scheduler = self.task.build_scheduler(self.optimizer)
+        if scheduler is None and cfg.scheduler_type not in ("constant", "none"):
+            # A task's own build_scheduler may not know every registered name (the guide's else-branch).
+            self.logger.warning(
+                "%s.build_scheduler returned no scheduler for training.scheduler_type=%r; the lr stays constant",
+                type(self.task).__name__, cfg.scheduler_type,
+            )
         self.lr_schedule = LRSchedule(
             self.optimizer, scheduler, warmup=cfg.warmup, interval=cfg.scheduler_interval, monitor=cfg.plateau_monitor
         )
@@ -179,9 +185,9 @@ class TrainingEngine:
         try:
             batches = len(loader)
         except TypeError:
-            batches = 0  # an iterable without a length: bounded by max_steps only
-        self.steps_per_epoch = batches // cfg.grad_accum_steps
-        if self.steps_per_epoch == 0 and batches:
+            batches = -1  # an iterable without a length: bounded by max_steps only
+        self.steps_per_epoch = max(batches, 0) // cfg.grad_accum_steps
+        if self.steps_per_epoch == 0 and batches >= 0:  # 0 batches too: an epoch would never end a step
             raise UserError(
                 f"training.batch_size: {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x world size "
                 f"{self.world_size} is more than the {batches} training batches available per epoch"

@@ -1,0 +1,134 @@
+"""Every recipe of docs/GUIDE_EXTENDING.md, executed: its code put where it says, its commands run.
+
+The Chinese guide must carry exactly the same code blocks, so executing the English one covers both.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import REPO, read_metrics
+from recipe_apply import apply_block, guide_blocks, merge
+
+EN, ZH = REPO / "docs" / "GUIDE_EXTENDING.md", REPO / "docs" / "GUIDE_EXTENDING.zh-CN.md"
+FAST = ["--training-log-interval", "1", "--data-num-samples", "512"]
+
+
+def test_chinese_guide_has_the_same_code_blocks():
+    assert guide_blocks(ZH) == guide_blocks(EN)
+
+
+def test_merge_puts_methods_fields_and_imports_in_place():
+    source = "import os\n\n\nclass A:\n    x: int = 1\n\n    def f(self):\n        return 1\n\n\nTABLE = {}\n"
+    snippet = (
+        "import sys\n\nclass A:\n    # ...\n    x: int = 2  # new\n    def g(self):\n        return 2\n\n"
+        "TABLE = {1: 2}\n"
+    )
+    merged = merge(source, snippet)
+    namespace: dict = {}
+    exec(compile(merged, "merged", "exec"), namespace)
+    assert "import sys" in merged and namespace["A"].x == 2 and namespace["A"]().f() == 1
+    assert namespace["A"]().g() == 2 and namespace["TABLE"] == {1: 2}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A copy of the framework with every `apply` block of the guide applied, and a working directory."""
+    root = tmp_path_factory.mktemp("guide")
+    shutil.copytree(REPO / "llm", root / "llm", ignore=shutil.ignore_patterns("__pycache__"))
+    work = root / "work"
+    work.mkdir()
+    runs = []
+    for kind, target, code in guide_blocks(EN):
+        if kind == "apply":
+            apply_block(root, target, code)
+        elif kind == "file":
+            (work / target).write_text(code, encoding="utf-8")
+        elif kind == "show":
+            assert code in (REPO / target).read_text("utf-8"), f"the guide shows code that is not in {target}"
+        elif kind == "run":
+            runs.append(code.strip())
+    return root, work, runs
+
+
+def run_guide_command(workspace, command: str, name: str, *extra: str) -> subprocess.CompletedProcess:
+    root, work, _ = workspace
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "llm.training.train"], command
+    env = {"PYTHONPATH": f"{root}:{work}", "PATH": "/usr/bin:/bin", "LLM_CACHE_DIR": str(root / "cache")}
+    return subprocess.run(
+        [sys.executable, *argv[1:], "--logging-log-dir", name, *extra], cwd=work, capture_output=True, text=True,
+        timeout=300, env=env,
+    )
+
+
+def command(workspace, needle: str) -> str:
+    matches = [c for c in workspace[2] if needle in c]
+    assert len(matches) == 1, (needle, workspace[2])
+    return matches[0]
+
+
+def logged_lrs(run_dir) -> list[float]:
+    return [m["lr"] for m in read_metrics(run_dir) if "lr" in m]
+
+
+def test_recipe_1_exponential_scheduler_keeps_warmup(workspace):
+    cmd = command(workspace, "--scheduler-type exponential")
+    proc = run_guide_command(workspace, cmd, "r1", *FAST, "--training-max-steps", "5", "--training-warmup", "2",
+                             "--training-gamma", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    base = 2e-3  # the regression task's default lr
+    expected = [base * 0.5, base, base, base * 0.5, base * 0.25]  # warmup, peak, then gamma per step
+    assert logged_lrs(workspace[1] / "r1") == pytest.approx(expected)
+
+
+def test_recipe_1_override_is_the_scheduler_used(workspace):
+    # The guide's cosine is CosineAnnealingLR(T_max=epochs) stepped per step; the built-in one spans the run.
+    proc = run_guide_command(workspace, "python -m llm.training.train --task regression --scheduler-type cosine",
+                             "r1cos", *FAST, "--training-max-steps", "4", "--training-warmup", "2")
+    assert proc.returncode == 0, proc.stderr
+    lrs = logged_lrs(workspace[1] / "r1cos")
+    assert lrs[3] == pytest.approx(2e-3 * (1 + math.cos(math.pi / 10)) / 2)
+
+
+def test_recipe_1_registered_scheduler_from_a_plugin(workspace):
+    proc = run_guide_command(workspace, command(workspace, "inverse_sqrt"), "r1p", *FAST,
+                             "--training-max-steps", "4", "--training-warmup", "2")
+    assert proc.returncode == 0, proc.stderr
+    base = 5e-3  # the classification task's default lr
+    assert logged_lrs(workspace[1] / "r1p")[2:] == pytest.approx([base, base / math.sqrt(2)])
+
+
+def test_recipe_2_welcome_callback(workspace):
+    proc = run_guide_command(workspace, command(workspace, "WelcomeMessage"), "r2", *FAST, "--training-max-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Welcome to the training session!" in proc.stderr and "Training finished. Goodbye!" in proc.stderr
+
+
+def test_recipe_3_new_task_trains(workspace):
+    proc = run_guide_command(workspace, command(workspace, "--task majority"), "r3", "--training-max-steps", "60",
+                             "--training-val-interval", "60")
+    assert proc.returncode == 0, proc.stderr
+    vals = [m for m in read_metrics(workspace[1] / "r3") if "val/accuracy" in m]
+    assert vals[-1]["val/accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("needle", ["--config config.yaml", "--model-use-moe"])
+def test_recipe_4_moe_layers_present(workspace, needle):
+    name = "r4" + str(len(needle))
+    proc = run_guide_command(workspace, command(workspace, needle), name, *FAST, "--training-max-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    run = workspace[1] / name
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["use_moe"] is True and saved["model"]["num_experts"] == 8 and saved["model"]["top_k"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("mlp.w_down") for k in keys) and any(k.endswith("mlp.gate.weight") for k in keys), keys
