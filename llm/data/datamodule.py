@@ -151,12 +151,13 @@ class DataModule:
             epoch=self.position.epoch if train else 0,
             start_batch=self.position.batch if train else 0,
         )
-        workers = int(getattr(getattr(self.config, "data", None), "num_workers", 0)) if num_workers is None else num_workers
+        if num_workers is None:
+            num_workers = int(getattr(getattr(self.config, "data", None), "num_workers", 0))
         return DataLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate_fn,
-            num_workers=workers,
+            num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )

@@ -322,7 +322,9 @@ class ProgressBar(Callback):
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.engine.total_steps, initial=self.engine.state.step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.engine.total_steps, initial=self.engine.state.step, unit="step", dynamic_ncols=True
+            )
 
     def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self.engine.is_global_zero or not logs:
@@ -372,7 +374,9 @@ class EarlyStopping(Callback):
     @classmethod
     def from_config(cls, config: Any) -> EarlyStopping:
         t = config.training
-        return cls(t.early_stopping_monitor, t.early_stopping_mode, t.early_stopping_patience, t.early_stopping_min_delta)
+        return cls(
+            t.early_stopping_monitor, t.early_stopping_mode, t.early_stopping_patience, t.early_stopping_min_delta
+        )
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -446,4 +450,7 @@ def resolve_callback(name: str) -> type[Callback]:
 def build_callbacks(config: Any) -> list[Callback]:
     """Instantiate `config.training.callbacks` in order."""
     return [resolve_callback(name).from_config(config) for name in config.training.callbacks]
-from . import checkpointing  # noqa: E402,F401  (registers ModelCheckpoint)
+
+
+# Built-in callbacks that live in their own modules register themselves on import.
+from . import checkpointing, throughput  # noqa: E402,F401,I001  (ModelCheckpoint, ThroughputMonitor)

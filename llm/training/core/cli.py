@@ -59,7 +59,9 @@ def build_parser(task_names: list[str] | None = None) -> argparse.ArgumentParser
     defaults = Config()
     helps = field_help(Config)
     parser.add_argument("--task", dest="task", default=argparse.SUPPRESS, help=f"{helps.get('task', '')}{tasks}")
-    parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help=f"{helps['seed']} (default: 42)")
+    parser.add_argument(
+        "--seed", dest="seed", type=int, default=argparse.SUPPRESS, help=f"{helps['seed']} (default: {defaults.seed})"
+    )
     parser.add_argument("--plugins", dest="plugins", nargs="*", default=argparse.SUPPRESS, help=helps["plugins"])
     bare = _bare_names()
     for section, cls in SECTIONS.items():

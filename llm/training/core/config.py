@@ -14,9 +14,10 @@ import inspect
 import logging
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List
 
 import yaml
 
@@ -37,8 +38,8 @@ class ModelConfig:
     hidden_size: int = 128  # width of the residual stream
     num_layers: int = 4  # number of TransformerBlocks
     num_heads: int = 4  # attention heads; must divide hidden_size
-    num_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention (default: num_heads)
-    intermediate_size: Optional[int] = None  # MLP width (default: SwiGLU-sized from hidden_size)
+    num_kv_heads: int | None = None  # key/value heads for grouped-query attention (default: num_heads)
+    intermediate_size: int | None = None  # MLP width (default: SwiGLU-sized from hidden_size)
     max_seq_len: int = 2048  # longest sequence the rotary cache covers
     rope_theta: float = 10000.0  # rotary embedding base
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -47,7 +48,7 @@ class ModelConfig:
     use_moe: bool = False  # replace each block's MLP with a Mixture-of-Experts layer
     num_experts: int = 8  # experts per MoE layer
     top_k: int = 2  # experts activated per token
-    moe_intermediate_size: Optional[int] = None  # width of each expert (default: intermediate_size)
+    moe_intermediate_size: int | None = None  # width of each expert (default: intermediate_size)
     num_shared_experts: int = 0  # always-on experts added to the routed ones
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing auxiliary loss
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss
@@ -67,6 +68,7 @@ class DataConfig:
     num_samples: int = 4096  # samples of the synthetic regression data set
     num_workers: int = 0  # DataLoader worker processes
     cache_dir: str = ""  # token cache directory (default: ~/.cache/llm)
+    sampling: str = "random"  # lm windows: random (shuffled, new cut each epoch) | sequential
 
 
 @dataclass
@@ -98,7 +100,9 @@ class TrainingConfig:
     val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
     log_interval: int = 10  # optimizer steps between metric logs
     callbacks: List[str] = field(
-        default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar"]
+        default_factory=lambda: [
+            "MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar", "ModelCheckpoint"
+        ]
     )  # callbacks by name or package.module:Class
     early_stopping_monitor: str = "val/loss"  # EarlyStopping: metric watched
     early_stopping_mode: str = "min"  # EarlyStopping: min | max
@@ -208,7 +212,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return rest[0], True
     return tp, False
@@ -389,8 +393,18 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = only at the end)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _check(c.mode in ("min", "max"), "checkpoint.mode", c.mode, "min or max")
+    _check(
+        not c.monitor or c.monitor.startswith("val/"), "checkpoint.monitor", c.monitor,
+        "a validation metric such as val/loss, or empty",
+    )
     if c.resume not in ("auto", "none"):
         _check(os.path.exists(c.resume), "checkpoint.resume", c.resume, "auto, none or an existing checkpoint path")
+        if check_names:  # without the callback a resume path would be silently ignored
+            from .callbacks import resolve_callback
+            from .checkpointing import ModelCheckpoint
+
+            has_checkpointing = any(issubclass(resolve_callback(name), ModelCheckpoint) for name in t.callbacks)
+            _check(has_checkpointing, "checkpoint.resume", c.resume, "needs ModelCheckpoint in training.callbacks")
 
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)

@@ -149,7 +149,9 @@ class LRSchedule:
         if not (self.is_plateau and not self.in_warmup):
             return
         if self.monitor not in metrics:
-            raise KeyError(f"training.plateau_monitor: metric {self.monitor!r} not in validation logs {sorted(metrics)}")
+            raise KeyError(
+                f"training.plateau_monitor: metric {self.monitor!r} not in validation logs {sorted(metrics)}"
+            )
         self.scheduler.step(float(metrics[self.monitor]))
 
     def get_last_lr(self) -> list[float]:

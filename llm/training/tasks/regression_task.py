@@ -26,7 +26,8 @@ class RegressionTask(TrainingTask):
     def validate_config(cls, config: Any) -> None:
         if config.data.seq_len >= config.model.max_seq_len:  # one position goes to the summary token
             raise ConfigError(
-                f"data.seq_len: invalid value {config.data.seq_len}; must be < model.max_seq_len={config.model.max_seq_len}"
+                f"data.seq_len: invalid value {config.data.seq_len}; "
+                f"must be < model.max_seq_len={config.model.max_seq_len}"
             )
         if config.data.path and not config.data.path.endswith(".csv"):
             raise ConfigError(f"data.path: invalid value {config.data.path!r}; the regression task reads a .csv file")

@@ -1,0 +1,427 @@
+"""`ModelCheckpoint`: periodic, final, best and on-signal checkpoints, and exact resume.
+
+When it saves:
+- every `checkpoint.interval` optimizer steps, at the boundary before the next step begins, so the
+  checkpoint of step k holds everything step k caused (its validation, the epoch-end scheduler step);
+- when a validation improves `checkpoint.monitor` (that checkpoint is marked best and never pruned);
+- at the end of the run;
+- on SIGTERM/SIGINT, right after the step that is running (all ranks agree), after which the run stops.
+
+Resume (`checkpoint.resume`, run by the engine after set-up through `engine.checkpointer`): `auto` takes
+the newest checkpoint of the run directory that verifies against its manifest, skipping (with a
+warning naming each) any that do not; `PATH` takes that checkpoint, or the newest in that run or
+checkpoints directory. The data module continues from its saved position, so no batch is replayed.
+
+In a multi-process run every rank writes its own trainer state into the shared temp directory; rank 0
+writes the weights and config and, once all ranks report success, the manifest and the rename. A write
+error on any rank (disk full, permissions) fails the save on every rank with one clear error and leaves
+the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .callbacks import Callback
+from .distributed import all_agree, any_rank, broadcast_object
+from .errors import ConfigError
+from .registry import register_callback
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Config fields whose change on resume is expected (run length, logging, checkpointing itself).
+_EXPECTED_CHANGES = ("training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
+                     "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins")
+_PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+def unsafe_entries(obj: Any, path: str = "state", limit: int = 3) -> list[str]:
+    """Paths of values `torch.load(weights_only=True)` would refuse (so a bad state fails at save time)."""
+    found: list[str] = []
+    stack = [(path, obj)]
+    while stack and len(found) < limit:
+        where, value = stack.pop()
+        if type(value) in (dict, OrderedDict, Counter):
+            stack.extend((f"{where}.{key}", item) for key, item in value.items())
+            stack.extend((f"{where}[key]", key) for key in value if not isinstance(key, (str, int)))
+        elif type(value) in (list, tuple, set):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif not isinstance(value, torch.Tensor) and type(value) not in _PLAIN:
+            found.append(f"{where} ({type(value).__module__}.{type(value).__qualname__})")
+    return found
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every config value that differs, except those expected to change on resume."""
+
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    old, new = flat(saved), flat(current)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(_EXPECTED_CHANGES)
+    ]
+
+
+class ModelCheckpoint(Callback):
+    """Atomic checkpoints of the whole run state; see the module docstring for when and how."""
+
+    def __init__(self, interval: int = 0, keep_last: int = 3, resume: str = "auto", monitor: str = "",
+                 mode: str = "min") -> None:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"checkpoint.mode: invalid value {mode!r}; min or max")
+        self.interval, self.keep_last, self.resume = interval, keep_last, resume
+        self.monitor, self.mode = monitor, mode
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.last_save_seconds = 0.0  # wall time of the latest save (the pause it added to training)
+        self._pending: str | None = None  # why a save is due at the next step boundary
+        self._candidate: tuple[int, float] | None = None  # (step, value) of a validation that beat the best
+        self._last_saved_step = -1
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._resume_rng: dict[str, Any] | None = None
+        self._warned_monitor = False
+        self._removals: list[threading.Thread] = []
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelCheckpoint:
+        c = config.checkpoint
+        return cls(c.interval, c.keep_last, c.resume, c.monitor, c.mode)
+
+    def set_engine(self, engine: Any) -> None:
+        super().set_engine(engine)
+        engine.checkpointer = self  # the engine calls `maybe_resume` after set-up
+
+    @property
+    def root(self) -> Path:
+        return Path(self.engine.run_dir) / ckpt.CHECKPOINTS_DIR
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"best_value": self.best_value, "best_step": self.best_step}
+        # The engine's metrics of the steps since the last log line: kept so the first log after a
+        # resume averages the same steps as an uninterrupted run would.
+        meter = getattr(getattr(self, "engine", None), "_meter", None)
+        if meter is not None:
+            state["meter"] = {"tensor_sums": dict(meter._tensor_sums), "float_sums": dict(meter._float_sums),
+                              "weight": float(meter.weight)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
+        meter = getattr(self.engine, "_meter", None)
+        if meter is not None and "meter" in state:
+            device = self.engine.device
+            meter._tensor_sums = {k: v.to(device) for k, v in state["meter"]["tensor_sums"].items()}
+            meter._float_sums = dict(state["meter"]["float_sums"])
+            meter.weight = state["meter"]["weight"]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
+        if self.engine.is_global_zero:
+            for path in ckpt.remove_stale_temps(self.root):
+                self.engine.logger.warning("removed %s, left by an interrupted save", path)
+        self._install_signal_handlers()
+
+    def on_batch_start(self, logs: dict[str, Any] | None = None) -> None:
+        if self._resume_rng is not None:
+            # Re-applied here because creating the data iterator after the load draws from the RNG.
+            ckpt.set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        if self._pending is not None:
+            self.save(self._pending)
+
+    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
+        step = self.engine.state.step
+        stop = self._signal is not None
+        if self.engine.world_size > 1:
+            stop = any_rank(stop, self.engine.device)  # every rank stops at the same step
+        if stop:
+            name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
+            self.engine.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
+            self.save("signal")
+            self.engine.should_stop = True
+        elif self.interval and step % self.interval == 0:
+            self._pending = self._pending or "interval"
+
+    def on_validation_end(self, logs: dict[str, Any] | None = None) -> None:
+        if not self.monitor or not logs:
+            return
+        if self.monitor not in logs:
+            if not self._warned_monitor and self.engine.is_global_zero:
+                names = ", ".join(k for k in logs if k.startswith("val/"))
+                self.engine.logger.warning("checkpoint.monitor %r is not a validation metric (%s)", self.monitor, names)
+            self._warned_monitor = True
+            return
+        value, step = float(logs[self.monitor]), int(logs.get("step", self.engine.state.step))
+        if not self._improves(value):
+            return
+        self._candidate = (step, value)
+        if step == self._last_saved_step:
+            self._take_candidate(step)  # that checkpoint already holds these weights
+            if self.engine.is_global_zero:
+                try:
+                    self._write_best_marker()
+                except OSError as exc:
+                    self.engine.logger.warning("could not mark the best checkpoint: %s", exc)
+        else:
+            self._pending = "best"
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        try:
+            if self._last_saved_step != self.engine.state.step:
+                self.save("final")
+            if self._signal is not None and self.engine.is_global_zero:
+                self.engine.logger.info(
+                    "stopped by %s; resume with the same --logging-log-dir (checkpoint.resume=auto)",
+                    signal.Signals(self._signal).name,
+                )
+        finally:
+            self._restore_signal_handlers()
+            self._join_removals()
+
+    def on_exception(self, logs: dict[str, Any] | None = None) -> None:
+        self._restore_signal_handlers()
+        self._join_removals()
+
+    # -- best -----------------------------------------------------------------------------------
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value < self.best_value if self.mode == "min" else value > self.best_value
+
+    def _take_candidate(self, step: int) -> bool:
+        if self._candidate is None or self._candidate[0] != step:
+            return False
+        self.best_step, self.best_value = step, self._candidate[1]
+        self._candidate = None
+        return True
+
+    def _write_best_marker(self) -> None:
+        """`checkpoints/best.json` names the best checkpoint; `checkpoints/best` links to it where possible."""
+        name = ckpt.step_dir_name(self.best_step)
+        info = {"step": self.best_step, "dir": name, "monitor": self.monitor, "mode": self.mode,
+                "value": self.best_value}
+        tmp = self.root / "best.json.tmp"
+        ckpt.write_bytes(tmp, json.dumps(info, indent=1).encode())
+        tmp.replace(self.root / "best.json")
+        link, tmp_link = self.root / "best", self.root / ".best.tmp"
+        try:
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(name, target_is_directory=True)
+            tmp_link.replace(link)
+        except OSError:
+            pass  # best.json is the record; the link is a convenience
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, reason: str = "manual") -> Path:
+        """Write the checkpoint of the current step (every rank must call this). Returns its path."""
+        engine, start = self.engine, time.perf_counter()
+        step = engine.state.step
+        self._pending = None
+        is_best = self._take_candidate(step)
+        # Captured before anything is written: the engine refuses here if a (lazily checked) step was non-finite.
+        state = engine.state_dict()
+        final, tmp = self.root / ckpt.step_dir_name(step), self.root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
+        self._collective_io(lambda: self._prepare_temp(tmp), tmp, "create")
+        unsafe = unsafe_entries(state)
+        refusal = ckpt.CheckpointError(
+            f"checkpoint: the trainer state holds values that cannot be loaded safely: {', '.join(unsafe)}; "
+            "state_dict() must return tensors and plain Python data"
+        ) if unsafe else None
+        # Every rank takes part in each phase, even one that already knows it failed (collectives match).
+        self._collective_io(lambda: self._write_files(tmp, state), tmp, "write", refusal)
+        self._collective_io(lambda: self._commit(tmp, final, step, is_best), tmp, "commit")
+        self._last_saved_step = step
+        self.last_save_seconds = time.perf_counter() - start
+        engine.logger.info("saved checkpoint %s (%s) in %.3f s", final, reason, self.last_save_seconds)
+        engine.callbacks.on_save_checkpoint({"step": step, "path": str(final), "reason": reason,
+                                             "seconds": self.last_save_seconds})
+        return final
+
+    def _collective_io(self, action: Any, tmp: Path, what: str, error: Exception | None = None) -> None:
+        """Run one phase of a save on every rank; if it fails anywhere, clean up and fail everywhere."""
+        if error is None:
+            try:
+                action()
+            except (OSError, RuntimeError) as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001  (e.g. safetensors' own error type for a failed write)
+                if "safetensor" not in type(exc).__module__.lower():
+                    raise
+                error = exc
+        if all_agree(error is None, self.engine.device):
+            return
+        if self.engine.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = [p.name for _, p in ckpt.list_checkpoints(self.root) if (p / ckpt.MANIFEST).is_file()]
+        kept = f"; the previous checkpoint {latest[-1]} is intact" if latest else ""
+        if isinstance(error, ckpt.CheckpointError):
+            raise ckpt.CheckpointError(f"{error}{kept}")
+        if error is None:
+            raise ckpt.CheckpointError(f"checkpoint: another rank failed to {what} {tmp}{kept}")
+        detail = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
+        where = getattr(error, "filename", None) or tmp
+        raise ckpt.CheckpointError(f"checkpoint: cannot {what} {where}: {detail}{kept}") from None
+
+    def _prepare_temp(self, tmp: Path) -> None:
+        if self.engine.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
+            tmp.mkdir(parents=True)
+
+    def _write_files(self, tmp: Path, state: dict[str, Any]) -> None:
+        engine = self.engine
+        ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
+        if engine.is_global_zero:
+            ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
+            ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
+
+    def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
+        if not self.engine.is_global_zero:
+            return
+        extra = {"task": self.engine.config.task, "reason": "best" if is_best else "checkpoint"}
+        ckpt.write_manifest(tmp, step, self.engine.world_size, extra)
+        ckpt.commit_checkpoint(tmp, final)
+        # The checkpoint is safe now: failures below cost tidiness, not the save.
+        try:
+            if is_best:
+                self._write_best_marker()
+            protect = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
+            for path in ckpt.prune_checkpoints(self.root, self.keep_last, step, protect, self._remove_later):
+                self.engine.logger.debug("deleted old checkpoint %s", path)
+        except OSError as exc:
+            self.engine.logger.warning("checkpoint %s saved, but pruning or marking the best failed: %s", final, exc)
+
+    def _remove_later(self, path: Path) -> None:
+        """Delete a renamed-away old checkpoint in the background: training need not wait for it."""
+        thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, daemon=True)
+        thread.start()
+        self._removals = [t for t in self._removals if t.is_alive()] + [thread]
+
+    def _join_removals(self) -> None:
+        for thread in self._removals:
+            thread.join()
+        self._removals.clear()
+
+    # -- resuming -------------------------------------------------------------------------------
+    def maybe_resume(self, engine: Any) -> Path | None:
+        """Load the checkpoint `checkpoint.resume` selects, if any (called by the engine after set-up)."""
+        if self.resume == "none":
+            return None
+        choice: Any = None
+        if engine.is_global_zero:
+            try:
+                choice = self._select_checkpoint()
+            except ckpt.CheckpointError as exc:
+                choice = exc
+        choice = broadcast_object(choice)
+        if isinstance(choice, Exception):
+            raise ckpt.CheckpointError(str(choice))
+        if choice is None:
+            if self.resume != "auto":
+                raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
+            return None
+        path = Path(choice)
+        error: Exception | None = None
+        try:
+            self._load(path)
+        except ckpt.CheckpointError as exc:
+            error = exc
+        if not all_agree(error is None, engine.device):
+            raise error or ckpt.CheckpointError(f"checkpoint: another rank failed to load {path}")
+        engine.logger.info("resumed from %s at step %d", path, engine.state.step)
+        engine.callbacks.on_load_checkpoint({"step": engine.state.step, "path": str(path)})
+        return path
+
+    def _select_checkpoint(self) -> str | None:
+        warn = self.engine.logger.warning
+        if self.resume == "auto":
+            found = ckpt.find_latest_checkpoint(self.root, warn)
+            if found is None and ckpt.list_checkpoints(self.root):
+                warn(f"no complete checkpoint in {self.root}; starting from step 0")
+            return str(found) if found else None
+        path = Path(self.resume)
+        if (path / ckpt.MANIFEST).exists() or ckpt.checkpoint_step(path) is not None:
+            ckpt.verify_checkpoint(path)  # an explicitly named checkpoint must be sound: no fallback
+            return str(path)
+        root = path / ckpt.CHECKPOINTS_DIR if (path / ckpt.CHECKPOINTS_DIR).is_dir() else path
+        found = ckpt.find_latest_checkpoint(root, warn)
+        if found is None:
+            raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
+        return str(found)
+
+    def _load(self, path: Path) -> None:
+        engine = self.engine
+        manifest = ckpt.read_manifest(path)
+        saved_world = int(manifest.get("world_size", 1))
+        if saved_world != engine.world_size:
+            raise ckpt.CheckpointError(
+                f"checkpoint: {path} was written by {saved_world} processes and this run has {engine.world_size}; "
+                f"resume with --distributed-nproc-per-node {saved_world}"
+            )
+        self._warn_config_changes(path)
+        ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
+        state = ckpt.load_trainer_state(path / ckpt.trainer_state_name(engine.rank))
+        try:
+            engine.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint: cannot restore the trainer state from {path} ({type(exc).__name__}: {exc}); "
+                "was it written with a different optimizer or task?"
+            ) from None
+        self._resume_rng = state.get("rng")
+        self._last_saved_step = engine.state.step
+
+    def _warn_config_changes(self, path: Path) -> None:
+        if not self.engine.is_global_zero or not (path / ckpt.CONFIG).is_file():
+            return
+        try:
+            saved = yaml.safe_load((path / ckpt.CONFIG).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return
+        changes = config_changes(saved, self.engine.config.to_dict())
+        if changes:
+            self.engine.logger.warning("resuming with a changed config (the run may not match an uninterrupted "
+                                       "one): %s", "; ".join(changes))
+
+    # -- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in _SIGNALS:
+            self._previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:
+            # A second signal: the user does not want to wait for the step to end.
+            self._restore_signal_handlers()
+            raise KeyboardInterrupt
+        self._signal = signum  # acted on at the next step boundary (on_batch_end)
+
+
+register_callback("ModelCheckpoint", ModelCheckpoint)
