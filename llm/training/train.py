@@ -20,8 +20,10 @@ from llm.training.core.config import Config, apply_dict, load_yaml, validate_con
 from llm.training.core.distributed import (
     barrier,
     broadcast_object,
+    claim_failure_report,
     destroy_process_group,
     init_process_group,
+    report_worker_failure,
     resolve_device,
     spawn,
     torchrun_env,
@@ -150,22 +152,46 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
             callbacks=instantiated_callbacks,
         )
         return engine.run()
+    except Exception as exc:
+        if world_size > 1:
+            claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away
+        raise
     finally:
         destroy_process_group()
 
 
+class _WorkerFailed(Exception):
+    """A worker of a multi-process job failed and its error has been reported (or left to another rank)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
 def _spawned_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> None:
     try:
+        import_plugins(config.plugins)  # a spawned process starts fresh: register the plugins' callbacks again
         train_worker(rank, world_size, config, task_class)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except Exception as exc:
+        # Report here, not through mp.spawn's error queue: its parent shows only the first process it sees
+        # exit, which may be a rank that merely lost its peer.
+        raise SystemExit(report_worker_failure(exc, rank, world_size)) from None
 
 
 def launch(config: Config, task_class: type[TrainingTask]) -> None:
+    """Run the job: under torchrun this process is one worker; else spawn N local workers or run inline."""
     env = torchrun_env()
     if env is not None:
-        train_worker(env[0], env[1], config, task_class)
+        rank, world_size = env
+        if config.distributed.nproc_per_node > 1 and rank == 0:
+            print(f"warning: distributed.nproc_per_node={config.distributed.nproc_per_node} is ignored under "
+                  f"torchrun, which started {world_size} worker(s)", file=sys.stderr)
+        try:
+            train_worker(rank, world_size, config, task_class)
+        except Exception as exc:
+            if world_size == 1:
+                raise
+            raise _WorkerFailed(report_worker_failure(exc, rank, world_size)) from None
     elif config.distributed.nproc_per_node > 1:
         spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class), config.distributed.master_port)
     else:
@@ -179,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(config.to_yaml())
             return 0
         if not config.logging.log_dir:
-            config.logging.log_dir = os.path.join("runs", f"{config.task.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = time.strftime("%Y%m%d-%H%M%S")  # under torchrun rank 0's name is broadcast (train_worker)
+            config.logging.log_dir = os.path.join("runs", f"{config.task.replace(':', '_')}-{stamp}")
         launch(config, task_class)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _WorkerFailed as exc:  # a torchrun worker; its error was reported once for the job
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -191,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch.multiprocessing as mp
 
         if isinstance(exc, mp.ProcessExitedException):
+            if exc.exit_code is not None and exc.exit_code < 0:  # killed: no worker could say why
+                print(f"error: worker process {exc.error_index} was killed by signal {exc.signal_name}",
+                      file=sys.stderr)
             return exc.exit_code if exc.exit_code and exc.exit_code > 0 else 1
         raise
     return 0

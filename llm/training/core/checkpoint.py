@@ -9,6 +9,10 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step-XXXXXXXX/` holding
 - `manifest.json`: written last, with the sha256 of every other file; its presence marks the checkpoint
   complete.
 
+With FSDP (`distributed.strategy=fsdp`) `model.safetensors` is replaced by `sharded/`, a
+`torch.distributed.checkpoint` directory of every rank's weight and optimizer shards (fsdp.py), and the
+trainer states hold no optimizer; the shard files are listed in the manifest like the others.
+
 Files are written into `checkpoints/.tmp-step-XXXXXXXX/`, fsynced, and the directory is renamed into place,
 so a crash leaves either the previous state or a complete checkpoint, never a half-written one that looks
 complete. This module holds the file-level pieces; the `ModelCheckpoint` callback (checkpointing.py)
@@ -40,6 +44,8 @@ from .errors import UserError
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+SHARDED_DIR = "sharded"  # FSDP checkpoints: the torch.distributed.checkpoint directory of the shards
+SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
 CONFIG = "config.yaml"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
@@ -181,6 +187,10 @@ def write_manifest(ckpt_dir: Path, step: int, world_size: int, extra: dict[str, 
     for path in sorted(ckpt_dir.iterdir()):
         if path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp"):
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if (ckpt_dir / SHARDED_DIR).is_dir():  # FSDP shards, one level down, are covered like every other file
+        for path in sorted((ckpt_dir / SHARDED_DIR).iterdir()):
+            if path.is_file():
+                files[f"{SHARDED_DIR}/{path.name}"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -218,7 +228,8 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint: {ckpt_dir} is missing {name}")
         if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint: {path} fails its checksum (corrupt or modified)")
-    for required in (WEIGHTS, trainer_state_name(0)):
+    weights = SHARDED_METADATA if SHARDED_METADATA in manifest["files"] else WEIGHTS
+    for required in (weights, trainer_state_name(0)):
         if required not in manifest["files"]:
             raise CheckpointError(f"checkpoint: {ckpt_dir} has no {required}")
     return manifest

@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .callbacks import Callback
 from .distributed import all_agree, any_rank, broadcast_object
 from .errors import ConfigError
+from .fsdp import is_fsdp, load_sharded, save_sharded
 from .registry import register_callback
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -290,9 +291,14 @@ class ModelCheckpoint(Callback):
 
     def _write_files(self, tmp: Path, state: dict[str, Any]) -> None:
         engine = self.engine
+        sharded = is_fsdp(engine.unwrapped_model)
+        if sharded:  # FSDP: weights and optimizer state as every rank's shards (a collective); see fsdp.py
+            save_sharded(engine.unwrapped_model, engine.optimizer, tmp / ckpt.SHARDED_DIR)
+            state = {**state, "optimizer": None}
         ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
         if engine.is_global_zero:
-            ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
+            if not sharded:
+                ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
             ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
 
     def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
@@ -379,8 +385,10 @@ class ModelCheckpoint(Callback):
                 f"resume with --distributed-nproc-per-node {saved_world}"
             )
         self._warn_config_changes(path)
-        ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
+        sharded = self._load_weights(path, manifest)
         state = ckpt.load_trainer_state(path / ckpt.trainer_state_name(engine.rank))
+        if sharded:
+            state["optimizer"] = engine.optimizer.state_dict()  # already restored from the shards
         try:
             engine.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
@@ -390,6 +398,28 @@ class ModelCheckpoint(Callback):
             ) from None
         self._resume_rng = state.get("rng")
         self._last_saved_step = engine.state.step
+
+    def _load_weights(self, path: Path, manifest: dict[str, Any]) -> bool:
+        """Load the weights (and, for FSDP, the optimizer shards); returns whether the checkpoint is sharded.
+
+        The strategy check reads only the manifest, so every rank decides alike before the collective load.
+        """
+        engine = self.engine
+        sharded, fsdp_run = ckpt.SHARDED_METADATA in manifest["files"], is_fsdp(engine.unwrapped_model)
+        if sharded != fsdp_run:
+            written, needed = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
+            raise ckpt.CheckpointError(
+                f"checkpoint: {path} was written with distributed.strategy={written} and this run uses {needed}; "
+                f"resume with --distributed-strategy {written}"
+            )
+        if not sharded:
+            ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
+            return False
+        try:
+            load_sharded(engine.unwrapped_model, engine.optimizer, path / ckpt.SHARDED_DIR)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint: cannot load the shards in {path}: {exc}") from None
+        return True
 
     def _warn_config_changes(self, path: Path) -> None:
         if not self.engine.is_global_zero or not (path / ckpt.CONFIG).is_file():

@@ -1,21 +1,54 @@
-"""`torch.distributed` plumbing: process-group set-up, collectives the engine needs, launching.
+"""`torch.distributed` plumbing: process-group set-up, collectives the engine needs, launching, failures.
 
 Launch modes: a single process; `--distributed-nproc-per-node N` spawning N local workers; or
 `torchrun`, whose RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT the worker honours.
 Backend: NCCL when the device is CUDA, gloo otherwise. Every collective has the configured timeout,
 so a dead peer fails the job instead of hanging it.
+
+Parallelism (`parallelize`): DDP replicates the model; FSDP2 shards it (see fsdp.py).
+
+Failures: when one rank raises, the others see their next collective fail ("connection closed by
+peer") or are terminated by the launcher (mp.spawn's join, torchrun's elastic agent). So that the job
+reports the cause once, not once per rank, a failing rank claims the report in the process group's
+store while the group is still up (`claim_failure_report`); ranks that merely lost a peer stay quiet
+and wait to be terminated, so the launcher sees the original failure first (`report_worker_failure`).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+# Store key under which the first failing rank registers itself; the suffix is a token rank 0 draws when the group
+# starts, because torchrun's store outlives a restarted attempt (its keys would answer for the failed one).
+_FAILURE_KEY = "llm/first_failure/"
+_group_token = ""
+# Substrings of the errors a collective raises when a peer process died or closed its connections.
+_PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "communicator was aborted",
+    "socket closed",
+)
+# How long a rank that lost a peer waits for the launcher to terminate it before it exits on its own.
+PEER_FAILURE_GRACE_S = 5.0
 
 
 def is_distributed() -> bool:
@@ -44,20 +77,48 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> NCCL for CUDA devices, gloo otherwise; an explicit choice must suit the device."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError(f"distributed.backend: nccl needs CUDA devices, this run uses {device.type}; use gloo or auto")
+    return backend
+
+
 def init_process_group(rank: int, world_size: int, backend: str, device: torch.device, timeout_minutes: float) -> None:
+    """Join the job's process group (env:// rendezvous: torchrun or `spawn` set the variables)."""
     if world_size <= 1 or is_distributed():
         return
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = resolve_backend(backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group(
-        backend=backend,
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    try:
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    except Exception as exc:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and _uses_agent_store():
+            raise RuntimeError(f"{exc}\n{STALE_STORE_HINT}") from None
+        raise
+    global _group_token
+    _group_token = broadcast_object(os.urandom(8).hex())
+
+
+# torchrun (2.5+) keeps one store for all attempts of a job, so a restarted group can read the previous
+# attempt's connection addresses and fail (pytorch/pytorch#135712); its opt-out gives each attempt a fresh store.
+STALE_STORE_HINT = (
+    "hint: this is a restarted torchrun attempt, which may have read the failed attempt's addresses from torchrun's "
+    "shared store; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 when using --max-restarts"
+)
+
+
+def _uses_agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def destroy_process_group() -> None:
@@ -74,6 +135,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:
@@ -105,7 +174,110 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str) -> nn.Module:
+    """Wrap `model` for data parallelism: DDP (a replica per rank) or FSDP2 (sharded in place, see fsdp.py).
+
+    Returns the module the training step calls. With FSDP that is `model` itself, converted in place, so
+    `engine.unwrapped_model` and `engine.model` are the same object and hold DTensor parameters.
+    """
+    if world_size <= 1:
+        return model
+    if strategy == "fsdp":
+        from .fsdp import shard_model
+
+        return shard_model(model, device, precision)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: one report per job
+# ---------------------------------------------------------------------------------------------
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True when `exc` is a collective failing because another process died or dropped its connections."""
+    if isinstance(exc, UserError) or not isinstance(exc, (RuntimeError, OSError)):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in _PEER_LOST)
+
+
+def _summary(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def claim_failure_report(exc: BaseException, rank: int) -> None:
+    """Decide, while the process group is still up, whether this rank reports `exc` for the whole job.
+
+    The first rank to fail wins an atomic compare-and-set in the group's store and reports; a later one
+    stays quiet when its error reads the same (the common case of a decision every rank took, like a
+    config error found in set-up) and notes its own otherwise. A rank that only lost a peer never claims.
+    The verdict is kept on the exception (`llm_report`: "first", "same", "other" or "peer").
+    """
+    if is_peer_failure(exc):
+        exc.llm_report = "peer"  # type: ignore[attr-defined]
+        return
+    verdict = "first"
+    if is_distributed():
+        mine = f"{rank}\n{_summary(exc)}"
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            winner = store.compare_set(_FAILURE_KEY + _group_token, "", mine).decode(errors="replace")
+            if winner != mine:
+                verdict = "same" if winner.split("\n", 1)[-1] == _summary(exc) else "other"
+        except Exception:  # noqa: BLE001  (the store went down with its host: report rather than lose the error)
+            verdict = "first"
+    exc.llm_report = verdict  # type: ignore[attr-defined]
+
+
+def report_worker_failure(exc: BaseException, rank: int, world_size: int) -> int:
+    """Print `exc` as this job's one report (or stay quiet, per `claim_failure_report`); returns the exit status.
+
+    A `UserError` is one `error: ...` line (status 2); anything else keeps its traceback (status 1). A rank that
+    lost a peer waits up to `PEER_FAILURE_GRACE_S` for the launcher to terminate it (so the launcher sees the
+    failing rank exit first) and then exits with one line of its own.
+    """
+    verdict = getattr(exc, "llm_report", "first")
+    status = getattr(exc, "exit_code", 2) if isinstance(exc, UserError) else 1
+    where = f"[rank {rank}] " if world_size > 1 else ""
+    if verdict == "peer":
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends us now, whatever was installed
+        time.sleep(PEER_FAILURE_GRACE_S)
+        print(f"error: {where}lost contact with another process of the job, which failed or was killed "
+              f"({_summary(exc)})", file=sys.stderr, flush=True)
+    elif verdict == "other":
+        print(f"error: {where}also failed: {_summary(exc)}", file=sys.stderr, flush=True)
+    elif verdict == "first":
+        if isinstance(exc, UserError):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            print(f"{where}{text}".rstrip(), file=sys.stderr, flush=True)
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Local launching
+# ---------------------------------------------------------------------------------------------
+
+
+def _share_cpu_threads(world_size: int) -> None:
+    """Give each of `world_size` local CPU workers its share of the cores (torchrun sets OMP_NUM_THREADS=1).
+
+    Without this every worker starts one intra-op thread per core, so N workers oversubscribe the cores N
+    times over and their spinning OpenMP threads wait on each other (small CPU steps slow down many-fold).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
 def _spawn_entry(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    _share_cpu_threads(world_size)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",

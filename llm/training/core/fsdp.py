@@ -1,0 +1,294 @@
+"""FSDP2 for models that do not fit one device: sharding, full-weight export and sharded checkpoints.
+
+`shard_model` applies `torch.distributed.fsdp.fully_shard` to every `TransformerBlock` and then to the
+root (embeddings, final norm, head). Each rank keeps 1/N of the weights, gradients and optimizer state
+as DTensor shards; a block's full weights exist only while it runs (all-gathered before its forward and
+backward, freed after) and gradients are reduce-scattered. `training.precision=bf16` becomes the
+mixed-precision policy: bf16 copies for compute, fp32 gradient reduction, fp32 master weights.
+
+Under FSDP anything that reads the weights outside the training step is a collective, so every rank
+calls it:
+- `save_full_weights` gathers a full state dict to rank 0's CPU, which writes one ordinary safetensors
+  file (`RUN/model.safetensors` looks the same as with DDP);
+- `lockstep_batches` keeps validation in step: a rank whose shard has fewer batches runs throw-away
+  forwards so that every all-gather has all its participants;
+- `save_sharded` / `load_sharded` write and read a `torch.distributed.checkpoint` directory (one file
+  per rank plus `.metadata`), which `export_sharded` turns into one safetensors file in one process:
+
+    python -m llm.training.core.fsdp RUN/checkpoints/step-00000100 model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import SHARDED_DIR  # the DCP directory inside a checkpoint directory
+from .distributed import all_gather_object, any_rank, broadcast_object
+from .errors import UserError
+
+TIED_FILE = "tied_weights.json"  # names sharing one parameter (DCP stores each name separately)
+_END = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------
+
+
+def is_fsdp(model: nn.Module | None) -> bool:
+    """True for a module converted by `fully_shard` (also behind a `torch.compile` wrapper)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """Shard `model` in place across the default process group; returns it (now an `FSDPModule`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from llm.models.decoder import TransformerBlock
+
+    if precision == "fp16":
+        raise UserError(
+            "training.precision: fp16 is not supported with distributed.strategy=fsdp (its loss scaler would "
+            "need sharded gradients); use bf16, which needs no scaler"
+        )
+    # Ranks seed differently (dropout must differ), so their fresh weights differ; DDP broadcasts rank 0's
+    # at construction, fully_shard does not: each rank would keep its shard of a different model.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    if not blocks:
+        logging.getLogger("llm").warning(
+            "distributed.strategy=fsdp: %s has no TransformerBlock; it is sharded as one unit, so its full "
+            "weights are gathered for the whole forward", type(model).__name__,
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` that also takes FSDP's DTensor gradients; returns the total norm as a plain tensor.
+
+    With DTensors the norm comes back as a DTensor (the shards' norms combined across ranks); the engine's
+    finite check and metric reduction want an ordinary scalar, identical on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Full weights (the run's model.safetensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter object (e.g. tied embeddings), each group as listed by the model."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _drop_tied_copies(state: dict[str, torch.Tensor], groups: list[list[str]]) -> dict[str, str]:
+    """Store each tied group once, under the name safetensors' `save_model` keeps; returns its metadata.
+
+    A gathered state dict holds an unshared copy per name, which `load_model(strict=True)` would reject
+    as an unexpected key, so the copies are made to share and then deduplicated the way `save_model` does.
+    """
+    for names in groups:
+        present = [n for n in names if n in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    if not groups:
+        return {}
+    from safetensors.torch import _remove_duplicate_names
+
+    metadata = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    return metadata
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, groups: list[list[str]] | None = None) -> None:
+    """Write `state` as one safetensors file, atomically (temp file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    metadata = _drop_tied_copies(dict(state), list(groups)) if groups else {}
+    state = {k: v for k, v in state.items() if k not in metadata}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_full_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Gather the full weights to rank 0's CPU and write them there as one safetensors file (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    groups = tied_groups(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        write_safetensors(state, Path(path), groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation in lockstep
+# ---------------------------------------------------------------------------------------------
+
+
+def lockstep_batches(batches: Iterable[Any], device: torch.device) -> Iterator[tuple[Any, bool]]:
+    """Yield `(batch, real)` until every rank is out of batches; `real=False` marks a throw-away repeat.
+
+    Validation shards may differ by a batch (they are split without padding so nothing counts twice), but
+    an FSDP forward all-gathers weights, so a rank that stopped early would leave the others waiting. One
+    small all-reduce per batch decides whether anyone still has data. A rank with no batch at all borrows
+    the first batch of the lowest rank that has one.
+    """
+    it, last, first = iter(batches), None, True
+    while True:
+        batch = next(it, _END)
+        real = batch is not _END
+        if not any_rank(real, device):
+            return
+        if first and any_rank(not real, device):
+            src = all_gather_object(real).index(True)
+            last = broadcast_object(batch if real else None, src=src)
+        first = False
+        if real:
+            last = batch
+        yield (batch if real else last), real
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _plain_errors(what: str) -> Iterator[None]:
+    """Re-raise DCP's `CheckpointException` (a BaseException gathered from every rank, so all ranks raise it
+    alike) as the first rank's OSError, or a RuntimeError, which callers handle like any failed write."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = getattr(exc, "failures", {}) or {}
+        first = next(iter(failures.values()))[0] if failures else exc
+        if isinstance(first, OSError):
+            raise first from None
+        raise RuntimeError(f"{what} failed on rank(s) {sorted(failures)}: {first!r}") from None
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
+    """Write model and optimizer shards as a `torch.distributed.checkpoint` directory (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _plain_errors("saving the shards"):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+    groups = tied_groups(model)
+    if groups and dist.get_rank() == 0:
+        (directory / TIED_FILE).write_text(json.dumps(groups), encoding="utf-8")
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
+    """Read what `save_sharded` wrote into the sharded `model` and `optimizer` (a collective).
+
+    DCP reshards on load, so the shards need not match this run's world size.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _plain_errors("loading the shards"):
+        dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_sharded_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded checkpoint, read in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise UserError(f"checkpoint: {directory} is not a sharded (torch.distributed.checkpoint) directory")
+    reader = FileSystemReader(str(directory))
+    prefix = "model."
+    state = {
+        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise UserError(f"checkpoint: {directory} holds no model weights")
+    wrapped = {"model": state}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wrapped, storage_reader=reader, no_dist=True)
+    return wrapped["model"]
+
+
+def export_sharded(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Convert a sharded checkpoint (its directory or the `sharded/` inside) to one safetensors file."""
+    directory = Path(checkpoint)
+    if (directory / SHARDED_DIR).is_dir():
+        directory = directory / SHARDED_DIR
+    state = load_sharded_weights(directory)
+    groups = json.loads((directory / TIED_FILE).read_text()) if (directory / TIED_FILE).is_file() else []
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, out, groups)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llm.training.core.fsdp",
+        description="Export a sharded (FSDP) checkpoint to one safetensors file, in one process.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step-N) or its sharded/ folder")
+    parser.add_argument("out", help="the safetensors file to write")
+    args = parser.parse_args(argv)
+    try:
+        path = export_sharded(args.checkpoint, args.out)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
