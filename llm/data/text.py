@@ -1,0 +1,398 @@
+"""Language-model data: a memory-mapped token cache and the `TextDataModule` that cuts it into windows.
+
+Flow: `prepare_data` (rank 0, once) resolves the source files (see `sources.py`), trains a BPE tokenizer if
+asked, and tokenizes the corpus into `CACHE_DIR/tokens/<key>/` (`tokens.bin` + `docs.npy` + `meta.json` +
+`tokenizer.json` for BPE). The key hashes the source files' paths, sizes and mtimes, the size cap and the
+tokenizer, so an unchanged corpus is tokenized exactly once and every later run (and every rank) maps the
+same file. The cache is written to a temporary directory and renamed into place, so a crash or a concurrent
+run never leaves a half-written cache behind. `CACHE_DIR` is `data.cache_dir`, else `$LLM_CACHE_DIR`, else
+`~/.cache/llm`.
+
+Pre-tokenized data: `data.path` ending in `.bin` is read in place (no cache). Its dtype comes from a sidecar
+JSON next to it (`tokens.bin` -> `tokens.json`: `{"dtype": "uint16", "vocab_size": 50257, "num_bytes": N}`,
+all optional but `dtype`); without a sidecar the dtype is uint16 for vocabularies up to 65536 ids and uint32
+above (the nanoGPT convention). A size that is not a multiple of the dtype, or an id outside the
+tokenizer's vocabulary, is a `ConfigError`: both are what a wrong dtype looks like.
+
+Split and windows: validation is the last `val_fraction` of the tokens (moved to the nearest document
+boundary when one is close), so train and validation never share a token. Training windows hold
+`seq_len + 1` tokens at stride `seq_len`; with `data.sampling: random` (the default) the windows are
+shuffled and their phase shifts by a seeded offset each epoch (different cuts every epoch, still
+deterministic), with `sequential` they are read in order from offset 0. Batches are sharded over ranks and
+resume exactly through `DataModule.make_loader`; each batch is a single fancy-indexed read of the memmap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from llm.data.datamodule import DataModule
+from llm.data.sources import SourceFile, iter_documents, resolve_files
+from llm.data.tokenizers import (
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    copy_tokenizer,
+    vocab_dtype,
+)
+from llm.training.core.errors import ConfigError
+from llm.training.core.registry import register_data_module
+
+log = logging.getLogger("llm")
+
+CACHE_VERSION = 1
+SAMPLING_MODES = ("random", "sequential")
+_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """Token caches live here: `data.cache_dir`, else `$LLM_CACHE_DIR`, else `~/.cache/llm`."""
+    return Path(cache_dir or os.environ.get("LLM_CACHE_DIR") or Path.home() / ".cache" / "llm").expanduser()
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------- token store
+class TokenStore:
+    """A 1-D token array on disk plus its document index (token end and byte length of each document)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, doc_ends: np.ndarray, doc_bytes: np.ndarray) -> None:
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.num_tokens = os.path.getsize(path) // self.dtype.itemsize
+        self.doc_ends, self.doc_bytes = doc_ends.astype(np.int64), doc_bytes.astype(np.float64)
+
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def bytes_between(self, start: int, stop: int) -> float:
+        """UTF-8 bytes the tokens [start, stop) stand for; a document cut by the range counts pro rata."""
+        starts = np.concatenate([[0], self.doc_ends[:-1]])
+        lengths = np.maximum(self.doc_ends - starts, 1)
+        overlap = np.clip(np.minimum(self.doc_ends, stop) - np.maximum(starts, start), 0, None)
+        return float((self.doc_bytes * overlap / lengths).sum())
+
+
+def _write_cache(docs: Iterable[str], tokenizer: Tokenizer, target: Path, meta: dict[str, Any]) -> None:
+    """Tokenize `docs` into `target` atomically (temporary directory, then one rename)."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        dtype, eos = vocab_dtype(tokenizer.vocab_size), tokenizer.eos_id
+        ends: list[int] = []
+        nbytes: list[int] = []
+        total = 0
+        with open(tmp / "tokens.bin", "wb") as f:
+            for batch in _batched(docs, 512):
+                for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+                    if eos is not None:
+                        ids = np.append(ids, eos)
+                    f.write(ids.astype(dtype, copy=False).tobytes())
+                    total += len(ids)
+                    ends.append(total)
+                    # The separator stands for the document boundary: one byte, so bytes == tokens for bytes.
+                    nbytes.append(len(text.encode("utf-8")) + (eos is not None))
+        if total == 0:
+            raise ConfigError(f"data.path: {meta['source']!r} holds no text (every document is empty)")
+        np.save(tmp / "docs.npy", np.stack([np.asarray(ends, np.int64), np.asarray(nbytes, np.int64)], 1))
+        tokenizer.save(tmp)
+        meta = {**meta, "dtype": dtype.name, "num_tokens": total, "num_docs": len(ends), "num_bytes": sum(nbytes)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "meta.json").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_cache(directory: Path) -> TokenStore:
+    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    docs = np.load(directory / "docs.npy")
+    return TokenStore(directory / "tokens.bin", np.dtype(meta["dtype"]), docs[:, 0], docs[:, 1])
+
+
+def _read_sidecar(path: str) -> dict[str, Any]:
+    sidecar = Path(path).with_suffix(".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.path: cannot read the sidecar {str(sidecar)!r}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in _DTYPES:
+        raise ConfigError(f"data.path: sidecar {str(sidecar)!r} must give dtype as one of {', '.join(_DTYPES)}")
+    return meta
+
+
+def open_bin(path: str, tokenizer: Tokenizer) -> TokenStore:
+    """Map a pre-tokenized `.bin` in place, checking its dtype against the file size and the vocabulary."""
+    meta = _read_sidecar(path)
+    default = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+    dtype = np.dtype(_DTYPES[meta.get("dtype", default)])
+    how = "from its sidecar" if "dtype" in meta else "by default (no sidecar .json)"
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ConfigError(f"data.path: cannot read {path!r}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ConfigError(f"data.path: {path!r} is empty")
+    if size % dtype.itemsize:
+        raise ConfigError(
+            f"data.path: {path!r} has {size} bytes, not a multiple of {dtype.itemsize} for dtype {dtype.name} "
+            f"({how}); the file or its dtype is wrong"
+        )
+    if "vocab_size" in meta and int(meta["vocab_size"]) > tokenizer.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer: tokenizer/vocab mismatch: {path!r} was made with a {meta['vocab_size']}-id vocabulary, "
+            f"the tokenizer has {tokenizer.vocab_size}; pass the tokenizer.json the .bin was made with"
+        )
+    store = TokenStore(Path(path), dtype, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    top = int(store.tokens().max())
+    if top >= tokenizer.vocab_size:
+        raise ConfigError(
+            f"data.path: {path!r} read as {dtype.name} ({how}) holds token id {top}, outside the tokenizer's "
+            f"{tokenizer.vocab_size} ids: a wrong dtype (write a sidecar .json with the dtype) or a tokenizer/vocab "
+            "mismatch (set data.tokenizer)"
+        )
+    # Without a document index, bytes come from the sidecar or, for bytes, equal tokens; else they are estimated.
+    nbytes = float(meta.get("num_bytes") or 0) or _estimate_bytes(store, tokenizer)
+    store.doc_ends, store.doc_bytes = np.array([store.num_tokens]), np.array([nbytes])
+    return store
+
+
+def _estimate_bytes(store: TokenStore, tokenizer: Tokenizer, sample: int = 1 << 20) -> float:
+    if isinstance(tokenizer, ByteTokenizer):
+        return float(store.num_tokens)
+    head = store.tokens()[:sample]
+    return len(tokenizer.decode(head.tolist()).encode("utf-8")) * store.num_tokens / max(1, len(head))
+
+
+# --------------------------------------------------------------------------------------------------------- windows
+class TokenWindows(Dataset):
+    """Windows of `seq_len + 1` tokens of `tokens[start:stop]` at stride `seq_len`, as (inputs, targets).
+
+    With `phase_seed` the windows shift by a seeded offset in [0, seq_len) per epoch (`set_epoch`), so every
+    epoch cuts the text differently; the window count stays fixed so that sampler positions stay valid.
+    `__getitems__` serves a whole batch with one fancy-indexed read of the memmap.
+    """
+
+    def __init__(self, store: TokenStore, start: int, stop: int, seq_len: int, phase_seed: int | None = None):
+        self.path, self.dtype, self.total = store.path, store.dtype, store.num_tokens
+        self.start, self.stop, self.seq_len = start, stop, seq_len
+        self.phase_seed, self.phase = phase_seed, 0
+        span = stop - start
+        # Room for the largest phase (seq_len - 1) when shifting, so no window crosses `stop`.
+        self.num_windows = max(0, (span - seq_len) // seq_len if phase_seed is not None else (span - 1) // seq_len)
+        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+        self._tokens: np.ndarray | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.phase_seed is not None:
+            self.phase = int(np.random.default_rng([self.phase_seed, epoch]).integers(self.seq_len))
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers reopen the memmap instead of receiving a pickled copy of the whole token array.
+        return {**self.__dict__, "_tokens": None}
+
+    def _array(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.total,))
+        return self._tokens
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.start + self.phase + np.asarray(indices, dtype=np.int64) * self.seq_len  # (B,)
+        rows = torch.from_numpy(self._array()[starts[:, None] + self._offsets].astype(np.int64))  # (B, T + 1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+
+def collate_windows(data: Any) -> Any:
+    """`__getitems__` already returns a batch; a list of single windows (plain DataLoader use) is stacked."""
+    if isinstance(data, tuple):
+        return data
+    return torch.utils.data.default_collate(data)
+
+
+def split_point(store: TokenStore, val_fraction: float) -> int:
+    """First validation token: the last `val_fraction` of the tokens, at a document boundary if one is near."""
+    n = store.num_tokens
+    val = max(1, round(n * val_fraction))
+    target = n - val
+    inner = store.doc_ends[:-1]
+    if len(inner):
+        nearest = int(inner[np.argmin(np.abs(inner - target))])
+        if abs(nearest - target) <= val // 4:  # keeps the split within 25% of the requested size
+            return nearest
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- data module
+@register_data_module("text")
+class TextDataModule(DataModule):
+    """Token-cached text cut into `seq_len + 1` windows; batches are `(input_ids, targets)`, each (B, T) int64."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.tokenizer: Tokenizer | None = None
+        self.store: TokenStore | None = None
+        self.cache_path: Path | None = None  # the token cache directory (None for a .bin)
+        self.train_set: TokenWindows | None = None
+        self.val_set: TokenWindows | None = None
+        # Tokens per UTF-8 byte of each split: bits per byte = loss / ln 2 * tokens_per_byte.
+        self.train_tokens_per_byte = 1.0
+        self.val_tokens_per_byte = 1.0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._load()
+        run_dir = getattr(getattr(self.config, "logging", None), "log_dir", "")
+        if run_dir:
+            # The run directory must rebuild its tokenizer even after the cache or the source file is gone.
+            self.save_tokenizer(run_dir)
+
+    def setup(self, stage: str = "fit") -> None:
+        if self.store is None:
+            self._load()
+        assert self.store is not None
+        d, t = self.config.data, self.config.training
+        split = split_point(self.store, d.val_fraction)
+        seed = int(getattr(self.config, "seed", 0))
+        random = getattr(d, "sampling", "random") == "random"
+        self.train_set = TokenWindows(self.store, 0, split, d.seq_len, phase_seed=seed if random else None)
+        self.val_set = TokenWindows(self.store, split, self.store.num_tokens, d.seq_len)
+        self.train_tokens_per_byte = split / max(1e-9, self.store.bytes_between(0, split))
+        self.val_tokens_per_byte = (self.store.num_tokens - split) / max(1e-9, self.store.bytes_between(split, 2**62))
+        global_batch = t.batch_size * self.world_size
+        if len(self.train_set) < global_batch:
+            raise ConfigError(
+                f"data.seq_len: the training split ({split} tokens) gives {len(self.train_set)} windows of "
+                f"{d.seq_len + 1} tokens, fewer than one global batch ({global_batch}); use more data or a smaller "
+                "data.seq_len / training.batch_size"
+            )
+        if len(self.val_set) == 0:
+            raise ConfigError(
+                f"data.val_fraction: the validation split ({self.store.num_tokens - split} tokens) is shorter than "
+                f"one window of {d.seq_len + 1} tokens; raise data.val_fraction or lower data.seq_len"
+            )
+
+    def train_dataloader(self) -> Iterable[Any]:
+        assert self.train_set is not None, "call setup() first"
+        self.train_set.set_epoch(self.position.epoch)
+        shuffle = getattr(self.config.data, "sampling", "random") == "random"
+        return self.make_loader(
+            self.train_set, self.config.training.batch_size, train=True, shuffle=shuffle, collate_fn=collate_windows
+        )
+
+    def val_dataloader(self) -> Iterable[Any] | None:
+        assert self.val_set is not None, "call setup() first"
+        return self.make_loader(self.val_set, self.config.training.batch_size, train=False, collate_fn=collate_windows)
+
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
+        """Copy the tokenizer next to a run's weights (no-op for bytes), so the run is self-contained."""
+        if self.tokenizer is None:
+            self._load()
+        assert self.tokenizer is not None
+        copy_tokenizer(self.tokenizer, directory)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _load(self) -> None:
+        d = self.config.data
+        if d.path.endswith(".bin") and not os.path.isdir(d.path):
+            if d.tokenizer == "bpe":
+                raise ConfigError(
+                    f"data.tokenizer: 'bpe' trains on text but data.path {d.path!r} is pre-tokenized; "
+                    "use 'byte' or the tokenizer.json the .bin was made with"
+                )
+            self.tokenizer = self._fixed_tokenizer()
+            self.store = open_bin(d.path, self.tokenizer)
+            return
+        files = resolve_files(d.path)
+        directory = cache_root(d.cache_dir) / "tokens" / self._cache_key(files)
+        if not (directory / "meta.json").is_file():
+            self._build_cache(files, directory)
+        else:
+            log.info("data: reusing token cache %s", directory)
+        self.cache_path = directory
+        self.tokenizer = (
+            HFTokenizer.from_file(directory / TOKENIZER_FILE) if d.tokenizer == "bpe" else self._fixed_tokenizer()
+        )
+        self.store = _open_cache(directory)
+
+    def _fixed_tokenizer(self) -> Tokenizer:
+        spec = self.config.data.tokenizer
+        return ByteTokenizer() if spec == "byte" else HFTokenizer.from_file(spec)
+
+    def _cache_key(self, files: list[SourceFile]) -> str:
+        d = self.config.data
+        if d.tokenizer == "bpe":
+            tok: Any = ["bpe", d.vocab_size]
+        else:
+            tok = self._fixed_tokenizer().fingerprint
+        spec = {
+            "version": CACHE_VERSION,
+            "files": [f.key() for f in files],
+            "max_bytes": d.max_bytes if not d.path else 0,
+            "tokenizer": tok,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    def _documents(self, files: list[SourceFile]) -> Iterator[str]:
+        d = self.config.data
+        embedded = not d.path
+        return iter_documents(files, max_bytes=d.max_bytes if embedded else 0, strict=not embedded)
+
+    def _build_cache(self, files: list[SourceFile], directory: Path) -> None:
+        d = self.config.data
+        began = time.perf_counter()
+        source = d.path or "the Python standard library"
+        if d.tokenizer == "bpe":
+            log.info("data: training a %d-id BPE tokenizer on %s", d.vocab_size, source)
+            tokenizer: Tokenizer = HFTokenizer.train_bpe(self._documents(files), d.vocab_size)
+        else:
+            tokenizer = self._fixed_tokenizer()
+        log.info("data: tokenizing %d files of %s into %s", len(files), source, directory)
+        meta = {"version": CACHE_VERSION, "source": source, "files": len(files), "tokenizer": tokenizer.fingerprint,
+                "vocab_size": tokenizer.vocab_size}
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _write_cache(self._documents(files), tokenizer, directory, meta)
+        info = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        log.info(
+            "data: %d documents, %d tokens (%.2f tokens/byte) in %.1fs", info["num_docs"], info["num_tokens"],
+            info["num_tokens"] / max(1, info["num_bytes"]), time.perf_counter() - began,
+        )
+
+
+def bits_per_byte(loss: torch.Tensor | float, tokens_per_byte: float) -> torch.Tensor | float:
+    """Bits per UTF-8 byte from a mean per-token cross-entropy in nats."""
+    return loss / math.log(2) * tokens_per_byte

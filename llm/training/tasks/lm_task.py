@@ -1,0 +1,208 @@
+"""The `lm` task: next-token prediction with `DecoderModel` (dense or MoE) on token-cached text.
+
+Batches are `(input_ids, targets)` from `TextDataModule`. The loss is mean cross-entropy per token; the logs
+add bits per byte (`bpb`: loss / ln 2 * tokens per byte of the split, so tokenizers compare fairly; the
+byte tokenizer's ratio is 1) and validation perplexity. The MoE auxiliary loss is added by the engine, not
+here.
+
+`model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default
+must be at least the tokenizer's vocabulary (larger pads the embedding, e.g. to a multiple of 64); smaller is
+a "tokenizer/vocab mismatch" `ConfigError`. `validate_config` writes the resolved size back into the config
+before the run directory's `config.yaml` is saved, so a run's config rebuilds its model.
+
+`TextSampler` (callback) prints a few generations at every validation on rank 0: to the console, to
+TensorBoard (text) and to `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from llm.data.text import SAMPLING_MODES, TextDataModule
+from llm.data.tokenizers import resolve_vocab_size
+from llm.models.decoder import DecoderModel
+from llm.training.core.callbacks import Callback
+from llm.training.core.config import ModelConfig, TrainingConfig
+from llm.training.core.errors import ConfigError, invalid
+from llm.training.core.registry import register_callback, register_task
+
+from .base_task import TrainingTask
+
+_DEFAULT_VOCAB = ModelConfig.vocab_size
+_LN2 = math.log(2)
+
+
+def resolve_model_vocab(requested: int, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: the tokenizer's unless the user set a (large enough) size of their own."""
+    if requested == _DEFAULT_VOCAB:
+        return tokenizer_vocab
+    if requested < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size: tokenizer/vocab mismatch: {requested} is smaller than the tokenizer's "
+            f"{tokenizer_vocab} ids; drop --model-vocab-size to follow the tokenizer, or set it >= {tokenizer_vocab}"
+        )
+    return requested
+
+
+@register_task("lm")
+class LMTask(TrainingTask):
+    """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
+
+    # Chosen by measurement on the 2-core CPU `make train` runs on (benchmarks/RESULTS_data.md): lr 1e-3 beat
+    # 6e-4 and 3e-3; the unrounded SwiGLU width 344 (8/3 x 128, not the default 512) makes a step ~12% faster;
+    # 1500 steps of 16 x 256 tokens take 5-6 minutes (~200-260 ms a step), leaving room for the two full
+    # validations (half-way and final), sampling and start-up within the 8-minute budget.
+    config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 344, "max_seq_len": 256},
+        "data": {"seq_len": 256},
+        "training": {
+            "lr": 1e-3, "batch_size": 16, "max_steps": 1500, "warmup": 100, "min_lr_ratio": 0.1,
+            "weight_decay": 0.1, "precision": "bf16", "val_interval": 750, "val_max_batches": 0, "log_interval": 20,
+            # The framework's default callbacks (whatever they become) plus the sampler.
+            "callbacks": [*TrainingConfig().callbacks, "TextSampler"],
+        },
+    }
+    data_module_class = TextDataModule
+
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        d, m = config.data, config.model
+        sampling = getattr(d, "sampling", "random")
+        if sampling not in SAMPLING_MODES:
+            raise invalid("data.sampling", sampling, "random or sequential", SAMPLING_MODES)
+        if d.seq_len > m.max_seq_len:
+            raise invalid("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+        if d.tokenizer == "bpe" and d.path.endswith(".bin"):
+            raise ConfigError(
+                f"data.tokenizer: 'bpe' trains on text but data.path {d.path!r} is pre-tokenized; "
+                "use 'byte' or the tokenizer.json the .bin was made with"
+            )
+        # Resolved here, before the run's config.yaml is written, so the saved config rebuilds the model.
+        m.vocab_size = resolve_model_vocab(m.vocab_size, resolve_vocab_size(d.tokenizer, d.vocab_size))
+
+    def build_data_module(self) -> Any:
+        self.data_module = super().build_data_module()
+        return self.data_module
+
+    # -- builders -------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        tokenizer = getattr(getattr(self, "data_module", None), "tokenizer", None)
+        if tokenizer is not None:
+            self.config.model.vocab_size = resolve_model_vocab(self.config.model.vocab_size, tokenizer.vocab_size)
+        return DecoderModel(**dataclasses.asdict(self.config.model))
+
+    def build_criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _tokens_per_byte(self, split: str) -> float:
+        return float(getattr(getattr(self, "data_module", None), f"{split}_tokens_per_byte", 1.0))
+
+    def _loss(self, batch: Any, model: nn.Module, criterion: nn.Module) -> torch.Tensor:
+        input_ids, targets = batch
+        logits = model(input_ids)  # (B, T, V)
+        # fp32 logits for the softmax: under bf16 autocast a 4k-way log-softmax loses precision.
+        return criterion(logits.flatten(0, 1).float(), targets.flatten())
+
+    def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = self._loss(batch, model, criterion)
+        return loss, {"bpb": loss.detach() / _LN2 * self._tokens_per_byte("train")}
+
+    def validation_step(
+        self, batch: Any, model: nn.Module, criterion: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = self._loss(batch, model, criterion)
+        # Per-batch perplexity (the engine averages metrics over batches; windows are equal-length, so this is
+        # exp of the mean loss up to the spread of batch losses).
+        return loss, {"bpb": loss / _LN2 * self._tokens_per_byte("val"), "ppl": loss.exp()}
+
+
+# -------------------------------------------------------------------------------------------------------- sampler
+PYTHON_PROMPTS = ("def ", "class Tree:\n    def __init__(self", "import os\n")
+
+
+@register_callback("TextSampler")
+class TextSampler(Callback):
+    """Generates from a few prompts after each validation (rank 0): console, TensorBoard text, metrics.jsonl.
+
+    Prompts default to Python openings on the embedded stdlib corpus, and to the first tokens of validation
+    windows on a user corpus (so they are always in-distribution). Sampling is seeded: a sample changes only
+    because the weights did.
+    """
+
+    def __init__(
+        self, prompts: tuple[str, ...] | None = PYTHON_PROMPTS, max_new_tokens: int = 160, temperature: float = 0.8,
+        top_k: int | None = 40, seed: int = 0,
+    ) -> None:
+        self.prompts, self.max_new_tokens, self.temperature = prompts, max_new_tokens, temperature
+        self.top_k, self.seed = top_k, seed
+        self.last: list[dict[str, str]] = []
+        self._last_step = -1
+
+    @classmethod
+    def from_config(cls, config: Any) -> TextSampler:
+        return cls(prompts=PYTHON_PROMPTS if not config.data.path else None, seed=config.seed)
+
+    def _prompt_ids(self) -> list[list[int]]:
+        dm = self.engine.data_module
+        if self.prompts is not None:
+            return [dm.tokenizer.encode(p) for p in self.prompts]
+        val, n = dm.val_set, len(dm.val_set)
+        return [val[i][0][:16].tolist() for i in sorted({0, n // 2, n - 1})]
+
+    def sample(self) -> list[dict[str, str]]:
+        """One generation per prompt from the current weights."""
+        dm, model = self.engine.data_module, self.engine.unwrapped_model
+        tokenizer = dm.tokenizer
+        stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
+        samples = []
+        for i, ids in enumerate(self._prompt_ids()):
+            prompt = torch.tensor(ids, dtype=torch.long)
+            out = model.generate(
+                prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, stop_tokens=stops,
+                seed=self.seed + i,
+            )
+            new = out[len(ids) :].tolist()
+            if stops and new and new[-1] == stops[0]:
+                new = new[:-1]
+            samples.append({"prompt": tokenizer.decode(ids), "text": tokenizer.decode(ids + new)})
+        return samples
+
+    def _publish(self, step: int) -> None:
+        self.last = self.sample()
+        logger = self.engine.logger
+        for i, s in enumerate(self.last):
+            logger.info("sample %d at step %d:\n%s\n%s", i, step, s["text"], "-" * 40)
+        tb = self.engine.find_callback("TensorBoardLogger")
+        if tb is not None and getattr(tb, "writer", None) is not None:
+            for i, s in enumerate(self.last):
+                tb.writer.add_text(f"samples/{i}", "```\n" + s["text"] + "\n```", step)
+        metrics = self.engine.find_callback("MetricsLogger")
+        if metrics is not None:
+            metrics.write({"step": step, "samples": self.last})
+
+    def _sharded(self) -> bool:
+        # An FSDP model's forward gathers weights from every rank, so every rank must generate (same seed,
+        # same tokens); a DDP model's unwrapped module is whole on rank 0, which generates alone.
+        return self.engine.world_size > 1 and self.engine.config.distributed.strategy == "fsdp"
+
+    def _maybe_publish(self, step: int) -> None:
+        self._last_step = step
+        if self.engine.is_global_zero:
+            self._publish(step)
+        elif self._sharded():
+            self.sample()
+
+    def on_validation_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._maybe_publish(int((logs or {}).get("step", self.engine.state.step)))
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        # The run normally ends with a validation (and so with samples); sample if it did not.
+        if self._last_step != self.engine.state.step:
+            self._maybe_publish(self.engine.state.step)
+

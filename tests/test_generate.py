@@ -1,0 +1,125 @@
+"""`python -m llm.generate`: loads a trained run or checkpoint, streams text, is reproducible by seed."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+from helpers import run_cli
+
+from llm.data.tokenizers import ByteTokenizer, HFTokenizer
+from llm.generate import find_weights, load_run, main, stream_text
+from llm.models.decoder import DecoderModel
+from llm.training.core.checkpoint import save_weights
+from llm.training.core.config import Config
+from llm.training.train import main as train_main
+
+TEXT = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x * x * x\n\n" * 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, _one_thread):
+    """A tiny lm run trained for a few steps (about a second)."""
+    root = tmp_path_factory.mktemp("gen")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    args = [
+        "--task", "lm", "--data-path", str(root / "corpus.txt"), "--data-seq-len", "32",
+        "--data-val-fraction", "0.2", "--data-cache-dir", str(root / "cache"),
+        "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "2", "--model-max-seq-len", "64",
+        "--training-batch-size", "4", "--training-max-steps", "12", "--training-precision", "fp32",
+        "--training-callbacks", "MetricsLogger", "--logging-log-dir", str(root / "run"),
+    ]
+    assert train_main(args) == 0
+    return root / "run"
+
+
+def generate(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(args), out=out)
+    return code, out.getvalue()
+
+
+def test_cli_prints_text_and_same_seed_gives_same_text(run_dir, tmp_path):
+    args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "40", "--seed", "7"]
+    proc = run_cli(args, cwd=tmp_path, module="llm.generate", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def ") and len(proc.stdout) > len("def \n")
+    code, again = generate(*args)
+    assert code == 0 and again == proc.stdout
+    _, other = generate(*args[:-1], "8", "--temperature", "1.5")
+    assert other.startswith("def ")
+
+
+def test_greedy_decoding_and_empty_prompt(run_dir):
+    args = ["--checkpoint", str(run_dir), "--prompt", "", "--temperature", "0", "--max-new-tokens", "20"]
+    code, first = generate(*args)
+    assert code == 0 and generate(*args) == (0, first)
+
+
+def test_user_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
+    assert generate("--checkpoint", str(tmp_path / "missing"), "--prompt", "x")[0] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint:") and "missing" in err[0]
+    assert generate("--checkpoint", str(tmp_path), "--prompt", "x")[0] == 2
+    assert "holds no model.safetensors" in capsys.readouterr().err
+    assert generate("--checkpoint", str(run_dir), "--top-p", "1.5")[0] == 2
+    assert "--top-p" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert generate("--checkpoint", str(tmp_path), "--prompt", "x")[0] == 2
+    assert "cannot load" in capsys.readouterr().err
+
+
+def test_checkpoint_directories_and_bpe_tokenizers_load(tmp_path):
+    run = tmp_path / "run"
+    tok = HFTokenizer.train_bpe([TEXT], vocab_size=280)
+    tok.save(run.mkdir() or run)
+    config = Config(task="lm")
+    config.data.tokenizer = "bpe"
+    config.model.hidden_size, config.model.num_layers, config.model.num_heads = 32, 1, 2
+    config.model.vocab_size = tok.vocab_size
+    for step in (5, 10, 15):
+        ckpt = run / "checkpoints" / f"step-{step:08d}"
+        os.makedirs(ckpt)
+        torch.manual_seed(step)
+        save_weights(DecoderModel(**{**config.to_dict()["model"]}), ckpt / "model.safetensors")
+        if step != 15:  # step 15 was cut short: no manifest, so it is not complete
+            (ckpt / "manifest.json").write_text("{}")
+    config.save(run / "config.yaml")  # only the run holds config and tokenizer: found two levels up
+    assert find_weights(run) == run / "checkpoints" / "step-00000010" / "model.safetensors"
+    model, tokenizer, _ = load_run(run / "checkpoints" / "step-00000005")
+    assert tokenizer.fingerprint == tok.fingerprint
+    assert model.embed_tokens.num_embeddings == tok.vocab_size
+    text = "".join(stream_text(model, tokenizer, "def ", max_new_tokens=10, seed=0))
+    assert isinstance(text, str)
+
+
+class _FakeModel:
+    """Generates fixed token ids, to test streaming decode independently of what a model would sample."""
+
+    max_seq_len = 64
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def generate_stream(self, input_ids, max_new_tokens, **kwargs):
+        yield from self.ids[:max_new_tokens]
+
+
+def test_streaming_holds_back_partial_utf8():
+    tok = ByteTokenizer()
+    wanted = "é🚀東"
+    pieces = list(stream_text(_FakeModel(list(wanted.encode()) + [0, 65]), tok, "x", max_new_tokens=100))
+    assert "".join(pieces) == wanted  # stops at the end-of-text byte
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) == 3
