@@ -176,6 +176,20 @@ def _spawned_worker(rank: int, world_size: int, config: Config, task_class: type
         # Report here, not through mp.spawn's error queue: its parent shows only the first process it sees
         # exit, which may be a rank that merely lost its peer.
         raise SystemExit(report_worker_failure(exc, rank, world_size)) from None
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """End a finished multi-process worker without running C++ static destructors.
+
+    The run is complete and everything is flushed; letting the interpreter tear down gloo/FSDP background
+    threads occasionally aborts the process ("terminate called without an active exception"), which
+    the launcher would report as a failed (or, under torchrun, restarted) worker.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(config: Config, task_class: type[TrainingTask]) -> None:
@@ -192,6 +206,8 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
             if world_size == 1:
                 raise
             raise _WorkerFailed(report_worker_failure(exc, rank, world_size)) from None
+        if world_size > 1:
+            _exit_cleanly()
     elif config.distributed.nproc_per_node > 1:
         spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class), config.distributed.master_port)
     else:

@@ -26,8 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .callbacks import Callback, CallbackList, build_callbacks
-from .distributed import all_agree, barrier, resolve_device
+from .distributed import all_agree, all_reduce_sum, barrier, is_distributed, parallelize, resolve_device
 from .errors import UserError
+from .fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
 from .metrics import MetricAccumulator
 from .schedulers import LRSchedule
 
@@ -81,6 +82,12 @@ def batch_size_and_tokens(batch: Any) -> tuple[int, int]:
     return int(first.shape[0]), int(tokens)
 
 
+def compile_backend() -> str:
+    """The `torch.compile` backend of `training.compile`: inductor. `LLM_COMPILE_BACKEND` overrides it (tests use
+    aot_eager: the same graph capture and AOT autograd, without minutes of C++ code generation on a CPU)."""
+    return os.environ.get("LLM_COMPILE_BACKEND", "inductor")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -119,6 +126,8 @@ class TrainingEngine:
         self.steps_per_epoch = 0
         self.last_val_logs: dict[str, Any] = {}
         self._meter = MetricAccumulator()
+        self._deferred_finite = False  # see _setup_finite_check
+        self._first_bad_step: torch.Tensor | None = None
         self._window_start = time.perf_counter()
         self._window = {"samples": 0, "tokens": 0}
 
@@ -143,11 +152,12 @@ class TrainingEngine:
         if cfg.activation_checkpointing:
             self._enable_activation_checkpointing(model)
         self.unwrapped_model = model
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+        # Data parallelism: DDP replicas or FSDP shards (distributed.parallelize, fsdp.py). FSDP converts the
+        # module in place, so there `unwrapped_model` holds the DTensor shards and the optimizer is built on them.
+        strategy = getattr(getattr(self.config, "distributed", None), "strategy", "ddp")
+        model = parallelize(model, strategy, self.world_size, self.device, cfg.precision)
         if cfg.compile:
-            model = torch.compile(model)
+            model = torch.compile(model, backend=compile_backend())
         self.model = model
         self.optimizer = self.task.build_optimizer(self.unwrapped_model)
         self._plan_steps()
@@ -169,6 +179,7 @@ class TrainingEngine:
         from llm.models.moe import collect_aux_loss
 
         self._collect_aux_loss = collect_aux_loss
+        self._setup_finite_check()
         self.callbacks.set_engine(self)
 
     def _setup_data(self) -> None:
@@ -256,21 +267,32 @@ class TrainingEngine:
         """Forward/backward over the micro-batches, then clip, check and step the optimizer."""
         loss_sum = self._forward_backward(micro)
         grad_norm = self._clip_gradients()
-        skipped = not self._check_finite(loss_sum, grad_norm)
-        if not skipped:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        if self._deferred_finite:
+            self._step_unless_nonfinite(loss_sum, grad_norm)  # no host sync (see _setup_finite_check)
+            skipped = False
+        else:
+            skipped = not self._check_finite(loss_sum, grad_norm)
+            if not skipped:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "skipped": skipped}
         if grad_norm is not None:
             self._meter.add({"grad_norm": grad_norm}, weight=1.0, count=False)
-        if self.state.step % self.config.training.log_interval == 0 or self._done():
+        log_now = self.state.step % self.config.training.log_interval == 0 or self._done()
+        if log_now or self._checkpoint_due():
+            self._raise_deferred_nonfinite()  # no log line or checkpoint may follow a refused update unnoticed
+        if log_now:
             logs.update(self._collect_train_logs())
         return logs
+
+    def _checkpoint_due(self) -> bool:
+        interval = getattr(getattr(self.config, "checkpoint", None), "interval", 0)
+        return bool(interval) and self.state.step % interval == 0
 
     def _forward_backward(self, micro: list[Any]) -> torch.Tensor:
         model, accum = self.model, len(micro)
@@ -305,7 +327,59 @@ class TrainingEngine:
         params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
         if not params:
             return None
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True)
+        return clip_grad_norm(params, clip if clip > 0 else math.inf)  # FSDP's DTensor grads too
+
+    # -- non-finite losses ----------------------------------------------------------------------
+    def _setup_finite_check(self) -> None:
+        """Choose how `nan_policy` is applied.
+
+        Deferred, with no host sync per step: the `raise` policy with an optimizer that can refuse an update on
+        the device (fused Adam/AdamW/SGD/Adagrad, through the `found_inf` input GradScaler uses; the optimizer
+        registry builds fused ones where it can). Otherwise one bool per step goes to the host (`_check_finite`):
+        the `skip` policy needs the verdict on the host every step (skip counts, the lr schedule holds on skipped
+        steps, a warning per step), a non-fused optimizer cannot skip on the device, and FSDP's DTensor
+        parameters are kept on the proven path.
+        """
+        self._deferred_finite = (
+            self.scaler is None
+            and self.config.training.nan_policy == "raise"
+            and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+            and not is_fsdp(self.unwrapped_model)
+        )
+        self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _step_unless_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """The `raise` policy without a host sync: from the first non-finite step on, the optimizer skips every
+        update on the device; that step's number stays on the device until `_raise_deferred_nonfinite` reads it.
+
+        Trade-off: a failure is raised up to `log_interval` steps late (those steps' compute is wasted, their
+        updates refused) instead of stalling the device queue with a device-to-host copy every step. Weights and
+        optimizer state stay those from before the bad step, and every log step, checkpoint, validation and the
+        final save check first, so the outcome is the eager check's: no non-finite update applied, its step named.
+        """
+        finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if is_distributed():
+            finite = all_reduce_sum((~finite).float()) == 0  # every rank refuses alike (a collective, no sync)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(finite | (first > 0), first, self.state.step + 1)
+        self.optimizer.found_inf = (self._first_bad_step > 0).float()  # read by the fused step, as from GradScaler
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+
+    def _raise_deferred_nonfinite(self) -> None:
+        """The deferred check's one host sync: raise if any step since the last check was non-finite."""
+        if not self._deferred_finite or self._first_bad_step is None:
+            return
+        bad = int(self._first_bad_step)
+        if bad:
+            step = self.state.step
+            later = f" (nor those of steps {bad + 1}-{step}, run before the check)" if step > bad else ""
+            raise NonFiniteLossError(
+                f"training.nan_policy=raise: non-finite loss or gradient norm at step {bad}; the update was not "
+                f"applied{later} (use --training-nan-policy skip to drop such steps)"
+            )
 
     def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Apply `nan_policy`; every rank reaches the same verdict. Returns False to skip the update."""
@@ -355,6 +429,7 @@ class TrainingEngine:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         """Average `validation_step` metrics over this rank's shard, weighted by batch size, across ranks."""
+        self._raise_deferred_nonfinite()
         loader = self.data_module.val_dataloader()
         self.state.last_val_step = self.state.step
         if loader is None:
@@ -362,11 +437,15 @@ class TrainingEngine:
         self.callbacks.on_validation_start({"step": self.state.step, "epoch": self.state.epoch})
         model, meter, limit = self.unwrapped_model, MetricAccumulator(), self.config.training.val_max_batches
         model.eval()
+        batches = islice(loader, limit or None)
+        # An FSDP forward is a collective: a rank with fewer batches runs throw-away forwards (real=False).
+        paired = lockstep_batches(batches, self.device) if is_fsdp(model) else ((b, True) for b in batches)
         with torch.no_grad(), self._autocast():
-            for batch in islice(loader, limit or None):
+            for batch, real in paired:
                 batch = move_to_device(batch, self.device)
                 loss, metrics = self.task.validation_step(batch, model, self.criterion)
-                meter.add({**metrics, "loss": loss}, weight=batch_size_and_tokens(batch)[0])
+                if real:
+                    meter.add({**metrics, "loss": loss}, weight=batch_size_and_tokens(batch)[0])
         model.train()
         values = meter.compute(self.device, reduce=True, agree_keys=True)
         logs = {"step": self.state.step, "epoch": self.state.epoch, **{f"val/{k}": v for k, v in values.items()}}
@@ -378,15 +457,21 @@ class TrainingEngine:
     def _save_final(self) -> None:
         from .checkpoint import save_weights
 
+        self._raise_deferred_nonfinite()
+        path = self.run_dir / "model.safetensors"
+        if is_fsdp(self.unwrapped_model):
+            save_full_weights(self.unwrapped_model, path)  # a collective: every rank's shards, gathered on rank 0
+        elif self.is_global_zero:
+            save_weights(self.unwrapped_model, path)
         if self.is_global_zero:
-            save_weights(self.unwrapped_model, self.run_dir / "model.safetensors")
-            self.logger.info("saved final weights to %s", self.run_dir / "model.safetensors")
+            self.logger.info("saved final weights to %s", path)
         barrier()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights needed to continue exactly (per rank)."""
         from .checkpoint import rng_state
 
+        self._raise_deferred_nonfinite()  # a checkpoint must not hold a run that has refused updates
         return {
             "state": asdict(self.state),
             "optimizer": self.optimizer.state_dict(),

@@ -1,0 +1,277 @@
+"""Framework overhead: the full `TrainingEngine` against a minimal hand-written PyTorch loop, step by step.
+
+    python -m benchmarks.bench_overhead [--rounds 3] [--warmup 5] [--steps 60] [--threads N]
+
+Both sides train the default `lm` config (`LMTask.config_defaults`, resolved as the CLI resolves it) on the CPU:
+the same model and seed, the same data windows and batch, bf16 autocast, gradient clipping, fused AdamW with
+the same parameter groups, warmup + cosine. The engine runs with the default callbacks (MetricsLogger,
+TensorBoardLogger, LRSchedulerCallback, ProgressBar, ModelCheckpoint), the CLI's logging (to `train.log`), metric
+logging every `log_interval` steps and the default checkpoint interval; the hand loop reads its loss at the same
+log steps.
+
+Alternation is per step: a callback at the end of the engine's callback list runs one hand-loop step after each
+engine step, so load on a shared machine hits both sides alike. An engine step is the wall time from the end
+of the previous hand step to the engine's `on_batch_end`: data loading, the step, the metric sync at log steps
+and every other callback. Reported: tokens/s of each side over the timed steps (warm-up excluded) per round,
+medians over rounds, and the ratio engine / hand loop (target >= 0.98). A benchmark, not a test.
+
+    python -m benchmarks.bench_overhead throughput --device cuda --preset 125m --precision bf16 --compile
+
+Engine throughput: the `lm` task through the full engine with the speed switches given (precision, compile,
+activation checkpointing) on one of `PRESETS`, reporting what `ThroughputMonitor` logs: tokens/s per device and
+MFU, medians over the log windows after the first (which holds the compile). `gpu_check.sh` runs it on a GPU;
+`--device cpu --preset tiny` is its smoke mode (a test runs it), and the suite's switch benchmarks call
+`engine_throughput` on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+from llm.training.core.callbacks import Callback, build_callbacks
+from llm.training.core.engine import TrainingEngine
+from llm.training.train import parse_config, prepare_run_dir, setup_logging
+
+DEFAULT_CALLBACKS = ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar", "ModelCheckpoint"]
+
+
+def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any, type]:
+    """The default `lm` run, `steps` optimizer steps long, writing into `run_dir`."""
+    argv = ["--task", "lm", "--training-callbacks", *DEFAULT_CALLBACKS, "--training-max-steps", str(steps),
+            "--logging-log-dir", str(run_dir), *extra]
+    config, task_class, _ = parse_config(argv)
+    return config, task_class
+
+
+class HandLoop:
+    """What a user writes without a framework: the same model, data, optimizer and schedule, nothing else."""
+
+    def __init__(self, config: Any, task_class: type) -> None:
+        t = config.training
+        task = task_class(config)
+        data = task.build_data_module()
+        data.prepare_data()
+        data.setup("fit")
+        torch.manual_seed(config.seed)
+        self.model = task.build_model()
+        named = list(self.model.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=True)
+        warmup, total, floor = t.warmup, max(1, t.max_steps - t.warmup), t.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(step - warmup, total) / total
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.sched = LambdaLR(self.opt, factor)
+        self.params = [p for _, p in named]
+        self.batches = iter(data.train_dataloader())
+        self.bf16 = t.precision == "bf16"
+        self.clip, self.log_interval = t.grad_clip, t.log_interval
+        self.steps, self.last_loss = 0, float("nan")
+
+    def step(self) -> None:
+        x, y = next(self.batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.steps % self.log_interval == 0:
+            self.last_loss = loss.item()
+
+
+class Interleave(Callback):
+    """Last in the engine's callback list: after each engine step, times it and runs (and times) one hand step."""
+
+    def __init__(self, hand: HandLoop) -> None:
+        self.hand = hand
+        self.engine_s: list[float] = []
+        self.hand_s: list[float] = []
+        self._mark = 0.0
+
+    def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
+        self._mark = time.perf_counter()
+
+    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
+        began = time.perf_counter()
+        self.engine_s.append(began - self._mark)
+        self.hand.step()
+        self._mark = time.perf_counter()
+        self.hand_s.append(self._mark - began)
+
+
+def quiet_cli_logging(run_dir: Path) -> None:
+    """The CLI's logging (formatted lines into train.log) without the console handler cluttering the report."""
+    setup_logging(0, "INFO", run_dir)
+    logger = logging.getLogger("llm")
+    logger.handlers = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+
+
+def one_round(warmup: int, steps: int, extra: Sequence[str] = ()) -> dict[str, float]:
+    """One engine run with the hand loop interleaved; tokens/s of both over the timed steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        config, task_class = lm_config(run_dir, warmup + steps, extra)
+        prepare_run_dir(config)
+        quiet_cli_logging(run_dir)
+        timer = Interleave(HandLoop(config, task_class))
+        task = task_class(config)
+        engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
+                                callbacks=[*build_callbacks(config), timer])
+        engine.run()
+        logging.getLogger("llm").handlers.clear()  # close train.log before the directory goes
+    tokens = config.training.batch_size * config.data.seq_len * steps
+    engine_s, hand_s = sum(timer.engine_s[warmup:]), sum(timer.hand_s[warmup:])
+    return {
+        "engine_tokens_per_s": tokens / engine_s,
+        "hand_tokens_per_s": tokens / hand_s,
+        "ratio": hand_s / engine_s,
+        "step_ratio_median": statistics.median(timer.hand_s[warmup:]) / statistics.median(timer.engine_s[warmup:]),
+    }
+
+
+def run(rounds: int = 3, warmup: int = 5, steps: int = 60, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """`rounds` rounds; prints each and the medians. Returns the medians and the per-round rows."""
+    rows = []
+    for i in range(rounds):
+        row = one_round(warmup, steps, extra)
+        rows.append(row)
+        print(f"  round {i + 1}: engine {row['engine_tokens_per_s']:8.0f} tok/s  hand loop "
+              f"{row['hand_tokens_per_s']:8.0f} tok/s  ratio {row['ratio']:.3f}  "
+              f"(median-step ratio {row['step_ratio_median']:.3f})", flush=True)
+    summary = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+    print(f"overhead: engine {summary['engine_tokens_per_s']:.0f} tok/s vs hand loop "
+          f"{summary['hand_tokens_per_s']:.0f} tok/s (medians of {rounds} rounds x {steps} steps): "
+          f"ratio {summary['ratio']:.3f} (target >= 0.98)")
+    return {"summary": summary, "rounds": rows}
+
+
+# ---------------------------------------------------------------------------------------- engine throughput
+# Model and batch shapes per preset (train CLI flags). Byte-level tokens (vocab 256) on the embedded corpus.
+PRESETS: dict[str, list[str]] = {
+    "tiny": ["--model-hidden-size", "64", "--model-num-layers", "2", "--model-num-heads", "4",
+             "--model-max-seq-len", "64", "--data-seq-len", "64", "--training-batch-size", "4",
+             "--data-max-bytes", "2000000"],
+    "default": [],  # the lm task's defaults (hidden 128, 4 layers, seq 256, batch 16)
+    # ~127M parameters: 18 blocks of 7.08M (hidden 768, 12 heads, SwiGLU 2048) + byte embeddings.
+    "125m": ["--model-hidden-size", "768", "--model-num-layers", "18", "--model-num-heads", "12",
+             "--model-max-seq-len", "2048", "--data-seq-len", "2048", "--training-batch-size", "16",
+             "--training-lr", "6e-4"],
+    # MoE: 12 blocks, 8 experts of width 2048, top-2 (~480M parameters, ~150M active per token).
+    "moe": ["--model-hidden-size", "768", "--model-num-layers", "12", "--model-num-heads", "12",
+            "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
+            "--model-max-seq-len", "2048", "--data-seq-len", "2048", "--training-batch-size", "8",
+            "--training-lr", "6e-4"],
+}
+
+
+class _PerfLog(Callback):
+    """Keeps the perf/* values of every log step (ThroughputMonitor runs before it)."""
+
+    def __init__(self) -> None:
+        self.windows: list[dict[str, float]] = []
+
+    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
+        if logs and "perf/tokens_per_s_per_device" in logs:
+            self.windows.append({k: v for k, v in logs.items() if k.startswith("perf/")})
+
+
+def engine_throughput(preset: str = "default", device: str = "cpu", precision: str = "bf16", compile: bool = False,
+                      activation_checkpointing: bool = False, steps: int = 40, log_interval: int = 10,
+                      extra: Sequence[str] = ()) -> dict[str, float]:
+    """Train `steps` steps of `preset` through the engine; medians of ThroughputMonitor's windows after the first."""
+    switches = ["--training-compile"] if compile else []
+    switches += ["--training-activation-checkpointing"] if activation_checkpointing else []
+    flags = [*PRESETS[preset], "--training-device", device, "--training-precision", precision,
+             "--training-log-interval", str(log_interval), "--training-val-max-batches", "1",
+             "--training-callbacks", "LRSchedulerCallback", "ThroughputMonitor", *switches, *extra]
+    with tempfile.TemporaryDirectory() as tmp:
+        config, task_class, _ = parse_config(["--task", "lm", "--training-max-steps", str(steps),
+                                              "--logging-log-dir", str(Path(tmp) / "run"), *flags])
+        prepare_run_dir(config)
+        task, perf = task_class(config), _PerfLog()
+        engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
+                                callbacks=[*build_callbacks(config), perf])
+        began = time.perf_counter()
+        engine.run()
+        wall = time.perf_counter() - began
+    windows = perf.windows[1:] or perf.windows  # the first window holds compilation and warm-up
+    result = {key: statistics.median(w[key] for w in windows) for key in windows[0]}
+    result["wall_s"] = wall
+    result["parameters"] = sum(p.numel() for p in engine.unwrapped_model.parameters())
+    return result
+
+
+def report_throughput(name: str, result: dict[str, float]) -> None:
+    mfu = result.get("perf/mfu")
+    print(f"{name}: {result['perf/tokens_per_s_per_device']:,.0f} tokens/s per device, "
+          f"{result['perf/tflops_per_device']:.3g} TFLOP/s, MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} "
+          f"({result['parameters'] / 1e6:.1f}M parameters, run {result['wall_s']:.0f} s)", flush=True)
+
+
+def _throughput_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench_overhead throughput", description="engine tokens/s and MFU")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="125m", choices=sorted(PRESETS))
+    parser.add_argument("--tiny", action="store_true", help="the smoke preset (same as --preset tiny)")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--target-mfu", type=float, default=0.0, help="exit 1 if the MFU (%%) is below this")
+    args = parser.parse_args(argv)
+    preset = "tiny" if args.tiny else args.preset
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    result = engine_throughput(preset, args.device, args.precision, args.compile, args.activation_checkpointing,
+                               args.steps, args.log_interval)
+    switches = [args.precision] + ["compile"] * args.compile + ["act. checkpointing"] * args.activation_checkpointing
+    report_throughput(f"{preset} ({' + '.join(switches)}, {args.device})", result)
+    if args.target_mfu and result.get("perf/mfu", 0.0) < args.target_mfu:
+        print(f"MFU below the target of {args.target_mfu:.0f}%")
+        raise SystemExit(1)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["throughput"]:
+        _throughput_main(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per round")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--config-args", nargs=argparse.REMAINDER, default=[], help="extra train CLI flags")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    run(args.rounds, args.warmup, args.steps, args.config_args)
+
+
+if __name__ == "__main__":
+    main()

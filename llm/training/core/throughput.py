@@ -1,0 +1,191 @@
+"""Throughput and model FLOPs utilisation (MFU): the `ThroughputMonitor` callback and what it needs.
+
+Model FLOPs per token follow PaLM (appendix B) and torchtitan, so numbers compare with theirs:
+``6 * N_active + 12 * n_layers * d_attn * seq_len``. ``N_active`` counts every weight a token is multiplied
+by (forward 2 + backward 4 FLOPs each): all parameters except pure lookup embeddings (a tied output layer
+counts once), with the routed experts of an MoE layer scaled by ``top_k / num_experts``. The attention term
+covers scores and values (``d_attn`` = query heads x head dim), forward and backward, without halving for
+the causal mask. Recomputation by activation checkpointing is not counted: this is MFU, not hardware FLOPs.
+
+Peaks are per device. GPUs: the dense (no sparsity) bf16 tensor-core peak from the vendor's datasheet,
+looked up by device name; an fp32 run is measured against the same bf16 peak, as torchtitan does. CPUs have
+no useful datasheet number, so the peak is measured: the best of a few large matmuls in the run's compute
+dtype, once per process (per dtype and thread count). ``LLM_PEAK_TFLOPS`` overrides either.
+
+`ThroughputMonitor` adds, at every log step (the logs that carry ``train/tokens_per_s``):
+``perf/tokens_per_s_per_device``, ``perf/tflops_per_device`` and ``perf/mfu`` (in percent). Callbacks after it
+in the list (ProgressBar, loggers) see the values in ``logs``. Loggers listed before it have already written
+that step, so it hands them the values itself (``MetricsLogger.write``, ``TensorBoardLogger.writer``), as
+``TextSampler`` does with its samples: every logger gets the numbers once, whatever the callback order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .callbacks import Callback, MetricsLogger, TensorBoardLogger
+from .registry import register_callback
+
+# Dense bf16 tensor-core peaks in TFLOP/s (datasheets, without 2:4 sparsity). Matched as substrings of the
+# upper-cased device name, longest key first, so "L40S" wins over "L40" and "L4", "H100 PCIE" over "H100".
+GPU_PEAK_TFLOPS: dict[str, float] = {
+    "GB200": 2500.0,
+    "B200": 2250.0,
+    "H200": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIE": 756.0,
+    "H100": 989.4,  # SXM / HBM3
+    "H800": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.05,
+    "L40": 181.05,
+    "L4": 121.0,
+    "RTX 4090": 165.2,
+    "MI300X": 1307.4,
+    "MI250X": 383.0,
+}
+
+_CPU_PEAK_CACHE: dict[tuple[torch.dtype, int], float] = {}
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name (`torch.cuda.get_device_name()`), None if unknown."""
+    upper = name.upper()
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if key in upper:
+            return GPU_PEAK_TFLOPS[key] * 1e12
+    return None
+
+
+def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (512, 1024),
+                            repeats: int = 8) -> float:
+    """Best FLOP/s of square matmuls of `sizes` on this CPU, measured once per process (per dtype and threads).
+
+    Best-of (not the median): the peak is what the hardware can do, and a shared machine only ever slows a
+    sample down. Two sizes, because the fastest one depends on the caches. Takes well under a second.
+    """
+    key = (dtype, torch.get_num_threads())
+    if key not in _CPU_PEAK_CACHE:
+        gen = torch.Generator().manual_seed(0)
+        best = 0.0
+        for size in sizes:
+            a = torch.randn(size, size, generator=gen).to(dtype)
+            b = torch.randn(size, size, generator=gen).to(dtype)
+            torch.mm(a, b)  # warm-up: thread pool, kernel selection
+            for _ in range(repeats):
+                began = time.perf_counter()
+                torch.mm(a, b)
+                best = max(best, 2 * size**3 / max(time.perf_counter() - began, 1e-9))
+        _CPU_PEAK_CACHE[key] = best
+    return _CPU_PEAK_CACHE[key]
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of one device: ``LLM_PEAK_TFLOPS`` if set, else the GPU table or the measured CPU peak."""
+    override = os.environ.get("LLM_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    if device.type == "cpu":
+        return measured_cpu_peak_flops(dtype)
+    return None
+
+
+def active_parameters(model: nn.Module) -> float:
+    """Parameters a token is multiplied by: lookup-only embeddings excluded, routed experts times top_k / E."""
+    from llm.models.moe import MoELayer
+
+    lookup_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    lookup_only -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # tied output layer
+    scale: dict[int, float] = {}
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            for p in (m.w_gate_up, m.w_down):
+                scale[id(p)] = m.top_k / m.num_experts
+    # parameters() yields a shared (tied) tensor once.
+    return sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if id(p) not in lookup_only)
+
+
+def attention_width(model: nn.Module) -> int:
+    """Sum over attention layers of query heads x head dim (the `n_layers * d_attn` of the attention term)."""
+    from llm.models.decoder import Attention
+
+    return sum(m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention))
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len."""
+    return 6 * active_parameters(model) + 12 * attention_width(model) * seq_len
+
+
+class ThroughputMonitor(Callback):
+    """Logs tokens/s per device, achieved TFLOP/s per device and MFU (%) at every log step.
+
+    ``peak_tflops`` overrides the device's peak (e.g. for a GPU missing from `GPU_PEAK_TFLOPS`).
+    """
+
+    def __init__(self, peak_tflops: float | None = None) -> None:
+        self.peak_tflops = peak_tflops
+        self.peak_flops: float | None = None
+        self._n_active = 0.0
+        self._attn_width = 0
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
+        engine = self.engine
+        model = engine.unwrapped_model
+        self._n_active, self._attn_width = active_parameters(model), attention_width(model)
+        precision = getattr(engine.config.training, "precision", "fp32")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        if self.peak_tflops:
+            self.peak_flops = self.peak_tflops * 1e12
+        else:
+            self.peak_flops = device_peak_flops(engine.device, dtype)
+        if self.peak_flops is None and engine.is_global_zero:
+            engine.logger.warning("ThroughputMonitor: unknown peak FLOP/s for %s; set LLM_PEAK_TFLOPS to get MFU",
+                                  engine.device)
+
+    def compute(self, logs: dict[str, Any]) -> dict[str, float]:
+        """The perf/* values for one log step's `logs` (empty if the step has no token throughput)."""
+        tokens_per_s = logs.get("train/tokens_per_s")
+        if not tokens_per_s:
+            return {}
+        world = max(1, self.engine.world_size)
+        per_device = float(tokens_per_s) / world
+        # Tokens per sample is the sequence length of the window's batches.
+        seq_len = float(tokens_per_s) / max(float(logs.get("train/samples_per_s") or tokens_per_s), 1e-9)
+        flops = 6 * self._n_active + 12 * self._attn_width * seq_len
+        perf = {"perf/tokens_per_s_per_device": per_device, "perf/tflops_per_device": per_device * flops / 1e12}
+        if self.peak_flops:
+            perf["perf/mfu"] = 100.0 * per_device * flops / self.peak_flops
+        return perf
+
+    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
+        if not logs:
+            return
+        perf = self.compute(logs)
+        if not perf:
+            return
+        self.last = perf
+        logs.update(perf)
+        self._hand_to_earlier_loggers(int(logs.get("step", self.engine.state.step)), perf)
+
+    def _hand_to_earlier_loggers(self, step: int, perf: dict[str, float]) -> None:
+        for cb in self.engine.callbacks.callbacks:
+            if cb is self:
+                return  # the ones after this callback read `logs`
+            if isinstance(cb, MetricsLogger):
+                cb.write({"step": step, **perf})
+            elif isinstance(cb, TensorBoardLogger) and cb.writer is not None:
+                for key, value in perf.items():
+                    cb.writer.add_scalar(key, value, step)
+
+
+register_callback("ThroughputMonitor", ThroughputMonitor)
