@@ -9,7 +9,7 @@ sides alike, reporting medians:
 - loader: the training `DataLoader` as the engine iterates it (main process, `num_workers=0`);
 - training: one optimizer step (forward, cross-entropy, backward, clip, AdamW) on those batches;
 - cold start: building the token cache from scratch (byte and BPE) into a temporary cache directory.
-The target is loader >= 10x training. This is a benchmark, not a test: numbers go to RESULTS_data.md.
+The target is loader >= 10x training. This is a benchmark, not a test: numbers go to RESULTS.md.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def resolve_model_vocab(requested: int, tokenizer_vocab: int) -> int:
 class LMTask(TrainingTask):
     """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
 
-    # Chosen by measurement on the 2-core CPU `make train` runs on (benchmarks/RESULTS_data.md): lr 1e-3 beat
+    # Chosen by measurement on the 2-core CPU `make train` runs on (benchmarks/RESULTS.md): lr 1e-3 beat
     # 6e-4 and 3e-3; the unrounded SwiGLU width 344 (8/3 x 128, not the default 512) makes a step ~12% faster;
     # 1500 steps of 16 x 256 tokens take 5-6 minutes (~200-260 ms a step), leaving room for the two full
     # validations (half-way and final), sampling and start-up within the 8-minute budget.

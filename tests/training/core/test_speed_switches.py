@@ -193,8 +193,10 @@ def first_losses(tmp_path, *args: str) -> tuple[TrainingEngine, list[float]]:
 
 
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
-# torch's meta kernel of _grouped_mm accepts bf16 only, while its CPU kernel (and MoELayer's dispatch choice)
-# also takes fp32: compiling an fp32 MoE on a CPU fails until MoELayer picks the loop path when compiling.
+
+
+# moe-fp32 guards MoELayer's dispatch under compile: torch's meta kernel of _grouped_mm accepts bf16 only, while
+# its CPU kernel also takes fp32, so a compiled fp32 MoE must take the loop path.
 @pytest.mark.parametrize(
     ("model_args", "precision", "rel"),
     [([], "fp32", 1e-4), (MOE, "bf16", 2e-2), (MOE, "fp32", 1e-4)],
