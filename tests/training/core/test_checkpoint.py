@@ -22,15 +22,6 @@ from llm.training.train import prepare_run_dir
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~20x faster than two fighting over a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(tmp_path: Path, *args: str, extra: tuple[Callback, ...] = (), run: bool = True) -> TrainingEngine:
     config, task_class = make_config(tmp_path, *CKPT, *args)
     prepare_run_dir(config)

@@ -30,15 +30,6 @@ from llm.training.train import prepare_run_dir
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~20x faster than two fighting over a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class NaNTask(RegressionTask):
     """Regression whose loss is NaN at the optimizer steps in `nan_steps` (1-based; no accumulation)."""
 

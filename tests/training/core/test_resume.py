@@ -21,16 +21,6 @@ from llm.training.core.checkpoint import MANIFEST, CheckpointError, list_checkpo
 from llm.training.core.engine import TrainingEngine
 from llm.training.train import prepare_run_dir
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is ~20x faster than two fighting over a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
