@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,15 +136,8 @@ def stream_text(
         torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_tokens=stops, seed=seed,
     )
-    for token in tokens:
-        if stops and token == stops[0]:
-            break
-        piece = decoder.feed(token)
-        if piece:
-            yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail
+    # The stop token is yielded by the model but is not text: decode up to it.
+    yield from decoder.stream(itertools.takewhile(lambda token: not stops or token != stops[0], tokens))
 
 
 def _check_args(args: argparse.Namespace) -> None:
