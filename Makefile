@@ -6,8 +6,9 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 TRAIN_ARGS ?=
-# The default model is small (hidden 128): one intra-op thread per process trains it in ~6.5 min on a
-# 2-core machine and, unlike more threads, does not slow down 10x when anything else runs beside it.
+# The default model is small (hidden 128): one intra-op thread per process trains it as fast as more threads
+# on a 2-core machine and, unlike them, does not slow down when anything else runs beside it (measurements:
+# benchmarks/RESULTS.md).
 # Raise it on a quiet machine with more cores: `make train OMP_NUM_THREADS=4`.
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS

@@ -4,16 +4,17 @@
 
 Both sides train the default `lm` config (`LMTask.config_defaults`, resolved as the CLI resolves it) on the CPU:
 the same model and seed, the same data windows and batch, bf16 autocast, gradient clipping, fused AdamW with
-the same parameter groups, warmup + cosine. The engine runs with the default callbacks (MetricsLogger,
-TensorBoardLogger, LRSchedulerCallback, ProgressBar, ModelCheckpoint), the CLI's logging (to `train.log`), metric
-logging every `log_interval` steps and the default checkpoint interval; the hand loop reads its loss at the same
-log steps.
+the same parameter groups, warmup + cosine. The engine runs as `make train` does: the task's default callbacks,
+its services (schedule, checkpointing at the default interval, the metrics channel to the console, JSONL and
+TensorBoard sinks), the CLI's logging (to `train.log`) and metric logging every `log_interval` steps; the hand
+loop reads its loss at the same log steps.
 
 Alternation is per step: a callback at the end of the engine's callback list runs one hand-loop step after each
 engine step, so load on a shared machine hits both sides alike. An engine step is the wall time from the end
-of the previous hand step to the engine's `on_batch_end`: data loading, the step, the metric sync at log steps
-and every other callback. Reported: tokens/s of each side over the timed steps (warm-up excluded) per round,
-medians over rounds, and the ratio engine / hand loop (target >= 0.98). A benchmark, not a test.
+of the previous hand step to the engine's next `on_batch_end`: the previous step's log record and checkpoint
+work, data loading, the step, the metric sync at log steps and every other callback. Reported: tokens/s of each
+side over the timed steps (warm-up excluded) per round, medians over rounds, and the ratio engine / hand loop
+(target >= 0.98). A benchmark, not a test.
 
     python -m benchmarks.bench_overhead throughput --device cuda --preset 125m --precision bf16 --compile
 
@@ -43,14 +44,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import TrainingEngine
+from llm.training.core.loggers import MetricSink
 from llm.training.train import parse_config, prepare_run_dir, setup_logging
-
-DEFAULT_CALLBACKS = ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar", "ModelCheckpoint"]
 
 
 def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any, type]:
     """The default `lm` run, `steps` optimizer steps long, writing into `run_dir`."""
-    argv = ["--task", "lm", "--training-callbacks", *DEFAULT_CALLBACKS, "--training-max-steps", str(steps),
+    argv = ["--task", "lm", "--training-max-steps", str(steps),
             "--logging-log-dir", str(run_dir), *extra]
     config, task_class, _ = parse_config(argv)
     return config, task_class
@@ -187,15 +187,15 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
-class _PerfLog(Callback):
-    """Keeps the perf/* values of every log step (ThroughputMonitor runs before it)."""
+class _PerfLog(MetricSink):
+    """A logger sink that keeps the perf/* values of every log step (what ThroughputMonitor publishes)."""
 
     def __init__(self) -> None:
         self.windows: list[dict[str, float]] = []
 
-    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        if logs and "perf/tokens_per_s_per_device" in logs:
-            self.windows.append({k: v for k, v in logs.items() if k.startswith("perf/")})
+    def write(self, record: dict[str, Any]) -> None:
+        if "perf/tokens_per_s_per_device" in record:
+            self.windows.append({k: v for k, v in record.items() if k.startswith("perf/")})
 
 
 def engine_throughput(preset: str = "default", device: str = "cpu", precision: str = "bf16", compile: bool = False,

@@ -1,29 +1,27 @@
 """Sampling CLI: `python -m llm.generate --checkpoint RUN_OR_CHECKPOINT --prompt "def "`.
 
-`--checkpoint` is a run directory (its final `model.safetensors`, or else its newest checkpoint), a
-checkpoint directory (`RUN/checkpoints/step-XXXXXXXX/`) or a `model.safetensors` file. The model is rebuilt
-from the `config.yaml` next to the weights (or the run's), with the vocabulary read from the weights
-themselves; the tokenizer is the run's `tokenizer.json` (or bytes). Text streams to stdout as tokens arrive:
-the incremental decoder holds back the bytes of a character until it is complete, so partial UTF-8 never
-shows. A user mistake (missing checkpoint, bad flag) is one line on stderr and exit status 2.
+`--checkpoint` is a run directory (its final `model.safetensors`, or else its newest complete checkpoint), a
+checkpoint directory (`RUN/checkpoints/step-XXXXXXXX/`, verified against its manifest) or a `model.safetensors`
+file; `llm.training.core.runs.load_run` reads it, as it does for every tool (see `resolve_run` there for
+the rule). The model is rebuilt from the `config.yaml` next to the weights (or the run's), with the vocabulary
+read from the weights themselves; the tokenizer is the run's `tokenizer.json` (or bytes). Text streams to
+stdout as tokens arrive: the incremental decoder holds back the bytes of a character until it is complete, so
+partial UTF-8 never shows. A user mistake (missing checkpoint, bad flag) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import torch
 
-from llm.training.core.errors import UserError
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
+from llm.errors import UserError
+from llm.training.core.distributed import resolve_device
+from llm.training.core.runs import load_run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,78 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
     return p
-
-
-# ------------------------------------------------------------------------------------------------------- loading
-def find_weights(path: str | Path) -> Path:
-    """The weights file a `--checkpoint` argument names (see the module docstring for what is accepted)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if not p.exists():
-        raise UserError(f"checkpoint: no such file or directory: {str(path)!r}")
-    if (p / WEIGHTS).is_file():
-        return p / WEIGHTS
-    # A run stopped before its end has no final weights; its newest complete checkpoint (one whose manifest was
-    # written, the last act of a save) is the next best thing.
-    from llm.training.core.checkpoint import MANIFEST, list_checkpoints
-
-    for _, ckpt in reversed(list_checkpoints(p / "checkpoints")):
-        if (ckpt / MANIFEST).is_file() and (ckpt / WEIGHTS).is_file():
-            return ckpt / WEIGHTS
-    raise UserError(
-        f"checkpoint: {str(path)!r} holds no {WEIGHTS} (and no complete checkpoints/step-*/ with one; "
-        "an FSDP run's sharded checkpoints load only through training)"
-    )
-
-
-def _search_dirs(weights: Path) -> list[Path]:
-    # A checkpoint sits at RUN/checkpoints/step-X/, so the run directory is two levels up.
-    here = weights.parent
-    return [here, here.parent.parent] if here.parent.name == "checkpoints" else [here]
-
-
-def load_config(weights: Path) -> Any:
-    from llm.training.core.config import config_from_dict, load_yaml
-
-    for directory in _search_dirs(weights):
-        if (directory / CONFIG).is_file():
-            return config_from_dict(load_yaml(str(directory / CONFIG)))
-    raise UserError(f"checkpoint: no {CONFIG} next to {str(weights)!r} or in its run directory")
-
-
-def load_model(weights: Path, config: Any, device: torch.device) -> torch.nn.Module:
-    """Rebuild `DecoderModel` from the config and load the weights (vocabulary size taken from them)."""
-    from safetensors import safe_open
-
-    from llm.models.decoder import DecoderModel
-    from llm.training.core.checkpoint import load_weights
-
-    kwargs = dataclasses.asdict(config.model)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            if "embed_tokens.weight" in f.keys():
-                kwargs["vocab_size"] = f.get_slice("embed_tokens.weight").get_shape()[0]
-        model = DecoderModel(**kwargs)
-        load_weights(model, weights)
-    except UserError:
-        raise
-    except Exception as exc:  # a corrupt or foreign file: the user's input, not a bug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint: cannot load {str(weights)!r} as this run's model: {first}") from None
-    return model.to(device).eval()
-
-
-def load_run(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, Any]:
-    """(model, tokenizer, config) of a run or checkpoint, ready for `generate`."""
-    from llm.data.tokenizers import load_tokenizer
-    from llm.training.core.distributed import resolve_device
-
-    weights = find_weights(checkpoint)
-    config = load_config(weights)
-    tokenizer = load_tokenizer(config.data.tokenizer, _search_dirs(weights))
-    model = load_model(weights, config, resolve_device(device, 0))
-    return model, tokenizer, config
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -151,12 +77,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p: invalid value {args.top_p}; must be in (0, 1]")
 
 
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name, 0)
+    except RuntimeError as exc:  # torch's own message lists the valid device types
+        raise UserError(f"--device: invalid value {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         args = build_parser().parse_args(argv)
         _check_args(args)
-        model, tokenizer, _ = load_run(args.checkpoint, args.device)
+        run = load_run(args.checkpoint, device=_device(args.device), warn=_warn)
+        model, tokenizer = run.model, run.tokenizer
         out.write(args.prompt)
         out.flush()
         for piece in stream_text(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from llm.training.core.errors import UserError
+from llm.errors import UserError
 
 SERIES = {"train/loss": "train loss", "val/loss": "val loss", "lr": "learning rate"}
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 
 import pytest
 import torch
 from helpers import run_cli
 
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer
-from llm.generate import find_weights, load_run, main, stream_text
+from llm.generate import main, stream_text
 from llm.models.decoder import DecoderModel
-from llm.training.core.checkpoint import save_weights
+from llm.training.core import checkpoint as ckpt
 from llm.training.core.config import Config
+from llm.training.core.runs import load_run, resolve_run
 from llm.training.train import main as train_main
 
 TEXT = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x * x * x\n\n" * 8
@@ -38,7 +40,8 @@ def run_dir(tmp_path_factory, _one_thread):
         "--data-val-fraction", "0.2", "--data-cache-dir", str(root / "cache"),
         "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "2", "--model-max-seq-len", "64",
         "--training-batch-size", "4", "--training-max-steps", "12", "--training-precision", "fp32",
-        "--training-callbacks", "MetricsLogger", "--logging-log-dir", str(root / "run"),
+        "--training-callbacks", "MetricsLogger", "ModelCheckpoint", "--checkpoint-interval", "6",
+        "--logging-log-dir", str(root / "run"),
     ]
     assert train_main(args) == 0
     return root / "run"
@@ -75,10 +78,34 @@ def test_user_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
     assert "holds no model.safetensors" in capsys.readouterr().err
     assert generate("--checkpoint", str(run_dir), "--top-p", "1.5")[0] == 2
     assert "--top-p" in capsys.readouterr().err
+    assert generate("--checkpoint", str(run_dir), "--device", "gpu7")[0] == 2
+    assert capsys.readouterr().err.startswith("error: --device: invalid value 'gpu7'")
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     assert generate("--checkpoint", str(tmp_path), "--prompt", "x")[0] == 2
-    assert "cannot load" in capsys.readouterr().err
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_trained_run_falls_back_past_partial_and_corrupt_checkpoints(run_dir, tmp_path, capsys):
+    """A trained run cut short (no final weights) with a newer half-written save and a corrupt newest checkpoint:
+    generate samples from the newest checkpoint that verifies, exactly as when that checkpoint is named."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "model.safetensors").unlink()
+    checkpoints = run / "checkpoints"
+    assert [p.name for p in sorted(checkpoints.iterdir())] == ["step-00000006", "step-00000012"]
+    partial = checkpoints / ".tmp-step-00000018"
+    shutil.copytree(checkpoints / "step-00000012", partial)
+    (partial / "manifest.json").unlink()
+    weights = checkpoints / "step-00000012" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    args = ["--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]
+    code, text = generate("--checkpoint", str(run), *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1 and err[0].startswith("warning: skipping checkpoint") and "00000012" in err[0]
+    assert generate("--checkpoint", str(checkpoints / "step-00000006"), *args) == (0, text)
+    assert generate("--checkpoint", str(checkpoints / "step-00000012"), *args)[0] == 2
+    assert "fails its checksum" in capsys.readouterr().err
 
 
 def test_checkpoint_directories_and_bpe_tokenizers_load(tmp_path):
@@ -90,19 +117,25 @@ def test_checkpoint_directories_and_bpe_tokenizers_load(tmp_path):
     config.model.hidden_size, config.model.num_layers, config.model.num_heads = 32, 1, 2
     config.model.vocab_size = tok.vocab_size
     for step in (5, 10, 15):
-        ckpt = run / "checkpoints" / f"step-{step:08d}"
-        os.makedirs(ckpt)
+        tmp = run / "checkpoints" / f".tmp-step-{step:08d}"
+        os.makedirs(tmp)
         torch.manual_seed(step)
-        save_weights(DecoderModel(**{**config.to_dict()["model"]}), ckpt / "model.safetensors")
-        if step != 15:  # step 15 was cut short: no manifest, so it is not complete
-            (ckpt / "manifest.json").write_text("{}")
+        ckpt.save_checkpoint_weights(DecoderModel(**config.to_dict()["model"]), tmp / "model.safetensors")
+        ckpt.save_trainer_state({"state": {"step": step}}, tmp / ckpt.trainer_state_name(0))
+        if step != 15:  # step 15 was cut short: no manifest, never renamed into place
+            ckpt.write_manifest(tmp, step, 1)
+            ckpt.commit_checkpoint(tmp, run / "checkpoints" / f"step-{step:08d}")
     config.save(run / "config.yaml")  # only the run holds config and tokenizer: found two levels up
-    assert find_weights(run) == run / "checkpoints" / "step-00000010" / "model.safetensors"
-    model, tokenizer, _ = load_run(run / "checkpoints" / "step-00000005")
+    assert resolve_run(run).weights == run / "checkpoints" / "step-00000010" / "model.safetensors"
+    loaded = load_run(run / "checkpoints" / "step-00000005")
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert tokenizer.fingerprint == tok.fingerprint
     assert model.embed_tokens.num_embeddings == tok.vocab_size
     text = "".join(stream_text(model, tokenizer, "def ", max_new_tokens=10, seed=0))
     assert isinstance(text, str)
+    # The run's newest complete checkpoint, through the CLI: the half-written step 15 is skipped silently.
+    code, out = generate("--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "0")
+    assert code == 0 and out.startswith("def ")
 
 
 class _FakeModel:

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from llm.training.core.registry import register_data_module  # noqa: F401  (re-exported for plugins)
+from llm.registry import register_data_module  # noqa: F401  (re-exported for plugins)
 
 
 @dataclass
@@ -92,9 +92,6 @@ class DataModule:
     loaders with `make_loader` get sharding and exact resume for free.
     """
 
-    #: True when `train_dataloader()` honours `self.position` (no replay needed on resume).
-    resumable: bool = True
-
     def __init__(self, config: Any) -> None:
         self.config = config
         self.rank = 0
@@ -161,3 +158,20 @@ class DataModule:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
+
+
+class TensorDataModule(DataModule):
+    """A data module over in-memory tensors: `split(x, y)` in `setup` makes a seeded train/validation split
+    (`data.val_fraction`, at least one validation sample); the loaders are the standard sharded ones."""
+
+    def split(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        num_val = max(1, int(len(x) * self.config.data.val_fraction))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
+        val, train = order[:num_val], order[num_val:]
+        self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_loader(self.train_set, self.config.training.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_loader(self.val_set, self.config.training.batch_size, train=False)

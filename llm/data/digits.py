@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from .datamodule import DataModule
+from .datamodule import TensorDataModule
 
 NUM_CLASSES = 10
 PATCH = 2
@@ -25,7 +25,7 @@ def to_patches(images: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4).reshape(-1, NUM_PATCHES, PATCH_FEATURES)
 
 
-class DigitsDataModule(DataModule):
+class DigitsDataModule(TensorDataModule):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.train_set: TensorDataset | None = None
@@ -37,13 +37,4 @@ class DigitsDataModule(DataModule):
         digits = load_digits()
         x = to_patches(torch.as_tensor(digits.data))  # (N, 16, 4)
         y = torch.as_tensor(digits.target, dtype=torch.long)  # (N,)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
-        num_val = max(1, int(len(x) * self.config.data.val_fraction))
-        val, train = order[:num_val], order[num_val:]
-        self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
-
-    def train_dataloader(self):
-        return self.make_loader(self.train_set, self.config.training.batch_size, train=True)
-
-    def val_dataloader(self):
-        return self.make_loader(self.val_set, self.config.training.batch_size, train=False)
+        self.split(x, y)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from llm.training.core.errors import ConfigError
+from llm.errors import ConfigError
 
-from .datamodule import DataModule
+from .datamodule import TensorDataModule
 
 NUM_FEATURES = 8
 
@@ -55,7 +55,7 @@ def read_csv(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x.unsqueeze(-1), table[:, -1]
 
 
-class RegressionDataModule(DataModule):
+class RegressionDataModule(TensorDataModule):
     """Train/validation split of the synthetic problem or a CSV; batches are (x, y)."""
 
     def __init__(self, config: Any) -> None:
@@ -73,13 +73,4 @@ class RegressionDataModule(DataModule):
             x, y = read_csv(data.path)
         else:
             x, y = synthetic_regression(data.num_samples, data.seq_len, self.config.seed)
-        num_val = max(1, int(len(x) * data.val_fraction))
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
-        val, train = order[:num_val], order[num_val:]
-        self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
-
-    def train_dataloader(self):
-        return self.make_loader(self.train_set, self.config.training.batch_size, train=True)
-
-    def val_dataloader(self):
-        return self.make_loader(self.val_set, self.config.training.batch_size, train=False)
+        self.split(x, y)

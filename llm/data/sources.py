@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm.training.core.errors import ConfigError
+from llm.errors import ConfigError
 
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 _STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}

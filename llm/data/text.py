@@ -50,8 +50,8 @@ from llm.data.tokenizers import (
     copy_tokenizer,
     vocab_dtype,
 )
-from llm.training.core.errors import ConfigError
-from llm.training.core.registry import register_data_module
+from llm.errors import ConfigError
+from llm.registry import register_data_module
 
 log = logging.getLogger("llm")
 
@@ -394,5 +394,10 @@ class TextDataModule(DataModule):
 
 
 def bits_per_byte(loss: torch.Tensor | float, tokens_per_byte: float) -> torch.Tensor | float:
-    """Bits per UTF-8 byte from a mean per-token cross-entropy in nats."""
+    """Bits per UTF-8 byte from a mean per-token cross-entropy ``loss`` in nats: ``loss / ln 2 * tokens_per_byte``.
+
+    Per-token loss depends on the tokenizer (a BPE token carries several bytes), per-byte loss does not, so this
+    is the number that compares runs with different tokenizers. ``tokens_per_byte`` is the split's token count over
+    its UTF-8 byte count. Works on tensors (no host sync) and floats alike.
+    """
     return loss / math.log(2) * tokens_per_byte

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.training.core.errors import ConfigError
+from llm.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"

@@ -1,6 +1,11 @@
-"""Model zoo: the decoder-only transformer, its MoE layer, generation, fused LM loss, Hugging Face interchange."""
+"""Model zoo: the decoder-only transformer, its MoE layer, generation, fused LM loss, Hugging Face interchange.
 
+Layering inside: config -> layers -> moe -> flops -> generation -> decoder -> hf; none imports `llm.training`.
+"""
+
+from llm.models.config import ModelConfig
 from llm.models.decoder import MLP, DecoderModel, RMSNorm, RotaryEmbedding, TransformerBlock
+from llm.models.flops import active_parameters, flops_per_token, num_parameters
 from llm.models.generation import KVCache
 from llm.models.hf import load_hf, save_hf
 from llm.models.loss import linear_cross_entropy
@@ -10,12 +15,16 @@ __all__ = [
     "MLP",
     "DecoderModel",
     "KVCache",
+    "ModelConfig",
     "MoELayer",
     "RMSNorm",
     "RotaryEmbedding",
     "TransformerBlock",
+    "active_parameters",
     "collect_aux_loss",
+    "flops_per_token",
     "linear_cross_entropy",
     "load_hf",
+    "num_parameters",
     "save_hf",
 ]

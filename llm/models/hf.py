@@ -78,35 +78,35 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
     c = model.config
-    if not c["causal"]:
+    if not model.causal:
         raise ValueError("a bidirectional (causal=False) model has no Llama/Mixtral equivalent")
-    if c["use_moe"] and c["num_shared_experts"]:
+    if c.use_moe and c.num_shared_experts:
         raise ValueError("Mixtral has no shared experts; this model has num_shared_experts > 0")
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     hf: dict[str, Any] = dict(
-        architectures=["MixtralForCausalLM" if c["use_moe"] else "LlamaForCausalLM"],
-        model_type="mixtral" if c["use_moe"] else "llama",
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["moe_intermediate_size"] if c["use_moe"] else c["intermediate_size"],
-        num_hidden_layers=c["num_layers"],
-        num_attention_heads=c["num_heads"],
-        num_key_value_heads=c["num_kv_heads"],
-        head_dim=c["hidden_size"] // c["num_heads"],
+        architectures=["MixtralForCausalLM" if c.use_moe else "LlamaForCausalLM"],
+        model_type="mixtral" if c.use_moe else "llama",
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.moe_intermediate_size if c.use_moe else c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.hidden_size // c.num_heads,
         hidden_act="silu",
-        max_position_embeddings=c["max_seq_len"],
-        rms_norm_eps=c["norm_eps"],
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
         # v5 reads rope_parameters, v4 reads rope_theta; writing both loads in either
-        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]},
-        rope_theta=c["rope_theta"],
-        tie_word_embeddings=c["tie_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings,
         attention_dropout=0.0,
         dtype=dtype,
         torch_dtype=dtype,
         use_cache=True,
     )
-    if c["use_moe"]:
-        hf.update(num_local_experts=c["num_experts"], num_experts_per_tok=c["top_k"], sliding_window=None,
+    if c.use_moe:
+        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, sliding_window=None,
                   router_jitter_noise=0.0, output_router_logits=False)
     else:
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
@@ -163,11 +163,11 @@ def _state_dict_from_hf(hf: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str,
 def _state_dict_to_hf(model: DecoderModel) -> dict[str, Tensor]:
     """DecoderModel state_dict -> HF names/layouts (per-expert Mixtral form); tied lm_head left out."""
     out: dict[str, Tensor] = {}
-    inter = model.config["moe_intermediate_size"]
+    inter = model.config.moe_intermediate_size
     for key, t in model.state_dict().items():
         t = t.detach()
         if key == "lm_head.weight":
-            if not model.config["tie_embeddings"]:
+            if not model.config.tie_embeddings:
                 out[key] = t
         elif m := re.match(r"^layers\.(\d+)\.mlp\.gate\.weight$", key):
             out[f"model.layers.{m[1]}.block_sparse_moe.gate.weight"] = t

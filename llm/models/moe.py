@@ -10,9 +10,9 @@ Notable choices:
 - Group matmuls: ``torch._grouped_mm`` where it runs, else a loop of ``mm`` over contiguous slices with a
   hand-written backward. In torch 2.13 the CPU kernel takes fp32 and bf16 (CUDA: bf16 on sm80+), needs 16-byte
   aligned rows (hidden and intermediate sizes multiple of 4 in fp32, 8 in bf16), and its backward rejects
-  broadcast gradients (handled here). On a 2-core CPU it measured as fast as the loop (within noise, fp32 and
-  bf16, 8 and 64 experts; ``benchmarks/bench_model.py --sections dispatch``), so ``dispatch="auto"`` uses it
-  wherever it runs and falls back to the loop elsewhere (unaligned sizes, fp16, older GPUs).
+  broadcast gradients (handled here). It is no slower than the loop on a CPU (``benchmarks/bench_model.py
+  --sections dispatch``; numbers in benchmarks/RESULTS.md), so ``dispatch="auto"`` uses it wherever it runs
+  and falls back to the loop elsewhere (unaligned sizes, fp16, older GPUs).
 - Losses: the Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (f_e = share of the N*k routed
   token copies that go to expert e, P_e = mean router probability; 1.0 when perfectly balanced; Mixtral's form
   is this times top_k) and the router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE). Each layer stores
@@ -27,6 +27,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llm.models.config import ModelConfig
+from llm.models.layers import MLP
 
 Dispatch = Literal["auto", "grouped_mm", "loop"]
 
@@ -175,8 +178,6 @@ class MoELayer(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        from llm.models.decoder import MLP  # local import: decoder imports this module
-
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -195,6 +196,16 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.normal_(self.w_gate_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dispatch: Dispatch = "auto") -> MoELayer:
+        """The MoE layer of one block of a ``config`` model (expert width: ``moe_intermediate_size``, resolved)."""
+        c = config.resolved()
+        return cls(
+            c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size,  # type: ignore[arg-type]  (resolved)
+            num_shared_experts=c.num_shared_experts, aux_loss_coef=c.moe_aux_loss_coef, z_loss_coef=c.moe_z_loss_coef,
+            dispatch=dispatch,
+        )
 
     def extra_repr(self) -> str:
         return (

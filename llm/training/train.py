@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llm.errors import ConfigError, UserError
+from llm.registry import TASKS, import_plugins
 from llm.training.core import callbacks as training_callbacks
 from llm.training.core.cli import apply_flags, build_parser, parse_flags, pre_parse
-from llm.training.core.config import Config, apply_dict, load_yaml, validate_config
+from llm.training.core.config import Config, append_or_replace, apply_dict, load_yaml, validate_config
 from llm.training.core.distributed import (
     barrier,
     broadcast_object,
@@ -29,8 +31,6 @@ from llm.training.core.distributed import (
     torchrun_env,
 )
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.errors import ConfigError, UserError
-from llm.training.core.registry import TASKS, import_plugins
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -52,7 +52,7 @@ def resolve_task(name: str) -> type[TrainingTask]:
         task = TASKS.get(name)
     except ConfigError:
         known = sorted(set(AVAILABLE_TASKS) | set(TASKS.names()))
-        from llm.training.core.errors import did_you_mean
+        from llm.errors import did_you_mean
 
         raise ConfigError(
             f"task: unknown task {name!r}; valid: {', '.join(known)} or 'package.module:Class'"
@@ -64,25 +64,30 @@ def resolve_task(name: str) -> type[TrainingTask]:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTask], bool]:
-    """Resolve defaults < task defaults < YAML < flags; returns (config, task class, print_config)."""
+    """Resolve defaults < task defaults < YAML < flags; returns (config, task class, print_config).
+
+    `--help` prints the flags with the values resolved before the flags (what the run would use for
+    each unset flag), so the task and the YAML are resolved first.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = pre_parse(argv)
     yaml_data = load_yaml(pre.config) if pre.config else {}
     if not isinstance(yaml_data, dict):
         raise ConfigError(f"config: {pre.config!r} must hold a mapping of sections, got {type(yaml_data).__name__}")
-    plugins = pre.plugins if pre.plugins is not None else list(yaml_data.get("plugins") or [])
+    plugins = append_or_replace("plugins", [], list(yaml_data.get("plugins") or []))
+    if pre.plugins is not None:
+        plugins = append_or_replace("plugins", plugins, pre.plugins)
     import_plugins(plugins)
-    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())))
+    task_name = str(pre.task or yaml_data.get("task") or Config.task)
+    task_class = resolve_task(task_name)
+    config = Config()
+    apply_dict(config, {"task": task_name, **task_class.config_defaults}, f"{task_class.__name__}.config_defaults")
+    apply_dict(config, yaml_data, pre.config or "config")
+    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())), config)
     if pre.help:
         parser.print_help()
         raise SystemExit(0)
-    flags = parse_flags(parser, argv)  # parse (and reject bad flags) before any other work
-    task_name = pre.task or yaml_data.get("task") or Config.task
-    task_class = resolve_task(str(task_name))
-    config = Config()
-    apply_dict(config, {"task": str(task_name), **task_class.config_defaults}, f"{task_class.__name__}.config_defaults")
-    apply_dict(config, yaml_data, pre.config or "config")
-    apply_flags(config, flags)
+    apply_flags(config, parse_flags(parser, argv))
     config.plugins = plugins
     task_class.validate_config(config)
     # A task that builds its own scheduler may accept names the registry does not know.
@@ -101,6 +106,8 @@ def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
                             datefmt="%H:%M:%S")
     console = _TqdmHandler()
     console.setFormatter(fmt)
+    # Lines the progress bar already shows go to train.log only (loggers.FILE_ONLY).
+    console.addFilter(lambda record: getattr(record, "console", True))
     logger.addHandler(console)
     if run_dir is not None and rank == 0:
         file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")

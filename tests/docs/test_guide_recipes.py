@@ -78,6 +78,16 @@ def logged_lrs(run_dir) -> list[float]:
     return [m["lr"] for m in read_metrics(run_dir) if "lr" in m]
 
 
+def assert_learned(run_dir) -> None:
+    """The run trained (its mean train loss over the last quarter is below the first quarter's) and left a
+    complete checkpoint and final weights."""
+    losses = [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+    window = max(1, len(losses) // 4)
+    assert sum(losses[-window:]) / window < 0.9 * sum(losses[:window]) / window, losses
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    assert checkpoints and (run_dir / "model.safetensors").is_file()
+
+
 def test_recipe_1_exponential_scheduler_keeps_warmup(workspace):
     cmd = command(workspace, "--scheduler-type exponential")
     proc = run_guide_command(workspace, cmd, "r1", *FAST, "--training-max-steps", "5", "--training-warmup", "2",
@@ -86,6 +96,15 @@ def test_recipe_1_exponential_scheduler_keeps_warmup(workspace):
     base = 2e-3  # the regression task's default lr
     expected = [base * 0.5, base, base, base * 0.5, base * 0.25]  # warmup, peak, then gamma per step
     assert logged_lrs(workspace[1] / "r1") == pytest.approx(expected)
+
+
+def test_recipe_1_literal_command_learns(workspace):
+    proc = run_guide_command(workspace, command(workspace, "--scheduler-type exponential"), "r1lit", *FAST,
+                             "--training-max-steps", "120")
+    assert proc.returncode == 0, proc.stderr
+    assert_learned(workspace[1] / "r1lit")
+    lrs = logged_lrs(workspace[1] / "r1lit")
+    assert lrs[-1] == pytest.approx(2e-3 * 0.998 ** (120 - 20 - 1))  # 20 warmup steps, the peak, then gamma
 
 
 def test_recipe_1_override_is_the_scheduler_used(workspace):
@@ -105,10 +124,32 @@ def test_recipe_1_registered_scheduler_from_a_plugin(workspace):
     assert logged_lrs(workspace[1] / "r1p")[2:] == pytest.approx([base, base / math.sqrt(2)])
 
 
-def test_recipe_2_welcome_callback(workspace):
-    proc = run_guide_command(workspace, command(workspace, "WelcomeMessage"), "r2", *FAST, "--training-max-steps", "2")
+def test_recipe_2_welcome_callback_and_the_configured_schedule(workspace):
+    # The literal command lists no LRSchedulerCallback, ProgressBar or ModelCheckpoint: the engine owns those.
+    proc = run_guide_command(workspace, command(workspace, "WelcomeMessage"), "r2", *FAST, "--training-max-steps",
+                             "120")
     assert proc.returncode == 0, proc.stderr
     assert "Welcome to the training session!" in proc.stderr and "Training finished. Goodbye!" in proc.stderr
+    lrs, peak, warmup = logged_lrs(workspace[1] / "r2"), 2e-3, 20  # the regression task's defaults
+    assert lrs[:warmup] == pytest.approx([peak * (i + 1) / warmup for i in range(warmup)])  # warmup to the peak
+    # Then recipe 1's cosine (this workspace's RegressionTask builds CosineAnnealingLR(T_max=epochs)), stepped
+    # after every optimizer step from the peak on.
+    t_max = 10
+    expected = [peak * (1 + math.cos(math.pi * t / t_max)) / 2 for t in range(len(lrs) - warmup)]
+    assert lrs[warmup:] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert_learned(workspace[1] / "r2")
+
+
+def test_recipe_2_pasted_callback_default_keeps_the_services(workspace):
+    # Recipe 2 replaced TrainingConfig.callbacks' default (no ProgressBar, no ModelCheckpoint): a run with the
+    # defaults still follows its schedule, checkpoints and reports progress.
+    proc = run_guide_command(workspace, "python -m llm.training.train --task regression", "r2d", *FAST,
+                             "--training-max-steps", "120")
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((workspace[1] / "r2d" / "config.yaml").read_text())
+    assert saved["training"]["callbacks"] == ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback"]
+    assert "step 120/120 (100%" in proc.stderr
+    assert_learned(workspace[1] / "r2d")
 
 
 def test_recipe_3_new_task_trains(workspace):
@@ -117,14 +158,16 @@ def test_recipe_3_new_task_trains(workspace):
     assert proc.returncode == 0, proc.stderr
     vals = [m for m in read_metrics(workspace[1] / "r3") if "val/accuracy" in m]
     assert vals[-1]["val/accuracy"] > 0.8
+    assert_learned(workspace[1] / "r3")
 
 
 @pytest.mark.parametrize("needle", ["--config config.yaml", "--model-use-moe"])
 def test_recipe_4_moe_layers_present(workspace, needle):
     name = "r4" + str(len(needle))
-    proc = run_guide_command(workspace, command(workspace, needle), name, *FAST, "--training-max-steps", "2")
+    proc = run_guide_command(workspace, command(workspace, needle), name, *FAST, "--training-max-steps", "120")
     assert proc.returncode == 0, proc.stderr
     run = workspace[1] / name
+    assert_learned(run)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["use_moe"] is True and saved["model"]["num_experts"] == 8 and saved["model"]["top_k"] == 2
     from safetensors import safe_open

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from llm.models import DecoderModel, RMSNorm, RotaryEmbedding, TransformerBlock, collect_aux_loss
+from llm.models.config import ModelConfig
 from llm.models.decoder import causal_mask, default_intermediate_size
 
 
 def naive_forward(model: DecoderModel, ids: torch.Tensor, causal: bool = True, pad: torch.Tensor | None = None):
     """Independent reference: explicit loops over rotary pairs, repeated KV heads, softmax(QK^T) with a mask."""
     cfg = model.config
-    H, nh, nkv = cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"]
+    H, nh, nkv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
     hd = H // nh
     B, T = ids.shape
     x = model.embed_tokens.weight[ids]
@@ -25,7 +26,7 @@ def naive_forward(model: DecoderModel, ids: torch.Tensor, causal: bool = True, p
         return w * (v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps))
 
     # rotation of pair (i, i + hd/2) by angle pos * theta^(-2i/hd)
-    ang = torch.tensor([[p * cfg["rope_theta"] ** (-2 * i / hd) for i in range(hd // 2)] for p in range(T)],
+    ang = torch.tensor([[p * cfg.rope_theta ** (-2 * i / hd) for i in range(hd // 2)] for p in range(T)],
                        dtype=torch.float64).float()
 
     def rope(t):  # (B, n, T, hd)
@@ -41,7 +42,7 @@ def naive_forward(model: DecoderModel, ids: torch.Tensor, causal: bool = True, p
         allowed = allowed & pad.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool)
     for layer in model.layers:
         a = layer.self_attn
-        h = rms(x, layer.input_layernorm.weight, cfg["norm_eps"])
+        h = rms(x, layer.input_layernorm.weight, cfg.norm_eps)
         q = (h @ a.q_proj.weight.T).view(B, T, nh, hd).transpose(1, 2)
         k = (h @ a.k_proj.weight.T).view(B, T, nkv, hd).transpose(1, 2)
         v = (h @ a.v_proj.weight.T).view(B, T, nkv, hd).transpose(1, 2)
@@ -52,10 +53,10 @@ def naive_forward(model: DecoderModel, ids: torch.Tensor, causal: bool = True, p
         scores = scores.masked_fill(~allowed, float("-inf"))
         o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H)
         x = x + o @ a.o_proj.weight.T
-        h = rms(x, layer.post_attention_layernorm.weight, cfg["norm_eps"])
+        h = rms(x, layer.post_attention_layernorm.weight, cfg.norm_eps)
         m = layer.mlp
         x = x + (F.silu(h @ m.gate_proj.weight.T) * (h @ m.up_proj.weight.T)) @ m.down_proj.weight.T
-    x = rms(x, model.norm.weight, cfg["norm_eps"])
+    x = rms(x, model.norm.weight, cfg.norm_eps)
     return x @ model.lm_head.weight.T
 
 
@@ -131,38 +132,21 @@ def test_tied_embeddings_share_storage():
 
 def test_defaults_and_config_field_names():
     model = DecoderModel(vocab_size=64, hidden_size=48, num_layers=1, num_heads=4)
-    assert model.config["num_kv_heads"] == 4
-    assert model.config["intermediate_size"] == default_intermediate_size(48) == 256
+    assert model.config.num_kv_heads == 4
+    assert model.config.intermediate_size == default_intermediate_size(48) == 256
     assert default_intermediate_size(4096) == 11008  # Llama-7B
-    assert model.config["moe_intermediate_size"] == 256
+    assert model.config.moe_intermediate_size == 256
 
-    @dataclasses.dataclass
-    class ModelConfig:  # the field names the training config uses
-        vocab_size: int = 64
-        hidden_size: int = 32
-        num_layers: int = 2
-        num_heads: int = 4
-        num_kv_heads: int | None = None
-        intermediate_size: int | None = None
-        max_seq_len: int = 64
-        rope_theta: float = 10000.0
-        norm_eps: float = 1e-5
-        tie_embeddings: bool = False
-        dropout: float = 0.0
-        use_moe: bool = True
-        num_experts: int = 4
-        top_k: int = 2
-        moe_intermediate_size: int | None = None
-        num_shared_experts: int = 1
-        moe_aux_loss_coef: float = 0.01
-        moe_z_loss_coef: float = 0.001
-
-    cfg = dataclasses.asdict(ModelConfig())
+    # The training config's model section: its fields are the constructors' keywords.
+    cfg = dataclasses.asdict(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, max_seq_len=64, use_moe=True,
+                                         num_experts=4, num_shared_experts=1))
     model = DecoderModel(**cfg)
     block = TransformerBlock(**cfg)  # model-level fields are accepted and ignored
     assert block.mlp.shared_experts is not None
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="hidden_sise.*did you mean 'hidden_size'"):
         TransformerBlock(hidden_size=32, num_heads=4, hidden_sise=3)
+    with pytest.raises(TypeError, match="ModelConfig or keyword arguments"):
+        DecoderModel(cfg)  # a mapping is not a config
     out = model(torch.randint(0, 64, (2, 6)))
     assert out.shape == (2, 6, 64)
     assert model.aux_loss is not None and model.aux_loss.requires_grad
@@ -172,7 +156,9 @@ def test_block_standalone_and_aux_loss_collection():
     torch.manual_seed(0)
     blocks = torch.nn.Sequential()
     for _ in range(2):
-        blocks.append(TransformerBlock(32, 4, 2, use_moe=True, num_experts=4, top_k=2, moe_intermediate_size=16))
+        blocks.append(TransformerBlock(
+            hidden_size=32, num_heads=4, num_kv_heads=2, use_moe=True, num_experts=4, top_k=2, moe_intermediate_size=16
+        ))
     rot = RotaryEmbedding(8)
     cos, sin = rot(torch.arange(6))
     x = torch.randn(2, 6, 32)

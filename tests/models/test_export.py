@@ -1,11 +1,12 @@
-"""``python -m llm.export``: run/checkpoint resolution, HF output that loads back, one-line errors."""
+"""``python -m llm.export``: run/checkpoint resolution, HF output that loads back, one-line errors.
+
+Which weights a path names is `runs.resolve_run`'s rule, tested in depth in
+tests/training/core/test_run_loader.py; these tests drive it through the export CLI."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import save_file, save_model
 from llm.export import main
 from llm.models import DecoderModel
 from llm.models.hf import load_hf
+from llm.training.core import checkpoint as ckpt
 
 MODEL_CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                  max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, dropout=0.0, use_moe=False,
@@ -24,7 +26,8 @@ MODEL_CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_k
 
 def _write_ckpt(path, model: DecoderModel, cfg: dict, extra: dict | None = None) -> None:
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"model": cfg, "training": {"lr": 1e-3}, **(extra or {})}))
+    config = {"task": "lm", "model": cfg, "training": {"lr": 1e-3}, **(extra or {})}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     save_model(model, str(path / "model.safetensors"))  # dedups tied weights, as a trainer would
 
 
@@ -44,34 +47,49 @@ def test_checkpoint_dir_exports(tmp_path, overrides):
     _same_logits(load_hf(tmp_path / "out"), model)
 
 
-def test_run_dir_prefers_final_weights_then_newest_checkpoint(tmp_path, capsys):
+def _commit_ckpt(run, step: int, model: DecoderModel) -> None:
+    """A complete checkpoint as a training save leaves it (manifest written last, then renamed into place)."""
+    tmp = run / "checkpoints" / f".tmp-step-{step:08d}"
+    _write_ckpt(tmp, model, MODEL_CFG)
+    ckpt.save_trainer_state({"state": {"step": step}}, tmp / ckpt.trainer_state_name(0))
+    ckpt.write_manifest(tmp, step, 1)
+    ckpt.commit_checkpoint(tmp, run / "checkpoints" / ckpt.step_dir_name(step))
+
+
+def test_run_dir_prefers_final_weights_then_newest_complete_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     models = {}
-    for i, name in enumerate(["step_100", "step_200"]):
-        torch.manual_seed(i)
-        models[name] = DecoderModel(**MODEL_CFG)
-        _write_ckpt(run / "checkpoints" / name, models[name], MODEL_CFG)
-        os.utime(run / "checkpoints" / name / "model.safetensors", (time.time() + i, time.time() + i))
+    for step in (900, 1000, 1100):
+        torch.manual_seed(step)
+        models[step] = DecoderModel(**MODEL_CFG)
+    _commit_ckpt(run, 900, models[900])
+    _commit_ckpt(run, 1000, models[1000])  # the newest complete checkpoint
+    _write_ckpt(run / "checkpoints" / ".tmp-step-00001100", models[1100], MODEL_CFG)  # a save in progress
     assert main([str(run), "--to", "hf", str(tmp_path / "a")]) == 0
-    _same_logits(load_hf(tmp_path / "a"), models["step_200"])
+    _same_logits(load_hf(tmp_path / "a"), models[1000])
 
     torch.manual_seed(5)
     final = DecoderModel(**MODEL_CFG)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": MODEL_CFG}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "lm", "model": MODEL_CFG}))
     save_file({f"_orig_mod.{k}": v for k, v in final.state_dict().items()}, str(run / "model.safetensors"))
     assert main([str(run), "--to", "hf", str(tmp_path / "b"), "--dtype", "bf16"]) == 0
     out = load_hf(tmp_path / "b")
     assert out.embed_tokens.weight.dtype == torch.bfloat16
     torch.testing.assert_close(out.embed_tokens.weight, final.embed_tokens.weight.bfloat16())
 
+    assert main([str(run / "checkpoints" / "step-00000900" / "model.safetensors"), "--to", "hf",
+                 str(tmp_path / "c")]) == 0  # a weights file names exactly that file
+    _same_logits(load_hf(tmp_path / "c"), models[900])
+    assert "warning" not in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     "setup, message",
     [
-        ("missing", "not a directory"),
-        ("empty", "no model.safetensors"),
+        ("missing", "no such file or directory"),
+        ("empty", "holds no model.safetensors"),
         ("regression", "not a decoder language model"),
-        ("no_model", "no 'model:' mapping"),
+        ("no_config", "no config.yaml"),
         ("mismatch", "does not match its config"),
     ],
 )
@@ -79,15 +97,16 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys, setup, message):
     src = tmp_path / "src"
     if setup != "missing":
         src.mkdir()
-    if setup in ("regression", "no_model", "mismatch"):
+    if setup in ("regression", "no_config", "mismatch"):
         torch.manual_seed(0)
         save_model(DecoderModel(**MODEL_CFG), str(src / "model.safetensors"))
-        cfg = {"regression": {"task": "regression", "model": MODEL_CFG}, "no_model": {"training": {}},
-               "mismatch": {"model": {**MODEL_CFG, "hidden_size": 64}}}[setup]
+    if setup in ("regression", "mismatch"):
+        cfg = {"regression": {"task": "regression", "model": MODEL_CFG},
+               "mismatch": {"task": "lm", "model": {**MODEL_CFG, "hidden_size": 64}}}[setup]
         (src / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main([str(src), "--to", "hf", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and str(src) in err
 
 
 def test_cli_module_entry_point(tmp_path):

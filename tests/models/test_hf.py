@@ -51,7 +51,7 @@ def test_roundtrip_logits_match_transformers(tmp_path, build):
     expected = _hf_logits(hf, ids)
 
     ours = load_hf(tmp_path / "hf").eval()
-    assert ours.config["tie_embeddings"] == hf.config.tie_word_embeddings
+    assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == hf.config.tie_word_embeddings
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=1e-4)

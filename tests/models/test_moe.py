@@ -177,6 +177,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
             open(os.path.join(result_dir, "ok"), "w").close()
     finally:
         dist.destroy_process_group()
+    # Leave without C++ static destructors, as the framework's workers do: gloo's teardown sometimes aborts a
+    # finished process ("terminate called without an active exception"), which spawn reports as a failure.
+    os._exit(0)
 
 
 def test_ddp_step_with_starved_expert_keeps_ranks_in_sync(tmp_path):

@@ -158,7 +158,9 @@ def test_two_processes_match_one_process(workdir, reference, strategy, launcher,
     assert_same_run(run, reference[model])
     steps = [m["step"] for m in read_metrics(run) if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]  # one writer: each step logged once
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors", "train.log"]
+    written = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents"))
+    assert written == ["checkpoints", "config.yaml", "metrics.jsonl", "model.safetensors", "train.log"]
+    assert len(list(run.glob("events.out.tfevents*"))) == 1  # one writer of every record
 
 
 def test_killed_worker_restarts_from_its_sharded_fsdp_checkpoint(workdir, reference, tmp_path):
@@ -178,7 +180,7 @@ def test_killed_worker_restarts_from_its_sharded_fsdp_checkpoint(workdir, refere
     last = run / "checkpoints" / "step-00000006"
     assert (last / "sharded" / ".metadata").is_file() and not (last / "model.safetensors").exists()
     out = tmp_path / "exported.safetensors"
-    export = run_cli([str(last), str(out)], workdir, module="llm.training.core.fsdp", env=env(workdir))
+    export = run_cli([str(last), str(out)], workdir, module="llm.training.core.consolidate", env=env(workdir))
     assert export.returncode == 0, export.stderr
     exported, final = load_file(out), load_file(run / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

@@ -33,18 +33,6 @@ def test_regression_validation_loss_decreases(tmp_path):
     assert len(vals) == 3 and vals[-1] < vals[0] < 1.2
 
 
-def test_welcome_message_callback_from_the_guide(tmp_path):
-    proc = run_cli(
-        [*TINY_REGRESSION, "--training-max-steps", "2", "--logging-log-dir", "run",
-         "--training-callbacks", "MetricsLogger", "TensorBoardLogger", "WelcomeMessage"],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
-    assert "Welcome to the training session!" in log and "Training finished. Goodbye!" in log
-    assert log.index("Welcome") < log.index("Goodbye")
-
-
 def test_print_config_and_help(tmp_path):
     proc = run_cli(["--task", "classification", "--print-config", "--training-lr", "0.5"], cwd=tmp_path)
     assert proc.returncode == 0
@@ -52,7 +40,28 @@ def test_print_config_and_help(tmp_path):
     assert printed["task"] == "classification" and printed["training"]["lr"] == 0.5
     assert not (tmp_path / "runs").exists()
     proc = run_cli(["--help"], cwd=tmp_path)
-    assert proc.returncode == 0 and "--model-use-moe" in proc.stdout and "--scheduler-type" in proc.stdout
+    assert proc.returncode == 0 and "--[no-]model-use-moe" in proc.stdout and "--scheduler-type" in proc.stdout
+
+
+def test_task_help_is_short_grouped_and_shows_the_task_defaults(tmp_path):
+    proc = run_cli(["--task", "lm", "--help"], cwd=tmp_path, env={"COLUMNS": "120"})
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("usage: python -m llm.training.train --task NAME") and len(lines) < 150
+    assert "training - Optimization, schedule, precision and the callbacks of a run:" in lines
+    entries = proc.stdout.split("\n  --")  # one help entry per flag
+    assert all(entry.count("(default:") <= 1 for entry in entries)
+    [max_steps] = [e for e in entries if e.startswith("training-max-steps")]
+    [precision] = [e for e in entries if e.startswith("training-precision")]
+    assert "(default: 1500)" in max_steps and "(default: bf16)" in precision  # lm's, not the dataclass's 0/fp32
+
+
+def test_plus_appends_a_callback_to_the_task_defaults(tmp_path):
+    plain = yaml.safe_load(run_cli(["--task", "lm", "--print-config"], cwd=tmp_path).stdout)
+    proc = run_cli(["--task", "lm", "--training-callbacks", "+EarlyStopping", "--print-config"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    callbacks = yaml.safe_load(proc.stdout)["training"]["callbacks"]
+    assert callbacks == [*plain["training"]["callbacks"], "EarlyStopping"] and "TextSampler" in callbacks
 
 
 @pytest.mark.parametrize(
@@ -60,8 +69,11 @@ def test_print_config_and_help(tmp_path):
     [
         (["--training-lr", "-1"], "training.lr"),
         (["--model-top-k", "4", "--model-num-experts", "2"], "model.top_k"),
-        (["--training-callbacks", "WelcomeMesage"], "did you mean 'WelcomeMessage'"),
+        (["--training-callbacks", "MetricLogger"], "did you mean 'MetricsLogger'"),
         (["--training-epoch", "3"], "did you mean '--training-epochs'"),
+        (["--mode", "max"], "unknown flag '--mode' (did you mean '--checkpoint-mode'?)"),  # no ambiguous bare aliases
+        (["--top-k", "2"], "did you mean '--model-top-k'"),
+        (["--training-callbacks", "+EarlyStopping", "MetricsLogger"], "mixes '+NAME'"),
     ],
 )
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, args, needle):

@@ -17,6 +17,13 @@ Files are written into `checkpoints/.tmp-step-XXXXXXXX/`, fsynced, and the direc
 so a crash leaves either the previous state or a complete checkpoint, never a half-written one that looks
 complete. This module holds the file-level pieces; the `ModelCheckpoint` callback (checkpointing.py)
 decides when to save and what to resume from.
+
+Reading a run back is here too, next to the format: `load_run` (used by `llm.generate`, `llm.export` and the
+FSDP consolidation) turns a run directory, a checkpoint directory or a weights file into config, model and
+tokenizer, and only ever picks a complete checkpoint (see `resolve_run` for the rule).
+
+Files are written readable like any other file the user creates (mode 0666 minus the umask): safetensors
+creates its files 0600, which would hide a run's weights from the rest of a team sharing a machine.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .errors import UserError
+from llm.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -49,6 +56,7 @@ SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
 CONFIG = "config.yaml"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+FINAL_STEP_KEY = "step"  # safetensors metadata of a run's final weights: the step they were saved at
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -61,11 +69,16 @@ class CheckpointError(UserError):
 # ---------------------------------------------------------------------------------------------
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write `model`'s weights as safetensors, atomically (temp file, fsync, rename)."""
+def save_weights(model: nn.Module, path: str | os.PathLike, step: int | None = None) -> None:
+    """Write `model`'s weights as safetensors, atomically (temp file, fsync, rename).
+
+    `step` (a run's final weights) is recorded in the file's metadata, so that `resolve_run` can tell a final
+    file from before a resume apart from the newer checkpoints the resumed run has written since.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
+    save_model(model, str(tmp), metadata=None if step is None else {FINAL_STEP_KEY: str(step)})
+    make_readable(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -120,6 +133,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask can only read by setting, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary `open()` would (0666 minus the umask, e.g. 0644).
+
+    safetensors creates its files 0600; the rest of a run (config, metrics, trainer states) follows the umask.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
     try:
@@ -151,6 +184,7 @@ def save_trainer_state(state: dict[str, Any], path: Path) -> None:
 
 def save_checkpoint_weights(model: nn.Module, path: Path) -> None:
     save_model(model, str(path))
+    make_readable(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -247,11 +281,17 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest_checkpoint(root: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint under `root` that verifies; each one skipped is reported through `warn`."""
-    for _, path in reversed(list_checkpoints(root)):
+def find_latest_checkpoint(
+    root: Path, warn: Callable[[str], None], *, after: int = -1,
+    check: Callable[[Path], Any] = verify_checkpoint,
+) -> Path | None:
+    """The newest checkpoint under `root` (of a step > `after`) that passes `check` (by default it verifies);
+    each one skipped is reported through `warn`."""
+    for step, path in reversed(list_checkpoints(root)):
+        if step <= after:
+            break
         try:
-            verify_checkpoint(path)
+            check(path)
         except CheckpointError as exc:
             warn(f"skipping checkpoint {path}: {str(exc).removeprefix('checkpoint: ')}")
             continue
@@ -336,6 +376,10 @@ def weight_mismatches(model: nn.Module, path: Path) -> list[str]:
     """Tensors whose name or shape differ between `model` and the safetensors file (empty if compatible)."""
     with safe_open(str(path), framework="pt") as f:
         saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    return shape_mismatches(model, saved)
+
+
+def shape_mismatches(model: nn.Module, saved: dict[str, list[int]]) -> list[str]:
     params = model.state_dict(keep_vars=True)
     problems = []
     for name, tensor in params.items():
@@ -343,22 +387,25 @@ def weight_mismatches(model: nn.Module, path: Path) -> list[str]:
             if saved[name] != list(tensor.shape):
                 problems.append(f"{name} (checkpoint {saved[name]}, model {list(tensor.shape)})")
             continue
-        # Tied weights are stored once under one of their names.
-        ptr = tensor.data_ptr()
-        if not any(other in saved and t.data_ptr() == ptr for other, t in params.items() if other != name):
+        # Tied weights are stored once under one of their names. They are one Parameter object; comparing
+        # storage pointers instead would call every tensor of a meta-device model tied.
+        if not any(other in saved and t is tensor for other, t in params.items() if other != name):
             problems.append(f"{name} (not in checkpoint)")
     problems += [f"{name} (not in model)" for name in saved if name not in params]
     return problems
+
+
+def summarize_mismatches(problems: list[str]) -> str:
+    return ", ".join(problems[:6]) + (f", and {len(problems) - 6} more" if len(problems) > 6 else "")
 
 
 def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     """Load weights after checking every tensor's name and shape; a mismatch names the tensors."""
     problems = weight_mismatches(model, path)
     if problems:
-        shown = ", ".join(problems[:6]) + (f", and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(
-            f"checkpoint: the model does not match {path}: {shown}; resume with the model config the "
-            "checkpoint was written with (its config.yaml), or use --checkpoint-resume none"
+            f"checkpoint: the model does not match {path}: {summarize_mismatches(problems)}; resume with the model "
+            "config the checkpoint was written with (its config.yaml), or use --checkpoint-resume none"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     load_model(model, str(path), strict=True, device=str(device))

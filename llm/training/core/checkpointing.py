@@ -1,4 +1,7 @@
-"""`ModelCheckpoint`: periodic, final, best and on-signal checkpoints, and exact resume.
+"""The engine's checkpoint service (`Checkpointer`) and its user-facing options (`ModelCheckpoint`).
+
+Every run checkpoints and resumes, whatever its callback list: the engine builds a `Checkpointer` from
+`config.checkpoint` (or from a `ModelCheckpoint` given as a callback) and calls it at the step boundaries.
 
 When it saves:
 - every `checkpoint.interval` optimizer steps, at the boundary before the next step begins, so the
@@ -7,7 +10,7 @@ When it saves:
 - at the end of the run;
 - on SIGTERM/SIGINT, right after the step that is running (all ranks agree), after which the run stops.
 
-Resume (`checkpoint.resume`, run by the engine after set-up through `engine.checkpointer`): `auto` takes
+Resume (`checkpoint.resume`, run by the engine after set-up): `auto` takes
 the newest checkpoint of the run directory that verifies against its manifest, skipping (with a
 warning naming each) any that do not; `PATH` takes that checkpoint, or the newest in that run or
 checkpoints directory. The data module continues from its saved position, so no batch is replayed.
@@ -33,12 +36,12 @@ from typing import Any
 import torch
 import yaml
 
+from llm.errors import ConfigError
+
 from . import checkpoint as ckpt
-from .callbacks import Callback
 from .distributed import all_agree, any_rank, broadcast_object
-from .errors import ConfigError
 from .fsdp import is_fsdp, load_sharded, save_sharded
-from .registry import register_callback
+from .hooks import Callback
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Config fields whose change on resume is expected (run length, logging, checkpointing itself).
@@ -81,7 +84,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 class ModelCheckpoint(Callback):
-    """Atomic checkpoints of the whole run state; see the module docstring for when and how."""
+    """The user-facing options of the engine's checkpointer: interval, keep-last, resume, best-by-monitor.
+
+    Checkpointing is an engine service: every run has a `Checkpointer` configured from `config.checkpoint`.
+    Listing `ModelCheckpoint` in `training.callbacks`, or passing an instance to the engine, is optional and only
+    sets these options (the instance's own values win over the config section).
+    """
 
     def __init__(self, interval: int = 0, keep_last: int = 3, resume: str = "auto", monitor: str = "",
                  mode: str = "min") -> None:
@@ -89,6 +97,24 @@ class ModelCheckpoint(Callback):
             raise ConfigError(f"checkpoint.mode: invalid value {mode!r}; min or max")
         self.interval, self.keep_last, self.resume = interval, keep_last, resume
         self.monitor, self.mode = monitor, mode
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelCheckpoint:
+        c = config.checkpoint
+        return cls(c.interval, c.keep_last, c.resume, c.monitor, c.mode)
+
+
+class Checkpointer:
+    """The engine's checkpoint service: atomic saves of the whole run state, retention, best, signals, resume.
+
+    The engine calls `start` once, `before_step` / `after_step` around every optimizer step, `after_validation`
+    after each validation, `finish` at the end (the final save) and `abort` when the run fails.
+    """
+
+    def __init__(self, engine: Any, options: ModelCheckpoint) -> None:
+        self.engine, self.options = engine, options
+        self.interval, self.keep_last, self.resume = options.interval, options.keep_last, options.resume
+        self.monitor, self.mode = options.monitor, options.mode
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_save_seconds = 0.0  # wall time of the latest save (the pause it added to training)
@@ -101,47 +127,30 @@ class ModelCheckpoint(Callback):
         self._warned_monitor = False
         self._removals: list[threading.Thread] = []
 
-    @classmethod
-    def from_config(cls, config: Any) -> ModelCheckpoint:
-        c = config.checkpoint
-        return cls(c.interval, c.keep_last, c.resume, c.monitor, c.mode)
-
-    def set_engine(self, engine: Any) -> None:
-        super().set_engine(engine)
-        engine.checkpointer = self  # the engine calls `maybe_resume` after set-up
-
     @property
     def root(self) -> Path:
         return Path(self.engine.run_dir) / ckpt.CHECKPOINTS_DIR
 
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that asked the run to stop, if any."""
+        return self._signal
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"best_value": self.best_value, "best_step": self.best_step}
-        # The engine's metrics of the steps since the last log line: kept so the first log after a
-        # resume averages the same steps as an uninterrupted run would.
-        meter = getattr(getattr(self, "engine", None), "_meter", None)
-        if meter is not None:
-            state["meter"] = {"tensor_sums": dict(meter._tensor_sums), "float_sums": dict(meter._float_sums),
-                              "weight": float(meter.weight)}
-        return state
+        return {"best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_value, self.best_step = state.get("best_value"), state.get("best_step")
-        meter = getattr(self.engine, "_meter", None)
-        if meter is not None and "meter" in state:
-            device = self.engine.device
-            meter._tensor_sums = {k: v.to(device) for k, v in state["meter"]["tensor_sums"].items()}
-            meter._float_sums = dict(state["meter"]["float_sums"])
-            meter.weight = state["meter"]["weight"]
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
+    # -- the engine's calls -----------------------------------------------------------------------
+    def start(self) -> None:
         if self.engine.is_global_zero:
             for path in ckpt.remove_stale_temps(self.root):
                 self.engine.logger.warning("removed %s, left by an interrupted save", path)
         self._install_signal_handlers()
 
-    def on_batch_start(self, logs: dict[str, Any] | None = None) -> None:
+    def before_step(self) -> None:
         if self._resume_rng is not None:
             # Re-applied here because creating the data iterator after the load draws from the RNG.
             ckpt.set_rng_state(self._resume_rng)
@@ -149,20 +158,22 @@ class ModelCheckpoint(Callback):
         if self._pending is not None:
             self.save(self._pending)
 
-    def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        step = self.engine.state.step
+    def after_step(self) -> None:
+        """Save and ask the engine to stop after a signal (all ranks agree); else note an interval save as due."""
+        engine = self.engine
+        step = engine.state.step
         stop = self._signal is not None
-        if self.engine.world_size > 1:
-            stop = any_rank(stop, self.engine.device)  # every rank stops at the same step
+        if engine.world_size > 1:
+            stop = any_rank(stop, engine.device)  # every rank stops at the same step
         if stop:
             name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
-            self.engine.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
+            engine.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
             self.save("signal")
-            self.engine.should_stop = True
+            engine.should_stop = True
         elif self.interval and step % self.interval == 0:
             self._pending = self._pending or "interval"
 
-    def on_validation_end(self, logs: dict[str, Any] | None = None) -> None:
+    def after_validation(self, logs: dict[str, Any]) -> None:
         if not self.monitor or not logs:
             return
         if self.monitor not in logs:
@@ -185,7 +196,8 @@ class ModelCheckpoint(Callback):
         else:
             self._pending = "best"
 
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+    def finish(self) -> None:
+        """The final save (unless this step is saved already); then restore the signal handlers."""
         try:
             if self._last_saved_step != self.engine.state.step:
                 self.save("final")
@@ -195,10 +207,9 @@ class ModelCheckpoint(Callback):
                     signal.Signals(self._signal).name,
                 )
         finally:
-            self._restore_signal_handlers()
-            self._join_removals()
+            self.abort()
 
-    def on_exception(self, logs: dict[str, Any] | None = None) -> None:
+    def abort(self) -> None:
         self._restore_signal_handlers()
         self._join_removals()
 
@@ -329,8 +340,9 @@ class ModelCheckpoint(Callback):
         self._removals.clear()
 
     # -- resuming -------------------------------------------------------------------------------
-    def maybe_resume(self, engine: Any) -> Path | None:
+    def maybe_resume(self) -> Path | None:
         """Load the checkpoint `checkpoint.resume` selects, if any (called by the engine after set-up)."""
+        engine = self.engine
         if self.resume == "none":
             return None
         choice: Any = None
@@ -451,7 +463,4 @@ class ModelCheckpoint(Callback):
             # A second signal: the user does not want to wait for the step to end.
             self._restore_signal_handlers()
             raise KeyboardInterrupt
-        self._signal = signum  # acted on at the next step boundary (on_batch_end)
-
-
-register_callback("ModelCheckpoint", ModelCheckpoint)
+        self._signal = signum  # acted on at the next step boundary (after_step)

@@ -21,37 +21,14 @@ from typing import Any, List
 
 import yaml
 
-from .errors import ConfigError, did_you_mean, invalid
+from llm.errors import ConfigError, did_you_mean, invalid
+from llm.models.config import ModelConfig  # the model section is the model's own config
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NAN_POLICIES = ("raise", "skip")
 INTERVALS = ("step", "epoch")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
-
-
-@dataclass
-class ModelConfig:
-    """Model sizes; the field names are `DecoderModel`'s keyword arguments."""
-
-    vocab_size: int = 256  # token vocabulary (the lm task sets it from the tokenizer unless given)
-    hidden_size: int = 128  # width of the residual stream
-    num_layers: int = 4  # number of TransformerBlocks
-    num_heads: int = 4  # attention heads; must divide hidden_size
-    num_kv_heads: int | None = None  # key/value heads for grouped-query attention (default: num_heads)
-    intermediate_size: int | None = None  # MLP width (default: SwiGLU-sized from hidden_size)
-    max_seq_len: int = 2048  # longest sequence the rotary cache covers
-    rope_theta: float = 10000.0  # rotary embedding base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    tie_embeddings: bool = False  # share input embedding and output layer weights
-    dropout: float = 0.0  # dropout on attention and residual branches
-    use_moe: bool = False  # replace each block's MLP with a Mixture-of-Experts layer
-    num_experts: int = 8  # experts per MoE layer
-    top_k: int = 2  # experts activated per token
-    moe_intermediate_size: int | None = None  # width of each expert (default: intermediate_size)
-    num_shared_experts: int = 0  # always-on experts added to the routed ones
-    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing auxiliary loss
-    moe_z_loss_coef: float = 0.001  # weight of the router z-loss
 
 
 @dataclass
@@ -100,10 +77,8 @@ class TrainingConfig:
     val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
     log_interval: int = 10  # optimizer steps between metric logs
     callbacks: List[str] = field(
-        default_factory=lambda: [
-            "MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback", "ProgressBar", "ModelCheckpoint"
-        ]
-    )  # callbacks by name or package.module:Class
+        default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback"]
+    )  # extra observers by name or package.module:Class (+NAME appends); schedule, checkpoints, logging always run
     early_stopping_monitor: str = "val/loss"  # EarlyStopping: metric watched
     early_stopping_mode: str = "min"  # EarlyStopping: min | max
     early_stopping_patience: int = 3  # EarlyStopping: validations without improvement before stopping
@@ -121,6 +96,10 @@ class LoggingConfig:
 
     log_dir: str = ""  # run directory (default: runs/<task>-<timestamp>)
     level: str = "INFO"  # console log level
+    loggers: List[str] = field(
+        default_factory=lambda: ["console", "jsonl", "tensorboard"]
+    )  # metric sinks: console, jsonl, tensorboard, csv, wandb, mlflow (+NAME appends)
+    project: str = "llm"  # wandb project / mlflow experiment name
 
 
 @dataclass
@@ -255,6 +234,26 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def append_or_replace(path: str, current: Any, value: Any) -> Any:
+    """A list of names whose items all start with `+` appends to `current`; any other value replaces it.
+
+    So `--training-callbacks +EarlyStopping` (or `callbacks: [+EarlyStopping]` in YAML) keeps the
+    task's callbacks instead of making the user retype them. Only lists of strings take part: in a
+    list of numbers `+0.9` is just a positive number.
+    """
+    if not isinstance(value, list) or not any(isinstance(v, str) and v.startswith("+") for v in value):
+        return value
+    if not all(isinstance(v, str) and v.startswith("+") for v in value):
+        raise ConfigError(
+            f"{path}: {value} mixes '+NAME' (append to the defaults) with plain names (replace them); "
+            "prefix every name with + or none"
+        )
+    added = [v[1:] for v in value]
+    if not all(added):
+        raise ConfigError(f"{path}: a lone '+' names nothing; write +NAME, e.g. +EarlyStopping")
+    return [*current, *added]
+
+
 def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
     """Apply a nested mapping ({section: {field: value}} plus top-level keys) onto `config`."""
     if not isinstance(data, dict):
@@ -274,9 +273,10 @@ def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
                         f"{source}: unknown key '{key}.{name}'{did_you_mean(name, types)}; "
                         f"valid keys of '{key}': {', '.join(types)}"
                     )
-                setattr(section, name, coerce(f"{key}.{name}", item, types[name]))
+                coerced = coerce(f"{key}.{name}", item, types[name])
+                setattr(section, name, append_or_replace(f"{key}.{name}", getattr(section, name), coerced))
         elif key in TOP_LEVEL:
-            setattr(config, key, coerce(key, value, top_types[key]))
+            setattr(config, key, append_or_replace(key, getattr(config, key), coerce(key, value, top_types[key])))
         else:
             raise ConfigError(
                 f"{source}: unknown key {key!r}{did_you_mean(key, list(SECTIONS) + list(TOP_LEVEL))}; "
@@ -399,12 +399,6 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     )
     if c.resume not in ("auto", "none"):
         _check(os.path.exists(c.resume), "checkpoint.resume", c.resume, "auto, none or an existing checkpoint path")
-        if check_names:  # without the callback a resume path would be silently ignored
-            from .callbacks import resolve_callback
-            from .checkpointing import ModelCheckpoint
-
-            has_checkpointing = any(issubclass(resolve_callback(name), ModelCheckpoint) for name in t.callbacks)
-            _check(has_checkpointing, "checkpoint.resume", c.resume, "needs ModelCheckpoint in training.callbacks")
 
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
@@ -412,14 +406,20 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(dist.timeout_minutes > 0, "distributed.timeout_minutes", dist.timeout_minutes, "must be > 0")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")
 
+    repeated = sorted({name for name in t.callbacks if t.callbacks.count(name) > 1})
+    if repeated:  # e.g. `+Name` appended to defaults that already hold it; caught before the run dir is written
+        raise ConfigError(f"training.callbacks: duplicate callbacks {repeated}")
+
     if check_names:
         from . import registry
         from .callbacks import resolve_callback
+        from .loggers import check_logger_names
         from .optimizers import OPTIMIZERS  # noqa: F401  (registers the built-ins)
         from .schedulers import SCHEDULERS  # noqa: F401
 
         for name in t.callbacks:
             resolve_callback(name)
+        check_logger_names(config.logging.loggers)
         registry.OPTIMIZERS.get(t.optimizer)
         if check_scheduler and t.scheduler_type != "none":
             registry.SCHEDULERS.get(t.scheduler_type)

@@ -5,7 +5,8 @@ Launch modes: a single process; `--distributed-nproc-per-node N` spawning N loca
 Backend: NCCL when the device is CUDA, gloo otherwise. Every collective has the configured timeout,
 so a dead peer fails the job instead of hanging it.
 
-Parallelism (`parallelize`): DDP replicates the model; FSDP2 shards it (see fsdp.py).
+Wrapping a model for data parallelism (DDP or FSDP2) is `parallel.parallelize`; this module knows nothing of
+FSDP, so fsdp.py can use its collectives without an import cycle.
 
 Failures: when one rank raises, the others see their next collective fail ("connection closed by
 peer") or are terminated by the launcher (mp.spawn's join, torchrun's elastic agent). So that the job
@@ -29,9 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .errors import UserError
+from llm.errors import UserError
 
 # Store key under which the first failing rank registers itself; the suffix is a token rank 0 draws when the group
 # starts, because torchrun's store outlives a restarted attempt (its keys would answer for the failed one).
@@ -172,24 +172,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str) -> nn.Module:
-    """Wrap `model` for data parallelism: DDP (a replica per rank) or FSDP2 (sharded in place, see fsdp.py).
-
-    Returns the module the training step calls. With FSDP that is `model` itself, converted in place, so
-    `engine.unwrapped_model` and `engine.model` are the same object and hold DTensor parameters.
-    """
-    if world_size <= 1:
-        return model
-    if strategy == "fsdp":
-        from .fsdp import shard_model
-
-        return shard_model(model, device, precision)
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """`TrainingEngine`: turns a task, a data module and callbacks into a training run.
 
-The step loop (`_fit`, `_train_epoch`, `_optimizer_step`) is deliberately short; everything else
-is a helper with one job. The engine owns the model wrapping (device, DDP, compile, precision),
-the optimizer step (accumulation, clipping, non-finite policy) and metric reduction; tasks own
-what a batch means and callbacks own side effects.
+The step loop (`_fit`, `_train_epoch`, `_optimizer_step`) is deliberately short; everything else is a helper
+with one job. The engine owns what a run cannot do without: the model wrapping (device, DDP/FSDP, compile,
+precision), the optimizer step (accumulation, clipping, non-finite policy), the learning-rate schedule (stepped
+per optimizer step or per epoch, plateau after validation), checkpoints, resume and signals (`Checkpointer`),
+and the metrics channel (`log`, fanned out to the sinks of loggers.py once per step). Tasks own what a batch
+means; callbacks observe and add behaviour, and no callback list or order can remove a service.
 """
 
 from __future__ import annotations
@@ -25,18 +27,21 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .callbacks import Callback, CallbackList, build_callbacks
-from .distributed import all_agree, all_reduce_sum, barrier, is_distributed, parallelize, resolve_device
-from .errors import UserError
+from llm.errors import UserError
+from llm.models.moe import collect_aux_loss
+
+from .callbacks import build_callbacks
+from .checkpointing import Checkpointer, ModelCheckpoint
+from .distributed import barrier, resolve_device
 from .fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
+from .hooks import Callback, CallbackList
+from .loggers import MetricSink, build_sinks, close_quietly
 from .metrics import MetricAccumulator
+from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
+from .parallel import parallelize
+from .precision import autocast
+from .run_summary import announce_run
 from .schedulers import LRSchedule
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLossError(UserError):
-    """Raised by the `raise` policy when a step produces a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -88,6 +93,11 @@ def compile_backend() -> str:
     return os.environ.get("LLM_COMPILE_BACKEND", "inductor")
 
 
+def is_metric(key: str) -> bool:
+    """Keys of a step's logs that are metrics (published), as opposed to bookkeeping (step, epoch, skipped)."""
+    return "/" in key or key == "lr"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -111,7 +121,11 @@ class TrainingEngine:
         self.device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", rank)))
         self.logger = logging.getLogger("llm")
         self.data_module = data_module if data_module is not None else task.build_data_module()
-        self.callbacks = CallbackList(callbacks if callbacks is not None else build_callbacks(config))
+        callbacks = list(callbacks) if callbacks is not None else build_callbacks(config)
+        self.callbacks = CallbackList(callbacks)
+        self.sinks: list[MetricSink] = build_sinks(config, callbacks) if self.is_global_zero else []
+        options = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+        self.checkpointer = Checkpointer(self, options or ModelCheckpoint.from_config(config))
         self.run_dir = Path(config.logging.log_dir or ".")
         self.state = TrainState()
         self.should_stop = False  # the control field callbacks set to end the run
@@ -121,15 +135,15 @@ class TrainingEngine:
         self.lr_schedule: LRSchedule | None = None
         self.criterion: Any = None
         self.scaler: torch.amp.GradScaler | None = None
-        self.checkpointer: Any = None  # set by checkpointing (see checkpoint.py)
         self.total_steps = 0
         self.steps_per_epoch = 0
         self.last_val_logs: dict[str, Any] = {}
         self._meter = MetricAccumulator()
-        self._deferred_finite = False  # see _setup_finite_check
-        self._first_bad_step: torch.Tensor | None = None
+        self.finite: NonFiniteGuard | None = None  # the nan_policy, set up with the optimizer
         self._window_start = time.perf_counter()
         self._window = {"samples": 0, "tokens": 0}
+        self._record: dict[str, Any] = {}  # the metrics channel's record of the current step (rank 0)
+        self._sinks_open = False  # between the start and the end of `run`
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -176,10 +190,8 @@ class TrainingEngine:
             self.criterion = self.criterion.to(self.device)
         if cfg.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
-        from llm.models.moe import collect_aux_loss
-
-        self._collect_aux_loss = collect_aux_loss
-        self._setup_finite_check()
+        self.finite = NonFiniteGuard(self)
+        self.task.engine = self  # tasks publish through `self.log` too
         self.callbacks.set_engine(self)
 
     def _setup_data(self) -> None:
@@ -218,18 +230,27 @@ class TrainingEngine:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Set up, train, validate, save; returns the last validation logs."""
+        """Set up, resume, train, validate, save; returns the last validation logs."""
         self.setup()
         try:
-            if self.checkpointer is not None:
-                self.checkpointer.maybe_resume(self)
+            self.checkpointer.maybe_resume()
+            for sink in self.sinks:
+                sink.open(self)
+            self._sinks_open = True
+            announce_run(self)
+            self.checkpointer.start()
             self.callbacks.on_train_start({"step": self.state.step, "total_steps": self.total_steps})
             self._fit()
             self._save_final()
             self.callbacks.on_train_end({"step": self.state.step, **self.last_val_logs})
         except BaseException as exc:
             self.callbacks.on_exception({"step": self.state.step, "exception": exc})
+            self.checkpointer.abort()
             raise
+        finally:
+            self._flush()
+            close_quietly(self.sinks)
+            self._sinks_open = False
         return self.last_val_logs
 
     def _done(self) -> bool:
@@ -243,7 +264,9 @@ class TrainingEngine:
                 break  # stopped mid-epoch: no epoch-end events for a partial epoch
             if self.state.last_val_step != self.state.step:
                 self.validate()
+            self.lr_schedule.step_epoch()
             self.callbacks.on_epoch_end({"epoch": self.state.epoch, "step": self.state.step, **self.last_val_logs})
+            self._flush()
             self.state.epoch += 1
         if self.state.last_val_step != self.state.step:
             self.validate()  # the run ends with a validation of its final weights
@@ -256,28 +279,26 @@ class TrainingEngine:
             micro = list(islice(batches, accum))
             if len(micro) < accum:
                 return True
+            self.checkpointer.before_step()  # a save that fell due at the last boundary, resume's RNG
             self.callbacks.on_batch_start({"step": self.state.step, "epoch": self.state.epoch})
             logs = self._optimizer_step(micro)
+            if not logs["skipped"]:
+                self.lr_schedule.step_batch()  # the schedule holds on refused updates
             self.callbacks.on_batch_end(logs)
-            if val_every and self.state.step % val_every == 0 and not self._done():
+            self._publish(logs)
+            self.checkpointer.after_step()  # a signal saves and stops here; an interval save falls due
+            if self._done():
+                return False  # the run's final validation and end join this step's record
+            if val_every and self.state.step % val_every == 0:
                 self.validate()
+            self._flush()  # the step's one record: its train metrics, its validation, what callbacks logged
         return False
 
     def _optimizer_step(self, micro: list[Any]) -> dict[str, Any]:
         """Forward/backward over the micro-batches, then clip, check and step the optimizer."""
         loss_sum = self._forward_backward(micro)
         grad_norm = self._clip_gradients()
-        if self._deferred_finite:
-            self._step_unless_nonfinite(loss_sum, grad_norm)  # no host sync (see _setup_finite_check)
-            skipped = False
-        else:
-            skipped = not self._check_finite(loss_sum, grad_norm)
-            if not skipped:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
+        skipped = not self.finite.step(loss_sum, grad_norm)  # the optimizer step, unless nan_policy refuses it
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "skipped": skipped}
@@ -285,7 +306,7 @@ class TrainingEngine:
             self._meter.add({"grad_norm": grad_norm}, weight=1.0, count=False)
         log_now = self.state.step % self.config.training.log_interval == 0 or self._done()
         if log_now or self._checkpoint_due():
-            self._raise_deferred_nonfinite()  # no log line or checkpoint may follow a refused update unnoticed
+            self.finite.raise_pending()  # no log line or checkpoint may follow a refused update unnoticed
         if log_now:
             logs.update(self._collect_train_logs())
         return logs
@@ -304,9 +325,9 @@ class TrainingEngine:
             if isinstance(model, DistributedDataParallel) and i < accum - 1:
                 sync = model.no_sync()  # gradients all-reduce once, on the last micro-batch
             with sync:
-                with self._autocast():
+                with autocast(self.config.training.precision, self.device):
                     loss, metrics = self.task.train_step(batch, model, self.criterion)
-                    aux = self._collect_aux_loss(self.unwrapped_model)
+                    aux = collect_aux_loss(self.unwrapped_model)
                     total = loss + aux if aux is not None else loss
                 scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -329,92 +350,9 @@ class TrainingEngine:
             return None
         return clip_grad_norm(params, clip if clip > 0 else math.inf)  # FSDP's DTensor grads too
 
-    # -- non-finite losses ----------------------------------------------------------------------
-    def _setup_finite_check(self) -> None:
-        """Choose how `nan_policy` is applied.
-
-        Deferred, with no host sync per step: the `raise` policy with an optimizer that can refuse an update on
-        the device (fused Adam/AdamW/SGD/Adagrad, through the `found_inf` input GradScaler uses; the optimizer
-        registry builds fused ones where it can). Otherwise one bool per step goes to the host (`_check_finite`):
-        the `skip` policy needs the verdict on the host every step (skip counts, the lr schedule holds on skipped
-        steps, a warning per step), a non-fused optimizer cannot skip on the device, and FSDP's DTensor
-        parameters are kept on the proven path.
-        """
-        self._deferred_finite = (
-            self.scaler is None
-            and self.config.training.nan_policy == "raise"
-            and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-            and not is_fsdp(self.unwrapped_model)
-        )
-        self._first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)
-
-    def _step_unless_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        """The `raise` policy without a host sync: from the first non-finite step on, the optimizer skips every
-        update on the device; that step's number stays on the device until `_raise_deferred_nonfinite` reads it.
-
-        Trade-off: a failure is raised up to `log_interval` steps late (those steps' compute is wasted, their
-        updates refused) instead of stalling the device queue with a device-to-host copy every step. Weights and
-        optimizer state stay those from before the bad step, and every log step, checkpoint, validation and the
-        final save check first, so the outcome is the eager check's: no non-finite update applied, its step named.
-        """
-        finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if is_distributed():
-            finite = all_reduce_sum((~finite).float()) == 0  # every rank refuses alike (a collective, no sync)
-        first = self._first_bad_step
-        self._first_bad_step = torch.where(finite | (first > 0), first, self.state.step + 1)
-        self.optimizer.found_inf = (self._first_bad_step > 0).float()  # read by the fused step, as from GradScaler
-        try:
-            self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf
-
-    def _raise_deferred_nonfinite(self) -> None:
-        """The deferred check's one host sync: raise if any step since the last check was non-finite."""
-        if not self._deferred_finite or self._first_bad_step is None:
-            return
-        bad = int(self._first_bad_step)
-        if bad:
-            step = self.state.step
-            later = f" (nor those of steps {bad + 1}-{step}, run before the check)" if step > bad else ""
-            raise NonFiniteLossError(
-                f"training.nan_policy=raise: non-finite loss or gradient norm at step {bad}; the update was not "
-                f"applied{later} (use --training-nan-policy skip to drop such steps)"
-            )
-
-    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """Apply `nan_policy`; every rank reaches the same verdict. Returns False to skip the update."""
-        if self.scaler is not None:
-            return True  # fp16: the GradScaler skips non-finite steps itself
-        finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        ok = all_agree(bool(finite), self.device)
-        if ok:
-            self.state.consecutive_skips = 0
-            return True
-        step, cfg = self.state.step + 1, self.config.training
-        if cfg.nan_policy == "raise":
-            raise NonFiniteLossError(
-                f"training.nan_policy=raise: non-finite loss or gradient norm at step {step}; "
-                "the update was not applied (use --training-nan-policy skip to drop such steps)"
-            )
-        self.state.skipped_steps += 1
-        self.state.consecutive_skips += 1
-        self.logger.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-        if self.state.consecutive_skips >= cfg.max_skipped_steps:
-            raise NonFiniteLossError(
-                f"training.max_skipped_steps: {self.state.consecutive_skips} consecutive non-finite steps "
-                f"(last at step {step}); stopping"
-            )
-        return False
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        precision = self.config.training.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[precision])
-
     def _collect_train_logs(self) -> dict[str, Any]:
         """The log step: one host sync and one collective for every metric of the window."""
-        values = self._meter.compute(self.device, reduce=True)
+        values = self.task.reduce_metrics(self._meter.compute(self.device, reduce=True), "train")
         self._meter.reset()
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         logs: dict[str, Any] = {f"train/{k}": v for k, v in values.items()}
@@ -429,7 +367,7 @@ class TrainingEngine:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         """Average `validation_step` metrics over this rank's shard, weighted by batch size, across ranks."""
-        self._raise_deferred_nonfinite()
+        self.finite.raise_pending()
         loader = self.data_module.val_dataloader()
         self.state.last_val_step = self.state.step
         if loader is None:
@@ -440,29 +378,64 @@ class TrainingEngine:
         batches = islice(loader, limit or None)
         # An FSDP forward is a collective: a rank with fewer batches runs throw-away forwards (real=False).
         paired = lockstep_batches(batches, self.device) if is_fsdp(model) else ((b, True) for b in batches)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast(self.config.training.precision, self.device):
             for batch, real in paired:
                 batch = move_to_device(batch, self.device)
                 loss, metrics = self.task.validation_step(batch, model, self.criterion)
                 if real:
                     meter.add({**metrics, "loss": loss}, weight=batch_size_and_tokens(batch)[0])
         model.train()
-        values = meter.compute(self.device, reduce=True, agree_keys=True)
+        values = self.task.reduce_metrics(meter.compute(self.device, reduce=True, agree_keys=True), "val")
         logs = {"step": self.state.step, "epoch": self.state.epoch, **{f"val/{k}": v for k, v in values.items()}}
         self.last_val_logs = {k: v for k, v in logs.items() if k.startswith("val/")}
+        self.lr_schedule.step_validation(logs)  # plateau schedules
         self.callbacks.on_validation_end(logs)
+        self.checkpointer.after_validation(logs)
+        self._publish(logs)
         return logs
+
+    # -- the metrics channel --------------------------------------------------------------------
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Publish `metrics` for `step` (default: the current step) to every logger sink, once.
+
+        Everything logged for a step (the engine's own train or validation metrics, and what callbacks and the
+        task log meanwhile) becomes one record, written when the step's events are over. Values are numbers,
+        strings or lists of `{"text": ...}` (text); tensors are read to the host here. Values must already be
+        the same on every rank (reduced): any rank may call this, and rank 0 writes.
+        """
+        if not self.is_global_zero:
+            return
+        step = self.state.step if step is None else int(step)
+        if self._record and self._record["step"] != step:
+            self._flush()
+        self._record.setdefault("step", step)
+        for key, value in metrics.items():
+            self._record[key] = value.item() if isinstance(value, torch.Tensor) else value
+
+    def _publish(self, logs: dict[str, Any]) -> None:
+        """Add the engine's own metrics of a step (or a validation) to the step's record."""
+        self.log({k: v for k, v in logs.items() if is_metric(k)}, logs.get("step"))
+
+    def _flush(self) -> None:
+        """Write the step's record to every sink (called once the step's events are over)."""
+        record, self._record = self._record, {}
+        if len(record) > 1 and self._sinks_open:  # more than the step number, and a run to write it
+            for sink in self.sinks:
+                sink.write(record)
 
     # -- state ----------------------------------------------------------------------------------
     def _save_final(self) -> None:
+        """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
         from .checkpoint import save_weights
 
-        self._raise_deferred_nonfinite()
+        self.finite.raise_pending()
+        self.checkpointer.finish()
         path = self.run_dir / "model.safetensors"
-        if is_fsdp(self.unwrapped_model):
-            save_full_weights(self.unwrapped_model, path)  # a collective: every rank's shards, gathered on rank 0
+        # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
+        if is_fsdp(self.unwrapped_model):  # a collective: every rank's shards, gathered on rank 0
+            save_full_weights(self.unwrapped_model, path, self.state.step)
         elif self.is_global_zero:
-            save_weights(self.unwrapped_model, path)
+            save_weights(self.unwrapped_model, path, self.state.step)
         if self.is_global_zero:
             self.logger.info("saved final weights to %s", path)
         barrier()
@@ -471,7 +444,7 @@ class TrainingEngine:
         """Everything but the weights needed to continue exactly (per rank)."""
         from .checkpoint import rng_state
 
-        self._raise_deferred_nonfinite()  # a checkpoint must not hold a run that has refused updates
+        self.finite.raise_pending()  # a checkpoint must not hold a run that has refused updates
         return {
             "state": asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
@@ -479,6 +452,10 @@ class TrainingEngine:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.data_module.state_dict(),
             "callbacks": self.callbacks.state_dict(),
+            # The metrics of the steps since the last log line, so the first log after a resume averages the same
+            # steps as an uninterrupted run would.
+            "meter": self._meter.state_dict(),
+            "checkpointer": self.checkpointer.state_dict(),
             "rng": rng_state(),
         }
 
@@ -492,4 +469,8 @@ class TrainingEngine:
             self.scaler.load_state_dict(state["scaler"])
         self.data_module.load_state_dict(state["data"])
         self.callbacks.load_state_dict(state["callbacks"])
+        # Checkpoints written before the checkpointer was an engine service kept these in its callback state.
+        legacy = state["callbacks"].get("ModelCheckpoint", {})
+        self._meter.load_state_dict(state.get("meter", legacy.get("meter")), self.device)
+        self.checkpointer.load_state_dict(state.get("checkpointer", legacy))
         set_rng_state(state["rng"])

@@ -1,7 +1,8 @@
 """FSDP2 for models that do not fit one device: sharding, full-weight export and sharded checkpoints.
 
-`shard_model` applies `torch.distributed.fsdp.fully_shard` to every `TransformerBlock` and then to the
-root (embeddings, final norm, head). Each rank keeps 1/N of the weights, gradients and optimizer state
+`shard_model` applies `torch.distributed.fsdp.fully_shard` to each of the model's `fsdp_units()` (a
+`DecoderModel`'s or `SequenceEncoder`'s blocks; any model may define the method) and then to the root
+(embeddings, final norm, head). Each rank keeps 1/N of the weights, gradients and optimizer state
 as DTensor shards; a block's full weights exist only while it runs (all-gathered before its forward and
 backward, freed after) and gradients are reduce-scattered. `training.precision=bf16` becomes the
 mixed-precision policy: bf16 copies for compute, fp32 gradient reduction, fp32 master weights.
@@ -13,20 +14,15 @@ calls it:
 - `lockstep_batches` keeps validation in step: a rank whose shard has fewer batches runs throw-away
   forwards so that every all-gather has all its participants;
 - `save_sharded` / `load_sharded` write and read a `torch.distributed.checkpoint` directory (one file
-  per rank plus `.metadata`), which `export_sharded` turns into one safetensors file in one process:
-
-    python -m llm.training.core.fsdp RUN/checkpoints/step-00000100 model.safetensors
+  per rank plus `.metadata`), which consolidate.py turns into one safetensors file in one process.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
-import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import SHARDED_DIR  # the DCP directory inside a checkpoint directory
+from llm.errors import UserError
+
+from .checkpoint import FINAL_STEP_KEY, make_readable
 from .distributed import all_gather_object, any_rank, broadcast_object
-from .errors import UserError
 
 TIED_FILE = "tied_weights.json"  # names sharing one parameter (DCP stores each name separately)
 _END = object()
@@ -55,12 +52,26 @@ def is_fsdp(model: nn.Module | None) -> bool:
     return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules `model.fsdp_units()` names (its blocks), each sharded and gathered on its own; [] if none.
+
+    The model says what its units are, so this module never imports a concrete model class.
+    """
+    units = getattr(model, "fsdp_units", None)
+    if not callable(units):
+        return []
+    found = list(units())
+    owned = {id(m) for m in model.modules()}
+    stray = [type(m).__name__ for m in found if id(m) not in owned or m is model]
+    if stray:
+        raise ValueError(f"{type(model).__name__}.fsdp_units() must return proper submodules, got {stray}")
+    return found
+
+
 def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
     """Shard `model` in place across the default process group; returns it (now an `FSDPModule`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from llm.models.decoder import TransformerBlock
 
     if precision == "fp16":
         raise UserError(
@@ -75,14 +86,14 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
-    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
-    if not blocks:
+    units = fsdp_units(model)
+    if not units:
         logging.getLogger("llm").warning(
-            "distributed.strategy=fsdp: %s has no TransformerBlock; it is sharded as one unit, so its full "
+            "distributed.strategy=fsdp: %s names no fsdp_units(); it is sharded as one unit, so its full "
             "weights are gathered for the whole forward", type(model).__name__,
         )
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
@@ -134,27 +145,32 @@ def _drop_tied_copies(state: dict[str, torch.Tensor], groups: list[list[str]]) -
     return metadata
 
 
-def write_safetensors(state: dict[str, torch.Tensor], path: Path, groups: list[list[str]] | None = None) -> None:
-    """Write `state` as one safetensors file, atomically (temp file, fsync, rename)."""
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, groups: list[list[str]] | None = None,
+                      step: int | None = None) -> None:
+    """Write `state` as one readable safetensors file, atomically (temp file, fsync, rename); `step` is recorded
+    in its metadata as for a run's final weights (see `checkpoint.save_weights`)."""
     from safetensors.torch import save_file
 
     metadata = _drop_tied_copies(dict(state), list(groups)) if groups else {}
     state = {k: v for k, v in state.items() if k not in metadata}
+    if step is not None:
+        metadata[FINAL_STEP_KEY] = str(step)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
+    make_readable(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_full_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def save_full_weights(model: nn.Module, path: str | os.PathLike, step: int | None = None) -> None:
     """Gather the full weights to rank 0's CPU and write them there as one safetensors file (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     groups = tied_groups(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        write_safetensors(state, Path(path), groups)
+        write_safetensors(state, Path(path), groups, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,62 +249,3 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     with _plain_errors("loading the shards"):
         dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def load_sharded_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full model weights of a sharded checkpoint, read in this one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    directory = Path(directory)
-    if not (directory / ".metadata").is_file():
-        raise UserError(f"checkpoint: {directory} is not a sharded (torch.distributed.checkpoint) directory")
-    reader = FileSystemReader(str(directory))
-    prefix = "model."
-    state = {
-        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not state:
-        raise UserError(f"checkpoint: {directory} holds no model weights")
-    wrapped = {"model": state}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wrapped, storage_reader=reader, no_dist=True)
-    return wrapped["model"]
-
-
-def export_sharded(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Convert a sharded checkpoint (its directory or the `sharded/` inside) to one safetensors file."""
-    directory = Path(checkpoint)
-    if (directory / SHARDED_DIR).is_dir():
-        directory = directory / SHARDED_DIR
-    state = load_sharded_weights(directory)
-    groups = json.loads((directory / TIED_FILE).read_text()) if (directory / TIED_FILE).is_file() else []
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(state, out, groups)
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llm.training.core.fsdp",
-        description="Export a sharded (FSDP) checkpoint to one safetensors file, in one process.",
-    )
-    parser.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step-N) or its sharded/ folder")
-    parser.add_argument("out", help="the safetensors file to write")
-    args = parser.parse_args(argv)
-    try:
-        path = export_sharded(args.checkpoint, args.out)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

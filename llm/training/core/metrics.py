@@ -41,6 +41,17 @@ class MetricAccumulator:
         if count:
             self.weight += weight
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensor_sums": dict(self._tensor_sums), "float_sums": dict(self._float_sums), "weight": self.weight}
+
+    def load_state_dict(self, state: dict[str, Any] | None, device: torch.device) -> None:
+        """Restore `state_dict()` (None: empty), the tensor sums on `device`."""
+        self.reset()
+        if state:
+            self._tensor_sums = {k: v.to(device) for k, v in state["tensor_sums"].items()}
+            self._float_sums = dict(state["float_sums"])
+            self.weight = float(state["weight"])
+
     @property
     def empty(self) -> bool:
         return self.weight == 0

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import OPTIMIZERS, register_optimizer
+from llm.registry import OPTIMIZERS, register_optimizer
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "param_groups"]
 

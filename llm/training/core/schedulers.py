@@ -15,7 +15,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
 
-from .registry import SCHEDULERS, register_scheduler
+from llm.errors import ConfigError, did_you_mean
+from llm.registry import SCHEDULERS, register_scheduler
 
 __all__ = ["SCHEDULERS", "LRSchedule", "build_scheduler"]
 
@@ -149,13 +150,12 @@ class LRSchedule:
         if not (self.is_plateau and not self.in_warmup):
             return
         if self.monitor not in metrics:
-            raise KeyError(
-                f"training.plateau_monitor: metric {self.monitor!r} not in validation logs {sorted(metrics)}"
+            names = sorted(k for k in metrics if k.startswith("val/"))
+            raise ConfigError(
+                f"training.plateau_monitor: invalid value {self.monitor!r}; the validation metrics are {names}"
+                f"{did_you_mean(self.monitor, names)}"
             )
         self.scheduler.step(float(metrics[self.monitor]))
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         inner = self.scheduler.state_dict() if self.scheduler is not None else None

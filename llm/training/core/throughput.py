@@ -1,22 +1,16 @@
 """Throughput and model FLOPs utilisation (MFU): the `ThroughputMonitor` callback and what it needs.
 
-Model FLOPs per token follow PaLM (appendix B) and torchtitan, so numbers compare with theirs:
-``6 * N_active + 12 * n_layers * d_attn * seq_len``. ``N_active`` counts every weight a token is multiplied
-by (forward 2 + backward 4 FLOPs each): all parameters except pure lookup embeddings (a tied output layer
-counts once), with the routed experts of an MoE layer scaled by ``top_k / num_experts``. The attention term
-covers scores and values (``d_attn`` = query heads x head dim), forward and backward, without halving for
-the causal mask. Recomputation by activation checkpointing is not counted: this is MFU, not hardware FLOPs.
+Model FLOPs per token come from `llm.models.flops.flops_per_token` (6 * N_active + 12 * n_layers * d_attn * seq_len;
+its docstring says what each term counts), so MFU here and in the benchmarks is one formula.
 
 Peaks are per device. GPUs: the dense (no sparsity) bf16 tensor-core peak from the vendor's datasheet,
 looked up by device name; an fp32 run is measured against the same bf16 peak, as torchtitan does. CPUs have
 no useful datasheet number, so the peak is measured: the best of a few large matmuls in the run's compute
 dtype, once per process (per dtype and thread count). ``LLM_PEAK_TFLOPS`` overrides either.
 
-`ThroughputMonitor` adds, at every log step (the logs that carry ``train/tokens_per_s``):
-``perf/tokens_per_s_per_device``, ``perf/tflops_per_device`` and ``perf/mfu`` (in percent). Callbacks after it
-in the list (ProgressBar, loggers) see the values in ``logs``. Loggers listed before it have already written
-that step, so it hands them the values itself (``MetricsLogger.write``, ``TensorBoardLogger.writer``), as
-``TextSampler`` does with its samples: every logger gets the numbers once, whatever the callback order.
+`ThroughputMonitor` publishes, at every log step (the logs that carry ``train/tokens_per_s``):
+``perf/tokens_per_s_per_device``, ``perf/tflops_per_device`` and ``perf/mfu`` (in percent), through the engine's
+metrics channel (`engine.log`), so every logger records them once, whatever the callback order.
 """
 
 from __future__ import annotations
@@ -28,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .callbacks import Callback, MetricsLogger, TensorBoardLogger
-from .registry import register_callback
+from llm.models.flops import flops_per_token
+
+from .hooks import Callback
+from .precision import compute_dtype
 
 # Dense bf16 tensor-core peaks in TFLOP/s (datasheets, without 2:4 sparsity). Matched as substrings of the
 # upper-cased device name, longest key first, so "L40S" wins over "L40" and "L4", "H100 PCIE" over "H100".
@@ -98,33 +94,6 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16)
     return None
 
 
-def active_parameters(model: nn.Module) -> float:
-    """Parameters a token is multiplied by: lookup-only embeddings excluded, routed experts times top_k / E."""
-    from llm.models.moe import MoELayer
-
-    lookup_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    lookup_only -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # tied output layer
-    scale: dict[int, float] = {}
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            for p in (m.w_gate_up, m.w_down):
-                scale[id(p)] = m.top_k / m.num_experts
-    # parameters() yields a shared (tied) tensor once.
-    return sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if id(p) not in lookup_only)
-
-
-def attention_width(model: nn.Module) -> int:
-    """Sum over attention layers of query heads x head dim (the `n_layers * d_attn` of the attention term)."""
-    from llm.models.decoder import Attention
-
-    return sum(m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention))
-
-
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len."""
-    return 6 * active_parameters(model) + 12 * attention_width(model) * seq_len
-
-
 class ThroughputMonitor(Callback):
     """Logs tokens/s per device, achieved TFLOP/s per device and MFU (%) at every log step.
 
@@ -134,16 +103,14 @@ class ThroughputMonitor(Callback):
     def __init__(self, peak_tflops: float | None = None) -> None:
         self.peak_tflops = peak_tflops
         self.peak_flops: float | None = None
-        self._n_active = 0.0
-        self._attn_width = 0
+        self._model: nn.Module | None = None
         self.last: dict[str, float] = {}
 
     def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine
         model = engine.unwrapped_model
-        self._n_active, self._attn_width = active_parameters(model), attention_width(model)
-        precision = getattr(engine.config.training, "precision", "fp32")
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+        self._model = model
+        dtype = compute_dtype(getattr(engine.config.training, "precision", "fp32"))
         if self.peak_tflops:
             self.peak_flops = self.peak_tflops * 1e12
         else:
@@ -161,31 +128,14 @@ class ThroughputMonitor(Callback):
         per_device = float(tokens_per_s) / world
         # Tokens per sample is the sequence length of the window's batches.
         seq_len = float(tokens_per_s) / max(float(logs.get("train/samples_per_s") or tokens_per_s), 1e-9)
-        flops = 6 * self._n_active + 12 * self._attn_width * seq_len
+        flops = flops_per_token(self._model, seq_len)
         perf = {"perf/tokens_per_s_per_device": per_device, "perf/tflops_per_device": per_device * flops / 1e12}
         if self.peak_flops:
             perf["perf/mfu"] = 100.0 * per_device * flops / self.peak_flops
         return perf
 
     def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        if not logs:
-            return
-        perf = self.compute(logs)
-        if not perf:
-            return
-        self.last = perf
-        logs.update(perf)
-        self._hand_to_earlier_loggers(int(logs.get("step", self.engine.state.step)), perf)
-
-    def _hand_to_earlier_loggers(self, step: int, perf: dict[str, float]) -> None:
-        for cb in self.engine.callbacks.callbacks:
-            if cb is self:
-                return  # the ones after this callback read `logs`
-            if isinstance(cb, MetricsLogger):
-                cb.write({"step": step, **perf})
-            elif isinstance(cb, TensorBoardLogger) and cb.writer is not None:
-                for key, value in perf.items():
-                    cb.writer.add_scalar(key, value, step)
-
-
-register_callback("ThroughputMonitor", ThroughputMonitor)
+        perf = self.compute(logs) if logs else {}
+        if perf:
+            self.last = perf
+            self.engine.log(perf, int(logs.get("step", self.engine.state.step)))

@@ -16,8 +16,8 @@ from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
 from llm.data.datamodule import DataModule
+from llm.registry import DATA_MODULES
 from llm.training.core.optimizers import build_optimizer
-from llm.training.core.registry import DATA_MODULES
 from llm.training.core.schedulers import build_scheduler
 
 
@@ -35,6 +35,12 @@ class TrainingTask:
         # Set by the engine before `build_scheduler`, so schedules can span the whole run.
         self.total_steps = 0
         self.steps_per_epoch = 0
+        self.engine: Any = None  # the engine running this task (set in its set-up)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Publish extra values through the engine's metrics channel (see `TrainingEngine.log`)."""
+        if self.engine is not None:
+            self.engine.log(metrics, step)
 
     @classmethod
     def validate_config(cls, config: Any) -> None:
@@ -77,3 +83,8 @@ class TrainingTask:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Defaults to `train_step` (the engine runs it under `torch.no_grad()` in eval mode)."""
         return self.train_step(batch, model, criterion)
+
+    def reduce_metrics(self, metrics: dict[str, float], split: str) -> dict[str, float]:
+        """Add metrics derived from the means the engine reduced over a log window or a validation (`split` is
+        'train' or 'val'): e.g. perplexity is exp of the mean loss, not the mean of per-batch perplexities."""
+        return metrics

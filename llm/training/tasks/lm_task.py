@@ -2,16 +2,17 @@
 
 Batches are `(input_ids, targets)` from `TextDataModule`. The loss is mean cross-entropy per token; the logs
 add bits per byte (`bpb`: loss / ln 2 * tokens per byte of the split, so tokenizers compare fairly; the
-byte tokenizer's ratio is 1) and validation perplexity. The MoE auxiliary loss is added by the engine, not
-here.
+byte tokenizer's ratio is 1) and validation perplexity, both derived from the reduced mean loss
+(`reduce_metrics`): every window has `seq_len` tokens, so the engine's sample-weighted mean is the token-weighted
+mean, and perplexity is exp of it. The MoE auxiliary loss is added by the engine, not here.
 
 `model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default
 must be at least the tokenizer's vocabulary (larger pads the embedding, e.g. to a multiple of 64); smaller is
 a "tokenizer/vocab mismatch" `ConfigError`. `validate_config` writes the resolved size back into the config
 before the run directory's `config.yaml` is saved, so a run's config rebuilds its model.
 
-`TextSampler` (callback) prints a few generations at every validation on rank 0: to the console, to
-TensorBoard (text) and to `metrics.jsonl`.
+`TextSampler` (callback) generates from a few prompts at every validation on rank 0 and publishes them through the
+engine's metrics channel (console, TensorBoard text, `metrics.jsonl`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llm.data.text import SAMPLING_MODES, TextDataModule
+from llm.data.text import SAMPLING_MODES, TextDataModule, bits_per_byte
 from llm.data.tokenizers import resolve_vocab_size
+from llm.errors import ConfigError, invalid
 from llm.models.decoder import DecoderModel
+from llm.registry import register_callback, register_task
 from llm.training.core.callbacks import Callback
-from llm.training.core.config import ModelConfig, TrainingConfig
-from llm.training.core.errors import ConfigError, invalid
-from llm.training.core.registry import register_callback, register_task
+from llm.training.core.config import ModelConfig
 
 from .base_task import TrainingTask
 
 _DEFAULT_VOCAB = ModelConfig.vocab_size
-_LN2 = math.log(2)
 
 
 def resolve_model_vocab(requested: int, tokenizer_vocab: int) -> int:
@@ -53,9 +53,8 @@ def resolve_model_vocab(requested: int, tokenizer_vocab: int) -> int:
 class LMTask(TrainingTask):
     """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
 
-    # Chosen by measurement on the 2-core CPU `make train` runs on (benchmarks/RESULTS.md): lr 1e-3 beat
-    # 6e-4 and 3e-3; the unrounded SwiGLU width 344 (8/3 x 128, not the default 512) makes a step ~12% faster;
-    # 1500 steps of 16 x 256 tokens take 5-6 minutes (~200-260 ms a step), leaving room for the two full
+    # Chosen by measurement on the 2-core CPU `make train` runs on (the numbers are in benchmarks/RESULTS.md):
+    # the learning rate, the unrounded SwiGLU width 8/3 x 128 and a step count that leaves room for the two full
     # validations (half-way and final), sampling and start-up within the 8-minute budget.
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 344, "max_seq_len": 256},
@@ -63,8 +62,7 @@ class LMTask(TrainingTask):
         "training": {
             "lr": 1e-3, "batch_size": 16, "max_steps": 1500, "warmup": 100, "min_lr_ratio": 0.1,
             "weight_decay": 0.1, "precision": "bf16", "val_interval": 750, "val_max_batches": 0, "log_interval": 20,
-            # The framework's default callbacks (whatever they become) plus the sampler.
-            "callbacks": [*TrainingConfig().callbacks, "TextSampler"],
+            "callbacks": ["+TextSampler"],  # appended to the framework's default callbacks
         },
     }
     data_module_class = TextDataModule
@@ -110,16 +108,20 @@ class LMTask(TrainingTask):
         return criterion(logits.flatten(0, 1).float(), targets.flatten())
 
     def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
-        loss = self._loss(batch, model, criterion)
-        return loss, {"bpb": loss.detach() / _LN2 * self._tokens_per_byte("train")}
+        return self._loss(batch, model, criterion), {}
 
     def validation_step(
         self, batch: Any, model: nn.Module, criterion: nn.Module
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        loss = self._loss(batch, model, criterion)
-        # Per-batch perplexity (the engine averages metrics over batches; windows are equal-length, so this is
-        # exp of the mean loss up to the spread of batch losses).
-        return loss, {"bpb": loss / _LN2 * self._tokens_per_byte("val"), "ppl": loss.exp()}
+        return self._loss(batch, model, criterion), {}
+
+    def reduce_metrics(self, metrics: dict[str, float], split: str) -> dict[str, float]:
+        if "loss" not in metrics:
+            return metrics
+        derived = {"bpb": bits_per_byte(metrics["loss"], self._tokens_per_byte(split))}
+        if split == "val":
+            derived["ppl"] = math.exp(min(metrics["loss"], 700.0))  # exp of the mean loss; capped before overflow
+        return {**metrics, **derived}
 
 
 # -------------------------------------------------------------------------------------------------------- sampler
@@ -175,16 +177,7 @@ class TextSampler(Callback):
 
     def _publish(self, step: int) -> None:
         self.last = self.sample()
-        logger = self.engine.logger
-        for i, s in enumerate(self.last):
-            logger.info("sample %d at step %d:\n%s\n%s", i, step, s["text"], "-" * 40)
-        tb = self.engine.find_callback("TensorBoardLogger")
-        if tb is not None and getattr(tb, "writer", None) is not None:
-            for i, s in enumerate(self.last):
-                tb.writer.add_text(f"samples/{i}", "```\n" + s["text"] + "\n```", step)
-        metrics = self.engine.find_callback("MetricsLogger")
-        if metrics is not None:
-            metrics.write({"step": step, "samples": self.last})
+        self.engine.log({"samples": self.last}, step)
 
     def _sharded(self) -> bool:
         # An FSDP model's forward gathers weights from every rank, so every rank must generate (same seed,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llm.data.regression import NUM_FEATURES, RegressionDataModule
-from llm.training.core.errors import ConfigError
+from llm.errors import ConfigError
 
 from .base_task import TrainingTask
 from .encoders import SequenceEncoder

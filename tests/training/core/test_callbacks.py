@@ -43,7 +43,7 @@ def test_exact_hook_order_with_validation(tmp_path):
     b, v = ["on_batch_start", "on_batch_end"], ["on_validation_start", "on_validation_end"]
     expected = (
         ["on_train_start", "on_epoch_start"] + b + b + v + b + v + ["on_epoch_end"]
-        + ["on_epoch_start"] + b + v + ["on_train_end"]
+        + ["on_epoch_start"] + b + v + ["on_save_checkpoint", "on_train_end"]  # the engine's final checkpoint
     )
     assert recorder.events == expected
 

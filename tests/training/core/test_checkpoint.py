@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,7 @@ def test_keep_last_never_deletes_the_best(tmp_path):
     engine = train(tmp_path, "--training-max-steps", "10", "--checkpoint-interval", "2", "--checkpoint-keep-last", "2",
                    "--training-val-interval", "2", "--checkpoint-monitor", "val/loss", "--checkpoint-mode", "max")
     root = tmp_path / "run" / "checkpoints"
-    cb = engine.find_callback("ModelCheckpoint")
+    cb = engine.checkpointer
     assert cb.best_step == 2
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 8, 10]
     best = json.loads((root / "best.json").read_text())
@@ -102,7 +104,7 @@ def test_best_follows_improvements(tmp_path):
     engine = train(tmp_path, "--training-max-steps", "6", "--training-val-interval", "3",
                    "--checkpoint-monitor", "val/loss", "--checkpoint-keep-last", "1")
     root = tmp_path / "run" / "checkpoints"
-    cb = engine.find_callback("ModelCheckpoint")
+    cb = engine.checkpointer
     assert cb.best_step == 6  # saved for the validation at step 3, then replaced by step 6's
     assert json.loads((root / "best.json").read_text())["step"] == 6
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [6]
@@ -149,3 +151,18 @@ def test_weight_mismatch_names_tensors_and_tied_weights_load(tmp_path):
     assert problems and "[10, 4]" in problems[0] and "[10, 6]" in problems[0]
     with pytest.raises(CheckpointError, match="embed.weight"):
         ckpt.load_checkpoint_weights(Tied(6), path)
+
+
+def test_every_file_of_a_run_is_readable_like_other_files(tmp_path):
+    """safetensors creates files 0600; the framework's files follow the umask like the logs and config do."""
+    previous = os.umask(0o022)
+    try:
+        train(tmp_path, "--training-max-steps", "2", "--checkpoint-interval", "1")
+    finally:
+        os.umask(previous)
+    run = tmp_path / "run"
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "config.yaml", "manifest.json", "trainer_state_rank0.pt"}
+    assert {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in files} == {
+        str(p.relative_to(run)): 0o644 for p in files
+    }

@@ -1,12 +1,15 @@
-"""Config resolution: precedence, generated flags, YAML, validation errors."""
+"""Config resolution: precedence, generated flags, help, list appends, YAML, validation errors."""
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 import pytest
 import yaml
 
-from llm.training.core.cli import build_parser
-from llm.training.core.config import Config, TrainingConfig, field_help, validate_config
+from llm.training.core.cli import BARE_ALIASES, build_parser
+from llm.training.core.config import SECTIONS, Config, TrainingConfig, field_help, validate_config
 from llm.training.core.errors import ConfigError
 from llm.training.train import parse_config
 
@@ -25,30 +28,171 @@ def test_precedence_defaults_task_yaml_cli(tmp_path):
 def test_generated_flags_bare_aliases_booleans_lists():
     config, _, _ = parse_config([
         "--task", "regression", "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
-        "--scheduler-type", "exponential", "--training-callbacks", "MetricsLogger", "WelcomeMessage",
+        "--scheduler-type", "exponential", "--training-callbacks", "MetricsLogger", "EarlyStopping",
         "--no-model-tie-embeddings", "--model-num-kv-heads", "none",
     ])
     assert config.model.use_moe is True and config.model.num_experts == 8 and config.model.top_k == 2
     assert config.training.scheduler_type == "exponential"
-    assert config.training.callbacks == ["MetricsLogger", "WelcomeMessage"]
+    assert config.training.callbacks == ["MetricsLogger", "EarlyStopping"]  # without + a list replaces
     assert config.model.tie_embeddings is False and config.model.num_kv_heads is None
     config, _, _ = parse_config(["--task", "regression", "--model-use-moe", "--no-model-use-moe"])
     assert config.model.use_moe is False
 
 
-def test_help_lists_every_field_with_default_and_doc():
-    text = build_parser(["regression"]).format_help()
-    for section in ("model", "data", "training", "logging", "checkpoint", "distributed"):
-        for name in getattr(Config(), section).__dataclass_fields__:
-            assert f"--{section}-{name.replace('_', '-')}" in text
+def _help(capsys, monkeypatch, argv: list[str]) -> str:
+    monkeypatch.setenv("COLUMNS", "120")  # argparse wraps to the terminal; pin it for a stable layout
+    with pytest.raises(SystemExit) as info:
+        parse_config([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _default_of(text: str, flag: str) -> str:
+    """The `(default: ...)` of one flag's help entry (entries may wrap onto a second line)."""
+    match = re.search(rf"^  {re.escape(flag)}[ ,\n].*?\(default:\s+([^)]*)\)", text, flags=re.M | re.S)
+    assert match, flag
+    return " ".join(match.group(1).split())
+
+
+def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monkeypatch):
+    text = _help(capsys, monkeypatch, [])
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: python -m llm.training.train --task NAME [--config YAML]") and lines[1] == ""
+    assert len(lines) < 150  # was 315, 78 of them usage
+    fields = 0
+    for section, cls in SECTIONS.items():
+        heading = f"{section} - {cls.__doc__.strip().splitlines()[0].rstrip('.')}:"
+        assert heading in lines
+        body = text.split(heading, 1)[1].split("\n\n", 1)[0]  # the section's own entries
+        for f in dataclasses.fields(cls):
+            fields += 1
+            flag = f"--{section}-{f.name.replace('_', '-')}"
+            if f.type in ("bool", bool):
+                flag = f"--[no-]{section}-{f.name.replace('_', '-')}"
+            entry = rf"^  {re.escape(flag)}[ ,\n]"
+            assert len(re.findall(entry, text, flags=re.M)) == 1, flag  # one entry, and not in the usage line
+            assert re.search(entry, body, flags=re.M), f"{flag} not under {section}"
     assert "cosine, step, plateau, exponential" in text  # the field's comment is its help
-    assert "(default: 0.001)" in text
+    resolved, _, _ = parse_config([])  # exactly what a run without flags uses
+    for section, cls in SECTIONS.items():
+        derived = {name for name, doc in field_help(cls).items() if "(default:" in doc}  # checked below
+        for name, value in vars(getattr(resolved, section)).items():
+            shown = {True: "true", False: "false", None: None, "": "''"}.get(value, value) \
+                if isinstance(value, (bool, str, type(None))) else value
+            if name not in derived:
+                expected = " ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
+                flag = f"--{section}-{name.replace('_', '-')}"
+                assert _default_of(text, f"--[no-]{flag[2:]}" if isinstance(value, bool) else flag) == expected
+    # One default per flag: every field, plus --task, --seed and --plugins; no argparse-added duplicates.
+    assert text.count("(default:") == fields + 3
+    # A comment explaining a derived default stands in for the value (None), not beside it.
+    assert _default_of(text, "--model-num-kv-heads") == "num_heads"
+    assert _default_of(text, "--logging-log-dir") == "runs/<task>-<timestamp>"
+    assert "one of classification, lm, regression" in text
+
+
+def test_help_shows_the_selected_task_and_yaml_defaults(capsys, monkeypatch, tmp_path):
+    from llm.training.tasks.lm_task import LMTask
+
+    lm = LMTask.config_defaults["training"]
+    assert (lm["max_steps"], lm["precision"], lm["batch_size"]) != (0, "fp32", 32)  # else the test proves nothing
+    text = _help(capsys, monkeypatch, ["--task", "lm"])
+    assert _default_of(text, "--training-max-steps") == str(lm["max_steps"]) == "1500"
+    assert _default_of(text, "--training-precision") == lm["precision"] == "bf16"
+    assert _default_of(text, "--training-batch-size") == str(lm["batch_size"])
+    lm_callbacks = parse_config(["--task", "lm"])[0].training.callbacks  # config_defaults may itself use +NAME
+    assert _default_of(text, "--training-callbacks") == " ".join(lm_callbacks)
+    # A task value replaces the comment's derived default rather than adding a second one.
+    assert _default_of(text, "--model-intermediate-size") == str(LMTask.config_defaults["model"]["intermediate_size"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: lm\ntraining:\n  lr: 0.25\n  callbacks: [+EarlyStopping]\n")
+    text = _help(capsys, monkeypatch, ["--config", str(cfg)])
+    assert _default_of(text, "--training-lr") == "0.25"
+    assert _default_of(text, "--training-max-steps") == "1500"  # the YAML's task
+    assert _default_of(text, "--training-callbacks") == " ".join([*lm_callbacks, "EarlyStopping"])
+
+
+def test_bare_aliases_only_from_the_allowlist():
+    for name, section in BARE_ALIASES.items():
+        holders = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+        assert holders == [section], f"bare --{name} must name exactly one field"
+    options = {s for action in build_parser(["regression"])._actions for s in action.option_strings}
+    prefixed = tuple(f"--{no}{section}-" for section in SECTIONS for no in ("", "no-"))
+    bare = {s for s in options if not s.startswith(prefixed)}
+    run_flags = {"-h", "--help", "--config", "--print-config", "--task", "--seed", "--plugins"}
+    assert bare == run_flags | {f"--{name.replace('_', '-')}" for name in BARE_ALIASES}
+    config, _, _ = parse_config(["--task", "regression", "--lr", "0.02", "--max-steps", "7", "--log-dir", "x"])
+    assert (config.training.lr, config.training.max_steps, config.logging.log_dir) == (0.02, 7, "x")
+
+
+@pytest.mark.parametrize(
+    "flag, full",
+    [
+        ("--mode", "--checkpoint-mode"), ("--interval", "--checkpoint-interval"), ("--top-k", "--model-top-k"),
+        ("--resume", "--checkpoint-resume"), ("--monitor", "--checkpoint-monitor"), ("--path", "--data-path"),
+        ("--module", "--data-module"), ("--level", "--logging-level"), ("--backend", "--distributed-backend"),
+        ("--strategy", "--distributed-strategy"), ("--no-use-moe", "--no-model-use-moe"),
+    ],
+)
+def test_ambiguous_bare_names_are_rejected_naming_the_full_flag(flag, full):
+    with pytest.raises(ConfigError, match=f"unknown flag '{flag}' \\(did you mean '{full}'\\?\\)"):
+        parse_config(["--task", "regression", flag, "1"])
+
+
+def test_bare_name_of_two_sections_names_both():
+    with pytest.raises(ConfigError, match="did you mean '--model-vocab-size' or '--data-vocab-size'"):
+        parse_config(["--task", "regression", "--vocab-size", "512"])
+
+
+def test_plus_appends_to_the_resolved_list(tmp_path, monkeypatch):
+    from llm.training.tasks.lm_task import LMTask
+
+    task_defaults = list(LMTask.config_defaults["training"]["callbacks"])
+    base = parse_config(["--task", "lm"])[0].training.callbacks
+    assert "TextSampler" in base and "EarlyStopping" not in base  # the lm task's own list, not the dataclass's
+    config, _, _ = parse_config(["--task", "lm", "--training-callbacks", "+EarlyStopping"])
+    assert config.training.callbacks == [*base, "EarlyStopping"]
+    assert LMTask.config_defaults["training"]["callbacks"] == task_defaults  # appending copies, never mutates
+    assert "EarlyStopping" not in TrainingConfig().callbacks
+
+    (tmp_path / "extra_cb.py").write_text("from llm.training.core.callbacks import Callback\n"
+                                          "class Extra(Callback):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  callbacks: ['+EarlyStopping']\nplugins: [+json]\n")
+    config, _, _ = parse_config(["--task", "lm", "--config", str(cfg)])
+    assert config.training.callbacks == [*base, "EarlyStopping"] and config.plugins == ["json"]
+    # Flags append to what the YAML resolved, and plain values still replace it.
+    config, _, _ = parse_config(["--task", "lm", "--config", str(cfg), "--plugins", "+extra_cb",
+                                 "--training-callbacks", "+extra_cb:Extra"])
+    assert config.training.callbacks == [*base, "EarlyStopping", "extra_cb:Extra"]
+    assert config.plugins == ["json", "extra_cb"]
+    config, _, _ = parse_config(["--task", "lm", "--config", str(cfg), "--training-callbacks", "MetricsLogger"])
+    assert config.training.callbacks == ["MetricsLogger"]
+    # In a list of numbers + is a sign, not an append.
+    config, _, _ = parse_config(["--task", "lm", "--training-betas", "+0.8", "0.9"])
+    assert config.training.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["+EarlyStopping", "MetricsLogger"], "mixes '\\+NAME'"),
+        (["+"], "a lone '\\+' names nothing"),
+        (["+MetricsLogger"], "duplicate callbacks \\['MetricsLogger'\\]"),
+    ],
+)
+def test_bad_appends_are_one_line_errors(values, message):
+    assert "MetricsLogger" in parse_config(["--task", "regression"])[0].training.callbacks
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(["--task", "regression", "--training-callbacks", *values])
+    assert "\n" not in str(info.value) and "training.callbacks" in str(info.value)
 
 
 def test_field_help_reads_trailing_comments():
     helps = field_help(TrainingConfig)
     assert "peak learning rate" in helps["lr"]
-    assert "callbacks" in helps["callbacks"]
+    assert "package.module:Class" in helps["callbacks"]  # a comment closing a multi-line default
 
 
 @pytest.mark.parametrize(

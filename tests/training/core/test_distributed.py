@@ -15,8 +15,9 @@ from safetensors.torch import load_file, load_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llm.models.decoder import DecoderModel
+from llm.training.core import consolidate, fsdp, parallel
 from llm.training.core import distributed as D
-from llm.training.core import fsdp
+from llm.training.core.checkpoint import SHARDED_DIR
 from llm.training.core.errors import ConfigError, UserError
 
 GLOO_PEER_ERROR = (
@@ -37,9 +38,26 @@ def test_single_process_needs_no_group_and_no_wrapper():
     model = torch.nn.Linear(2, 2)
     D.init_process_group(0, 1, "auto", torch.device("cpu"), 1.0)
     assert not D.is_distributed()
-    assert D.parallelize(model, "fsdp", 1, torch.device("cpu"), "fp32") is model
+    assert parallel.parallelize(model, "fsdp", 1, torch.device("cpu"), "fp32") is model
     assert D.all_reduce_max(3, torch.device("cpu")) == 3
     assert list(fsdp.lockstep_batches(iter([1, 2]), torch.device("cpu"))) == [(1, True), (2, True)]
+
+
+def test_fsdp_units_come_from_the_model():
+    model = DecoderModel.tiny()
+    assert fsdp.fsdp_units(model) == list(model.layers)
+    assert fsdp.fsdp_units(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []  # no method: one unit, the root
+
+    class Stray(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def fsdp_units(self) -> list[torch.nn.Module]:
+            return [self.inner, torch.nn.Linear(2, 2)]  # the second is not part of the model
+
+    with pytest.raises(ValueError, match=r"fsdp_units\(\) must return proper submodules, got \['Linear'\]"):
+        fsdp.fsdp_units(Stray())
 
 
 def test_peer_failures_are_told_from_causes():
@@ -108,14 +126,14 @@ def test_export_reads_a_sharded_directory_in_one_process(tmp_path):
 
     model = DecoderModel.tiny()
     dcp.save({"model": model.state_dict(), "optimizer": {"step": torch.tensor(3)}},
-             checkpoint_id=str(tmp_path / "ckpt" / fsdp.SHARDED_DIR), no_dist=True)
-    out = fsdp.export_sharded(tmp_path / "ckpt", tmp_path / "out" / "model.safetensors")
+             checkpoint_id=str(tmp_path / "ckpt" / SHARDED_DIR), no_dist=True)
+    out = consolidate.export_sharded(tmp_path / "ckpt", tmp_path / "out" / "model.safetensors", verify=False)
     exported = load_file(out)
     assert exported.keys() == model.state_dict().keys()
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(UserError, match="not a sharded"):
-        fsdp.export_sharded(tmp_path / "out", tmp_path / "x.safetensors")
-    assert fsdp.main([str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 2
+    with pytest.raises(UserError, match="already one safetensors file"):
+        consolidate.export_sharded(tmp_path / "out", tmp_path / "x.safetensors", verify=False)
+    assert consolidate.main([str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors")]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +169,7 @@ def _two_rank_checks(rank: int, port: int, out: str) -> None:
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         model = fsdp.shard_model(model, cpu, "bf16")
         assert fsdp.is_fsdp(model)
+        assert all(fsdp.is_fsdp(block) for block in model.layers)  # each of its fsdp_units() sharded on its own
         gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:  # every rank's shard came from rank 0's weights
             assert all(torch.equal(gathered[k], initial[k]) for k in initial)
@@ -162,8 +181,8 @@ def _two_rank_checks(rank: int, port: int, out: str) -> None:
         assert D.all_gather_object(float(norm))[0] == float(norm)
         optimizer.step()
         fsdp.save_full_weights(model, os.path.join(out, "full.safetensors"))
-        fsdp.save_sharded(model, optimizer, os.path.join(out, "ckpt", fsdp.SHARDED_DIR))
-        fsdp.load_sharded(model, optimizer, os.path.join(out, "ckpt", fsdp.SHARDED_DIR))
+        fsdp.save_sharded(model, optimizer, os.path.join(out, "ckpt", SHARDED_DIR))
+        fsdp.load_sharded(model, optimizer, os.path.join(out, "ckpt", SHARDED_DIR))
         D.barrier()
     except BaseException:
         traceback.print_exc()
@@ -177,7 +196,7 @@ def test_two_processes_lockstep_failure_claims_and_fsdp_round_trip(tmp_path):
     full = load_file(tmp_path / "full.safetensors")
     assert "lm_head.weight" not in full or "embed_tokens.weight" not in full  # tied: stored once
     assert all(v.dtype == torch.float32 for v in full.values())  # bf16 compute, fp32 master weights saved
-    exported = load_file(fsdp.export_sharded(tmp_path / "ckpt", tmp_path / "exported.safetensors"))
+    exported = load_file(consolidate.export_sharded(tmp_path / "ckpt", tmp_path / "exported.safetensors", verify=False))
     assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
     model = DecoderModel.tiny(tie_embeddings=True)
     load_model(model, tmp_path / "exported.safetensors", strict=True)  # loads in one plain process

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import optim
 
+from llm.errors import ConfigError
 from llm.training.core.config import TrainingConfig
 from llm.training.core.schedulers import LRSchedule, build_scheduler
 
@@ -55,7 +56,7 @@ def test_plateau_steps_on_validation_metric():
         sched.step_batch()  # per-step stepping never touches a plateau schedule
         sched.step_validation({"val/loss": value})
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
-    with pytest.raises(KeyError, match="plateau_monitor"):
+    with pytest.raises(ConfigError, match="plateau_monitor"):
         sched.step_validation({"val/acc": 1.0})
 
 

@@ -143,7 +143,7 @@ def test_deferred_raise_names_the_step_and_applies_no_later_update(tmp_path):
     engine = build_engine(tmp_path / "nan", regression_args("--training-max-steps", "6"), task_class=NaNAt)
     with pytest.raises(NonFiniteLossError, match=r"at step 3; the update was not applied \(nor those of steps 4-6"):
         engine.run()
-    assert engine._deferred_finite and engine.task.calls == 6  # found at the log step, not at step 3
+    assert engine.finite.deferred and engine.task.calls == 6  # found at the log step, not at step 3
     for a, b in zip(clean.unwrapped_model.parameters(), engine.unwrapped_model.parameters()):
         assert torch.equal(a, b)  # the weights of step 2: steps 3-6 were all refused
     steps = {int(s["step"]) for s in engine.optimizer.state.values()}
@@ -165,7 +165,7 @@ def test_non_fused_optimizer_checks_every_step(tmp_path):
                           task_class=NaNAt)
     with pytest.raises(NonFiniteLossError, match="step 3"):
         engine.run()
-    assert not engine._deferred_finite and engine.state.step == 2
+    assert not engine.finite.deferred and engine.state.step == 2
 
 
 # -- switches --------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def test_fused_adamw_is_used(tmp_path):
     engine.setup()
     assert isinstance(engine.optimizer, torch.optim.AdamW)
     assert all(group["fused"] for group in engine.optimizer.param_groups)
-    assert engine._deferred_finite
+    assert engine.finite.deferred
 
 
 def test_compile_backend_is_inductor_unless_overridden(monkeypatch):

@@ -12,15 +12,13 @@ import torch
 from helpers import REPO, make_config, read_metrics
 
 from llm.models.decoder import DecoderModel
+from llm.models.flops import active_parameters, attention_width, flops_per_token
 from llm.training.core import throughput
 from llm.training.core.callbacks import build_callbacks
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.throughput import (
     ThroughputMonitor,
-    active_parameters,
-    attention_width,
     device_peak_flops,
-    flops_per_token,
     gpu_peak_flops,
     measured_cpu_peak_flops,
 )

@@ -96,10 +96,19 @@ def test_metrics_are_consistent_with_the_loss(tmp_path):
     with torch.no_grad():
         loss, metrics = task.validation_step(batch, model, criterion)
     assert loss.item() == pytest.approx(math.log(256), rel=0.05)  # an untrained model is near uniform
-    assert metrics["bpb"].item() == pytest.approx(loss.item() / math.log(2))  # bytes: 1 token per byte
-    assert metrics["ppl"].item() == pytest.approx(math.exp(loss.item()), rel=1e-5)
-    _, train_metrics = task.train_step(batch, model, criterion)
-    assert set(train_metrics) == {"bpb"}
+    assert metrics == {}  # bpb and perplexity are derived from the reduced mean loss, not averaged per batch
+    derived = task.reduce_metrics({"loss": loss.item()}, "val")
+    assert derived["bpb"] == pytest.approx(loss.item() / math.log(2))  # bytes: 1 token per byte
+    assert derived["ppl"] == pytest.approx(math.exp(loss.item()), rel=1e-6)
+    assert set(task.reduce_metrics({"loss": loss.item()}, "train")) == {"loss", "bpb"}
+
+
+def test_perplexity_is_exp_of_the_mean_loss_not_a_mean_of_perplexities(tmp_path):
+    task, *_ = build(tiny_config(tmp_path))
+    losses = [1.0, 3.0]  # two equal-size batches: the engine's reduced mean loss is 2.0
+    derived = task.reduce_metrics({"loss": sum(losses) / 2}, "val")
+    assert derived["ppl"] == pytest.approx(math.exp(2.0))
+    assert derived["ppl"] < sum(math.exp(x) for x in losses) / 2
 
 
 def test_bpb_uses_the_tokens_per_byte_of_the_split(tmp_path):
@@ -109,9 +118,10 @@ def test_bpb_uses_the_tokens_per_byte_of_the_split(tmp_path):
     assert model.embed_tokens.num_embeddings == dm.tokenizer.vocab_size
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
-        loss, metrics = task.validation_step(batch, model, criterion)
+        loss, _ = task.validation_step(batch, model, criterion)
     assert dm.val_tokens_per_byte < 0.7
-    assert metrics["bpb"].item() == pytest.approx(loss.item() / math.log(2) * dm.val_tokens_per_byte)
+    bpb = task.reduce_metrics({"loss": loss.item()}, "val")["bpb"]
+    assert bpb == pytest.approx(loss.item() / math.log(2) * dm.val_tokens_per_byte)
 
 
 def test_tiny_model_overfits_a_tiny_corpus(tmp_path):

@@ -1,0 +1,48 @@
+"""Parameter counts and training FLOPs per token: the one definition, next to the models it describes.
+
+Model FLOPs per token follow PaLM (appendix B) and torchtitan, so numbers compare with theirs:
+``6 * N_active + 12 * n_layers * d_attn * seq_len``. ``N_active`` counts every weight a token is multiplied
+by (forward 2 + backward 4 FLOPs each): all parameters except pure lookup embeddings (a tied output layer
+counts once), with the routed experts of an MoE layer scaled by ``top_k / num_experts``. The attention term
+covers scores and values (``d_attn`` = query heads x head dim), forward and backward, without halving for
+the causal mask. Recomputation by activation checkpointing is not counted: this is MFU, not hardware FLOPs.
+
+The functions take any module and find the layers they count (`Attention`, `MoELayer`) inside it, so a
+task's own model built from these layers is counted without declaring anything; `DecoderModel` exposes them
+as methods too.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from llm.models.layers import Attention
+from llm.models.moe import MoELayer
+
+
+def num_parameters(model: nn.Module) -> int:
+    """All parameters of ``model``; a tensor shared by several modules (tied embeddings) counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def active_parameters(model: nn.Module) -> float:
+    """Parameters a token is multiplied by: lookup-only embeddings excluded, routed experts times top_k / E."""
+    lookup_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    lookup_only -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # tied output layer
+    scale: dict[int, float] = {}
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            for p in (m.w_gate_up, m.w_down):
+                scale[id(p)] = m.top_k / m.num_experts
+    # parameters() yields a shared (tied) tensor once.
+    return sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if id(p) not in lookup_only)
+
+
+def attention_width(model: nn.Module) -> int:
+    """Sum over attention layers of query heads x head dim (the `n_layers * d_attn` of the attention term)."""
+    return sum(m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention))
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len."""
+    return 6 * active_parameters(model) + 12 * attention_width(model) * seq_len

@@ -1,0 +1,157 @@
+"""The decoder's building blocks: RMSNorm, rotary embeddings, grouped-query attention, the SwiGLU MLP.
+
+A leaf module (it imports only the config and, for type hints, the KV cache), so the MoE layer and other models
+can use these layers without importing the decoder. The file reads top-down: norm -> rotary -> attention -> MLP.
+Parameter names follow the Hugging Face Llama layout (``q_proj``, ``gate_proj``, ...), see :mod:`llm.models.hf`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.models.config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llm.models.generation import LayerKVCache
+
+
+# ----------------------------------------------------------------------------------------------------------- norm
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as HF Llama), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel, same values
+        # fp32 statistics keep bf16 activations stable; the cast back happens before the weight multiply,
+        # exactly as HF does, so converted checkpoints give the same values in the weight's dtype.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# -------------------------------------------------------------------------------------------------------- rotary
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (HF Llama "rotate half" convention).
+
+    ``forward(positions)`` returns ``(cos, sin)`` of shape ``(T, head_dim)`` in fp32. They are computed on the fly
+    from ``inv_freq`` (a few thousand multiplies per forward, shared by all layers), which needs no host sync
+    and works for positions beyond ``max_seq_len`` (kept as the model's nominal context length).
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, max_seq_len: int = 2048, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None) -> Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponent)  # (head_dim / 2,)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        # model.to(bfloat16) would round inv_freq; rebuild it in fp32 on the new device instead.
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (B, n_heads, T, head_dim) by the angles in ``cos``/``sin`` (T, head_dim)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
+    """Bool mask (q_len, k_len), True = attend. Bottom-right aligned: query i sits at position k_len - q_len + i,
+    so a query block appended after a KV cache sees every cached key plus a causal block of its own."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (``num_kv_heads`` divides ``num_heads``) through SDPA.
+
+    Reads ``hidden_size``, ``num_heads``, ``num_kv_heads`` (None = ``num_heads``) and ``dropout`` from ``config``;
+    ``causal=False`` attends in both directions (encoders).
+    """
+
+    def __init__(self, config: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        hidden_size, num_heads = config.hidden_size, config.num_heads
+        num_kv_heads = config.num_kv_heads or num_heads
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = config.dropout
+        self.causal = causal
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """``attn_mask``: bool, True = attend, broadcastable to (B, n_heads, T, S); it replaces the causal rule."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, n_kv, S, head_dim), S = cached + T
+        S = k.shape[2]
+        if attn_mask is None and self.causal and T > 1 and S != T:
+            attn_mask = causal_mask(T, S, x.device)
+        is_causal = attn_mask is None and self.causal and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, n_heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., hidden)

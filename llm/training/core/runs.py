@@ -1,0 +1,300 @@
+"""Reading a run back: the one loader behind `llm.generate`, `llm.export` and the FSDP consolidation.
+
+`resolve_run` decides which weights and config a path names (a run directory, a checkpoint directory or a
+weights file; only ever a complete, verified checkpoint, never a `.tmp-*` or partial one) and `load_run` rebuilds
+the decoder model, its config and tokenizer from them. The file format itself is checkpoint.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from llm.data.tokenizers import Tokenizer, load_tokenizer
+from llm.errors import ConfigError, UserError
+from llm.models.decoder import DecoderModel
+
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    CONFIG,
+    FINAL_STEP_KEY,
+    MANIFEST,
+    SHARDED_DIR,
+    SHARDED_METADATA,
+    TMP_PREFIX,
+    WEIGHTS,
+    CheckpointError,
+    checkpoint_step,
+    find_latest_checkpoint,
+    read_manifest,
+    shape_mismatches,
+    summarize_mismatches,
+    verify_checkpoint,
+)
+from .config import Config, config_from_dict
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run back: the one loader behind llm.generate, llm.export and the FSDP consolidation
+# ---------------------------------------------------------------------------------------------
+
+# Built-in tasks whose model is an encoder with a regression/classification head, not a DecoderModel.
+ENCODER_TASKS = ("regression", "classification")
+# Name parts a state dict picks up when saved from a wrapped model (torch.compile, activation checkpointing).
+_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Which files of a run `resolve_run` chose."""
+
+    weights: Path  # a safetensors file, or a checkpoint's `sharded/` (torch.distributed.checkpoint) directory
+    config: Path | None  # the config.yaml that rebuilds the model (None: there is none)
+    run_dir: Path
+    checkpoint_dir: Path | None  # the checkpoint the weights belong to (None: a run's final or loose weights)
+
+    @property
+    def sharded(self) -> bool:
+        return self.weights.is_dir()
+
+    @property
+    def search_dirs(self) -> list[Path]:
+        """Where the tokenizer files may be: next to the weights first, then in the run directory."""
+        here = self.checkpoint_dir or self.weights.parent
+        return [here] if here == self.run_dir else [here, self.run_dir]
+
+
+@dataclass
+class LoadedRun:
+    """A run read back by `load_run`: its config, its model with the weights loaded, its tokenizer."""
+
+    config: Config
+    model: DecoderModel
+    tokenizer: Tokenizer | None  # None when load_run was asked not to load it
+    weights_path: Path
+    checkpoint_dir: Path | None
+    run_dir: Path
+
+
+def _warn(message: str) -> None:
+    logging.getLogger("llm").warning(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return checkpoint_step(path) is not None or (path / MANIFEST).is_file()
+
+
+def _run_dir_of(holder: Path) -> Path:
+    # A checkpoint sits at RUN/checkpoints/step-X/; anything else holds its own run's files.
+    return holder.parent.parent if holder.parent.name == CHECKPOINTS_DIR else holder
+
+
+def _files(weights: Path, holder: Path, checkpoint_dir: Path | None) -> RunFiles:
+    run_dir = _run_dir_of(holder)
+    config = next((d / CONFIG for d in (holder, run_dir) if (d / CONFIG).is_file()), None)
+    return RunFiles(weights, config, run_dir, checkpoint_dir)
+
+
+def _checkpoint_files(ckpt_dir: Path) -> RunFiles:
+    if (ckpt_dir / WEIGHTS).is_file():
+        return _files(ckpt_dir / WEIGHTS, ckpt_dir, ckpt_dir)
+    if (ckpt_dir / SHARDED_METADATA).is_file():
+        return _files(ckpt_dir / SHARDED_DIR, ckpt_dir, ckpt_dir)
+    raise CheckpointError(f"checkpoint: {ckpt_dir} holds neither {WEIGHTS} nor {SHARDED_DIR}/")
+
+
+def final_weights_step(path: Path) -> int | None:
+    """The step a run's final weights were saved at, when the file records it (see `save_weights`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})[FINAL_STEP_KEY])
+    except (KeyError, ValueError, OSError, SafetensorError):
+        return None
+
+
+def resolve_run(
+    path: str | os.PathLike, *, verify: bool = True, warn: Callable[[str], None] | None = None
+) -> RunFiles:
+    """Which weights, config and tokenizer directories a run, checkpoint or weights path names.
+
+    - A weights file (`model.safetensors`): itself; inside a checkpoint directory that checkpoint must verify.
+    - A checkpoint directory (`step-*`, or anything with a manifest), or its `sharded/` folder: it must verify
+      against its manifest (`verify_checkpoint`); a failing one is an error, never a silent fallback.
+    - A run directory: its final `model.safetensors`, unless the file records its step and a newer checkpoint
+      verifies (the run was resumed after it was written); without a final file, the newest checkpoint that
+      verifies, each broken one skipped with a `warn`ing. `RUN/checkpoints` means the same minus the final file.
+    `.tmp-*` directories (a save in progress, or left by a crash) are never chosen, nor accepted when named.
+    The config is the `config.yaml` next to the weights, else the run directory's. `verify=False` skips the
+    checksums (a manifest must still exist for a checkpoint to be chosen from a run directory).
+    """
+    path, warn = Path(path), warn or _warn
+    check = verify_checkpoint if verify else read_manifest
+    if not path.exists():
+        raise CheckpointError(f"checkpoint: no such file or directory: {str(path)!r}")
+    shards = path.is_dir() and (path / ".metadata").is_file()  # a torch.distributed.checkpoint directory
+    holder = path.parent if path.is_file() or (shards and path.name == SHARDED_DIR) else path
+    if holder.name.startswith(TMP_PREFIX):
+        raise CheckpointError(
+            f"checkpoint: {holder} is an incomplete checkpoint (a save in progress, or left by a crash); "
+            "name a step-* directory or the run directory"
+        )
+    if path.is_file():
+        if _is_checkpoint_dir(holder):
+            check(holder)
+            return _files(path, holder, holder)
+        return _files(path, holder, None)
+    if shards and path.name != SHARDED_DIR:  # shards saved outside the checkpoint layout
+        return _files(path, holder, None)
+    if _is_checkpoint_dir(holder):
+        check(holder)
+        return _checkpoint_files(holder)
+    root = holder if holder.name == CHECKPOINTS_DIR else holder / CHECKPOINTS_DIR  # RUN or RUN/checkpoints
+    if (holder / WEIGHTS).is_file():
+        step = final_weights_step(holder / WEIGHTS)
+        newer = None if step is None else find_latest_checkpoint(root, warn, after=step, check=check)
+        return _checkpoint_files(newer) if newer else _files(holder / WEIGHTS, holder, None)
+    if (holder / SHARDED_METADATA).is_file():  # shards outside a checkpoint (no manifest to check them by)
+        return _files(holder / SHARDED_DIR, holder, None)
+    latest = find_latest_checkpoint(root, warn, check=check)
+    if latest is None:
+        raise CheckpointError(
+            f"checkpoint: {str(path)!r} holds no {WEIGHTS} and no complete checkpoint under {CHECKPOINTS_DIR}/"
+        )
+    return _checkpoint_files(latest)
+
+
+def _read_config(files: RunFiles) -> Config:
+    if files.config is None:
+        raise CheckpointError(f"checkpoint: no {CONFIG} next to {files.weights} or in its run directory")
+    try:
+        data = yaml.safe_load(files.config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {files.config}: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint: {files.config} is not a run config (expected a mapping)")
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint: {files.config}: {exc}") from None
+
+
+def read_run_config(path: str | os.PathLike) -> Config:
+    """The `Config` of a run, checkpoint or weights path (resolved as `resolve_run` does), or of a config.yaml."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return _read_config(RunFiles(path, path, path.parent, None))
+    return _read_config(resolve_run(path, verify=False))
+
+
+def load_sharded_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full model weights of a sharded (FSDP) checkpoint, read in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    directory = Path(directory)
+    if not (directory / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint: {directory} is not a sharded (torch.distributed.checkpoint) directory")
+    try:
+        reader = FileSystemReader(str(directory))
+        prefix = "model."
+        state = {
+            key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in reader.read_metadata().state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+        }
+        if not state:
+            raise CheckpointError(f"checkpoint: {directory} holds no model weights")
+        wrapped = {"model": state}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(wrapped, storage_reader=reader, no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read the shards in {directory}: {_first_line(exc)}") from None
+    return wrapped["model"]
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's own tensor names, without what torch.compile, activation checkpointing or DDP add."""
+    for part in _WRAPPER_PARTS:
+        state = {k.replace(part, ""): v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def read_weights(files: RunFiles, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The chosen weights as a state dict with the model's own names (shards are read on the CPU)."""
+    if files.sharded:
+        return strip_wrapper_prefixes(load_sharded_weights(files.weights))
+    try:
+        state = load_file(str(files.weights), device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:  # truncated, corrupt or not safetensors
+        raise CheckpointError(f"checkpoint: cannot read {files.weights}: {_first_line(exc)}") from None
+    return strip_wrapper_prefixes(state)
+
+
+def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
+    """DecoderModel from the config's `model` section, vocabulary size from the weights, weights checked."""
+    embedding = state.get("embed_tokens.weight", state.get("lm_head.weight"))
+    if embedding is None:
+        raise CheckpointError(
+            f"checkpoint: {files.weights} holds no decoder language model (task {config.task!r}); "
+            "generate and export take lm runs"
+        )
+    kwargs = {**dataclasses.asdict(config.model), "vocab_size": embedding.shape[0]}
+    try:
+        with torch.device("meta"):  # shapes and names only: nothing is allocated or initialised
+            probe = DecoderModel(**kwargs)
+    except (TypeError, ValueError, AssertionError, UserError) as exc:
+        raise CheckpointError(f"checkpoint: invalid model config in {files.config}: {_first_line(exc)}") from None
+    problems = shape_mismatches(probe, {k: list(v.shape) for k, v in state.items()})
+    if problems:
+        raise CheckpointError(
+            f"checkpoint: {files.weights} does not match its config {files.config}: {summarize_mismatches(problems)}"
+        )
+    return DecoderModel.from_state_dict(state, **kwargs)
+
+
+def load_run(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    verify: bool = True, tokenizer: bool = True, warn: Callable[[str], None] | None = None,
+) -> LoadedRun:
+    """Config, DecoderModel (weights loaded, eval mode) and tokenizer of a run, checkpoint or weights file.
+
+    Which weights are chosen is `resolve_run`'s rule. `dtype=None` keeps the stored dtype. Only decoder
+    language models load (the `regression` and `classification` tasks train encoders); every problem is a
+    one-line `CheckpointError`/`UserError` naming the path.
+    """
+    files = resolve_run(path, verify=verify, warn=warn)
+    config = _read_config(files)
+    if config.task in ENCODER_TASKS:
+        raise CheckpointError(
+            f"checkpoint: {files.config} is a {config.task!r} run, not a decoder language model "
+            "(generate and export take lm runs)"
+        )
+    model = _build_decoder(config, read_weights(files, device), files)
+    model = model.to(device=device, dtype=dtype).eval()
+    tok = load_tokenizer(config.data.tokenizer, files.search_dirs) if tokenizer else None
+    if tok is not None and tok.vocab_size > model.embed_tokens.num_embeddings:
+        raise CheckpointError(
+            f"checkpoint: the tokenizer found for {files.run_dir} has {tok.vocab_size} ids, more than the model's "
+            f"{model.embed_tokens.num_embeddings}: it is not the tokenizer this model was trained with"
+        )
+    return LoadedRun(config, model, tok, files.weights, files.checkpoint_dir, files.run_dir)
