@@ -1,6 +1,6 @@
 """Side-by-side training throughput of our models against Hugging Face transformers (a benchmark, not a test).
 
-    python -m benchmarks.bench_model [--quick] [--sections equal fast layer] [--threads N] [--json out.json]
+    python -m benchmarks.bench_model [--quick] [--sections equal fast layer fallback] [--threads N] [--json out.json]
 
 Sections, each alternating the contenders step by step in one process (so machine load hits both alike) and
 reporting medians (and minima) of per-step wall time:
@@ -12,8 +12,10 @@ reporting medians (and minima) of per-step wall time:
   HF: experts implementation eager / grouped_mm), then the two winners are alternated.
 - ``layer``: a fine-grained MoE layer (64 experts, top-8, width 128), forward + backward: our MoELayer vs HF's
   ``MixtralSparseMoeBlock`` with its per-expert loop (``eager``) and with ``grouped_mm``.
-Model config: hidden 256, 4 layers, 8 heads, 4 KV heads, seq 256, batch 8, vocab 8192, SwiGLU width 688
-(MoE: 8 experts of width 688, top-2).
+- ``fallback``: the MoE dispatch paths for where ``grouped_mm`` cannot run, fp32: the loop of mm's against the
+  sync-free padded blocks (``dispatch="padded"``), with ``grouped_mm`` for reference.
+Model config: presets ``bench-256`` / ``bench-256-moe`` (hidden 256, 4 layers, 8 heads, 4 KV heads, vocab 8192,
+SwiGLU width 688; MoE: 8 experts of width 688, top-2), seq 256, batch 8.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ import torch.nn.functional as F
 from llm.models import DecoderModel, MoELayer
 from llm.models.hf import _config_from_hf, _state_dict_from_hf
 from llm.models.loss import linear_cross_entropy
+from llm.models.presets import get_preset
 
-VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, SEQ, BATCH, WIDTH = 8192, 256, 4, 8, 4, 256, 8, 688
-EXPERTS, TOP_K = 8, 2
+# The model shapes are presets (llm/models/presets.py: bench-256 and bench-256-moe, parameter counts tested); the HF
+# side is configured from the same values, so the two cannot drift apart.
+_SHAPE = get_preset("bench-256-moe").fields
+VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, WIDTH = (_SHAPE[k] for k in (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"))
+EXPERTS, TOP_K = _SHAPE["num_experts"], _SHAPE["top_k"]
+SEQ, BATCH = _SHAPE["max_seq_len"], 8
 LAYER_CFG = dict(hidden=256, experts=64, top_k=8, width=128, tokens=BATCH * SEQ)
 MIXTRAL_AUX_COEF = 0.02  # HF's router_aux_loss_coef default
 
@@ -315,10 +323,41 @@ def section_dispatch(iters: int, rows: list[dict[str, Any]]) -> None:
                       label="loop")
 
 
+def section_fallback(iters: int, rows: list[dict[str, Any]]) -> None:
+    """The paths for where grouped_mm cannot run, fp32 fwd+bwd, 4096 tokens: the loop of mm's (reads the group sizes
+    on the host) vs the padded block bmm (sync-free), grouped_mm for reference; for the 8-expert hidden-256 layer
+    also both compiled with inductor (the loop behind its graph breaks, padded as one graph; minutes to compile)."""
+    shapes = {"8 experts, top-2, hidden 128, width 352": (128, 8, 2, 352),
+              "8 experts, top-2, hidden 256, width 688": (256, 8, 2, 688),
+              "64 experts, top-8, hidden 256, width 128": (256, 64, 8, 128)}
+    for title, (h, e, k, w) in shapes.items():
+        torch.manual_seed(0)
+        layers = {d: MoELayer(h, e, k, w, dispatch=d) for d in ("loop", "padded", "grouped_mm")}
+        for layer in layers.values():
+            layer.load_state_dict(layers["loop"].state_dict())
+        x = torch.randn(4096, h)
+
+        def fwd_bwd(layer: MoELayer, run: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    x: torch.Tensor = x) -> Step:
+            def step() -> float:
+                (layer if run is None else run)(x.clone().requires_grad_()).sum().backward()
+                layer.zero_grad(set_to_none=True)
+                return 0.0
+
+            return step
+
+        steps = {f"dispatch={d}": fwd_bwd(m) for d, m in layers.items()}
+        if h == 256 and e == 8:
+            for d in ("loop", "padded"):
+                steps[f"dispatch={d} compiled"] = fwd_bwd(layers[d], torch.compile(layers[d]))
+        times = alternate(steps, iters, warmup=2)
+        summarize(f"fallback: {title}, fp32, fwd+bwd", times, "dispatch=loop", rows, "fwd+bwd", label="loop")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
-    sections = ["equal", "fast", "layer", "dispatch"]
+    sections = ["equal", "fast", "layer", "dispatch", "fallback"]
     parser.add_argument("--sections", nargs="+", default=sections, choices=sections)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time")
@@ -342,6 +381,8 @@ def main() -> None:
         section_layer(iters * 2, rows)
     if "dispatch" in args.sections:
         section_dispatch(iters, rows)
+    if "fallback" in args.sections:
+        section_fallback(iters, rows)
     print(f"\nload average at the end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:

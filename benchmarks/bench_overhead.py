@@ -16,13 +16,13 @@ work, data loading, the step, the metric sync at log steps and every other callb
 side over the timed steps (warm-up excluded) per round, medians over rounds, and the ratio engine / hand loop
 (target >= 0.98). A benchmark, not a test.
 
-    python -m benchmarks.bench_overhead throughput --device cuda --preset 125m --precision bf16 --compile
+    python -m benchmarks.bench_overhead throughput --device cuda --preset byte-125m --precision bf16 --compile
 
 Engine throughput: the `lm` task through the full engine with the speed switches given (precision, compile,
-activation checkpointing) on one of `PRESETS`, reporting what `ThroughputMonitor` logs: tokens/s per device and
-MFU, medians over the log windows after the first (which holds the compile). `gpu_check.sh` runs it on a GPU;
-`--device cpu --preset tiny` is its smoke mode (a test runs it), and the suite's switch benchmarks call
-`engine_throughput` on the CPU.
+activation checkpointing) on one of `PRESETS` (model shapes by `--model-preset` name), reporting what
+`ThroughputMonitor` logs: tokens/s per device and MFU, medians over the log windows after the first (which holds the
+compile), and the parameter count of the model that ran. `gpu_check.sh` runs it on a GPU; `--device cpu --preset
+tiny` is its smoke mode (a test runs it), and the suite's switch benchmarks call `engine_throughput` on the CPU.
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from llm.models.flops import flops_per_token
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.engine import TrainingEngine
+from llm.training.core.distributed import resolve_device
+from llm.training.core.engine import TrainingEngine, compile_backend
 from llm.training.core.loggers import MetricSink
+from llm.training.core.precision import apply_auto_precision, compute_dtype
+from llm.training.core.throughput import device_peak_flops
 from llm.training.train import parse_config, prepare_run_dir, setup_logging
 
 
@@ -53,11 +57,13 @@ def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any
     argv = ["--task", "lm", "--training-max-steps", str(steps),
             "--logging-log-dir", str(run_dir), *extra]
     config, task_class, _ = parse_config(argv)
+    apply_auto_precision(config, resolve_device(config.training.device))  # both sides use the resolved precision
     return config, task_class
 
 
 class HandLoop:
-    """What a user writes without a framework: the same model, data, optimizer and schedule, nothing else."""
+    """What a user writes without a framework: the same model, data, optimizer and schedule on the same device
+    (compiled when the engine is), nothing else."""
 
     def __init__(self, config: Any, task_class: type) -> None:
         t = config.training
@@ -66,7 +72,8 @@ class HandLoop:
         data.prepare_data()
         data.setup("fit")
         torch.manual_seed(config.seed)
-        self.model = task.build_model()
+        self.device = resolve_device(t.device)
+        self.model = task.build_model().to(self.device)
         named = list(self.model.named_parameters())
         decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
@@ -82,15 +89,16 @@ class HandLoop:
 
         self.sched = LambdaLR(self.opt, factor)
         self.params = [p for _, p in named]
+        self.forward = torch.compile(self.model, backend=compile_backend()) if t.compile else self.model
         self.batches = iter(data.train_dataloader())
         self.bf16 = t.precision == "bf16"
         self.clip, self.log_interval = t.grad_clip, t.log_interval
         self.steps, self.last_loss = 0, float("nan")
 
     def step(self) -> None:
-        x, y = next(self.batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(x)  # (B, T, V)
+        x, y = (b.to(self.device, non_blocking=True) for b in next(self.batches))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.forward(x)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
@@ -111,14 +119,20 @@ class Interleave(Callback):
         self.hand_s: list[float] = []
         self._mark = 0.0
 
+    def _now(self) -> float:
+        # On a GPU a step has ended when its kernels have, not when they were queued.
+        if self.hand.device.type == "cuda":
+            torch.cuda.synchronize(self.hand.device)
+        return time.perf_counter()
+
     def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
-        self._mark = time.perf_counter()
+        self._mark = self._now()
 
     def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        began = time.perf_counter()
+        began = self._now()
         self.engine_s.append(began - self._mark)
         self.hand.step()
-        self._mark = time.perf_counter()
+        self._mark = self._now()
         self.hand_s.append(self._mark - began)
 
 
@@ -144,12 +158,23 @@ def one_round(warmup: int, steps: int, extra: Sequence[str] = ()) -> dict[str, f
         logging.getLogger("llm").handlers.clear()  # close train.log before the directory goes
     tokens = config.training.batch_size * config.data.seq_len * steps
     engine_s, hand_s = sum(timer.engine_s[warmup:]), sum(timer.hand_s[warmup:])
-    return {
+    row = {
         "engine_tokens_per_s": tokens / engine_s,
         "hand_tokens_per_s": tokens / hand_s,
         "ratio": hand_s / engine_s,
         "step_ratio_median": statistics.median(timer.hand_s[warmup:]) / statistics.median(timer.engine_s[warmup:]),
+        "parameters": float(sum(p.numel() for p in timer.hand.model.parameters())),
     }
+    peak = device_peak_flops(timer.hand.device, compute_dtype(config.training.precision))
+    if peak:  # MFU of each side: the same FLOPs per token (llm.models.flops) over the device's peak
+        flops = flops_per_token(timer.hand.model, config.data.seq_len)
+        row["engine_mfu"] = 100 * row["engine_tokens_per_s"] * flops / peak
+        row["hand_mfu"] = 100 * row["hand_tokens_per_s"] * flops / peak
+    return row
+
+
+def _mfu_text(row: dict[str, float], side: str) -> str:
+    return f" (MFU {row[side + '_mfu']:.1f}%)" if side + "_mfu" in row else ""
 
 
 def run(rounds: int = 3, warmup: int = 5, steps: int = 60, extra: Sequence[str] = ()) -> dict[str, Any]:
@@ -158,32 +183,33 @@ def run(rounds: int = 3, warmup: int = 5, steps: int = 60, extra: Sequence[str] 
     for i in range(rounds):
         row = one_round(warmup, steps, extra)
         rows.append(row)
-        print(f"  round {i + 1}: engine {row['engine_tokens_per_s']:8.0f} tok/s  hand loop "
-              f"{row['hand_tokens_per_s']:8.0f} tok/s  ratio {row['ratio']:.3f}  "
+        print(f"  round {i + 1}: engine {row['engine_tokens_per_s']:8.0f} tok/s{_mfu_text(row, 'engine')}  hand "
+              f"loop {row['hand_tokens_per_s']:8.0f} tok/s{_mfu_text(row, 'hand')}  ratio {row['ratio']:.3f}  "
               f"(median-step ratio {row['step_ratio_median']:.3f})", flush=True)
     summary = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
-    print(f"overhead: engine {summary['engine_tokens_per_s']:.0f} tok/s vs hand loop "
-          f"{summary['hand_tokens_per_s']:.0f} tok/s (medians of {rounds} rounds x {steps} steps): "
-          f"ratio {summary['ratio']:.3f} (target >= 0.98)")
+    print(f"overhead ({summary['parameters']:,.0f} parameters): engine {summary['engine_tokens_per_s']:.0f} "
+          f"tok/s{_mfu_text(summary, 'engine')} vs hand loop {summary['hand_tokens_per_s']:.0f} tok/s"
+          f"{_mfu_text(summary, 'hand')} (medians of {rounds} rounds x {steps} steps): ratio {summary['ratio']:.3f} "
+          "(target >= 0.98)")
     return {"summary": summary, "rounds": rows}
 
 
 # ---------------------------------------------------------------------------------------- engine throughput
-# Model and batch shapes per preset (train CLI flags). Byte-level tokens (vocab 256) on the embedded corpus.
+# Per benchmark preset: a model shape by name (`--model-preset`, the catalogue in llm/models/presets.py, where each
+# shape's parameter count is stated and tested) plus the batch and window (train CLI flags). Byte-level tokens
+# (vocab 256) on the embedded corpus.
 PRESETS: dict[str, list[str]] = {
-    "tiny": ["--model-hidden-size", "64", "--model-num-layers", "2", "--model-num-heads", "4",
-             "--model-max-seq-len", "64", "--data-seq-len", "64", "--training-batch-size", "4",
+    "tiny": ["--model-preset", "tiny", "--data-seq-len", "64", "--training-batch-size", "4",
              "--data-max-bytes", "2000000"],
     "default": [],  # the lm task's defaults (hidden 128, 4 layers, seq 256, batch 16)
-    # ~127M parameters: 18 blocks of 7.08M (hidden 768, 12 heads, SwiGLU 2048) + byte embeddings.
-    "125m": ["--model-hidden-size", "768", "--model-num-layers", "18", "--model-num-heads", "12",
-             "--model-max-seq-len", "2048", "--data-seq-len", "2048", "--training-batch-size", "16",
-             "--training-lr", "6e-4"],
-    # MoE: 12 blocks, 8 experts of width 2048, top-2 (~480M parameters, ~150M active per token).
-    "moe": ["--model-hidden-size", "768", "--model-num-layers", "12", "--model-num-heads", "12",
-            "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
-            "--model-max-seq-len", "2048", "--data-seq-len", "2048", "--training-batch-size", "8",
-            "--training-lr", "6e-4"],
+    # A ~1B dense shape (the real model's widths and heads; byte vocabulary). `--layers` cuts it to fit memory.
+    "tinyllama-1.1b": ["--model-preset", "tinyllama-1.1b", "--data-seq-len", "2048", "--training-batch-size", "8",
+                       "--training-lr", "3e-4"],
+    # The GPU check's dense and MoE shapes (their sizes: the presets' notes and counts), 2048-token windows.
+    "byte-125m": ["--model-preset", "byte-125m", "--data-seq-len", "2048", "--training-batch-size", "16",
+                  "--training-lr", "6e-4"],
+    "byte-moe-480m": ["--model-preset", "byte-moe-480m", "--data-seq-len", "2048", "--training-batch-size", "8",
+                      "--training-lr", "6e-4"],
 }
 
 
@@ -234,7 +260,7 @@ def report_throughput(name: str, result: dict[str, float]) -> None:
 def _throughput_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench_overhead throughput", description="engine tokens/s and MFU")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--preset", default="125m", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="byte-125m", choices=sorted(PRESETS))
     parser.add_argument("--tiny", action="store_true", help="the smoke preset (same as --preset tiny)")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
@@ -265,12 +291,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each round")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per round")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS), help="model and batch shape")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (the engine and the hand loop alike)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--layers", type=int, default=0, help="override the preset's layer count (fit memory)")
+    parser.add_argument("--target-ratio", type=float, default=0.0, help="exit 1 if engine / hand loop is below")
     parser.add_argument("--config-args", nargs=argparse.REMAINDER, default=[], help="extra train CLI flags")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    run(args.rounds, args.warmup, args.steps, args.config_args)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}")
+    extra = [*PRESETS[args.preset], "--training-device", args.device, *(["--training-compile"] * args.compile),
+             *(["--model-num-layers", str(args.layers)] if args.layers else []), *args.config_args]
+    summary = run(args.rounds, args.warmup, args.steps, extra)["summary"]
+    if args.target_ratio and summary["ratio"] < args.target_ratio:
+        print(f"engine / hand loop below the target of {args.target_ratio}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

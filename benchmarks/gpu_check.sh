@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU check (tier 3), ready to run on one H100/H200; about 8 minutes at most (each stage has a time limit):
-#   1. the GPU tests: pytest -m gpu (tier 3; they skip themselves without CUDA);
-#   2. bf16 + torch.compile (inductor) throughput and MFU through the full engine (ThroughputMonitor's numbers)
-#      of a ~127M-parameter dense decoder, seq 2048 (target on an H100: MFU >= 45%; the stage fails below it);
-#   3. the same for an MoE decoder (12 blocks, 8 experts, top-2).
+# GPU check, ready to run on one H100/H200 in under 8 minutes (each stage has a time limit; a stage that fails or
+# times out is reported and the next one runs). Logs go to $OUT (or ./gpu_check_logs) when set.
+#   1. the whole test suite on the CUDA machine (device `auto` picks the GPU; -m "not gpu", 8 workers);
+#   2. the GPU tier: pytest -m gpu (training steps dense/MoE x bf16/fp32 x eager/compiled, HF parity, KV cache,
+#      exact resume, FSDP world size 1, no host sync in the hot loop, a peak-memory bound);
+#   3. engine vs hand loop, same run, bf16 + compile, at the byte-125m preset (ratio target >= 0.98; MFU of both);
+#   4. the same at the tinyllama-1.1b shape cut to 8 layers (widths, heads and GQA of the real model);
+#   5. DecoderModel vs HF Llama (byte-125m) and vs HF Mixtral (byte-moe-480m), bf16 + compile, same run: tokens/s,
+#      MFU (the MoE line is the MoE MFU) and the ratio.
 # Usage: bash benchmarks/gpu_check.sh      (PYTHON=/path/to/python picks the interpreter)
-# The Python stages run on a CPU too: python -m benchmarks.bench_overhead throughput --device cpu --tiny
+# Each Python stage also runs on a CPU in a smoke mode (see each benchmark's docstring).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -34,12 +38,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" \
   || exit 1
 
-stage "GPU tests (pytest -m gpu)" 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-stage "dense ~127M, bf16 + compile" 160 "$PY" -m benchmarks.bench_overhead throughput --device cuda \
-  --preset 125m --precision bf16 --compile --steps 60 --log-interval 10 --target-mfu 45
-stage "MoE 8 experts top-2, bf16 + compile" 140 "$PY" -m benchmarks.bench_overhead throughput --device cuda \
-  --preset moe --precision bf16 --compile --steps 40 --log-interval 10
-
+LOGS="${OUT:-gpu_check_logs}"
+mkdir -p "$LOGS"
+WORKERS=""
+"$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 8"
+stage "test suite on CUDA" 130 bash -c "$PY -m pytest -m 'not gpu' -q -p no:cacheprovider $WORKERS tests \
+  > $LOGS/suite.log 2>&1; rc=\$?; tail -15 $LOGS/suite.log; exit \$rc"
+stage "GPU tier (pytest -m gpu)" 130 bash -c "$PY -m pytest -m gpu -q -p no:cacheprovider -rA tests \
+  > $LOGS/gpu_tier.log 2>&1; rc=\$?; grep -E '^(PASSED|FAILED|ERROR|SKIPPED)' $LOGS/gpu_tier.log; tail -3 \
+  $LOGS/gpu_tier.log; exit \$rc"
+stage "engine vs hand loop, byte-125m, bf16 + compile" 75 "$PY" -m benchmarks.bench_overhead --device cuda \
+  --preset byte-125m --compile --rounds 1 --warmup 5 --steps 20 --target-ratio 0.98
+stage "engine vs hand loop, tinyllama-1.1b shape (8 layers), bf16 + compile" 75 "$PY" -m benchmarks.bench_overhead \
+  --device cuda --preset tinyllama-1.1b --layers 8 --compile --rounds 1 --warmup 5 --steps 15 --target-ratio 0.98
+stage "DecoderModel vs HF Llama / Mixtral, bf16 + compile" 70 "$PY" -m benchmarks.bench_gpu_models --device cuda \
+  --shapes byte-125m byte-moe-480m --compile --batch 8 --seq-len 2048 --steps 10 --rounds 2
 echo
 echo "gpu_check: total $(( $(date +%s) - start )) s, exit $status"
 exit $status

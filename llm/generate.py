@@ -7,14 +7,24 @@ the rule). The model is rebuilt from the `config.yaml` next to the weights (or t
 read from the weights themselves; the tokenizer is the run's `tokenizer.json` (or bytes). Text streams to
 stdout as tokens arrive: the incremental decoder holds back the bytes of a character until it is complete, so
 partial UTF-8 never shows. A user mistake (missing checkpoint, bad flag) is one line on stderr and exit status 2.
+
+Inputs are checked before any work: the temperature must be finite and >= 0, and one below `GREEDY_BELOW` (1e-5)
+means greedy decoding, its limit (dividing logits by 1e-45 overflows them to inf and NaN probabilities); top-k >= 1;
+0 < top-p <= 1; the device must exist on this machine; the prompt (`--prompt`, or `--prompt-file`, read verbatim)
+must be valid UTF-8. `--max-new-tokens` is at least 1, and its KV cache (prompt plus new tokens, every layer) must
+fit in the device's memory; its default (256) is cut to the model's context length (`max_seq_len`), and asking for
+more than fits in that context is allowed, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import torch
@@ -22,6 +32,10 @@ import torch
 from llm.errors import UserError
 from llm.training.core.distributed import resolve_device
 from llm.training.core.runs import load_run
+
+# Temperatures below this sample as greedy decoding (their limit); see the module docstring.
+GREEDY_BELOW = 1e-5
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,9 +46,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llm.generate", description="Sample text from a trained lm run or checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file, verbatim ('-': stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, or the model's context if shorter)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help=f"softmax temperature (0 = greedy; below {GREEDY_BELOW:g} also greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
@@ -47,9 +65,13 @@ def stream_text(
     model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
 ) -> Iterator[str]:
-    """Yield decoded text pieces of a continuation of `prompt` as the tokens are generated."""
+    """Yield decoded text pieces of a continuation of `prompt` as the tokens are generated.
+
+    A `temperature` below `GREEDY_BELOW` decodes greedily (see the module docstring).
+    """
     from llm.data.tokenizers import StreamDecoder
 
+    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     ids = tokenizer.encode(prompt)
     if not ids:
         if tokenizer.eos_id is None:
@@ -67,10 +89,10 @@ def stream_text(
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens: invalid value {args.max_new_tokens}; must be >= 0")
-    if args.temperature < 0:
-        raise UserError(f"--temperature: invalid value {args.temperature}; must be >= 0")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: invalid value {args.max_new_tokens}; must be >= 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature: invalid value {args.temperature}; must be a finite number >= 0 (0 = greedy)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k: invalid value {args.top_k}; must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -78,10 +100,78 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _device(name: str) -> torch.device:
+    """The device `name` names, checked to exist here (`cuda` on a CPU-only build or machine is a user error)."""
     try:
-        return resolve_device(name, 0)
+        device = resolve_device(name, 0)
     except RuntimeError as exc:  # torch's own message lists the valid device types
         raise UserError(f"--device: invalid value {name!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        torch.empty(0, device=device)  # the one check that covers every backend (CUDA, MPS, XPU, ...)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"--device: {name!r} is not available on this machine ({_first_line(exc)}); use --device cpu "
+                        "or auto") from None
+    return device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt text of `--prompt` or `--prompt-file`, refused unless it is valid UTF-8."""
+    if args.prompt_file is None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # argv bytes that were not UTF-8 arrive as lone surrogates
+            char = args.prompt[exc.start]
+            what = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+            raise UserError(f"--prompt: not valid UTF-8 text ({what} at character {exc.start}); pass UTF-8 text, or "
+                            "--prompt-file") from None
+        return args.prompt
+    name = args.prompt_file
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as exc:
+        raise UserError(f"--prompt-file: cannot read {name!r}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--prompt-file: {name!r} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start})") from None
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of `device` in bytes (None where it cannot be told)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        pass
+    return None
+
+
+def check_max_new_tokens(model: Any, prompt_tokens: int, requested: int | None, device: torch.device,
+                         warn: Callable[[str], None] | None = None) -> int:
+    """The number of tokens to generate: the default fitted to the model's context, or `requested` if its KV cache
+    fits the device's memory (else a one-line UserError); warns when a requested count runs past `max_seq_len`."""
+    context = int(model.max_seq_len)
+    count = min(DEFAULT_MAX_NEW_TOKENS, context) if requested is None else requested
+    positions = min(prompt_tokens, context) + count
+    weight = model.embed_tokens.weight
+    per_position = sum(2 * b.self_attn.num_kv_heads * b.self_attn.head_dim for b in model.layers)
+    need, have = positions * per_position * weight.element_size(), _device_memory(device)
+    if have is not None and need > have:
+        most = max(0, have // max(1, per_position * weight.element_size()) - min(prompt_tokens, context))
+        raise UserError(f"--max-new-tokens: {count} needs a {need / 1e9:.3g} GB KV cache, more than the "
+                        f"{have / 1e9:.3g} GB of {device}; at most about {most} here "
+                        f"(the model's context is {context})")
+    if requested is not None and positions > context and warn is not None:
+        warn(f"generating {positions} positions, past the model's context of {context} (max_seq_len): the text "
+             "beyond it is out of what the model was trained on")
+    return count
 
 
 def _warn(message: str) -> None:
@@ -93,12 +183,15 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_args(args)
-        run = load_run(args.checkpoint, device=_device(args.device), warn=_warn)
+        prompt = read_prompt(args)
+        device = _device(args.device)
+        run = load_run(args.checkpoint, device=device, warn=_warn)
         model, tokenizer = run.model, run.tokenizer
-        out.write(args.prompt)
+        count = check_max_new_tokens(model, len(tokenizer.encode(prompt)) or 1, args.max_new_tokens, device, _warn)
+        out.write(prompt)
         out.flush()
         for piece in stream_text(
-            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+            model, tokenizer, prompt, count, args.temperature, args.top_k, args.top_p, args.seed
         ):
             out.write(piece)
             out.flush()

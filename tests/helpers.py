@@ -17,6 +17,8 @@ TINY_REGRESSION = [
     "--data-num-samples", "256", "--data-seq-len", "8",
     "--training-batch-size", "16", "--training-log-interval", "1",
     "--training-callbacks", "MetricsLogger", "LRSchedulerCallback",
+    # The suite's numerical comparisons mean the CPU (one device for both sides); the GPU tier is tests/gpu.
+    "--training-device", "cpu",
 ]
 
 

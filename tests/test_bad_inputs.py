@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from typing import Callable
 import pytest
 import torch
 from helpers import REPO, TINY_REGRESSION, make_config
+
+from llm.training.core.runlock import LockHolder
 
 # A valid run with a complete checkpoint at step 2; the checkpoint cases copy and spoil it.
 CKPT_FLAGS = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint",
@@ -132,8 +135,54 @@ CASES = [
          "manifest.json is unreadable", kind="checkpoint", spoil=_garbage_manifest),
     Case("resume-other-world-size", RESUME, "written by 2 processes", kind="checkpoint",
          spoil=_edit_manifest(world_size=2)),
+    # The run directory is held by a live run (the lock names this test process, alive while the case runs).
+    Case("run-dir-in-use", ["--logging-log-dir", "run"], "run is in use by pid",
+         files={"run/.lock": LockHolder.this_process().to_json()}),
 ]
 
+
+# Checkpoint files are untrusted (issue 12). Named explicitly, a malformed checkpoint is an error, never a fallback.
+CKPT_DIR = "run/checkpoints/step-00000002"
+
+
+def _escape_manifest(case: Path) -> None:
+    (case / "outside.txt").write_text("not part of the checkpoint\n")
+    manifest = json.loads((case / MANIFEST).read_text())
+    data = (case / "outside.txt").read_bytes()
+    manifest["files"]["../../../outside.txt"] = {"sha256": sha256(data).hexdigest(), "bytes": len(data)}
+    (case / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _malformed_state(case: Path) -> None:
+    state = torch.load(case / STATE, weights_only=True)
+    del state["rng"]
+    torch.save(state, case / STATE)
+    _rehash(case, "trainer_state_rank0.pt")
+
+
+def _yaml_payload(case: Path) -> None:
+    (case / CKPT_DIR / "config.yaml").write_text(
+        f"!!python/object/apply:builtins.open [{json.dumps(str(case / 'pwned'))}, w]\n")
+    _rehash(case, "config.yaml")
+
+
+def _pickle_as_weights(case: Path) -> None:
+    (case / CKPT_DIR / "model.safetensors").write_bytes(pickle.dumps(Payload(str(case / "pwned"))))
+    _rehash(case, "model.safetensors")
+
+
+CASES += [
+    Case("resume-manifest-escape", [*RESUME, "--checkpoint-resume", CKPT_DIR], "not a path inside the checkpoint",
+         kind="checkpoint", spoil=_escape_manifest),
+    Case("resume-manifest-format", [*RESUME, "--checkpoint-resume", CKPT_DIR], "has format 99", kind="checkpoint",
+         spoil=_edit_manifest(format=99)),
+    Case("resume-malformed-state", [*RESUME, "--checkpoint-resume", CKPT_DIR], "is not a valid trainer state",
+         kind="checkpoint", spoil=_malformed_state),
+    Case("resume-payload-config", [*RESUME, "--checkpoint-resume", CKPT_DIR], "YAML tags that build Python objects",
+         kind="checkpoint", spoil=_yaml_payload),
+    Case("resume-pickle-as-weights", [*RESUME, "--checkpoint-resume", CKPT_DIR], "cannot read", kind="checkpoint",
+         spoil=_pickle_as_weights),
+]
 
 def _snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -156,3 +156,68 @@ def test_streaming_holds_back_partial_utf8():
     pieces = list(stream_text(_FakeModel(list(wanted.encode()) + [0, 65]), tok, "x", max_new_tokens=100))
     assert "".join(pieces) == wanted  # stops at the end-of-text byte
     assert all("\ufffd" not in p for p in pieces) and len(pieces) == 3
+
+
+# -- validated inputs --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "nan"], "--temperature: invalid value nan"),
+        (["--temperature", "inf"], "--temperature: invalid value inf"),
+        (["--temperature", "-0.5"], "--temperature: invalid value -0.5"),
+        (["--top-k", "0"], "--top-k: invalid value 0"),
+        (["--top-p", "0"], "--top-p: invalid value 0"),
+        (["--top-p", "nan"], "--top-p: invalid value nan"),
+        (["--max-new-tokens", "0"], "--max-new-tokens: invalid value 0"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens: invalid value -3"),
+        (["--max-new-tokens", "1e9"], "--max-new-tokens: invalid int value"),
+        (["--max-new-tokens", str(10**15)], "KV cache, more than the"),  # checked against the model and memory
+        (["--device", "cuda:99"], "--device: 'cuda:99' is not available on this machine"),
+        (["--prompt", "ab\udcff"], "--prompt: not valid UTF-8 text (byte 0xff at character 2)"),  # argv, surrogates
+        (["--prompt-file", "BAD"], "is not valid UTF-8 (byte 0xfe at offset 3)"),
+        (["--prompt-file", "MISSING"], "--prompt-file: cannot read"),
+        (["--prompt", "x", "--prompt-file", "BAD"], "not allowed with argument"),
+    ],
+)
+def test_bad_inputs_are_one_line_exit_2(run_dir, tmp_path, capsys, args, message):
+    (tmp_path / "bad.txt").write_bytes(b"def\xfe\n")
+    args = [str(tmp_path / "bad.txt") if a == "BAD" else str(tmp_path / "missing.txt") if a == "MISSING" else a
+            for a in args]
+    code, out = generate("--checkpoint", str(run_dir), *args)
+    err = capsys.readouterr().err
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="means a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(run_dir, capsys):
+    assert generate("--checkpoint", str(run_dir), "--device", "cuda")[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device: 'cuda' is not available") and err.count("\n") == 1
+
+
+def test_tiny_temperatures_decode_greedily(run_dir, capsys):
+    """1e-45 would overflow the logits to inf (NaN probabilities); below 1e-5 the sampler is greedy instead."""
+    args = ["--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "20"]
+    code, greedy = generate(*args, "--temperature", "0")
+    assert code == 0
+    for temperature in ("1e-45", "5e-324", "9e-6"):
+        assert generate(*args, "--temperature", temperature, "--seed", "1") == (0, greedy)
+    assert capsys.readouterr().err == ""
+
+
+def test_max_new_tokens_default_fits_the_context_and_more_is_allowed_with_a_warning(run_dir, capsys):
+    code, text = generate("--checkpoint", str(run_dir), "--prompt", "", "--temperature", "0")
+    assert code == 0 and capsys.readouterr().err == ""
+    assert len(text) <= 64 + 1  # byte tokenizer: a token is at most one character; max_seq_len 64, newline
+    code, text = generate("--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "100", "--seed", "0")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1 and err[0].startswith("warning: generating 104 positions, past the model's")
+
+
+def test_prompt_file_is_read_verbatim(run_dir, tmp_path):
+    (tmp_path / "prompt.txt").write_text("def ", encoding="utf-8")
+    args = ["--checkpoint", str(run_dir), "--max-new-tokens", "15", "--seed", "4"]
+    code, text = generate(*args, "--prompt-file", str(tmp_path / "prompt.txt"))
+    assert code == 0 and text.startswith("def ")
+    assert generate(*args, "--prompt", "def ") == (0, text)

@@ -5,9 +5,15 @@ The training config's ``model:`` section is this dataclass, and ``DecoderModel``
 comment of each field is its ``--help`` text (the CLI reads it from this source), so keep one field per line.
 
 Three fields default to None and are derived where they are read: ``num_kv_heads`` (= ``num_heads``),
-``intermediate_size`` (Llama's SwiGLU width, see `default_intermediate_size`) and ``moe_intermediate_size``
-(= ``intermediate_size``). `ModelConfig.resolved()` fills them in; a built model keeps the resolved copy as
-``model.config``.
+``intermediate_size`` (Llama's SwiGLU width from ``hidden_size``, rounded up to ``intermediate_multiple_of``, see
+`default_intermediate_size`) and ``moe_intermediate_size`` (= ``intermediate_size``). `ModelConfig.resolved()` fills
+them in; a built model keeps the resolved copy as ``model.config``. A task tunes the rule (the ``lm`` task rounds to
+8), never the derived width itself, so a user who widens the model gets a matching MLP.
+
+Presets (:mod:`llm.models.presets`) are applied where a config is made: `ModelConfig.from_preset`, keywords
+``DecoderModel(preset=NAME, **overrides)`` (the preset's fields are the defaults of the keywords not given) and the
+CLI (``--model-preset``). A finished config's ``preset`` is only the record of where its values came from:
+``DecoderModel(config)`` takes ``config``'s values as they are.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llm.models.presets import get_preset
+
 
 def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
-    """Llama's SwiGLU width: 2/3 of 4*hidden (same parameter count as a 4x GELU MLP), rounded up to 256."""
+    """Llama's SwiGLU width: 2/3 of 4*hidden (same parameter count as a 4x GELU MLP), rounded up to a multiple of
+    ``multiple_of`` (Llama: 256; 8 keeps the unrounded width, e.g. 344 at hidden 128)."""
+    if multiple_of < 1:
+        raise ValueError(f"intermediate_multiple_of must be >= 1, got {multiple_of}")
     return multiple_of * math.ceil(int(8 * hidden_size / 3) / multiple_of)
 
 
@@ -28,13 +39,15 @@ def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
 class ModelConfig:
     """Model sizes; the field names are `DecoderModel`'s keyword arguments."""
 
+    preset: str = ""  # named model shape (smollm2-135m, tinyllama-1.1b, tiny, ...); other model fields override it
     vocab_size: int = 256  # token vocabulary (the lm task sets it from the tokenizer unless given)
     hidden_size: int = 128  # width of the residual stream
     num_layers: int = 4  # number of TransformerBlocks
     num_heads: int = 4  # attention heads; must divide hidden_size
     num_kv_heads: int | None = None  # key/value heads for grouped-query attention (default: num_heads)
-    intermediate_size: int | None = None  # MLP width (default: SwiGLU-sized from hidden_size)
-    max_seq_len: int = 2048  # longest sequence the rotary cache covers
+    intermediate_size: int | None = None  # MLP width (default: 8/3 hidden_size, rounded up to intermediate_multiple_of)
+    intermediate_multiple_of: int = 256  # rounding of the derived intermediate_size (Llama: 256)
+    max_seq_len: int = 2048  # context length the model is made for (lm: raised to data.seq_len unless set)
     rope_theta: float = 10000.0  # rotary embedding base
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share input embedding and output layer weights
@@ -51,9 +64,19 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The preset's fields over the defaults, then ``overrides``; unresolved (derived fields stay None).
+
+        An unknown preset is a ConfigError with the closest name; an unknown field a TypeError, as in DecoderModel.
+        """
+        _check_names(overrides, "ModelConfig.from_preset")
+        return dataclasses.replace(cls(), **{**get_preset(name).fields, "preset": name, **overrides})
+
     def resolved(self) -> ModelConfig:
         """A copy with the derived fields (None = default) filled in; the values a built model uses."""
-        intermediate = self.intermediate_size or default_intermediate_size(self.hidden_size)
+        intermediate = self.intermediate_size or default_intermediate_size(self.hidden_size,
+                                                                           self.intermediate_multiple_of)
         return dataclasses.replace(
             self,
             num_kv_heads=self.num_kv_heads or self.num_heads,
@@ -65,14 +88,23 @@ class ModelConfig:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-def build_config(config: ModelConfig | None, fields: dict[str, Any], owner: str) -> ModelConfig:
-    """The resolved config of ``owner(config, **fields)``: ``config`` (default ``ModelConfig()``) with ``fields``
-    replacing its values. An unknown field name raises TypeError, as a mistyped keyword argument would."""
+def _check_names(fields: dict[str, Any], owner: str) -> None:
+    """An unknown field name raises TypeError, as a mistyped keyword argument would."""
     unknown = sorted(set(fields) - set(FIELD_NAMES))
     if unknown:
         close = difflib.get_close_matches(unknown[0], FIELD_NAMES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(f"{owner} got unexpected keyword arguments {unknown}{hint}")
+
+
+def build_config(config: ModelConfig | None, fields: dict[str, Any], owner: str) -> ModelConfig:
+    """The resolved config of ``owner(config, **fields)``: ``config`` (default ``ModelConfig()``) with ``fields``
+    replacing its values. A ``preset`` keyword stands for its fields, under the other keywords, so
+    ``owner(**asdict(config))`` builds what ``owner(config)`` builds; ``config.preset`` alone is a record."""
+    _check_names(fields, owner)
     if config is not None and not isinstance(config, ModelConfig):
         raise TypeError(f"{owner} takes a ModelConfig or keyword arguments, got {type(config).__name__}")
-    return dataclasses.replace(config or ModelConfig(), **fields).resolved()
+    base = config or ModelConfig()
+    if fields.get("preset"):
+        base = dataclasses.replace(base, **get_preset(fields["preset"]).fields)
+    return dataclasses.replace(base, **fields).resolved()

@@ -104,8 +104,8 @@ class DecoderModel(GenerationMixin, nn.Module):
     ``DecoderModel(config)`` or ``DecoderModel(vocab_size=..., hidden_size=..., ...)``: the keywords are the
     ``ModelConfig`` field names (unset ones take ModelConfig's defaults); with a config, keywords override its
     values. Derived defaults: ``num_kv_heads = num_heads``; ``intermediate_size`` = Llama's 8/3*hidden rounded up
-    to a multiple of 256; ``moe_intermediate_size = intermediate_size``. ``causal=False`` gives bidirectional
-    attention for non-LM tasks.
+    to a multiple of ``intermediate_multiple_of`` (256); ``moe_intermediate_size = intermediate_size``. Named shapes:
+    :meth:`from_preset`. ``causal=False`` gives bidirectional attention for non-LM tasks.
     """
 
     def __init__(self, config: ModelConfig | None = None, /, *, causal: bool = True, **fields: Any) -> None:
@@ -134,6 +134,13 @@ class DecoderModel(GenerationMixin, nn.Module):
         )
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, /, *, causal: bool = True, **overrides: Any) -> DecoderModel:
+        """The named shape of :mod:`llm.models.presets` (``smollm2-135m``, ``tinyllama-1.1b``, ``llama-3.2-1b``,
+        ``mixtral-8x7b``, ``tiny``, ...) with ``overrides`` (ModelConfig fields) replacing its values. Build under
+        ``torch.device("meta")`` to size a large one without allocating it."""
+        return cls(ModelConfig.from_preset(name, **overrides), causal=causal)
 
     @classmethod
     def from_state_dict(

@@ -7,6 +7,9 @@ User mistakes are reported as one line on stderr with exit status 2, before anyt
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
 import logging
 import os
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import ConfigError, UserError
+from llm.models.config import ModelConfig
+from llm.models.presets import get_preset
 from llm.registry import TASKS, import_plugins
 from llm.training.core import callbacks as training_callbacks
 from llm.training.core.cli import apply_flags, build_parser, parse_flags, pre_parse
@@ -22,6 +27,7 @@ from llm.training.core.config import Config, append_or_replace, apply_dict, load
 from llm.training.core.distributed import (
     barrier,
     broadcast_object,
+    check_processes_fit_devices,
     claim_failure_report,
     destroy_process_group,
     init_process_group,
@@ -31,6 +37,8 @@ from llm.training.core.distributed import (
     torchrun_env,
 )
 from llm.training.core.engine import TrainingEngine
+from llm.training.core.precision import apply_auto_precision
+from llm.training.core.runlock import RunLock
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -63,11 +71,63 @@ def resolve_task(name: str) -> type[TrainingTask]:
     return task
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTask], bool]:
-    """Resolve defaults < task defaults < YAML < flags; returns (config, task class, print_config).
+def _preset_flag(argv: list[str]) -> str | None:
+    """The --model-preset value of `argv` (None when absent): it decides the config the other flags apply to."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--model-preset")
+    try:
+        namespace, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:  # e.g. no value: the full parser reports it as a one-line ConfigError
+        return None
+    return namespace.model_preset
 
-    `--help` prints the flags with the values resolved before the flags (what the run would use for
-    each unset flag), so the task and the YAML are resolved first.
+
+def _apply_derived(config: Config, task_class: type[TrainingTask], explicit: set[str]) -> dict[str, str]:
+    """Apply the task's `derived_defaults` ({"section.field": rule(config)}) to the fields the user did not set
+    (YAML or flag); returns {"section.field": why} for the values the rules changed (the rule's docstring)."""
+    changed: dict[str, str] = {}
+    for dest, rule in getattr(task_class, "derived_defaults", {}).items():
+        if dest in explicit:
+            continue
+        section, _, name = dest.rpartition(".")
+        owner = getattr(config, section) if section else config
+        value = rule(config)
+        if value != getattr(owner, name):
+            setattr(owner, name, value)
+            changed[dest] = (rule.__doc__ or f"derived by {task_class.__name__}").strip().splitlines()[0]
+    return changed
+
+
+def _preset_note(config: Config, before_task: dict[str, Any], why: dict[str, str]) -> str:
+    """One line naming each field of the preset whose value the run does not take from it, and why:
+    "model.preset tinyllama-1.1b: hidden_size 2048 -> 1024 (flag), vocab_size 32000 -> 256 (...)"."""
+    preset = get_preset(config.model.preset)
+    changes = []
+    for name, value in preset.fields.items():
+        now = getattr(config.model, name)
+        if now == value:
+            continue
+        dest = f"model.{name}"
+        if dest in why:
+            reason = why[dest]
+        elif name == "vocab_size" and now != before_task[name]:
+            reason = (f"follows data.tokenizer {config.data.tokenizer!r}; {value} is the vocabulary of "
+                      f"{preset.tokenizer}'s tokenizer")
+        else:
+            reason = f"set by task {config.task}"
+        changes.append(f"{name} {value} -> {now} ({reason})")
+    return f"model.preset {config.model.preset}: {', '.join(changes)}" if changes else ""
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTask], bool]:
+    """Resolve defaults < task defaults < preset < YAML < flags; returns (config, task class, print_config).
+
+    A model preset (`--model-preset` or the YAML's `model.preset`) replaces the task's model defaults; model fields
+    set in the YAML or by flags override it, and one line in `config.notes` (logged at the run's start) names each
+    preset value the run does not use and why. Then the task's `derived_defaults` fill the fields the user did not
+    set (e.g. the lm task raises `model.max_seq_len` to `data.seq_len`). `--help` prints the flags with the values
+    resolved before the flags (what the run would use for each unset flag), so the task and the YAML are resolved
+    first.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = pre_parse(argv)
@@ -82,14 +142,29 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     task_class = resolve_task(task_name)
     config = Config()
     apply_dict(config, {"task": task_name, **task_class.config_defaults}, f"{task_class.__name__}.config_defaults")
+    yaml_model = yaml_data.get("model") if isinstance(yaml_data.get("model"), dict) else {}
+    preset = _preset_flag(argv)
+    preset = str(yaml_model.get("preset") or "") if preset is None else preset
+    if preset:
+        config.model = ModelConfig.from_preset(preset)  # the preset replaces the task's model defaults
     apply_dict(config, yaml_data, pre.config or "config")
-    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())), config)
+    # --help shows what the run would use for each unset flag, derived values included.
+    shown = copy.deepcopy(config)
+    _apply_derived(shown, task_class, {f"model.{name}" for name in yaml_model})
+    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())), shown)
     if pre.help:
         parser.print_help()
         raise SystemExit(0)
-    apply_flags(config, parse_flags(parser, argv))
+    flags = parse_flags(parser, argv)
+    apply_flags(config, flags)
     config.plugins = plugins
+    sources = {**{f"model.{name}": "YAML" for name in yaml_model}, **{dest: "flag" for dest in flags}}
+    derived = _apply_derived(config, task_class, set(sources))
+    before_task = dataclasses.asdict(config.model)
     task_class.validate_config(config)
+    note = _preset_note(config, before_task, {**derived, **sources}) if config.model.preset else ""
+    if note:
+        config.notes.append(note)  # logged when the run starts (and into train.log)
     # A task that builds its own scheduler may accept names the registry does not know.
     own_scheduler = task_class.build_scheduler is not TrainingTask.build_scheduler
     validate_config(config, check_scheduler=not own_scheduler)
@@ -138,15 +213,20 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
     """One training process: join the process group, build everything, run the engine."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config.training.device, local_rank)
+    apply_auto_precision(config, device)  # before config.yaml is written: it records the choice
     dist_cfg = config.distributed
     init_process_group(rank, world_size, dist_cfg.backend, device, dist_cfg.timeout_minutes)
+    lock: RunLock | None = None
     try:
         # torchrun starts every process on its own; rank 0's run directory name is everyone's.
         config.logging.log_dir = broadcast_object(config.logging.log_dir)
+        lock = _lock_run_dir(rank, Path(config.logging.log_dir))  # before anything is written into it
         if rank == 0:
             prepare_run_dir(config)
         barrier()
         setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
+        if lock is not None and lock.replaced:
+            logging.getLogger("llm").warning("%s", lock.replaced)
         task = task_class(config)
         data_module = task.build_data_module()
         instantiated_callbacks = training_callbacks.build_callbacks(config)
@@ -164,7 +244,25 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
             claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away
         raise
     finally:
+        if lock is not None:
+            lock.release()  # after a normal end, a failure, or a SIGTERM stop (the engine returns then)
         destroy_process_group()
+
+
+def _lock_run_dir(rank: int, run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (see runlock.py); every rank raises its refusal, so that the job
+    reports it once and no rank waits for a rank 0 that has given up. Returns rank 0's lock, None elsewhere."""
+    lock, refusal = None, None
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except UserError as exc:
+            refusal = exc
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise refusal
+    return lock
 
 
 class _WorkerFailed(Exception):
@@ -204,6 +302,12 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
     env = torchrun_env()
     if env is not None:
         rank, world_size = env
+        try:
+            check_processes_fit_devices(config.training.device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        except UserError:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                raise  # one report per machine, not one per process
+            raise _WorkerFailed(2) from None
         if config.distributed.nproc_per_node > 1 and rank == 0:
             print(f"warning: distributed.nproc_per_node={config.distributed.nproc_per_node} is ignored under "
                   f"torchrun, which started {world_size} worker(s)", file=sys.stderr)
@@ -216,6 +320,7 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
         if world_size > 1:
             _exit_cleanly()
     elif config.distributed.nproc_per_node > 1:
+        check_processes_fit_devices(config.training.device, config.distributed.nproc_per_node)
         spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class), config.distributed.master_port)
     else:
         train_worker(0, 1, config, task_class)

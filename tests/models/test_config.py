@@ -94,3 +94,14 @@ def test_from_state_dict_takes_a_config():
     assert rebuilt.lm_head.weight is rebuilt.embed_tokens.weight
     ids = torch.randint(0, 256, (1, 5))
     torch.testing.assert_close(rebuilt(ids), source(ids))
+
+
+def test_intermediate_size_is_derived_from_hidden_size_by_a_rounding_rule():
+    assert default_intermediate_size(128) == 512 and default_intermediate_size(128, 8) == 344  # Llama's vs lm's
+    assert default_intermediate_size(768, 8) == default_intermediate_size(768) == 2048
+    assert ModelConfig(hidden_size=128, intermediate_multiple_of=8).resolved().intermediate_size == 344
+    widened = ModelConfig(hidden_size=768, intermediate_multiple_of=8).resolved()
+    assert widened.intermediate_size == widened.moe_intermediate_size == 2048  # follows the width, not a number
+    assert ModelConfig(hidden_size=768, intermediate_size=1000).resolved().intermediate_size == 1000  # set: kept
+    with pytest.raises(ValueError, match="intermediate_multiple_of must be >= 1"):
+        ModelConfig(intermediate_multiple_of=0).resolved()

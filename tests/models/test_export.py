@@ -120,3 +120,116 @@ def test_bad_arguments_are_one_line_too(tmp_path, capsys):
     assert main([str(tmp_path), "--to", "onnx", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "onnx" in err and err.count("\n") == 1
+
+
+# -- an export never mixes models --------------------------------------------------------------------------------
+def _files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("first_sharded", [True, False])
+def test_a_non_empty_target_needs_overwrite_which_removes_the_stale_export(tmp_path, capsys, first_sharded):
+    models = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        models[name] = DecoderModel(**MODEL_CFG)
+        _write_ckpt(tmp_path / name, models[name], MODEL_CFG)
+    out = tmp_path / "out"
+    shard = ["--max-shard-size", "20KB"]
+    assert main([str(tmp_path / "a"), "--to", "hf", str(out), *(shard if first_sharded else [])]) == 0
+    (out / "README.md").write_text("notes the user keeps next to the model\n")
+    (out / "tokenizer.json").write_text("{}")  # a tokenizer of model a, left by another tool
+    before = _files(out)
+    assert any(name.startswith("model-0") for name in before) == first_sharded
+    capsys.readouterr()
+
+    assert main([str(tmp_path / "b"), "--to", "hf", str(out), *([] if first_sharded else shard)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    assert _files(out) == before  # refused before anything was written
+
+    assert main([str(tmp_path / "b"), "--to", "hf", str(out), *([] if first_sharded else shard), "--overwrite"]) == 0
+    after = sorted(p.name for p in out.iterdir())
+    shards = [n for n in after if n.startswith("model-0")]
+    if first_sharded:  # a single file now: no shard and no index of model a may remain
+        assert after == ["README.md", "config.json", "model.safetensors"]
+    else:  # shards now: model a's single file must be gone (a loader could pick either)
+        assert len(shards) >= 2 and "model.safetensors" not in after and "model.safetensors.index.json" in after
+        assert sorted(set(after) - set(shards)) == ["README.md", "config.json", "model.safetensors.index.json"]
+    assert (out / "README.md").read_text() == before["README.md"].decode()
+    _same_logits(load_hf(out), models["b"])
+
+
+def test_a_failed_export_keeps_the_previous_one(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = DecoderModel(**MODEL_CFG)
+    _write_ckpt(tmp_path / "a", model, MODEL_CFG)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a"), "--to", "hf", str(out)]) == 0
+    before = _files(out)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "broken" / "config.yaml").write_text(yaml.safe_dump({"task": "lm", "model": MODEL_CFG}))
+    assert main([str(tmp_path / "broken"), "--to", "hf", str(out), "--overwrite"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("target", ["run", "run-dotdot", "run-link", "checkpoint", "checkpoints", "inside-ckpt"])
+def test_never_exports_into_the_source(tmp_path, capsys, target):
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    _commit_ckpt(run, 10, DecoderModel(**MODEL_CFG))
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": "lm", "model": MODEL_CFG}))
+    save_model(DecoderModel(**MODEL_CFG), str(run / "model.safetensors"))
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    source = run / "checkpoints" / "step-00000010" if target in ("checkpoint", "inside-ckpt") else run
+    out = {"run": run, "run-dotdot": run / "checkpoints" / "..", "run-link": tmp_path / "link",
+           "checkpoint": source, "checkpoints": run / "checkpoints", "inside-ckpt": source / "hf"}[target]
+    before = {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert main([str(source), "--to", "hf", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and ("own directory" in err or "checkpoints/" in err)
+    assert {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("yaml-syntax", "cannot read"),
+        ("yaml-not-mapping", "expected a mapping"),
+        ("yaml-unknown-key", "model.hidden_sizes"),
+        ("model-invalid", "invalid model config"),
+        ("weights-truncated", "cannot read"),
+        ("weights-empty", "cannot read"),
+    ],
+)
+def test_malformed_config_or_truncated_weights_are_one_line(tmp_path, capsys, setup, message):
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    _write_ckpt(src, DecoderModel(**MODEL_CFG), MODEL_CFG)
+    weights = src / "model.safetensors"
+    config = {"yaml-syntax": "model: [hidden_size: 1\n", "yaml-not-mapping": "- lm\n",
+              "yaml-unknown-key": yaml.safe_dump({"task": "lm", "model": {**MODEL_CFG, "hidden_sizes": 8}}),
+              "model-invalid": yaml.safe_dump({"task": "lm", "model": {**MODEL_CFG, "num_heads": 3}})}.get(setup)
+    if config is not None:
+        (src / "config.yaml").write_text(config)
+    if setup == "weights-truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if setup == "weights-empty":
+        weights.write_bytes(b"")
+    assert main([str(src), "--to", "hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_target_and_shard_size_are_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    _write_ckpt(tmp_path / "a", DecoderModel(**MODEL_CFG), MODEL_CFG)
+    (tmp_path / "file").write_text("x")
+    assert main([str(tmp_path / "a"), "--to", "hf", str(tmp_path / "file")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main([str(tmp_path / "a"), "--to", "hf", str(tmp_path / "out"), "--max-shard-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-shard-size") and err.count("\n") == 1

@@ -22,6 +22,13 @@ Reading a run back is here too, next to the format: `load_run` (used by `llm.gen
 FSDP consolidation) turns a run directory, a checkpoint directory or a weights file into config, model and
 tokenizer, and only ever picks a complete checkpoint (see `resolve_run` for the rule).
 
+Nothing read back from a checkpoint is trusted, even when its checksum matches (whoever can change a file can
+re-hash the manifest): manifests are checked field by field and may only name files inside their checkpoint
+directory; trainer states load with `weights_only=True` and must have the engine's layout; the DCP `.metadata`
+pickle (which torch itself reads with plain `pickle`) goes through a restricted unpickler that can only build
+DCP's metadata classes. `inspect_checkpoint` checks all of that cheaply, so `resume=auto` can skip a bad checkpoint
+instead of failing on it after choosing it.
+
 Files are written readable like any other file the user creates (mode 0666 minus the umask): safetensors
 creates its files 0600, which would hide a run's weights from the rest of a team sharing a machine.
 """
@@ -36,13 +43,14 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -62,6 +70,12 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(UserError):
     """A checkpoint cannot be written or read (disk full, corrupt, unsafe, incompatible): one line, exit 2."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds what could run code if loaded naively (a pickle naming other classes, a YAML tag
+    that builds objects): someone modified the run directory. `resume=auto` stops on it rather than skipping,
+    so that the evidence is neither hidden nor overwritten by the new saves."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +254,8 @@ def write_manifest(ckpt_dir: Path, step: int, world_size: int, extra: dict[str, 
 
 
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    """The manifest of a checkpoint; raises CheckpointError when it is missing or unreadable."""
+    """The manifest of a checkpoint, checked field by field; raises CheckpointError when it is missing, unreadable
+    or malformed, or names a file outside `ckpt_dir`."""
     path = ckpt_dir / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"checkpoint: {ckpt_dir} is incomplete (no {MANIFEST})")
@@ -250,7 +265,38 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint: {path} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint: {path} is not a checkpoint manifest")
+    version = manifest.get("format")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint: {path} has format {version!r}; this version reads format {FORMAT_VERSION}")
+    for key, least in (("step", 0), ("world_size", 1)):
+        if not _is_int(manifest.get(key)) or manifest[key] < least:
+            raise CheckpointError(f"checkpoint: {path}: {key} must be an integer >= {least}, not {manifest.get(key)!r}")
+    root = ckpt_dir.resolve()
+    for name, entry in manifest["files"].items():
+        _check_manifest_name(path, root, name)
+        if not isinstance(entry, dict) or not _is_int(entry.get("bytes")) or entry["bytes"] < 0 \
+                or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            raise CheckpointError(f"checkpoint: {path}: the entry of {name!r} is not {{\"sha256\": hex, \"bytes\": n}}")
     return manifest
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_manifest_name(manifest: Path, root: Path, name: Any) -> None:
+    """A manifest entry must be a relative path below the checkpoint, also once symbolic links are followed:
+    otherwise hashing or loading it would read any file the user can read."""
+    plain = isinstance(name, str) and name and "\\" not in name and "\0" not in name \
+        and not PurePosixPath(name).is_absolute() and not PureWindowsPath(name).drive \
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    if not plain:
+        raise CheckpointError(f"checkpoint: {manifest} names {name!r}, which is not a path inside the checkpoint")
+    if not (root / name).resolve().is_relative_to(root):
+        raise CheckpointError(f"checkpoint: {manifest} names {name!r}, which leads outside the checkpoint directory")
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
@@ -260,13 +306,69 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         path = ckpt_dir / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint: {ckpt_dir} is missing {name}")
-        if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint: {path} fails its checksum (corrupt or modified)")
     weights = SHARDED_METADATA if SHARDED_METADATA in manifest["files"] else WEIGHTS
     for required in (weights, trainer_state_name(0)):
         if required not in manifest["files"]:
             raise CheckpointError(f"checkpoint: {ckpt_dir} has no {required}")
     return manifest
+
+
+def inspect_checkpoint(ckpt_dir: Path, ranks: Iterable[int] = (0,)) -> dict[str, Any]:
+    """`verify_checkpoint`, then parse what a resume of `ranks` will read, without loading any tensor data:
+    the trainer states (with their tensors memory-mapped), the weights' safetensors header or the shards'
+    metadata, and the config. Returns the manifest; any malformed file is a CheckpointError, so `resume=auto`
+    skips this checkpoint rather than choosing it and failing.
+
+    Ranks the checkpoint was not written with are not looked for: a world-size change is reported when loading.
+    """
+    manifest = verify_checkpoint(ckpt_dir)
+    files = manifest["files"]
+    for rank in ranks:
+        name = trainer_state_name(rank)
+        if rank < manifest["world_size"]:
+            if name not in files:
+                raise CheckpointError(f"checkpoint: {ckpt_dir} has no {name} in its {MANIFEST}")
+            load_trainer_state(ckpt_dir / name, mmap=True)
+    if SHARDED_METADATA in files:
+        load_shard_metadata(ckpt_dir / SHARDED_METADATA)
+    else:
+        try:
+            with safe_open(str(ckpt_dir / WEIGHTS), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint: cannot read {ckpt_dir / WEIGHTS}: {_first_line(exc)}") from None
+    if CONFIG in files:
+        read_checkpoint_config(ckpt_dir / CONFIG)
+    return manifest
+
+
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml as a plain mapping (`yaml.safe_load`: tags that build objects are refused)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:
+        raise UnsafeCheckpointError(
+            f"checkpoint: refusing to load {path}: it uses YAML tags that build Python objects ({_first_line(exc)})"
+        ) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint: {path} is not a run config (expected a mapping)")
+    return data
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The line of torch's weights_only refusal that names the global (its first line is advice, in ANSI bold)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    named = next((line for line in lines if "Unsupported global" in line), None)
+    return named.split(" was not an allowed")[0] if named else _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -286,12 +388,14 @@ def find_latest_checkpoint(
     check: Callable[[Path], Any] = verify_checkpoint,
 ) -> Path | None:
     """The newest checkpoint under `root` (of a step > `after`) that passes `check` (by default it verifies);
-    each one skipped is reported through `warn`."""
+    each one skipped is reported through `warn`. An `UnsafeCheckpointError` is raised, never skipped."""
     for step, path in reversed(list_checkpoints(root)):
         if step <= after:
             break
         try:
             check(path)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as exc:
             warn(f"skipping checkpoint {path}: {str(exc).removeprefix('checkpoint: ')}")
             continue
@@ -355,27 +459,209 @@ def _remove_tree(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    """Read a trainer state with `weights_only=True`: tensors and plain containers only, never code."""
+def safe_torch_load(source: Any, what: str, **kwargs: Any) -> Any:
+    """`torch.load(source, weights_only=True)`: tensors and plain containers only, never code. A file holding
+    anything else is an `UnsafeCheckpointError`, an unreadable one a `CheckpointError`, both naming `what`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint: refusing to load {path}: it holds objects other than tensors and plain data, "
-            f"which could run code on load ({first})"
+        raise UnsafeCheckpointError(
+            f"checkpoint: refusing to load {what}: it holds objects other than tensors and plain data, "
+            f"which could run code on load ({refusal_reason(exc)})"
         ) from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint: cannot read {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint: {path} does not hold a trainer state")
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {what}: {_first_line(exc)}") from None
+
+
+def load_trainer_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Read a trainer state with `safe_torch_load` and check that it has the engine's layout
+    (`check_trainer_state`). `mmap=True` leaves the tensor data on disk, which is how `inspect_checkpoint` checks a
+    state cheaply."""
+    state = safe_torch_load(path, str(path), mmap=mmap)
+    check_trainer_state(state, path)
     return state
+
+
+# The trainer state's layout (what `engine.state_dict()` returns): entry -> the types its value may have.
+_STATE_LAYOUT: dict[str, tuple[type, ...]] = {
+    "state": (dict,), "optimizer": (dict, type(None)), "lr_schedule": (dict,), "data": (dict,),
+    "callbacks": (dict,), "rng": (dict,),
+}
+_STATE_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "scaler": (dict, type(None)), "meter": (dict, type(None)), "checkpointer": (dict, type(None)),
+}
+
+
+def check_trainer_state(state: Any, path: Path) -> None:
+    """Raise CheckpointError unless `state` has the layout of a trainer state: its entries and their types, the
+    run counters as integers, the optimizer's `state`/`param_groups`, the RNG states with their shapes. What only
+    applying it can tell (an optimizer of another model) is left to `engine.load_state_dict`."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {path} is not a valid trainer state: {what}")
+
+    if not isinstance(state, dict):
+        raise bad(f"a {type(state).__name__}, not a mapping")
+    missing = [key for key in _STATE_LAYOUT if key not in state]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    for key, types in {**_STATE_LAYOUT, **_STATE_OPTIONAL}.items():
+        if key in state and not isinstance(state[key], types):
+            raise bad(f"{key} is a {type(state[key]).__name__}")
+    counters = [k for k, v in state["state"].items() if not isinstance(k, str) or not _is_int(v)]
+    if counters:
+        raise bad(f"state.{counters[0]} is not an integer counter")
+    optimizer = state["optimizer"]
+    if optimizer is not None and (not isinstance(optimizer.get("state"), dict)
+                                  or not isinstance(optimizer.get("param_groups"), list)
+                                  or not all(isinstance(g, dict) for g in optimizer["param_groups"])):
+        raise bad("optimizer has no state mapping and param_groups list")
+    problem = _rng_problem(state["rng"])
+    if problem:
+        raise bad(f"rng.{problem}")
+
+
+def _rng_problem(rng: dict[str, Any]) -> str | None:
+    """What is wrong with the RNG states `rng_state` wrote (None: nothing), so that restoring them cannot fail."""
+
+    def tensor(value: Any, dtype: torch.dtype, numel: int | None = None) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == dtype and value.dim() == 1 \
+            and (numel is None or value.numel() == numel)
+
+    py, npy, cpu = rng.get("python"), rng.get("numpy"), rng.get("torch")
+    if isinstance(py, dict):
+        if not _is_int(py.get("version")) or not tensor(py.get("state"), torch.int64, 625) \
+                or not isinstance(py.get("gauss_next"), (float, type(None))):
+            return "python is not a Python RNG state"
+    elif not (isinstance(py, tuple) and len(py) == 3):  # the native tuple of older states
+        return "python is missing"
+    if isinstance(npy, dict):
+        if not isinstance(npy.get("name"), str) or not tensor(npy.get("keys"), torch.int64, 624) \
+                or not all(_is_int(npy.get(k)) for k in ("pos", "has_gauss")) \
+                or not isinstance(npy.get("cached_gaussian"), (float, int)):
+            return "numpy is not a NumPy RNG state"
+    elif not (isinstance(npy, tuple) and len(npy) == 5):
+        return "numpy is missing"
+    if not tensor(cpu, torch.uint8):
+        return "torch is not a torch RNG state"
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, (list, tuple)) or not all(tensor(t, torch.uint8) for t in cuda):
+        return "cuda is not a list of CUDA RNG states"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded (FSDP) checkpoint metadata, without pickle's code execution
+# ---------------------------------------------------------------------------------------------
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# Every global a DCP `.metadata` pickle refers to (collected from the FSDP checkpoints this framework writes, torch
+# 2.11-2.13): the metadata dataclasses, tensor sizes, dtypes and layouts, and the Path of the checkpoint id. None
+# of them runs anything when built. Python 3.13 moved the concrete path classes to `pathlib._local`.
+_SHARD_METADATA_GLOBALS = frozenset({
+    *((_DCP_METADATA, name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+    )),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"),
+})
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the allowed set: what a payload does, never what DCP writes."""
+
+
+class _ShardMetadataUnpickler(pickle.Unpickler):
+    """An unpickler that can name only the globals of DCP metadata (torch dtypes included), nothing callable else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SHARD_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise _ForbiddenGlobal(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def load_shard_metadata(path: Path) -> Any:
+    """The `torch.distributed.checkpoint` `Metadata` in `path` (a `.metadata` file), read without running code.
+
+    torch's `FileSystemReader.read_metadata` unpickles this file with plain `pickle`, so a crafted one would run
+    code; here only DCP's metadata classes can be built. The result is checked too: each entry describes a tensor
+    or a byte blob, and every storage file is a plain name in the same directory (no path out of it).
+    """
+    try:
+        with open(path, "rb") as f:
+            metadata = _ShardMetadataUnpickler(f).load()
+    except _ForbiddenGlobal as exc:
+        raise UnsafeCheckpointError(
+            f"checkpoint: refusing to load {path}: it is not torch.distributed.checkpoint metadata, and loading "
+            f"it could run code ({_first_line(exc)})"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001  (any failure of the allowed classes on crafted arguments)
+        raise CheckpointError(f"checkpoint: {path} is not valid shard metadata: {_first_line(exc)}") from None
+    problem = _shard_metadata_problem(metadata, path.parent)
+    if problem:
+        raise CheckpointError(f"checkpoint: {path} is not valid shard metadata: {problem}")
+    return metadata
+
+
+def _shard_metadata_problem(metadata: Any, directory: Path) -> str | None:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    if not isinstance(metadata, Metadata):
+        return f"a {type(metadata).__name__}"
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(entries, dict):
+        return "no state_dict_metadata mapping"
+    for key, entry in entries.items():
+        if isinstance(entry, TensorStorageMetadata):
+            ok = isinstance(entry.size, torch.Size) and isinstance(entry.properties, TensorProperties) \
+                and isinstance(entry.properties.dtype, torch.dtype) and isinstance(entry.chunks, list) \
+                and all(isinstance(c, ChunkStorageMetadata) and isinstance(c.offsets, torch.Size)
+                        and isinstance(c.sizes, torch.Size) for c in entry.chunks)
+        else:
+            ok = isinstance(entry, BytesStorageMetadata)
+        if not isinstance(key, str) or not ok:
+            return f"the entry {key!r} describes neither a tensor nor bytes"
+    if not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+        return "storage_meta is not a StorageMeta"
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        return "no storage_data mapping"
+    root = directory.resolve()
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            return "storage_data holds something other than storage records"
+        name = info.relative_path
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name \
+                or not (root / name).resolve().is_relative_to(root):
+            return f"storage file {name!r} is not a file of its directory"
+        if not _is_int(info.offset) or not _is_int(info.length) or info.offset < 0 or info.length < 0:
+            return f"storage record of {index.fqn!r} has a bad offset or length"
+    return None
 
 
 def weight_mismatches(model: nn.Module, path: Path) -> list[str]:
     """Tensors whose name or shape differ between `model` and the safetensors file (empty if compatible)."""
-    with safe_open(str(path), framework="pt") as f:
-        saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, corrupt or not safetensors
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
     return shape_mismatches(model, saved)
 
 
@@ -408,4 +694,7 @@ def load_checkpoint_weights(model: nn.Module, path: Path) -> None:
             "config the checkpoint was written with (its config.yaml), or use --checkpoint-resume none"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    load_model(model, str(path), strict=True, device=str(device))
+    try:
+        load_model(model, str(path), strict=True, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:  # a header that lies about its data
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None

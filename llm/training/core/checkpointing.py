@@ -11,9 +11,10 @@ When it saves:
 - on SIGTERM/SIGINT, right after the step that is running (all ranks agree), after which the run stops.
 
 Resume (`checkpoint.resume`, run by the engine after set-up): `auto` takes
-the newest checkpoint of the run directory that verifies against its manifest, skipping (with a
-warning naming each) any that do not; `PATH` takes that checkpoint, or the newest in that run or
-checkpoints directory. The data module continues from its saved position, so no batch is replayed.
+the newest checkpoint of the run directory that verifies against its manifest and whose files are well formed
+(`checkpoint.inspect_checkpoint`), skipping (with a warning naming each) any that are not; `PATH` takes that
+checkpoint, or the newest in that run or checkpoints directory. The data module continues from its saved
+position, so no batch is replayed.
 
 In a multi-process run every rank writes its own trainer state into the shared temp directory; rank 0
 writes the weights and config and, once all ranks report success, the manifest and the rename. A write
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from llm.errors import ConfigError
 
@@ -42,6 +42,7 @@ from . import checkpoint as ckpt
 from .distributed import all_agree, any_rank, broadcast_object
 from .fsdp import is_fsdp, load_sharded, save_sharded
 from .hooks import Callback
+from .runlock import live_holder
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Config fields whose change on resume is expected (run length, logging, checkpointing itself).
@@ -145,7 +146,13 @@ class Checkpointer:
 
     # -- the engine's calls -----------------------------------------------------------------------
     def start(self) -> None:
-        if self.engine.is_global_zero:
+        # A temp directory is only known to be stale when no other live run holds the run directory's lock (an
+        # engine built without train_worker takes no lock, but must not delete a running save of one that did).
+        holder = live_holder(self.engine.run_dir) if self.engine.is_global_zero else None
+        if holder is not None:
+            self.engine.logger.warning("not removing temp checkpoints in %s: the run directory is in use by %s",
+                                       self.root, holder.describe())
+        elif self.engine.is_global_zero:
             for path in ckpt.remove_stale_temps(self.root):
                 self.engine.logger.warning("removed %s, left by an interrupted save", path)
         self._install_signal_handlers()
@@ -352,8 +359,8 @@ class Checkpointer:
             except ckpt.CheckpointError as exc:
                 choice = exc
         choice = broadcast_object(choice)
-        if isinstance(choice, Exception):
-            raise ckpt.CheckpointError(str(choice))
+        if isinstance(choice, Exception):  # the same class on every rank (UnsafeCheckpointError stays one)
+            raise (type(choice) if isinstance(choice, ckpt.CheckpointError) else ckpt.CheckpointError)(str(choice))
         if choice is None:
             if self.resume != "auto":
                 raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
@@ -371,39 +378,50 @@ class Checkpointer:
         return path
 
     def _select_checkpoint(self) -> str | None:
+        """The checkpoint to resume from (rank 0 decides for all). Candidates are checked by `_check_candidate`:
+        under `auto` each one that fails is skipped with a warning; a checkpoint named explicitly must pass."""
         warn = self.engine.logger.warning
         if self.resume == "auto":
-            found = ckpt.find_latest_checkpoint(self.root, warn)
+            found = ckpt.find_latest_checkpoint(self.root, warn, check=self._check_candidate)
             if found is None and ckpt.list_checkpoints(self.root):
                 warn(f"no complete checkpoint in {self.root}; starting from step 0")
             return str(found) if found else None
         path = Path(self.resume)
         if (path / ckpt.MANIFEST).exists() or ckpt.checkpoint_step(path) is not None:
-            ckpt.verify_checkpoint(path)  # an explicitly named checkpoint must be sound: no fallback
+            self._check_candidate(path)  # an explicitly named checkpoint must be sound: no fallback
             return str(path)
         root = path / ckpt.CHECKPOINTS_DIR if (path / ckpt.CHECKPOINTS_DIR).is_dir() else path
-        found = ckpt.find_latest_checkpoint(root, warn)
+        found = ckpt.find_latest_checkpoint(root, warn, check=self._check_candidate)
         if found is None:
             raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
         return str(found)
 
+    def _check_candidate(self, path: Path) -> None:
+        """Checksums, then the layout of every file the ranks of this run will read (manifest, trainer states,
+        weights header or shard metadata, config), without loading tensor data: a malformed checkpoint is
+        skipped before it is chosen, not found broken halfway through loading it."""
+        ckpt.inspect_checkpoint(path, range(self.engine.world_size))
+
     def _load(self, path: Path) -> None:
         engine = self.engine
         manifest = ckpt.read_manifest(path)
-        saved_world = int(manifest.get("world_size", 1))
+        saved_world = manifest["world_size"]
         if saved_world != engine.world_size:
             raise ckpt.CheckpointError(
                 f"checkpoint: {path} was written by {saved_world} processes and this run has {engine.world_size}; "
                 f"resume with --distributed-nproc-per-node {saved_world}"
             )
+        state_name = ckpt.trainer_state_name(engine.rank)
+        if state_name not in manifest["files"]:  # only files the manifest vouches for are read
+            raise ckpt.CheckpointError(f"checkpoint: {path} has no {state_name} in its {ckpt.MANIFEST}")
         self._warn_config_changes(path)
         sharded = self._load_weights(path, manifest)
-        state = ckpt.load_trainer_state(path / ckpt.trainer_state_name(engine.rank))
+        state = ckpt.load_trainer_state(path / state_name)
         if sharded:
             state["optimizer"] = engine.optimizer.state_dict()  # already restored from the shards
         try:
             engine.load_state_dict(state)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as exc:
             raise ckpt.CheckpointError(
                 f"checkpoint: cannot restore the trainer state from {path} ({type(exc).__name__}: {exc}); "
                 "was it written with a different optimizer or task?"
@@ -437,8 +455,8 @@ class Checkpointer:
         if not self.engine.is_global_zero or not (path / ckpt.CONFIG).is_file():
             return
         try:
-            saved = yaml.safe_load((path / ckpt.CONFIG).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+            saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
+        except ckpt.CheckpointError:  # only a warning depends on it; the checkpoint's soundness was checked before
             return
         changes = config_changes(saved, self.engine.config.to_dict())
         if changes:

@@ -24,7 +24,8 @@ import yaml
 from llm.errors import ConfigError, did_you_mean, invalid
 from llm.models.config import ModelConfig  # the model section is the model's own config
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .precision import PRECISIONS
+
 NAN_POLICIES = ("raise", "skip")
 INTERVALS = ("step", "epoch")
 STRATEGIES = ("ddp", "fsdp")
@@ -72,7 +73,7 @@ class TrainingConfig:
     plateau_monitor: str = "val/loss"  # plateau: validation metric watched
     plateau_patience: int = 10  # plateau: validations without improvement before a cut
     plateau_factor: float = 0.1  # plateau: lr multiplier on a cut
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler)
+    precision: str = "auto"  # auto (bf16 where the device runs it fast, else fp32) | fp32 | bf16 | fp16 (+ GradScaler)
     val_interval: int = 0  # validate every N optimizer steps (0 = at epoch end only)
     val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
     log_interval: int = 10  # optimizer steps between metric logs
@@ -137,6 +138,10 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        # Lines for the run's start (e.g. what precision `auto` chose); not part of the saved config.
+        self.notes: list[str] = []
 
     @property
     def logger(self) -> logging.Logger:
@@ -330,6 +335,12 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     for name in ("intermediate_size", "moe_intermediate_size"):
         value = getattr(m, name)
         _check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null")
+    multiple = m.intermediate_multiple_of
+    _check(multiple >= 1, "model.intermediate_multiple_of", multiple, "must be >= 1")
+    if m.preset:
+        from llm.models.presets import PRESETS
+
+        _check(m.preset in PRESETS, "model.preset", m.preset, f"one of {', '.join(PRESETS)}", PRESETS)
     _check(m.top_k <= m.num_experts, "model.top_k", m.top_k, f"must be <= model.num_experts={m.num_experts}")
     _check(m.num_shared_experts >= 0, "model.num_shared_experts", m.num_shared_experts, "must be >= 0")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
@@ -381,7 +392,13 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "training.device", t.device,
         "auto, cpu, cuda or cuda:N",
     )
-    if t.device.startswith("cuda") or (t.device == "auto" and _cuda_available()):
+    if t.device.startswith("cuda"):
+        _check(_cuda_available(), "training.device", t.device,
+               "no CUDA device is visible to this process (torch.cuda.is_available() is False); use cpu or auto")
+        index = int(t.device.partition(":")[2] or 0)
+        _check(index < _cuda_device_count(), "training.device", t.device,
+               f"this machine has {_cuda_device_count()} visible CUDA device(s), numbered from 0")
+    elif t.device == "auto" and _cuda_available():
         pass
     elif t.precision == "fp16":
         raise invalid("training.precision", t.precision, "fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -433,3 +450,9 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

@@ -42,6 +42,9 @@ def export_sharded(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ver
         groups = json.loads(tied.read_text(encoding="utf-8")) if tied.is_file() else []
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint: cannot read {tied}: {exc}") from None
+    is_list = isinstance(groups, list)
+    if not (is_list and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups)):
+        raise CheckpointError(f"checkpoint: {tied} is not a list of groups of weight names")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(state, out, groups)

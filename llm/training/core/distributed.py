@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llm.errors import UserError
+from llm.errors import ConfigError, UserError
 
 # Store key under which the first failing rank registers itself; the suffix is a token rank 0 draws when the group
 # starts, because torchrun's store outlives a restarted attempt (its keys would answer for the failed one).
@@ -75,6 +75,26 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return device
+
+
+def check_processes_fit_devices(device: str, local_processes: int) -> None:
+    """Refuse a launch that would put two processes of one machine on one GPU (NCCL fails on it with "Duplicate
+    GPU detected"); each process binds `cuda:LOCAL_RANK`, so a machine needs one visible GPU per local process."""
+    uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if local_processes <= 1 or not uses_cuda:
+        return
+    if ":" in device:
+        raise ConfigError(
+            f"training.device: {device!r} puts all {local_processes} local processes on one GPU; use 'cuda' (each "
+            "process then binds cuda:LOCAL_RANK) or 'cpu'"
+        )
+    count = torch.cuda.device_count()
+    if local_processes > count:
+        raise ConfigError(
+            f"distributed.nproc_per_node: {local_processes} processes per machine but this machine has {count} "
+            f"visible GPU(s); start at most {count} (torchrun --nproc-per-node / --distributed-nproc-per-node), or "
+            "train on the CPU with --training-device cpu"
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

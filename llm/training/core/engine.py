@@ -39,7 +39,7 @@ from .loggers import MetricSink, build_sinks, close_quietly
 from .metrics import MetricAccumulator
 from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
 from .parallel import parallelize
-from .precision import autocast
+from .precision import apply_auto_precision, autocast
 from .run_summary import announce_run
 from .schedulers import LRSchedule
 
@@ -119,6 +119,7 @@ class TrainingEngine:
         self.config, self.task = config, task
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", rank)))
+        apply_auto_precision(config, self.device)  # a no-op when train_worker resolved it already
         self.logger = logging.getLogger("llm")
         self.data_module = data_module if data_module is not None else task.build_data_module()
         callbacks = list(callbacks) if callbacks is not None else build_callbacks(config)
@@ -241,6 +242,7 @@ class TrainingEngine:
             self.checkpointer.start()
             self.callbacks.on_train_start({"step": self.state.step, "total_steps": self.total_steps})
             self._fit()
+            self._flush()  # the last step's record, before the final saves report
             self._save_final()
             self.callbacks.on_train_end({"step": self.state.step, **self.last_val_logs})
         except BaseException as exc:

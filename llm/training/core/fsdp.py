@@ -15,11 +15,18 @@ calls it:
   forwards so that every all-gather has all its participants;
 - `save_sharded` / `load_sharded` write and read a `torch.distributed.checkpoint` directory (one file
   per rank plus `.metadata`), which consolidate.py turns into one safetensors file in one process.
+
+Every read of such a directory goes through `shard_reader` and `safe_load_planner`, never DCP's defaults: DCP unpickles
+`.metadata` with plain `pickle` and non-tensor entries of the shards with `torch.load(weights_only=False)`, so a
+crafted checkpoint would run code on load. Here the metadata is read by `checkpoint.load_shard_metadata` (only
+DCP's metadata classes) and byte entries with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import logging
 import os
@@ -33,7 +40,13 @@ from torch import nn
 
 from llm.errors import UserError
 
-from .checkpoint import FINAL_STEP_KEY, make_readable
+from .checkpoint import (
+    FINAL_STEP_KEY,
+    CheckpointError,
+    load_shard_metadata,
+    make_readable,
+    safe_torch_load,
+)
 from .distributed import all_gather_object, any_rank, broadcast_object
 
 TIED_FILE = "tied_weights.json"  # names sharing one parameter (DCP stores each name separately)
@@ -207,9 +220,10 @@ def lockstep_batches(batches: Iterable[Any], device: torch.device) -> Iterator[t
 
 
 @contextlib.contextmanager
-def _plain_errors(what: str) -> Iterator[None]:
+def plain_errors(what: str) -> Iterator[None]:
     """Re-raise DCP's `CheckpointException` (a BaseException gathered from every rank, so all ranks raise it
-    alike) as the first rank's OSError, or a RuntimeError, which callers handle like any failed write."""
+    alike) as the first rank's CheckpointError or OSError, or a RuntimeError, which callers handle like any
+    failed read or write."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -217,9 +231,56 @@ def _plain_errors(what: str) -> Iterator[None]:
     except CheckpointException as exc:
         failures = getattr(exc, "failures", {}) or {}
         first = next(iter(failures.values()))[0] if failures else exc
-        if isinstance(first, OSError):
+        if isinstance(first, (OSError, UserError)):
             raise first from None
         raise RuntimeError(f"{what} failed on rank(s) {sorted(failures)}: {first!r}") from None
+
+
+def shard_reader(directory: str | os.PathLike) -> Any:
+    """DCP's `FileSystemReader` for `directory`, with `.metadata` read by `checkpoint.load_shard_metadata` (no
+    code can run, storage files confined to the directory) instead of `pickle.load`."""
+    return _safe_dcp_classes()[0](str(directory))
+
+
+def safe_load_planner() -> Any:
+    """DCP's `DefaultLoadPlanner`, except that non-tensor entries load with `weights_only=True`.
+
+    `DefaultLoadPlanner.load_bytes` reads them with `torch.load(weights_only=False)` (code execution from a shard
+    file). Here the blob is read with `weights_only=True` and handed on re-serialized (so DCP's own placement
+    logic runs on data known to be plain); a blob where the target expects a tensor is refused, so crafted
+    metadata cannot swap a weight for an object.
+    """
+    return _safe_dcp_classes()[1]()
+
+
+@functools.cache
+def _safe_dcp_classes() -> tuple[type, type]:
+    # Built on first use: importing torch.distributed.checkpoint costs every run about a second otherwise.
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class ShardReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")  # set only for checkpoints saved without rank coordination (not ours)
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            metadata = load_shard_metadata(Path(str(self.path)) / name)
+            if metadata.storage_meta is None:  # as FileSystemReader does: the load id identifies this load
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            if isinstance(getattr(self, "state_dict", {}).get(fqn), torch.Tensor):
+                raise CheckpointError(f"checkpoint: the shards hold bytes where the tensor {fqn!r} belongs")
+            plain = safe_torch_load(value, f"the shard entry {fqn!r}")
+            buffer = io.BytesIO()
+            torch.save(plain, buffer)
+            buffer.seek(0)
+            super().load_bytes(read_item, buffer)
+
+    return ShardReader, SafeLoadPlanner
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
@@ -229,7 +290,7 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
 
     directory = Path(directory)
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _plain_errors("saving the shards"):
+    with plain_errors("saving the shards"):
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
     groups = tied_groups(model)
     if groups and dist.get_rank() == 0:
@@ -239,13 +300,17 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """Read what `save_sharded` wrote into the sharded `model` and `optimizer` (a collective).
 
-    DCP reshards on load, so the shards need not match this run's world size.
+    DCP reshards on load, so the shards need not match this run's world size. Nothing in the directory can run
+    code (`shard_reader`, `safe_load_planner`); a crafted or malformed file is a CheckpointError on every rank.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    # Read (and check) the metadata here first: inside dcp.load a refusal would come back folded into DCP's own
+    # error text. Every rank reads it, as dcp.load does.
+    load_shard_metadata(Path(directory) / ".metadata")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    with _plain_errors("loading the shards"):
-        dcp.load(state, checkpoint_id=str(directory))
+    with plain_errors("loading the shards"):
+        dcp.load(state, storage_reader=shard_reader(directory), planner=safe_load_planner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

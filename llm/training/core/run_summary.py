@@ -62,5 +62,7 @@ def announce_run(engine: Any) -> None:
         log.warning("training.warmup: %d warmup steps exceed the run's %d steps, so the lr never reaches its peak "
                     "%g (lower --training-warmup or raise --training-max-steps)", cfg.warmup, engine.total_steps,
                     cfg.lr)
+    for note in getattr(engine.config, "notes", []):
+        log.info("%s", note)
     if engine.state.step:
         log.info("continuing at step %d of %d", engine.state.step, engine.total_steps)

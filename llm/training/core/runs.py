@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import Config, config_from_dict
+from .fsdp import plain_errors, safe_load_planner, shard_reader
 
 # ---------------------------------------------------------------------------------------------
 # Reading a run back: the one loader behind llm.generate, llm.export and the FSDP consolidation
@@ -202,30 +202,33 @@ def read_run_config(path: str | os.PathLike) -> Config:
 
 
 def load_sharded_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The full model weights of a sharded (FSDP) checkpoint, read in this one process (no process group)."""
+    """The full model weights of a sharded (FSDP) checkpoint, read in this one process (no process group).
+
+    Read through fsdp.py's `shard_reader` and `safe_load_planner`: nothing in the directory can run code.
+    """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     directory = Path(directory)
     if not (directory / ".metadata").is_file():
         raise CheckpointError(f"checkpoint: {directory} is not a sharded (torch.distributed.checkpoint) directory")
+    reader = shard_reader(directory)
+    metadata = reader.read_metadata()  # CheckpointError for anything but sound DCP metadata
+    prefix = "model."
     try:
-        reader = FileSystemReader(str(directory))
-        prefix = "model."
         state = {
             key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in reader.read_metadata().state_dict_metadata.items()
+            for key, meta in metadata.state_dict_metadata.items()
             if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
         }
         if not state:
             raise CheckpointError(f"checkpoint: {directory} holds no model weights")
         wrapped = {"model": state}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        with warnings.catch_warnings(), plain_errors("reading the shards"):
+            # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(wrapped, storage_reader=reader, no_dist=True)
-    except (CheckpointException, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            dcp.load(wrapped, storage_reader=reader, planner=safe_load_planner(), no_dist=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
         raise CheckpointError(f"checkpoint: cannot read the shards in {directory}: {_first_line(exc)}") from None
     return wrapped["model"]
 

@@ -9,6 +9,7 @@ scheduler. Warmup is not the task's business: the engine composes it with whatev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,10 @@ class TrainingTask:
     #: Task defaults, applied over the dataclass defaults and under YAML and CLI values:
     #: `{"model": {"hidden_size": 64}, "training": {"lr": 3e-4}}`.
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Fields derived from others unless the user set them (YAML or flag): {"section.field": rule(config)}; the
+    #: rule's docstring is the reason the run's start notes (e.g. the lm task raises model.max_seq_len to
+    #: data.seq_len). A derived value belongs here, never in `config_defaults`, where it would stay pinned.
+    derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {}
     #: The data module used when `data.module` is not set.
     data_module_class: ClassVar[type[DataModule] | None] = None
 

@@ -6,10 +6,12 @@ byte tokenizer's ratio is 1) and validation perplexity, both derived from the re
 (`reduce_metrics`): every window has `seq_len` tokens, so the engine's sample-weighted mean is the token-weighted
 mean, and perplexity is exp of it. The MoE auxiliary loss is added by the engine, not here.
 
-`model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default
-must be at least the tokenizer's vocabulary (larger pads the embedding, e.g. to a multiple of 64); smaller is
-a "tokenizer/vocab mismatch" `ConfigError`. `validate_config` writes the resolved size back into the config
-before the run directory's `config.yaml` is saved, so a run's config rebuilds its model.
+`model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default (or,
+with `model.preset`, the preset's vocabulary, which the preset's own tokenizer reproduces) must be at least the
+tokenizer's vocabulary (larger pads the embedding, e.g. to a multiple of 64); smaller is a "tokenizer/vocab
+mismatch" `ConfigError`. `validate_config` writes the resolved size back into the config before the run
+directory's `config.yaml` is saved, so a run's config rebuilds its model. `model.max_seq_len` is raised to
+`data.seq_len` unless the user set it (`derived_defaults`, applied by the train CLI).
 
 `TextSampler` (callback) generates from a few prompts at every validation on rank 0 and publishes them through the
 engine's metrics channel (console, TensorBoard text, `metrics.jsonl`).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +31,7 @@ from llm.data.text import SAMPLING_MODES, TextDataModule, bits_per_byte
 from llm.data.tokenizers import resolve_vocab_size
 from llm.errors import ConfigError, invalid
 from llm.models.decoder import DecoderModel
+from llm.models.presets import get_preset
 from llm.registry import register_callback, register_task
 from llm.training.core.callbacks import Callback
 from llm.training.core.config import ModelConfig
@@ -37,9 +41,22 @@ from .base_task import TrainingTask
 _DEFAULT_VOCAB = ModelConfig.vocab_size
 
 
-def resolve_model_vocab(requested: int, tokenizer_vocab: int) -> int:
-    """The model's vocabulary: the tokenizer's unless the user set a (large enough) size of their own."""
-    if requested == _DEFAULT_VOCAB:
+def vocab_to_follow(model: ModelConfig) -> int:
+    """The vocab_size that means "follow the tokenizer": the default, or the preset's own (made for its tokenizer)."""
+    return get_preset(model.preset).fields.get("vocab_size", _DEFAULT_VOCAB) if model.preset else _DEFAULT_VOCAB
+
+
+def cover_seq_len(config: Any) -> int:
+    """raised to data.seq_len"""  # the reason the CLI's preset note gives; the context covers the training window
+    return max(config.model.max_seq_len, config.data.seq_len)
+
+
+def resolve_model_vocab(requested: int, tokenizer_vocab: int, follow: int = _DEFAULT_VOCAB) -> int:
+    """The model's vocabulary: the tokenizer's unless the user set a (large enough) size of their own.
+
+    ``follow`` is the value that is not the user's choice: the dataclass default, or a preset's vocabulary (kept
+    only where the tokenizer has that many ids, i.e. the preset's own tokenizer)."""
+    if requested == follow:
         return tokenizer_vocab
     if requested < tokenizer_vocab:
         raise ConfigError(
@@ -54,17 +71,21 @@ class LMTask(TrainingTask):
     """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
 
     # Chosen by measurement on the 2-core CPU `make train` runs on (the numbers are in benchmarks/RESULTS.md):
-    # the learning rate, the unrounded SwiGLU width 8/3 x 128 and a step count that leaves room for the two full
-    # validations (half-way and final), sampling and start-up within the 8-minute budget.
+    # the learning rate, the unrounded SwiGLU width 8/3 x hidden (344 at 128: the width rounds to a multiple of 8,
+    # not Llama's 256, so a wider model keeps the rule, not the number) and a step count that leaves room for the
+    # two full validations (half-way and final), sampling and start-up within the 8-minute budget.
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 344, "max_seq_len": 256},
+        "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_multiple_of": 8,
+                  "max_seq_len": 256},
         "data": {"seq_len": 256},
         "training": {
             "lr": 1e-3, "batch_size": 16, "max_steps": 1500, "warmup": 100, "min_lr_ratio": 0.1,
-            "weight_decay": 0.1, "precision": "bf16", "val_interval": 750, "val_max_batches": 0, "log_interval": 20,
+            "weight_decay": 0.1, "val_interval": 750, "val_max_batches": 0, "log_interval": 20,
             "callbacks": ["+TextSampler"],  # appended to the framework's default callbacks
         },
     }
+    # Fields derived from others unless the user set them (YAML or flag); the train CLI applies them.
+    derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {"model.max_seq_len": cover_seq_len}
     data_module_class = TextDataModule
 
     @classmethod
@@ -81,7 +102,8 @@ class LMTask(TrainingTask):
                 "use 'byte' or the tokenizer.json the .bin was made with"
             )
         # Resolved here, before the run's config.yaml is written, so the saved config rebuilds the model.
-        m.vocab_size = resolve_model_vocab(m.vocab_size, resolve_vocab_size(d.tokenizer, d.vocab_size))
+        tokenizer_vocab = resolve_vocab_size(d.tokenizer, d.vocab_size)
+        m.vocab_size = resolve_model_vocab(m.vocab_size, tokenizer_vocab, vocab_to_follow(m))
 
     def build_data_module(self) -> Any:
         self.data_module = super().build_data_module()
@@ -91,7 +113,8 @@ class LMTask(TrainingTask):
     def build_model(self) -> nn.Module:
         tokenizer = getattr(getattr(self, "data_module", None), "tokenizer", None)
         if tokenizer is not None:
-            self.config.model.vocab_size = resolve_model_vocab(self.config.model.vocab_size, tokenizer.vocab_size)
+            m = self.config.model
+            m.vocab_size = resolve_model_vocab(m.vocab_size, tokenizer.vocab_size, vocab_to_follow(m))
         return DecoderModel(**dataclasses.asdict(self.config.model))
 
     def build_criterion(self) -> nn.Module:

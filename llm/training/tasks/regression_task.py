@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,12 +15,21 @@ from .base_task import TrainingTask
 from .encoders import SequenceEncoder
 
 
+def positions_for_seq_len(config: Any) -> int:
+    """raised to data.seq_len + 1"""  # the reason the CLI's preset note gives; +1: the summary token
+    return max(config.model.max_seq_len, config.data.seq_len + 1)
+
+
 class RegressionTask(TrainingTask):
     config_defaults = {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
         "data": {"seq_len": 16, "num_samples": 4096, "val_fraction": 0.1},
-        "training": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "warmup": 20, "log_interval": 20},
+        "training": {"lr": 2e-3, "epochs": 10, "batch_size": 32, "warmup": 20, "log_interval": 20,
+                     # fp32, not `auto`: this model is too small for bf16 matmuls to pay for the casts around them
+                     "precision": "fp32"},
     }
+    # Fields derived from others unless the user set them (YAML or flag); the train CLI applies them.
+    derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {"model.max_seq_len": positions_for_seq_len}
     data_module_class = RegressionDataModule
 
     @classmethod

@@ -95,18 +95,20 @@ def test_help_shows_the_selected_task_and_yaml_defaults(capsys, monkeypatch, tmp
     from llm.training.tasks.lm_task import LMTask
 
     lm = LMTask.config_defaults["training"]
-    assert (lm["max_steps"], lm["precision"], lm["batch_size"]) != (0, "fp32", 32)  # else the test proves nothing
+    assert (lm["max_steps"], lm["batch_size"]) != (0, 32)  # else the test proves nothing
     text = _help(capsys, monkeypatch, ["--task", "lm"])
     assert _default_of(text, "--training-max-steps") == str(lm["max_steps"]) == "1500"
-    assert _default_of(text, "--training-precision") == lm["precision"] == "bf16"
+    assert _default_of(text, "--training-precision") == "auto"
     assert _default_of(text, "--training-batch-size") == str(lm["batch_size"])
     lm_callbacks = parse_config(["--task", "lm"])[0].training.callbacks  # config_defaults may itself use +NAME
     assert _default_of(text, "--training-callbacks") == " ".join(lm_callbacks)
-    # A task value replaces the comment's derived default rather than adding a second one.
-    assert _default_of(text, "--model-intermediate-size") == str(LMTask.config_defaults["model"]["intermediate_size"])
+    assert _default_of(text, "--model-intermediate-multiple-of") == "8"  # the task's rounding of the derived width
+    assert _default_of(text, "--model-intermediate-size") == "8/3 hidden_size, rounded up to intermediate_multiple_of"
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("task: lm\ntraining:\n  lr: 0.25\n  callbacks: [+EarlyStopping]\n")
+    cfg.write_text("task: lm\ntraining:\n  lr: 0.25\n  callbacks: [+EarlyStopping]\nmodel:\n  intermediate_size: 512\n")
     text = _help(capsys, monkeypatch, ["--config", str(cfg)])
+    # A set value replaces the comment's derived default rather than adding a second one.
+    assert _default_of(text, "--model-intermediate-size") == "512"
     assert _default_of(text, "--training-lr") == "0.25"
     assert _default_of(text, "--training-max-steps") == "1500"  # the YAML's task
     assert _default_of(text, "--training-callbacks") == " ".join([*lm_callbacks, "EarlyStopping"])

@@ -43,7 +43,8 @@ def lm_args(tmp_path, *extra: str) -> list[str]:
     return ["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
             "--data-seq-len", "32", "--model-max-seq-len", "32", "--model-hidden-size", "32",
             "--model-num-layers", "2", "--model-num-heads", "2", "--training-batch-size", "4",
-            "--training-val-max-batches", "1", "--training-callbacks", "MetricsLogger", *extra]
+            "--training-val-max-batches", "1", "--training-device", "cpu", "--training-callbacks", "MetricsLogger",
+            *extra]
 
 
 def build_engine(tmp_path, args: list[str], task_class=None, extra_callbacks=()) -> TrainingEngine:

@@ -83,7 +83,7 @@ def lm_args(tmp_path, *callbacks: str) -> list[str]:
             "--data-seq-len", "32", "--model-max-seq-len", "32", "--model-hidden-size", "32", "--model-num-layers", "2",
             "--model-num-heads", "2", "--training-batch-size", "4", "--training-max-steps", "4",
             "--training-log-interval", "2", "--training-val-max-batches", "1", "--training-precision", "fp32",
-            "--training-callbacks", *callbacks]
+            "--training-device", "cpu", "--training-callbacks", *callbacks]
 
 
 def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -144,6 +144,28 @@ def test_gpu_check_benchmark_smoke_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny (bf16 + compile, cpu):" in proc.stdout and "tokens/s per device" in proc.stdout
     assert "MFU" in proc.stdout and "MFU n/a" not in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["benchmarks.bench_overhead", "--device", "cpu", "--preset", "tiny", "--compile", "--rounds", "1", "--warmup",
+     "2", "--steps", "3"],
+    ["benchmarks.bench_gpu_models", "--device", "cpu", "--shapes", "tiny", "debug-moe", "--compile", "--batch", "2",
+     "--seq-len", "32", "--steps", "2", "--rounds", "1"],
+], ids=["engine-vs-hand-loop", "ours-vs-hf"])
+def test_gpu_check_comparisons_smoke_on_cpu(tmp_path, command):
+    """gpu_check.sh's side-by-side stages (engine vs hand loop, ours vs HF), as it calls them, on the CPU."""
+    if command[0] == "benchmarks.bench_gpu_models":
+        pytest.importorskip("transformers")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLM_COMPILE_BACKEND": "aot_eager", "OMP_NUM_THREADS": "1",
+           "LLM_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if command[0] == "benchmarks.bench_overhead":
+        assert "ratio" in proc.stdout and "(MFU" in proc.stdout
+    else:
+        assert proc.stdout.count("tok/s") == 4 and "[eager: compile failed" not in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu

@@ -43,6 +43,7 @@ def tiny_config(tmp_path, text=TEXT * 4, **training) -> Config:
     m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size, m.max_seq_len = 64, 2, 4, 128, 64
     config.training.batch_size = training.pop("batch_size", 4)
     config.training.lr = training.pop("lr", 1e-2)
+    config.training.device = "cpu"  # the tests compare with CPU tensors
     return config
 
 
@@ -50,6 +51,7 @@ TINY_CLI = [
     "--task", "lm", "--data-seq-len", "32", "--data-val-fraction", "0.2",
     "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "2", "--model-max-seq-len", "64",
     "--training-batch-size", "4", "--training-precision", "fp32", "--training-log-interval", "5",
+    "--training-device", "cpu",
 ]
 
 
@@ -59,6 +61,47 @@ def test_vocab_follows_the_tokenizer_unless_set():
     assert resolve_model_vocab(4160, 4096) == 4160  # a larger, user-set size pads the embedding
     with pytest.raises(ConfigError, match="tokenizer/vocab mismatch"):
         resolve_model_vocab(1000, 4096)
+    assert resolve_model_vocab(32000, 256, follow=32000) == 256  # a preset's vocabulary follows the tokenizer too
+    assert resolve_model_vocab(512, 256, follow=32000) == 512
+
+
+# --------------------------------------------------------------------------------------- derived model defaults
+def cli_model(*args):
+    from llm.training.train import parse_config
+
+    config = parse_config(["--task", "lm", "--training-device", "cpu", *args])[0]
+    with torch.device("meta"):
+        return config, LMTask(config).build_model()
+
+
+def test_default_model_is_the_tuned_one_and_widening_derives_the_mlp():
+    config, model = cli_model()
+    assert model.num_parameters() == 857_216 and model.config.intermediate_size == 344  # README, RESULTS.md
+    assert config.model.intermediate_size is None  # derived, not pinned: the saved config rebuilds it as well
+    _, wide = cli_model("--model-hidden-size", "768")
+    assert wide.config.intermediate_size == 2048  # SwiGLU 8/3 x 768, not the 344 tuned for hidden 128
+    _, set_width = cli_model("--model-hidden-size", "768", "--model-intermediate-size", "1024")
+    assert set_width.config.intermediate_size == 1024
+
+
+def test_context_covers_the_window_unless_the_user_set_it(tmp_path):
+    config, _ = cli_model("--data-seq-len", "2048")
+    assert config.model.max_seq_len == 2048
+    assert cli_model("--data-seq-len", "128")[0].model.max_seq_len == 256  # raised, never lowered
+    with pytest.raises(ConfigError, match=r"data.seq_len: invalid value 2048; must be <= model.max_seq_len=1024"):
+        cli_model("--data-seq-len", "2048", "--model-max-seq-len", "1024")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  max_seq_len: 512\n")
+    with pytest.raises(ConfigError, match="model.max_seq_len=512"):
+        cli_model("--config", str(cfg), "--data-seq-len", "1024")  # set in the YAML: not raised either
+
+
+def test_regression_context_covers_its_window_and_summary_token():
+    from llm.training.train import parse_config
+
+    config = parse_config(["--task", "regression", "--data-seq-len", "100"])[0]
+    assert config.model.max_seq_len == 101
+    assert parse_config(["--task", "regression"])[0].model.max_seq_len == 64  # the tuned default, unchanged
 
 
 def test_validate_config_resolves_vocab_and_rejects_bad_values(tmp_path):
@@ -166,6 +209,22 @@ def test_training_run_logs_bpb_and_samples(tmp_path, capsys):
     assert val[-1]["val/bpb"] == pytest.approx(val[-1]["val/loss"] / math.log(2))
     assert all(s["text"].startswith(s["prompt"]) and len(s["text"]) > len(s["prompt"]) for s in samples[-1]["samples"])
     assert (run / "model.safetensors").is_file() and (run / "config.yaml").is_file()
+
+
+def test_preset_run_logs_what_it_overrode(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 6, encoding="utf-8")
+    run = tmp_path / "run"
+    args = ["--task", "lm", "--model-preset", "tiny", "--model-num-layers", "1", "--data-path", str(corpus),
+            "--data-seq-len", "32", "--data-val-fraction", "0.2", "--training-batch-size", "4",
+            "--training-precision", "fp32", "--training-device", "cpu", "--training-max-steps", "2",
+            "--training-callbacks", "LRSchedulerCallback", "--logging-log-dir", str(run)]
+    assert train_main(args) == 0
+    log = (run / "train.log").read_text()
+    assert "model.preset tiny: num_layers 2 -> 1 (flag)" in log
+    assert "model: DecoderModel, 25,696 parameters" in log  # tiny's 34,976 less one 9,280-parameter block
+    saved = (run / "config.yaml").read_text()
+    assert "preset: tiny" in saved and "num_layers: 1" in saved
 
 
 def test_text_sampler_uses_python_prompts_on_the_default_corpus():
