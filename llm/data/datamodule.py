@@ -6,14 +6,25 @@ micro-batches consumed in it): the engine advances the position as it consumes b
 position is part of every checkpoint, and `train_dataloader()` starts from it, so a resumed run
 never replays or skips a batch.
 
+A position saved by N processes can be resumed by M (elastic resume): the saved state records the world size
+and the per-rank batch size, so it converts to the number of samples of the epoch's permutation consumed so far
+(`offset`), and the new ranks shard the rest of the permutation from there. Within the epoch no sample is seen
+twice or skipped, except the tail that does not fill a global batch (dropped as always).
+
 `ShardedBatchSampler` gives every rank a disjoint shard of one seeded permutation per epoch. The
 union of the ranks' i-th batches is exactly the i-th batch a single process would draw with
 `batch_size * world_size`, so a multi-process run sees the same global batches as a single one.
+
+Loader worker processes survive the first SIGTERM/SIGINT (`StopSignalSafeLoader`): job managers (SLURM,
+Kubernetes, torchrun) and a terminal's Ctrl-C signal the whole process group, and the training process answers
+with a checkpoint at the next step boundary; a worker that died first would fail that save and the run's progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,7 +38,8 @@ from llm.registry import register_data_module  # noqa: F401  (re-exported for pl
 @dataclass
 class DataPosition:
     epoch: int = 0
-    batch: int = 0  # micro-batches of this epoch already consumed by this rank
+    batch: int = 0  # micro-batches of this epoch already consumed by this rank (counted from `offset`)
+    offset: int = 0  # samples of the epoch's permutation consumed before `batch` counts (after an elastic resume)
 
 
 class ShardedBatchSampler:
@@ -50,12 +62,14 @@ class ShardedBatchSampler:
         seed: int = 0,
         epoch: int = 0,
         start_batch: int = 0,
+        start_sample: int = 0,
     ) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+        self.start_sample = start_sample  # samples of the permutation consumed before (an elastic resume)
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -63,6 +77,7 @@ class ShardedBatchSampler:
             order = torch.randperm(self.num_samples, generator=gen).tolist()
         else:
             order = list(range(self.num_samples))
+        order = order[self.start_sample :]
         if self.drop_last:
             global_batch = self.batch_size * self.world_size
             order = order[: (len(order) // global_batch) * global_batch]
@@ -85,6 +100,48 @@ class ShardedBatchSampler:
         return max(0, total - self.start_batch)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _worker_stop_signal(signum: int, frame: Any) -> None:
+    """A loader worker's first SIGTERM/SIGINT is the one sent to the whole process group: the main process saves
+    and shuts its workers down itself. A second one (the main process ending a stuck worker, or the job manager
+    insisting) takes the signal's default action."""
+    for sig in _STOP_SIGNALS:  # the next one is a second one
+        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+
+def ignore_first_stop_signal(worker_id: int = 0) -> None:
+    """`worker_init_fn` of a loader whose workers must outlive a process-group SIGTERM/SIGINT (see the module
+    docstring); also usable by a data module that builds its own `DataLoader`. The signals were blocked while the
+    worker was forked (`StopSignalSafeLoader`), so one that arrived meanwhile is handled here, not lost or fatal."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _worker_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT pending in this thread (and in the workers it forks) until they can handle them: torch
+    gives a new worker a handler that exits on SIGTERM before `worker_init_fn` runs. The main process receives
+    any signal held here as soon as the workers are started."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class StopSignalSafeLoader(DataLoader):
+    """A `DataLoader` whose worker processes outlive the first SIGTERM/SIGINT (`ignore_first_stop_signal`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0:
+            return super().__iter__()
+        with _stop_signals_blocked():  # the workers start here
+            return super().__iter__()
+
+
 class DataModule:
     """Base class of data modules. Subclasses implement `setup` and the two loaders.
 
@@ -97,6 +154,7 @@ class DataModule:
         self.rank = 0
         self.world_size = 1
         self.position = DataPosition()
+        self._train_batch_size: int | None = None  # per-rank batch of the last training loader (make_loader)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -120,10 +178,30 @@ class DataModule:
         self.position.batch += batches
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self.position)
+        state: dict[str, Any] = {**asdict(self.position), "world_size": self.world_size}
+        if self._train_batch_size is not None:  # what converts the position to samples on another world size
+            state["batch_size"] = self._train_batch_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = DataPosition(**state)
+        """Restore a saved position; one saved by another number of processes is remapped to samples consumed.
+        Raises ValueError when it cannot be (a position without the batch size it was counted in)."""
+        state = dict(state)
+        world, batch_size = state.pop("world_size", None), state.pop("batch_size", None)
+        position = DataPosition(**state)
+        if world is not None and world != self.world_size and (position.batch or position.offset):
+            if batch_size is None:
+                raise ValueError(f"the data position was saved by {world} processes as batches of an unknown size, "
+                                 f"so it cannot be remapped to {self.world_size}")
+            consumed = position.offset + position.batch * int(batch_size) * int(world)
+            position = DataPosition(epoch=position.epoch, batch=0, offset=consumed)
+        self.position = position
+
+    def samples_consumed(self) -> int | None:
+        """Samples of the current epoch's permutation consumed by all ranks (None when the batch size is unknown)."""
+        if self._train_batch_size is None:
+            return None
+        return self.position.offset + self.position.batch * self._train_batch_size * self.world_size
 
     # -- helpers for subclasses -----------------------------------------------------------------
     def make_loader(
@@ -137,6 +215,8 @@ class DataModule:
         num_workers: int | None = None,
     ) -> DataLoader:
         """A DataLoader over this rank's shard; training loaders start at `self.position`."""
+        if train:
+            self._train_batch_size = batch_size
         sampler = ShardedBatchSampler(
             len(dataset),  # type: ignore[arg-type]
             batch_size,
@@ -147,16 +227,18 @@ class DataModule:
             seed=int(getattr(self.config, "seed", 0)),
             epoch=self.position.epoch if train else 0,
             start_batch=self.position.batch if train else 0,
+            start_sample=self.position.offset if train else 0,
         )
         if num_workers is None:
             num_workers = int(getattr(getattr(self.config, "data", None), "num_workers", 0))
-        return DataLoader(
+        return StopSignalSafeLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=ignore_first_stop_signal if num_workers else None,
         )
 
 

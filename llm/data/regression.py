@@ -4,11 +4,20 @@ Synthetic: each sample is a sequence of `seq_len` feature vectors (8 features); 
 a per-position nonlinearity with terms that depend on the first and last positions, so a model
 must attend across the sequence and know positions to fit it. CSV: numeric columns with a header row; the last
 column is the target and every other column is one position of a length-(columns-1) sequence.
+
+A CSV is checked cell by cell rather than trusted: every row as wide as the header (blank lines skipped), every
+cell a finite number (`nan`, `inf` and `1e400`, which parses as inf, are refused with the file and line: they
+would otherwise surface as a non-finite loss blamed on the step, or as a run that "succeeds" at loss inf), and
+every target small enough that its square stays finite in fp32 (the MSE loss). Features are standardized in
+float64, so any finite value is usable. `csv_columns` reads just the header, cheaply, for the task's config
+check (the sequence must fit the model's positions before anything is written).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import math
 from typing import Any
 
 import torch
@@ -17,8 +26,11 @@ from torch.utils.data import TensorDataset
 from llm.errors import ConfigError
 
 from .datamodule import TensorDataModule
+from .sources import DEFAULT_MAX_FILE_BYTES, read_regular
 
 NUM_FEATURES = 8
+# Largest |target|: its square (the MSE) must stay well inside float32 (max ~3.4e38), with room for a batch sum.
+MAX_TARGET = 1e18
 
 
 def synthetic_regression(num_samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,27 +44,59 @@ def synthetic_regression(num_samples: int, seq_len: int, seed: int) -> tuple[tor
     return x, (y - y.mean()) / y.std()
 
 
-def read_csv(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x: (N, C-1, 1), y: (N,)) from a numeric CSV with a header row."""
+def _rows(path: str, max_file_bytes: int, head_only: bool = False) -> list[list[str]]:
+    data = read_regular(path, "data.path", max_file_bytes, prefix=1 << 20 if head_only else 0)
+    if head_only:
+        data = data.split(b"\n", 1)[0]
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"data.path: cannot read {path!r}: {exc}") from None
-    if len(rows) < 3 or len(rows[0]) < 2:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data.path: {path!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        return list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise ConfigError(f"data.path: {path!r} is not a readable CSV: {exc}") from None
+
+
+def csv_columns(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> int:
+    """Columns of the CSV's header row (refusing what `read_csv` would refuse about the file itself)."""
+    rows = _rows(path, max_file_bytes, head_only=True)
+    return len(rows[0]) if rows else 0
+
+
+def _cell(path: str, line: int, column: str, cell: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ConfigError(f"data.path: {path!r} line {line} has a non-numeric value in column {column!r}: "
+                          f"{cell[:40]!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"data.path: {path!r} line {line} column {column!r} is {cell[:40]!r}, not a finite number; "
+                          "fill or drop the row")
+    return value
+
+
+def read_csv(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x: (N, C-1, 1), y: (N,)) from a numeric CSV with a header row; see the module docstring for the checks."""
+    rows = _rows(path, max_file_bytes)
+    numbered = [(line, row) for line, row in enumerate(rows, start=1) if any(cell.strip() for cell in row)]
+    if len(numbered) < 3 or len(numbered[0][1]) < 2:
         raise ConfigError(f"data.path: {path!r} needs a header and at least 2 rows of >= 2 numeric columns")
+    header = numbered[0][1]
     values = []
-    for line, row in enumerate(rows[1:], start=2):
-        try:
-            values.append([float(cell) for cell in row])
-        except ValueError:
-            raise ConfigError(f"data.path: {path!r} line {line} has a non-numeric value: {row!r}") from None
-        if len(row) != len(rows[0]):
-            raise ConfigError(f"data.path: {path!r} line {line} has {len(row)} columns, the header has {len(rows[0])}")
-    table = torch.tensor(values)
+    for line, row in numbered[1:]:
+        if len(row) != len(header):
+            raise ConfigError(f"data.path: {path!r} line {line} has {len(row)} columns, the header has {len(header)}")
+        values.append([_cell(path, line, name, cell) for name, cell in zip(header, row)])
+        if abs(values[-1][-1]) > MAX_TARGET:
+            raise ConfigError(f"data.path: {path!r} line {line}: target {values[-1][-1]:g} is beyond +-{MAX_TARGET:g}, "
+                              "too large for an fp32 squared error; rescale the target column")
+    table = torch.tensor(values, dtype=torch.float64)
     x = table[:, :-1]
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)
-    return x.unsqueeze(-1), table[:, -1]
+    if not torch.isfinite(x).all():  # only values near the float64 limit get here (their sum overflows)
+        raise ConfigError(f"data.path: {path!r} has feature values too large to standardize; rescale them")
+    return x.float().unsqueeze(-1), table[:, -1].float()
 
 
 class RegressionDataModule(TensorDataModule):
@@ -70,7 +114,7 @@ class RegressionDataModule(TensorDataModule):
     def setup(self, stage: str = "fit") -> None:
         data = self.config.data
         if data.path:
-            x, y = read_csv(data.path)
+            x, y = read_csv(data.path, int(getattr(data, "max_file_bytes", DEFAULT_MAX_FILE_BYTES)))
         else:
             x, y = synthetic_regression(data.num_samples, data.seq_len, self.config.seed)
         self.split(x, y)

@@ -8,6 +8,12 @@ same file. The cache is written to a temporary directory and renamed into place,
 run never leaves a half-written cache behind. `CACHE_DIR` is `data.cache_dir`, else `$LLM_CACHE_DIR`, else
 `~/.cache/llm`.
 
+A cache is trusted only as far as it checks out: on reuse its `meta.json` must name this cache's key and a dtype,
+and `tokens.bin`, `docs.npy` (and a BPE run's `tokenizer.json`) must agree with it in size, count and shape; a
+cache that does not (a truncated copy, a disk-full write by an older version, hand edits) is rebuilt with a
+warning instead of being trained on or crashing. Temporary directories that a killed preparation left behind
+are removed by the next one, once their owner process is gone (same host) or they sat unchanged for a day.
+
 Pre-tokenized data: `data.path` ending in `.bin` is read in place (no cache). Its dtype comes from a sidecar
 JSON next to it (`tokens.bin` -> `tokens.json`: `{"dtype": "uint16", "vocab_size": 50257, "num_bytes": N}`,
 all optional but `dtype`); without a sidecar the dtype is uint16 for vocabularies up to 65536 ids and uint32
@@ -30,6 +36,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -41,7 +48,14 @@ import torch
 from torch.utils.data import Dataset
 
 from llm.data.datamodule import DataModule
-from llm.data.sources import SourceFile, iter_documents, resolve_files
+from llm.data.sources import (
+    DEFAULT_MAX_FILE_BYTES,
+    SourceFile,
+    check_regular,
+    iter_documents,
+    read_regular,
+    resolve_files,
+)
 from llm.data.tokenizers import (
     TOKENIZER_FILE,
     ByteTokenizer,
@@ -55,9 +69,13 @@ from llm.registry import register_data_module
 
 log = logging.getLogger("llm")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records the cache key, checked on reuse
 SAMPLING_MODES = ("random", "sequential")
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
+_TMP_MARK = ".tmp-"  # temporary cache directories: `.<key>.tmp-<hex>` next to the caches
+_STALE_MARK = ".stale-"  # a rejected cache moved aside before removal: `.<key>.stale-<hex>`
+_OWNER_FILE = "owner.json"  # inside a temporary directory: the host and pid writing it
+_STALE_AFTER_S = 24 * 3600  # a temporary directory unchanged this long is abandoned whoever owns it
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -98,9 +116,11 @@ class TokenStore:
 
 def _write_cache(docs: Iterable[str], tokenizer: Tokenizer, target: Path, meta: dict[str, Any]) -> None:
     """Tokenize `docs` into `target` atomically (temporary directory, then one rename)."""
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        (tmp / _OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
         dtype, eos = vocab_dtype(tokenizer.vocab_size), tokenizer.eos_id
         ends: list[int] = []
         nbytes: list[int] = []
@@ -119,6 +139,7 @@ def _write_cache(docs: Iterable[str], tokenizer: Tokenizer, target: Path, meta: 
             raise ConfigError(f"data.path: {meta['source']!r} holds no text (every document is empty)")
         np.save(tmp / "docs.npy", np.stack([np.asarray(ends, np.int64), np.asarray(nbytes, np.int64)], 1))
         tokenizer.save(tmp)
+        os.remove(tmp / _OWNER_FILE)
         meta = {**meta, "dtype": dtype.name, "num_tokens": total, "num_docs": len(ends), "num_bytes": sum(nbytes)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
@@ -130,19 +151,100 @@ def _write_cache(docs: Iterable[str], tokenizer: Tokenizer, target: Path, meta: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _open_cache(directory: Path) -> TokenStore:
-    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    docs = np.load(directory / "docs.npy")
-    return TokenStore(directory / "tokens.bin", np.dtype(meta["dtype"]), docs[:, 0], docs[:, 1])
+def _open_cache(directory: Path, key: str | None = None, bpe: bool = False) -> TokenStore:
+    """Open a cache directory, checking every file against `meta.json`; `CacheMismatch` says what is wrong."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheMismatch(f"meta.json is unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CacheMismatch("meta.json is not a mapping")
+    if key is not None and meta.get("key") != key:
+        raise CacheMismatch(f"meta.json names key {meta.get('key')!r}, not {key!r} (another corpus' cache)")
+    dtype, num_tokens, num_docs = meta.get("dtype"), meta.get("num_tokens"), meta.get("num_docs")
+    if dtype not in _DTYPES or not isinstance(num_tokens, int) or not isinstance(num_docs, int) or num_tokens < 1:
+        raise CacheMismatch("meta.json lacks a valid dtype, num_tokens or num_docs")
+    expected = num_tokens * np.dtype(dtype).itemsize
+    try:
+        st = os.stat(directory / "tokens.bin")
+        check_regular(directory / "tokens.bin", st, "data.cache_dir")
+        docs = np.load(directory / "docs.npy", allow_pickle=False)
+    except (OSError, ValueError, ConfigError) as exc:
+        raise CacheMismatch(f"tokens.bin or docs.npy is unreadable ({exc})") from None
+    if st.st_size != expected:
+        raise CacheMismatch(f"tokens.bin has {st.st_size} bytes, meta.json says {num_tokens} {dtype} tokens "
+                            f"({expected} bytes)")
+    if docs.dtype != np.int64 or docs.shape != (num_docs, 2) or int(docs[-1, 0]) != num_tokens \
+            or bool((np.diff(docs[:, 0]) < 0).any()):
+        raise CacheMismatch(f"docs.npy does not index {num_docs} documents ending at token {num_tokens}")
+    if bpe and not (directory / TOKENIZER_FILE).is_file():
+        raise CacheMismatch(f"{TOKENIZER_FILE} is missing")
+    return TokenStore(directory / "tokens.bin", np.dtype(dtype), docs[:, 0], docs[:, 1])
+
+
+class CacheMismatch(Exception):
+    """A token cache whose files disagree with its metadata: rebuilt, never a user error."""
+
+
+def _discard(directory: Path) -> None:
+    """Remove a cache directory: first renamed aside (one atomic step, so no reader sees it half-deleted)."""
+    aside = directory.parent / f".{directory.name}{_STALE_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(directory, aside)
+    except FileNotFoundError:
+        return  # a concurrent preparation discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _abandoned(tmp: Path, now: float) -> bool:
+    """Whether a temporary cache directory belongs to no live preparation."""
+    if _STALE_MARK in tmp.name:
+        return True
+    try:
+        newest = max([tmp.stat().st_mtime, *(p.stat().st_mtime for p in tmp.iterdir())])
+    except OSError:
+        return False  # it is changing under us: someone is at work there
+    if now - newest > _STALE_AFTER_S:
+        return True
+    try:
+        owner = json.loads((tmp / _OWNER_FILE).read_text(encoding="utf-8"))
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not written yet (or another layout): only age can tell
+    if host != socket.gethostname():
+        return False  # a shared cache directory: a pid of another host says nothing here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, under another user
+    return False
+
+
+def clean_stale_temporaries(parent: Path) -> list[Path]:
+    """Remove temporary cache directories under `parent` that killed preparations left behind; returns them."""
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = [p for p in parent.iterdir() if p.name.startswith(".") and (_TMP_MARK in p.name
+                                                                             or _STALE_MARK in p.name)]
+    except OSError:
+        return removed
+    for tmp in entries:
+        if tmp.is_dir() and not tmp.is_symlink() and _abandoned(tmp, now):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def _read_sidecar(path: str) -> dict[str, Any]:
     sidecar = Path(path).with_suffix(".json")
-    if not sidecar.is_file():
+    if not os.path.lexists(sidecar):
         return {}
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        meta = json.loads(read_regular(sidecar, "data.path", 1 << 20))
+    except ValueError as exc:
         raise ConfigError(f"data.path: cannot read the sidecar {str(sidecar)!r}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in _DTYPES:
         raise ConfigError(f"data.path: sidecar {str(sidecar)!r} must give dtype as one of {', '.join(_DTYPES)}")
@@ -156,9 +258,11 @@ def open_bin(path: str, tokenizer: Tokenizer) -> TokenStore:
     dtype = np.dtype(_DTYPES[meta.get("dtype", default)])
     how = "from its sidecar" if "dtype" in meta else "by default (no sidecar .json)"
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except OSError as exc:
         raise ConfigError(f"data.path: cannot read {path!r}: {exc.strerror or exc}") from None
+    check_regular(path, st)  # memory-mapped, so no size cap; but a device or FIFO is no token file
+    size = st.st_size
     if size == 0:
         raise ConfigError(f"data.path: {path!r} is empty")
     if size % dtype.itemsize:
@@ -337,17 +441,28 @@ class TextDataModule(DataModule):
             self.tokenizer = self._fixed_tokenizer()
             self.store = open_bin(d.path, self.tokenizer)
             return
-        files = resolve_files(d.path)
-        directory = cache_root(d.cache_dir) / "tokens" / self._cache_key(files)
-        if not (directory / "meta.json").is_file():
+        files = resolve_files(d.path, max_file_bytes=self._max_file_bytes())
+        key = self._cache_key(files)
+        directory = cache_root(d.cache_dir) / "tokens" / key
+        for stale in clean_stale_temporaries(directory.parent):
+            log.info("data: removed %s, left behind by an interrupted preparation", stale)
+        bpe = d.tokenizer == "bpe"
+        store = None
+        if directory.exists():
+            try:
+                store = _open_cache(directory, key, bpe)
+                log.info("data: reusing token cache %s", directory)
+            except CacheMismatch as exc:
+                log.warning("data: the token cache %s is damaged (%s); rebuilding it", directory, exc)
+                _discard(directory)
+        if store is None:
             self._build_cache(files, directory)
-        else:
-            log.info("data: reusing token cache %s", directory)
-        self.cache_path = directory
-        self.tokenizer = (
-            HFTokenizer.from_file(directory / TOKENIZER_FILE) if d.tokenizer == "bpe" else self._fixed_tokenizer()
-        )
-        self.store = _open_cache(directory)
+            store = _open_cache(directory, key, bpe)
+        self.cache_path, self.store = directory, store
+        self.tokenizer = HFTokenizer.from_file(directory / TOKENIZER_FILE) if bpe else self._fixed_tokenizer()
+
+    def _max_file_bytes(self) -> int:
+        return int(getattr(self.config.data, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
 
     def _fixed_tokenizer(self) -> Tokenizer:
         spec = self.config.data.tokenizer
@@ -370,7 +485,8 @@ class TextDataModule(DataModule):
     def _documents(self, files: list[SourceFile]) -> Iterator[str]:
         d = self.config.data
         embedded = not d.path
-        return iter_documents(files, max_bytes=d.max_bytes if embedded else 0, strict=not embedded)
+        return iter_documents(files, max_bytes=d.max_bytes if embedded else 0, strict=not embedded,
+                              max_file_bytes=self._max_file_bytes())
 
     def _build_cache(self, files: list[SourceFile], directory: Path) -> None:
         d = self.config.data
@@ -382,8 +498,8 @@ class TextDataModule(DataModule):
         else:
             tokenizer = self._fixed_tokenizer()
         log.info("data: tokenizing %d files of %s into %s", len(files), source, directory)
-        meta = {"version": CACHE_VERSION, "source": source, "files": len(files), "tokenizer": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size}
+        meta = {"version": CACHE_VERSION, "key": directory.name, "source": source, "files": len(files),
+                "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
         directory.parent.mkdir(parents=True, exist_ok=True)
         _write_cache(self._documents(files), tokenizer, directory, meta)
         info = json.loads((directory / "meta.json").read_text(encoding="utf-8"))

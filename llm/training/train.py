@@ -17,13 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm.errors import ConfigError, UserError
+from llm.errors import ConfigError, UserError, did_you_mean, show
 from llm.models.config import ModelConfig
 from llm.models.presets import get_preset
 from llm.registry import TASKS, import_plugins
 from llm.training.core import callbacks as training_callbacks
 from llm.training.core.cli import apply_flags, build_parser, parse_flags, pre_parse
-from llm.training.core.config import Config, append_or_replace, apply_dict, load_yaml, validate_config
+from llm.training.core.config import (
+    Config,
+    append_or_replace,
+    apply_dict,
+    check_log_dir,
+    load_yaml,
+    validate_config,
+)
 from llm.training.core.distributed import (
     barrier,
     broadcast_object,
@@ -53,21 +60,33 @@ AVAILABLE_TASKS: dict[str, type[TrainingTask]] = {
 }
 
 
-def resolve_task(name: str) -> type[TrainingTask]:
-    if name in AVAILABLE_TASKS:
-        return AVAILABLE_TASKS[name]
-    try:
-        task = TASKS.get(name)
-    except ConfigError:
-        known = sorted(set(AVAILABLE_TASKS) | set(TASKS.names()))
-        from llm.errors import did_you_mean
+# The table's tasks are registered too, so a plugin that registers one of their names is refused (or, with
+# `override=True`, replaces it) instead of being silently shadowed by the table. This runs before any plugin is
+# imported; a name taken already is left alone, so that importing this module again (as `__main__` and as
+# `llm.training.train`, say) cannot undo a plugin's override. `lm` registers itself.
+for _name, _task in AVAILABLE_TASKS.items():
+    if _name not in TASKS.names():
+        TASKS.register(_name, _task)
 
-        raise ConfigError(
-            f"task: unknown task {name!r}; valid: {', '.join(known)} or 'package.module:Class'"
-            f"{did_you_mean(name, known)}"
-        ) from None
+
+def resolve_task(name: str) -> type[TrainingTask]:
+    # The registry first: it holds the table, the plugins and any override. A name added to the table after
+    # import (code that edits AVAILABLE_TASKS at run time) is found there.
+    if name in AVAILABLE_TASKS and name not in TASKS.names():
+        task: Any = AVAILABLE_TASKS[name]
+    else:
+        try:
+            task = TASKS.get(name)
+        except ConfigError:
+            if ":" in name:  # a module:Class that failed to import: its own message says why
+                raise
+            known = sorted(set(AVAILABLE_TASKS) | set(TASKS.names()))
+            raise ConfigError(
+                f"task: unknown task {show(name)}; valid: {', '.join(known)} or 'package.module:Class'"
+                f"{did_you_mean(name, known)}"
+            ) from None
     if not (isinstance(task, type) and issubclass(task, TrainingTask)):
-        raise ConfigError(f"task: {name!r} is not a TrainingTask subclass")
+        raise ConfigError(f"task: {show(name)} is not a TrainingTask subclass")
     return task
 
 
@@ -202,11 +221,43 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def prepare_run_dir(config: Config) -> Path:
+def prepare_run_dir(config: Config, write_config: bool = True) -> Path:
+    """Create the run directory (and, unless `write_config` is False, write its config.yaml now).
+
+    `train_worker` leaves config.yaml to the engine, which writes it once the resume checks have passed, so that a
+    refused resume leaves the run's recorded config as it was.
+    """
     run_dir = Path(config.logging.log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    if write_config:
+        config.save(run_dir / "config.yaml")
     return run_dir
+
+
+def default_run_dir(task: str) -> str:
+    """`runs/<task>-<id>`: under torchrun the rendezvous run id (TORCHELASTIC_RUN_ID), which stays the same across
+    restarts of the job so that a restarted worker group finds its checkpoints; else a timestamp."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not run_id or run_id == "none":  # torchrun's placeholder without --rdzv-id: shared by unrelated jobs
+        run_id = time.strftime("%Y%m%d-%H%M%S")  # under torchrun rank 0's name is broadcast (train_worker)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{task}-{run_id}")
+    return os.path.join("runs", safe)
+
+
+def _saved_run_config(argv: list[str] | None, config: Config) -> bool:
+    """Whether `--config` names a run's own config.yaml (its logging.log_dir is the directory the file is in) and
+    `--logging-log-dir` is not given: then the YAML is a template for a new run, not a way to write into that run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config")
+    pre.add_argument("--logging-log-dir", "--log-dir", dest="log_dir")
+    try:
+        namespace, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return False
+    if not namespace.config or namespace.log_dir is not None or not config.logging.log_dir:
+        return False
+    return Path(config.logging.log_dir).resolve() == Path(namespace.config).resolve().parent
 
 
 def train_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> dict[str, Any]:
@@ -222,7 +273,7 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
         config.logging.log_dir = broadcast_object(config.logging.log_dir)
         lock = _lock_run_dir(rank, Path(config.logging.log_dir))  # before anything is written into it
         if rank == 0:
-            prepare_run_dir(config)
+            prepare_run_dir(config, write_config=False)  # the engine writes config.yaml once resume checks pass
         barrier()
         setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
         if lock is not None and lock.replaced:
@@ -284,6 +335,33 @@ def _spawned_worker(rank: int, world_size: int, config: Config, task_class: type
     _exit_cleanly()
 
 
+class _forwarding_stop_signals:  # noqa: N801  (used as a `with` block, like contextlib's lower-case helpers)
+    """While spawned workers run, SIGTERM/SIGINT to this launcher is passed on to them instead of ending it, so
+    the job ends when they have saved, with their exit status. A job manager signals the whole process group, so
+    the workers then get the signal twice; their checkpointer takes a prompt repeat as the same request."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        self.previous = {sig: signal.signal(sig, self._forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @staticmethod
+    def _forward(signum: int, frame: Any) -> None:
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except OSError:
+                pass  # it has just ended
+
+
 def _exit_cleanly() -> None:
     """End a finished multi-process worker without running C++ static destructors.
 
@@ -321,9 +399,17 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
             _exit_cleanly()
     elif config.distributed.nproc_per_node > 1:
         check_processes_fit_devices(config.training.device, config.distributed.nproc_per_node)
-        spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class), config.distributed.master_port)
+        with _forwarding_stop_signals():
+            spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class),
+                  config.distributed.master_port)
     else:
         train_worker(0, 1, config, task_class)
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints a user error: under torchrun every worker parses the same config and meets
+    the same mistake, so local rank 0 reports it once per machine and the others exit 2 silently."""
+    return torchrun_env() is None or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,12 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         if print_config:
             sys.stdout.write(config.to_yaml())
             return 0
+        if _saved_run_config(argv, config):
+            config.logging.log_dir = ""  # a new run from that run's settings (docs/checkpointing.md, Resume rules)
         if not config.logging.log_dir:
-            stamp = time.strftime("%Y%m%d-%H%M%S")  # under torchrun rank 0's name is broadcast (train_worker)
-            config.logging.log_dir = os.path.join("runs", f"{config.task.replace(':', '_')}-{stamp}")
+            config.logging.log_dir = default_run_dir(config.task)
+        check_log_dir(config.logging.log_dir)  # before a worker starts or anything is written
         launch(config, task_class)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _reports_errors():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except _WorkerFailed as exc:  # a torchrun worker; its error was reported once for the job
         return exc.exit_code

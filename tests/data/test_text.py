@@ -299,3 +299,86 @@ def test_corpus_too_small_for_one_batch_is_a_clear_error(tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("x" * 40)
     expect_error(make_config(tiny, seq_len=16), "fewer than one global batch")
+
+
+# ------------------------------------------------------------------------------------- a cache that does not check out
+def _truncate_tokens(cache):
+    with open(cache / "tokens.bin", "r+b") as f:
+        f.truncate(10)
+
+
+def _garbage_meta(cache):
+    (cache / "meta.json").write_text("{not json")
+
+
+def _other_key(cache):
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({**meta, "key": "0" * 20}))
+
+
+def _drop_docs(cache):
+    os.remove(cache / "docs.npy")
+
+
+def _wrong_count(cache):
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({**meta, "num_tokens": meta["num_tokens"] + 7}))
+
+
+@pytest.mark.parametrize("spoil", [_truncate_tokens, _garbage_meta, _other_key, _drop_docs, _wrong_count])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, spoil, caplog):
+    config = make_config(write_corpus(tmp_path / "corpus"))
+    first = setup_dm(config)
+    expected = all_tokens(first).copy()
+    spoil(first.cache_path)
+    with caplog.at_level("WARNING", logger="llm"):
+        again = setup_dm(config)
+    assert again.cache_path == first.cache_path
+    np.testing.assert_array_equal(all_tokens(again), expected)
+    assert any("damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in again.cache_path.parent.iterdir()] == [again.cache_path.name]  # nothing left aside
+
+
+def _leave_temporary(parent, name, pid, host=None, age_s=0.0):
+    tmp = parent / name
+    tmp.mkdir(parents=True)
+    (tmp / "tokens.bin").write_bytes(b"\0" * 8)
+    (tmp / "owner.json").write_text(json.dumps({"host": host or text_mod.socket.gethostname(), "pid": pid}))
+    if age_s:
+        old = text_mod.time.time() - age_s
+        for path in (tmp / "tokens.bin", tmp / "owner.json", tmp):
+            os.utime(path, (old, old))
+    return tmp
+
+
+def test_temporaries_of_killed_preparations_are_removed_live_ones_kept(tmp_path):
+    parent = cache_root() / "tokens"
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)  # a pid that surely no longer runs
+    killed = _leave_temporary(parent, ".abc.tmp-11111111", dead)
+    live = _leave_temporary(parent, ".abc.tmp-22222222", os.getpid())
+    elsewhere = _leave_temporary(parent, ".abc.tmp-33333333", dead, host="another-host")
+    abandoned = _leave_temporary(parent, ".abc.tmp-44444444", os.getpid(), host="another-host", age_s=2 * 86400)
+    aside = parent / ".abc.stale-55555555"
+    aside.mkdir()
+    dm = setup_dm(make_config(write_corpus(tmp_path / "corpus")))
+    assert not killed.exists() and not abandoned.exists() and not aside.exists()
+    assert live.exists() and elsewhere.exists()  # a live preparation here, or one on another host sharing the cache
+    assert dm.store.num_tokens > 0
+
+
+def test_special_files_and_the_size_cap_in_a_corpus(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    os.mkfifo(corpus / "pipe.txt")
+    expect_error(make_config(corpus), "pipe.txt", "not a regular file (a FIFO)")
+    os.remove(corpus / "pipe.txt")
+    expect_error(make_config(corpus, max_file_bytes=20), "over data.max_file_bytes=20")
+    expect_error(make_config("/dev/zero"), "a character device")
+    fifo_bin = tmp_path / "pipe.bin"
+    os.mkfifo(fifo_bin)
+    expect_error(make_config(fifo_bin), "pipe.bin", "a FIFO")
+    side = write_bin(tmp_path / "side.bin", np.arange(400) % 256, np.uint16)
+    os.mkfifo(side.with_suffix(".json"))  # a FIFO sidecar would block the read forever
+    expect_error(make_config(side), "side.json", "a FIFO")

@@ -231,3 +231,19 @@ def test_one_failing_rank_ends_the_job_promptly_reported_once(workdir, launcher)
     assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed, proc.stderr)
     assert proc.stderr.count(BOOM) == 1, proc.stderr  # by rank 1 only; rank 0 merely lost its peer
     assert "lost contact" not in proc.stderr  # rank 0 was ended by the launcher while it waited
+
+
+@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("ddp", 1, 2), ("fsdp", 2, 1)])
+def test_resume_on_another_world_size_continues_the_same_run(workdir, reference, strategy, before, after):
+    """Elastic resume: stopped after step 3 on `before` processes, resumed on `after` with the same global batch of
+    16; the data position is remapped (sample 48 of the epoch), so the run ends where one uninterrupted process does
+    (a sample seen twice or skipped would change the losses and weights)."""
+    name = f"elastic-{strategy}-{before}-{after}"
+    args = [*COMMON, "--distributed-strategy", strategy, "--logging-log-dir", name]
+    for procs, extra in ((before, ["StopAtStep3"]), (after, [])):
+        batch = ["--training-batch-size", str(16 // procs)]
+        proc = train(workdir, [*args, *batch, *CKPT, *extra], "spawn" if procs == 2 else "one")
+        assert proc.returncode == 0, proc.stderr
+    assert f"resuming a checkpoint of {before} process(es) on {after}" in proc.stderr, proc.stderr
+    assert "remapped to sample 48 of epoch 0" in proc.stderr
+    assert_same_run(workdir / name, reference["dense"])

@@ -138,3 +138,42 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     val2 = [m["val/loss"] for m in two if "val/loss" in m]
     assert val2 == pytest.approx(val1, abs=1e-5)
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path):
+    # Every torchrun worker parses the same flags and meets the same mistake; one of them says so.
+    proc = run_cli(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "llm.training.train",
+                    *TINY_REGRESSION, "--training-momentum", "-1", "--logging-log-dir", "run"],
+                   cwd=tmp_path, module="torch.distributed.run", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
+    assert errors == ["error: training.momentum: invalid value -1.0; must be in [0, 1)"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_overriding_a_builtin_task_is_the_task_that_runs(tmp_path):
+    (tmp_path / "my_override.py").write_text(textwrap.dedent('''
+        from llm.training.core.registry import register_task
+        from llm.training.tasks.regression_task import RegressionTask
+
+        @register_task("regression", override=True)
+        class LoudRegression(RegressionTask):
+            def build_model(self):
+                open("override_used.txt", "w").write("yes")
+                return super().build_model()
+    '''))
+    env = {"PYTHONPATH": f"{tmp_path}:{__import__('helpers').REPO}"}
+    proc = run_cli(["--plugins", "my_override", *TINY_REGRESSION, "--training-max-steps", "1",
+                    "--logging-log-dir", "run"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "override_used.txt").read_text() == "yes"
+    # Without override=True the same plugin is refused before anything is written.
+    (tmp_path / "my_override.py").write_text((tmp_path / "my_override.py").read_text().replace(", override=True", ""))
+    (tmp_path / "override_used.txt").unlink()
+    proc = run_cli(["--plugins", "my_override", *TINY_REGRESSION, "--logging-log-dir", "run2"], cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: plugins: importing 'my_override': my_override:LoudRegression registers task 'regression', which is "
+        "already registered by llm.training.tasks.regression_task:RegressionTask; use another name, or register it "
+        "with override=True to replace it")
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "override_used.txt").exists()

@@ -429,15 +429,20 @@ def remove_stale_temps(root: Path) -> list[Path]:
 
 
 def prune_checkpoints(
-    root: Path, keep_last: int, up_to_step: int, protect: set[str], remove: Callable[[Path], None] | None = None
+    root: Path, keep_last: int, up_to_step: int, protect: set[str], remove: Callable[[Path], None] | None = None,
+    foreign: Iterable[str] = (),
 ) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` (counting those <= `up_to_step`),
     never one named in `protect` (the best). Returns the deleted directories.
 
+    Checkpoints after `up_to_step` and those named in `foreign` (another trajectory's, in a run directory a
+    branch was started in) are neither counted nor deleted: pruning only ever removes this run's own history.
     Each is first renamed to a temp name (instant, and a crash mid-delete cannot leave a directory that
     still looks complete); `remove` then deletes it, by default right away.
     """
-    complete = [(s, p) for s, p in list_checkpoints(root) if s <= up_to_step and (p / MANIFEST).is_file()]
+    skip = set(foreign)
+    complete = [(s, p) for s, p in list_checkpoints(root)
+                if s <= up_to_step and p.name not in skip and (p / MANIFEST).is_file()]
     deleted = []
     for _, path in complete[:-keep_last] if keep_last > 0 else complete:
         if path.name in protect:

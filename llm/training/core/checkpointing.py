@@ -9,28 +9,40 @@ When it saves:
 - when a validation improves `checkpoint.monitor` (that checkpoint is marked best and never pruned);
 - at the end of the run;
 - on SIGTERM/SIGINT, right after the step that is running (all ranks agree), after which the run stops.
+  Job managers signal the whole process group, and launchers such as torchrun forward the same signal again,
+  so a repeat within `DUPLICATE_SIGNAL_S` is the same request; a later SIGINT (Ctrl-C pressed again) aborts
+  without waiting for the save, a later SIGTERM is ignored (job managers escalate with SIGKILL).
 
 Resume (`checkpoint.resume`, run by the engine after set-up): `auto` takes
 the newest checkpoint of the run directory that verifies against its manifest and whose files are well formed
 (`checkpoint.inspect_checkpoint`), skipping (with a warning naming each) any that are not; `PATH` takes that
 checkpoint, or the newest in that run or checkpoints directory. The data module continues from its saved
-position, so no batch is replayed.
+position, so no batch is replayed. The resume rules (docs/checkpointing.md, "Resume rules"): a changed lr or run
+length is applied to the schedule and logged; a changed task, optimizer or scheduler type is refused; another
+world size remaps the data position; `none` or a branch from an older checkpoint into a run directory holding
+later checkpoints is refused unless `checkpoint.overwrite`, and pruning never deletes another trajectory's
+checkpoints.
 
 In a multi-process run every rank writes its own trainer state into the shared temp directory; rank 0
 writes the weights and config and, once all ranks report success, the manifest and the rename. A write
-error on any rank (disk full, permissions) fails the save on every rank with one clear error and leaves
-the previous checkpoint untouched.
+error on any rank (disk full, permissions) fails the save on every rank with one clear error naming the file
+(`write_failure`: "No space left on device" where that is the cause) and leaves the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno as errno_codes
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +57,20 @@ from .hooks import Callback
 from .runlock import live_holder
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal repeated within this many seconds is the same request delivered twice (to the process group and
+# again by a launcher that forwards it), not a user insisting.
+DUPLICATE_SIGNAL_S = 2.0
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # Config fields whose change on resume is expected (run length, logging, checkpointing itself).
 _EXPECTED_CHANGES = ("training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
-                     "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins")
+                     "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins", "training.lr")
+# Changes a resume applies (logged): the schedule keeps its position and takes the new peak or horizon.
+_APPLIED_CHANGES = {"training.lr": "the schedule's peak lr (its position is kept)",
+                    "training.max_steps": "the schedule's horizon", "training.epochs": "the schedule's horizon"}
+# Changes a resume refuses: the saved state does not fit the new setting (flag to restore it).
+_REFUSED_CHANGES = {"task": "--task", "training.optimizer": "--training-optimizer",
+                    "training.scheduler_type": "--training-scheduler-type",
+                    "training.scheduler_interval": "--training-scheduler-interval"}
 _PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 
@@ -67,16 +90,72 @@ def unsafe_entries(obj: Any, path: str = "state", limit: int = 3) -> list[str]:
     return found
 
 
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """Why a write failed, in the operating system's words where it gave any.
+
+    The OSError is searched along the exception's chain (torch.save reports a full disk as a RuntimeError about
+    stream positions, with the OSError as its context) and in the text of safetensors' errors ("(os error 28)").
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "errno", None)
+        if isinstance(current, OSError) and code:
+            return os.strerror(code)
+        match = _RUST_OS_ERROR.search(str(current))
+        if match:
+            return os.strerror(int(match.group(1)))
+        current = current.__cause__ or current.__context__
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike) -> str:
+    """'cannot write PATH: REASON' for a failed write (one line; REASON as `write_failure_reason`)."""
+    return f"cannot write {os.fspath(path)}: {write_failure_reason(exc)}"
+
+
+def is_write_error(exc: BaseException) -> bool:
+    """Whether `exc` is how a failed write surfaces: an OSError, a RuntimeError (torch.save), or safetensors'
+    own error type."""
+    return isinstance(exc, (OSError, RuntimeError)) or "safetensor" in type(exc).__module__.lower()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return write_failure_reason(exc) == os.strerror(errno_codes.ENOSPC)
+
+
+class _WriteFailed(Exception):
+    """A checkpoint file could not be written: carries the file's path and the reason (see `_writing`)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Name `path` in the error of a write that fails inside (the writers' own errors often name no file)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001  (filtered by is_write_error; anything else is re-raised as is)
+        if not is_write_error(exc):
+            raise
+        raise _WriteFailed(path, write_failure_reason(exc)) from exc
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every config value that differs, except those expected to change on resume."""
 
-    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    old, new = flat(saved), flat(current)
+    old, new = _flatten(saved), _flatten(current)
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
@@ -123,10 +202,15 @@ class Checkpointer:
         self._candidate: tuple[int, float] | None = None  # (step, value) of a validation that beat the best
         self._last_saved_step = -1
         self._signal: int | None = None
+        self._signal_time = 0.0  # time.monotonic() of the first stop signal
+        self._stopped_by: str | None = None  # the signal that stopped the run (on any rank), once acted on
         self._previous_handlers: dict[int, Any] = {}
         self._resume_rng: dict[str, Any] | None = None
         self._warned_monitor = False
         self._removals: list[threading.Thread] = []
+        # Checkpoints of another trajectory in this run directory (a branch or `resume=none` with
+        # `checkpoint.overwrite`): never pruned, until this run saves the same step over one of them.
+        self._foreign: set[str] = set()
 
     @property
     def root(self) -> Path:
@@ -175,6 +259,7 @@ class Checkpointer:
         if stop:
             name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
             engine.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
+            self._stopped_by = name
             self.save("signal")
             engine.should_stop = True
         elif self.interval and step % self.interval == 0:
@@ -208,11 +293,15 @@ class Checkpointer:
         try:
             if self._last_saved_step != self.engine.state.step:
                 self.save("final")
-            if self._signal is not None and self.engine.is_global_zero:
-                self.engine.logger.info(
-                    "stopped by %s; resume with the same --logging-log-dir (checkpoint.resume=auto)",
-                    signal.Signals(self._signal).name,
-                )
+            engine = self.engine
+            name = self._stopped_by or (signal.Signals(self._signal).name if self._signal is not None else None)
+            if name is not None and engine.is_global_zero:
+                step, total = engine.state.step, engine.total_steps
+                if step < total:
+                    engine.logger.info("stopped by %s at step %d of %d; resume with the same --logging-log-dir "
+                                       "(checkpoint.resume=auto)", name, step, total)
+                else:  # the signal came during the last step's validation or the final save: nothing is left to do
+                    engine.logger.info("received %s after the last step; the run is complete", name)
         finally:
             self.abort()
 
@@ -282,10 +371,8 @@ class Checkpointer:
         if error is None:
             try:
                 action()
-            except (OSError, RuntimeError) as exc:
-                error = exc
             except Exception as exc:  # noqa: BLE001  (e.g. safetensors' own error type for a failed write)
-                if "safetensor" not in type(exc).__module__.lower():
+                if not (isinstance(exc, _WriteFailed) or is_write_error(exc)):
                     raise
                 error = exc
         if all_agree(error is None, self.engine.device):
@@ -298,8 +385,10 @@ class Checkpointer:
             raise ckpt.CheckpointError(f"{error}{kept}")
         if error is None:
             raise ckpt.CheckpointError(f"checkpoint: another rank failed to {what} {tmp}{kept}")
-        detail = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
-        where = getattr(error, "filename", None) or tmp
+        if isinstance(error, _WriteFailed):
+            where, detail = error.path, error.reason
+        else:
+            where, detail = getattr(error, "filename", None) or tmp, write_failure_reason(error)
         raise ckpt.CheckpointError(f"checkpoint: cannot {what} {where}: {detail}{kept}") from None
 
     def _prepare_temp(self, tmp: Path) -> None:
@@ -311,26 +400,33 @@ class Checkpointer:
         engine = self.engine
         sharded = is_fsdp(engine.unwrapped_model)
         if sharded:  # FSDP: weights and optimizer state as every rank's shards (a collective); see fsdp.py
-            save_sharded(engine.unwrapped_model, engine.optimizer, tmp / ckpt.SHARDED_DIR)
+            with _writing(tmp / ckpt.SHARDED_DIR):
+                save_sharded(engine.unwrapped_model, engine.optimizer, tmp / ckpt.SHARDED_DIR)
             state = {**state, "optimizer": None}
-        ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
+        with _writing(tmp / ckpt.trainer_state_name(engine.rank)):
+            ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
         if engine.is_global_zero:
             if not sharded:
-                ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
-            ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
+                with _writing(tmp / ckpt.WEIGHTS):
+                    ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
+            with _writing(tmp / ckpt.CONFIG):
+                ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
 
     def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
         if not self.engine.is_global_zero:
             return
         extra = {"task": self.engine.config.task, "reason": "best" if is_best else "checkpoint"}
-        ckpt.write_manifest(tmp, step, self.engine.world_size, extra)
+        with _writing(tmp / ckpt.MANIFEST):
+            ckpt.write_manifest(tmp, step, self.engine.world_size, extra)
         ckpt.commit_checkpoint(tmp, final)
         # The checkpoint is safe now: failures below cost tidiness, not the save.
         try:
             if is_best:
                 self._write_best_marker()
             protect = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
-            for path in ckpt.prune_checkpoints(self.root, self.keep_last, step, protect, self._remove_later):
+            self._foreign.discard(final.name)
+            for path in ckpt.prune_checkpoints(self.root, self.keep_last, step, protect, self._remove_later,
+                                               foreign=self._foreign):
                 self.engine.logger.debug("deleted old checkpoint %s", path)
         except OSError as exc:
             self.engine.logger.warning("checkpoint %s saved, but pruning or marking the best failed: %s", final, exc)
@@ -350,18 +446,21 @@ class Checkpointer:
     def maybe_resume(self) -> Path | None:
         """Load the checkpoint `checkpoint.resume` selects, if any (called by the engine after set-up)."""
         engine = self.engine
-        if self.resume == "none":
-            return None
         choice: Any = None
         if engine.is_global_zero:
             try:
-                choice = self._select_checkpoint()
+                choice = None if self.resume == "none" else self._select_checkpoint()
+                self._check_branch(Path(choice) if choice else None)
+                if choice:
+                    self._check_config(Path(choice))
             except ckpt.CheckpointError as exc:
                 choice = exc
         choice = broadcast_object(choice)
         if isinstance(choice, Exception):  # the same class on every rank (UnsafeCheckpointError stays one)
             raise (type(choice) if isinstance(choice, ckpt.CheckpointError) else ckpt.CheckpointError)(str(choice))
         if choice is None:
+            if self.resume == "none":
+                return None
             if self.resume != "auto":
                 raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
             return None
@@ -400,23 +499,24 @@ class Checkpointer:
         """Checksums, then the layout of every file the ranks of this run will read (manifest, trainer states,
         weights header or shard metadata, config), without loading tensor data: a malformed checkpoint is
         skipped before it is chosen, not found broken halfway through loading it."""
-        ckpt.inspect_checkpoint(path, range(self.engine.world_size))
+        saved_world = ckpt.read_manifest(path)["world_size"]  # every saved rank's state, for a world-size change
+        ckpt.inspect_checkpoint(path, range(max(saved_world, self.engine.world_size)))
 
     def _load(self, path: Path) -> None:
         engine = self.engine
         manifest = ckpt.read_manifest(path)
         saved_world = manifest["world_size"]
-        if saved_world != engine.world_size:
-            raise ckpt.CheckpointError(
-                f"checkpoint: {path} was written by {saved_world} processes and this run has {engine.world_size}; "
-                f"resume with --distributed-nproc-per-node {saved_world}"
-            )
-        state_name = ckpt.trainer_state_name(engine.rank)
-        if state_name not in manifest["files"]:  # only files the manifest vouches for are read
-            raise ckpt.CheckpointError(f"checkpoint: {path} has no {state_name} in its {ckpt.MANIFEST}")
-        self._warn_config_changes(path)
+        # Elastic resume: a rank the checkpoint was not written with starts from rank 0's state (DDP replicas
+        # share the optimizer state; FSDP's lives in the shards, which DCP reshards) with its own RNG.
+        source = engine.rank if engine.rank < saved_world else 0
+        for rank in range(saved_world):  # only files the manifest vouches for are read
+            name = ckpt.trainer_state_name(rank)
+            if name not in manifest["files"]:
+                raise ckpt.CheckpointError(f"checkpoint: {path} has no {name} in its {ckpt.MANIFEST}")
         sharded = self._load_weights(path, manifest)
-        state = ckpt.load_trainer_state(path / state_name)
+        state = ckpt.load_trainer_state(path / ckpt.trainer_state_name(source))
+        if saved_world != engine.world_size:
+            state = self._remap_world(path, state, saved_world, own=source == engine.rank)
         if sharded:
             state["optimizer"] = engine.optimizer.state_dict()  # already restored from the shards
         try:
@@ -429,6 +529,69 @@ class Checkpointer:
         self._resume_rng = state.get("rng")
         self._last_saved_step = engine.state.step
 
+    def _remap_world(self, path: Path, state: dict[str, Any], saved_world: int, own: bool) -> dict[str, Any]:
+        """A trainer state of `saved_world` processes, for this rank of a run with another world size."""
+        engine, data = self.engine, state["data"]
+        if data.get("world_size") != saved_world or "batch_size" not in data:
+            raise ckpt.CheckpointError(
+                f"checkpoint: {path} was written by {saved_world} processes and this run has {engine.world_size}, "
+                f"and the data position of {type(engine.data_module).__name__} cannot be remapped (it does not "
+                f"record the world size and batch size it was counted in); resume with "
+                f"--distributed-nproc-per-node {saved_world}"
+            )
+        state = dict(state)
+        if not own:  # this rank did not exist: keep its own seeded RNG and start its metric window empty
+            state["rng"], state["meter"] = ckpt.rng_state(), None
+        if engine.is_global_zero:
+            consumed = data.get("offset", 0) + data["batch"] * data["batch_size"] * saved_world
+            engine.logger.warning("resuming a checkpoint of %d process(es) on %d: the data position is remapped to "
+                                  "sample %d of epoch %d", saved_world, engine.world_size, consumed, data["epoch"])
+        return state
+
+    def _check_branch(self, choice: Path | None) -> None:
+        """Refuse to start (`resume=none`) or branch (an older checkpoint, or another run's) into a run directory
+        that holds later checkpoints, unless `checkpoint.overwrite`; with it, note the other trajectory's
+        checkpoints so that pruning leaves them alone."""
+        if self.resume == "auto" or choice is None and self.resume != "none":
+            return
+        start = -1 if choice is None else ckpt.read_manifest(choice)["step"]
+        own = choice is not None and choice.parent.resolve() == self.root.resolve()
+        existing = [(s, p) for s, p in ckpt.list_checkpoints(self.root) if (p / ckpt.MANIFEST).is_file()]
+        later = [p.name for s, p in existing if s > start]
+        foreign = {p.name for s, p in existing if s > start or not own}
+        if later and not getattr(self.engine.config.checkpoint, "overwrite", False):
+            what = "starting from step 0" if choice is None else f"branching from {choice}"
+            raise ckpt.CheckpointError(
+                f"checkpoint.resume: {what} into {self.engine.run_dir}, which holds later checkpoints "
+                f"({', '.join(later[-3:])}), would overwrite them; use another --logging-log-dir, "
+                "--checkpoint-resume auto to continue them, or --checkpoint-overwrite"
+            )
+        self._foreign = foreign
+
+    def _check_config(self, path: Path) -> None:
+        """Refuse a resume whose config changes what the saved state is made for; log the changes it applies."""
+        if not (path / ckpt.CONFIG).is_file():
+            return
+        try:
+            saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
+        except ckpt.UnsafeCheckpointError:
+            raise
+        except ckpt.CheckpointError:  # checked by inspect_checkpoint before; nothing to compare against
+            return
+        old, new = _flatten(saved), _flatten(self.engine.config.to_dict())
+        for key, flag in _REFUSED_CHANGES.items():
+            if key in old and old[key] != new.get(key):
+                raise ckpt.CheckpointError(
+                    f"checkpoint: {path} was written with {key}={old[key]!r} and this run has {new.get(key)!r}; its "
+                    f"saved state does not carry over: resume with {flag} {old[key]}, or start a new run in another "
+                    "--logging-log-dir"
+                )
+        for key, what in _APPLIED_CHANGES.items():
+            if key in old and old[key] != new.get(key):
+                self.engine.logger.warning("resuming with %s: %r -> %r; applied to %s", key, old[key], new.get(key),
+                                           what)
+        self._warn_config_changes(path)
+
     def _load_weights(self, path: Path, manifest: dict[str, Any]) -> bool:
         """Load the weights (and, for FSDP, the optimizer shards); returns whether the checkpoint is sharded.
 
@@ -436,7 +599,8 @@ class Checkpointer:
         """
         engine = self.engine
         sharded, fsdp_run = ckpt.SHARDED_METADATA in manifest["files"], is_fsdp(engine.unwrapped_model)
-        if sharded != fsdp_run:
+        # One process runs FSDP unsharded; DCP still reads the shards of any world size into its plain model.
+        if sharded != fsdp_run and not (sharded and engine.world_size == 1):
             written, needed = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
             raise ckpt.CheckpointError(
                 f"checkpoint: {path} was written with distributed.strategy={written} and this run uses {needed}; "
@@ -477,8 +641,14 @@ class Checkpointer:
         self._previous_handlers.clear()
 
     def _handle_signal(self, signum: int, frame: Any) -> None:
-        if self._signal is not None:
-            # A second signal: the user does not want to wait for the step to end.
-            self._restore_signal_handlers()
-            raise KeyboardInterrupt
-        self._signal = signum  # acted on at the next step boundary (after_step)
+        now = time.monotonic()
+        if self._signal is None:
+            self._signal, self._signal_time = signum, now  # acted on at the next step boundary (after_step)
+            return
+        if now - self._signal_time < DUPLICATE_SIGNAL_S or signum != signal.SIGINT:
+            # The group's signal forwarded again by a launcher (torchrun does), or a job manager repeating its
+            # SIGTERM: the save under way is what it asks for. Job managers escalate with SIGKILL, not a signal.
+            return
+        # Ctrl-C pressed again: the user does not want to wait for the step and the save to end.
+        self._restore_signal_handlers()
+        raise KeyboardInterrupt

@@ -23,7 +23,7 @@ import shutil
 import typing
 from typing import Any
 
-from llm.errors import ConfigError, did_you_mean
+from llm.errors import ConfigError, did_you_mean, show
 
 from .config import SECTIONS, Config, append_or_replace, field_help, field_types, unwrap_optional
 
@@ -81,7 +81,7 @@ def _scalar_type(base: type, optional: bool) -> Any:
         try:
             return base(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {show(text)}") from None
 
     convert.__name__ = base.__name__
     return convert
@@ -184,10 +184,11 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, A
         flag = unknown[0].split("=")[0]
         options = [s for action in parser._actions for s in action.option_strings]
         if flag.startswith("--"):
-            raise ConfigError(f"unknown flag {flag!r}{_unknown_flag_hint(flag, options)}; see --help for every flag")
+            hint = _unknown_flag_hint(flag, options)
+            raise ConfigError(f"unknown flag {show(flag)}{hint}; see --help for every flag")
         if flag.startswith("-"):
-            raise ConfigError(f"unknown flag {flag!r}{did_you_mean(flag, options)}; see --help for every flag")
-        raise ConfigError(f"unexpected argument {flag!r}; flags look like --training-lr 0.001")
+            raise ConfigError(f"unknown flag {show(flag)}{did_you_mean(flag, options)}; see --help for every flag")
+        raise ConfigError(f"unexpected argument {show(flag)}; flags look like --training-lr 0.001")
     return {k: v for k, v in vars(namespace).items() if k not in ("config", "print_config")}
 
 

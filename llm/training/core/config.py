@@ -12,16 +12,18 @@ import dataclasses
 import glob
 import inspect
 import logging
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List
 
 import yaml
 
-from llm.errors import ConfigError, did_you_mean, invalid
+from llm.errors import ConfigError, did_you_mean, invalid, shorten, show
 from llm.models.config import ModelConfig  # the model section is the model's own config
 
 from .precision import PRECISIONS
@@ -42,6 +44,7 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe (trained on the corpus) | path/to/tokenizer.json
     vocab_size: int = 4096  # vocabulary size when training a BPE tokenizer
     max_bytes: int = 16_000_000  # cap on the embedded corpus size in bytes (0 = no cap)
+    max_file_bytes: int = 4 << 30  # largest data file read into memory, in bytes (0 = no cap; a .bin is mapped)
     val_fraction: float = 0.05  # share of the data held out for validation
     num_samples: int = 4096  # samples of the synthetic regression data set
     num_workers: int = 0  # DataLoader worker processes
@@ -112,6 +115,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | none | PATH
     monitor: str = ""  # also keep the best checkpoint by this validation metric (e.g. val/loss)
     mode: str = "min"  # best checkpoint: min | max
+    overwrite: bool = False  # let resume=none or a branch from an older checkpoint save over later checkpoints
 
 
 @dataclass
@@ -212,6 +216,9 @@ def type_name(tp: Any) -> str:
     return f"{name} or null" if optional else name
 
 
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def coerce(path: str, value: Any, tp: Any) -> Any:
     """Check a YAML value against a field type; ints widen to floats, nothing else is guessed."""
     base, optional = unwrap_optional(tp)
@@ -233,10 +240,13 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 (PyYAML) reads `1e-3` as text, YAML 1.2 and every user as a number: take what 1.2 would.
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            return float(value)
     elif base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{path}: expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{path}: expected {type_name(tp)}, got {show(value)} ({type(value).__name__})")
 
 
 def append_or_replace(path: str, current: Any, value: Any) -> Any:
@@ -262,20 +272,20 @@ def append_or_replace(path: str, current: Any, value: Any) -> Any:
 def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
     """Apply a nested mapping ({section: {field: value}} plus top-level keys) onto `config`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{shorten(source)}: expected a mapping of sections, got {type(data).__name__}")
     top_types = field_types(Config)
     for key, value in data.items():
         if key in SECTIONS:
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: section {key!r} must be a mapping, got {value!r}")
+                raise ConfigError(f"{shorten(source)}: section {key!r} must be a mapping, got {show(value)}")
             section = getattr(config, key)
             types = field_types(SECTIONS[key])
             for name, item in value.items():
                 if name not in types:
                     raise ConfigError(
-                        f"{source}: unknown key '{key}.{name}'{did_you_mean(name, types)}; "
+                        f"{shorten(source)}: unknown key {show(f'{key}.{name}')}{did_you_mean(name, types)}; "
                         f"valid keys of '{key}': {', '.join(types)}"
                     )
                 coerced = coerce(f"{key}.{name}", item, types[name])
@@ -284,20 +294,74 @@ def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
             setattr(config, key, append_or_replace(key, getattr(config, key), coerce(key, value, top_types[key])))
         else:
             raise ConfigError(
-                f"{source}: unknown key {key!r}{did_you_mean(key, list(SECTIONS) + list(TOP_LEVEL))}; "
+                f"{shorten(source)}: unknown key {show(key)}{did_you_mean(key, list(SECTIONS) + list(TOP_LEVEL))}; "
                 f"valid: {', '.join(list(TOP_LEVEL) + list(SECTIONS))}"
             )
 
 
+MAX_YAML_BYTES = 8 * 2**20  # a config is a few kilobytes; this bounds what a wrong path can cost
+
+
+class _Refused(Exception):
+    """A construct the config loader refuses, with the line it is on."""
+
+    def __init__(self, what: str, mark: Any) -> None:
+        super().__init__(what)
+        self.what, self.line = what, mark.line + 1 if mark is not None else 0
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without aliases and without duplicate keys.
+
+    An alias (`*name`) refers to a node by reference, so nine lines of aliases to aliases (a "billion laughs"
+    file) stand for a billion values: safe to load, but every walk over it (the config's own checks) takes
+    minutes and gigabytes. A config never needs one, so aliases are refused when the file is composed, before
+    anything is expanded. A repeated key would silently take the last value, so it is refused too.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"YAML aliases are not accepted (*{event.anchor}); write the value out",
+                                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key is the constructor's error, reported as invalid YAML
+            if key in seen:
+                raise _Refused(f"duplicate key {show(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config: file not found: {path!r}")
+    """Read a config file: a regular file of at most MAX_YAML_BYTES, plain YAML (see `_ConfigLoader`)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config: file not found: {show(path)}")
+    if not os.path.isfile(path):  # a directory, FIFO or device: reading it would fail, hang or never end
+        raise ConfigError(f"config: {show(path)} is not a regular file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {show(path)}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config: {show(path)} is larger than {MAX_YAML_BYTES:,} bytes; not a config file")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
+    except _Refused as exc:
+        raise ConfigError(f"config: {show(path)} line {exc.line}: {exc.what}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"config: {path!r} is not valid YAML: {first}") from None
+        raise ConfigError(f"config: {show(path)} is not valid YAML: {shorten(first)}") from None
+    except RecursionError:
+        raise ConfigError(f"config: {show(path)} is nested too deeply to be a config") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"config: {show(path)} holds a value that cannot be read: {show(str(exc))}") from None
     return data or {}
 
 
@@ -318,9 +382,36 @@ def _check(ok: bool, field: str, value: Any, valid: str, candidates: Any = None)
         raise invalid(field, value, valid, candidates)
 
 
+INT64 = 2**63
+MAX_TIMEOUT_MINUTES = 525_600.0  # a year: longer is a typo, and Python's timedelta overflows not far above
+
+
+def _check_numbers(config: Config) -> None:
+    """Every number of every section is finite and fits in 64 bits (torch, numpy and the checkpoint's
+    tensors hold them there); the ranges each field needs are checked after this, field by field."""
+    owners = [("", config, Config), *((f"{name}.", getattr(config, name), cls) for name, cls in SECTIONS.items())]
+    for prefix, owner, cls in owners:
+        for f in dataclasses.fields(cls):
+            value = getattr(owner, f.name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, bool) or not isinstance(item, (int, float)):
+                    continue
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise invalid(f"{prefix}{f.name}", value, "must be a finite number")
+                if isinstance(item, int) and not -INT64 <= item < INT64:
+                    raise invalid(f"{prefix}{f.name}", value, "must fit in 64 bits")
+
+
 def validate_config(config: Config, *, check_names: bool = True, check_scheduler: bool = True) -> None:
-    """Raise ConfigError on the first invalid value. Registries are consulted for names."""
+    """Raise ConfigError on the first invalid value. Registries are consulted for names.
+
+    Numbers must be finite and fit in 64 bits, then lie in each field's range. Notes for the run's start
+    (a legal but surprising value) are appended to `config.notes`.
+    """
     m, d, t, c, dist = config.model, config.data, config.training, config.checkpoint, config.distributed
+    _check_numbers(config)
+    # Each rank seeds torch with seed + rank (which takes up to 2**64 - 1); numpy's generators take no negative seed.
+    _check(0 <= config.seed < INT64, "seed", config.seed, "an integer in [0, 2**63)")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len", "num_experts", "top_k"):
         _check(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
     _check(
@@ -355,8 +446,11 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(d.num_samples >= 2, "data.num_samples", d.num_samples, "must be >= 2")
     _check(d.vocab_size >= 257, "data.vocab_size", d.vocab_size, "must be >= 257 (the 256 bytes plus merges)")
     _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
+    _check(d.max_file_bytes >= 0, "data.max_file_bytes", d.max_file_bytes, "must be >= 0 (0 = no cap)")
     if d.path:
-        exists = os.path.exists(d.path) or (glob.has_magic(d.path) and bool(glob.glob(d.path, recursive=True)))
+        from llm.data.sources import expand_glob  # refuses directory loops, which glob.glob follows for ever
+
+        exists = os.path.exists(d.path) or (glob.has_magic(d.path) and bool(expand_glob(d.path)))
         _check(exists, "data.path", d.path, "no such file, directory or glob match")
     if d.tokenizer not in ("byte", "bpe"):
         _check(
@@ -375,6 +469,18 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(t.warmup >= 0, "training.warmup", t.warmup, "must be >= 0")
     _check(t.step_size >= 1, "training.step_size", t.step_size, "must be >= 1")
     _check(t.gamma > 0, "training.gamma", t.gamma, "must be > 0")
+    if t.gamma > 1 and t.scheduler_type in ("step", "exponential"):  # legal (a warm-up by hand), rarely meant
+        note = f"training.gamma {t.gamma} > 1: the {t.scheduler_type} scheduler raises the lr over the run"
+        if note not in config.notes:
+            config.notes.append(note)
+    _check(0 <= t.momentum < 1, "training.momentum", t.momentum, "must be in [0, 1)")
+    _check(0 < t.plateau_factor < 1, "training.plateau_factor", t.plateau_factor,
+           "must be in (0, 1): the lr is multiplied by it on a plateau")
+    _check(t.plateau_patience >= 0, "training.plateau_patience", t.plateau_patience, "must be >= 0")
+    _check(t.early_stopping_patience >= 1, "training.early_stopping_patience", t.early_stopping_patience,
+           "must be >= 1")
+    _check(t.early_stopping_min_delta >= 0, "training.early_stopping_min_delta", t.early_stopping_min_delta,
+           "must be >= 0")
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(0 < t.decay_fraction <= 1, "training.decay_fraction", t.decay_fraction, "must be in (0, 1]")
     _check(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}", PRECISIONS)
@@ -420,7 +526,8 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
     _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp or fsdp", STRATEGIES)
-    _check(dist.timeout_minutes > 0, "distributed.timeout_minutes", dist.timeout_minutes, "must be > 0")
+    _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
+           f"must be > 0 and at most {MAX_TIMEOUT_MINUTES:g} (a year)")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")
 
     repeated = sorted({name for name in t.callbacks if t.callbacks.count(name) > 1})
@@ -444,6 +551,31 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
             from llm.data import datamodule  # noqa: F401
 
             registry.DATA_MODULES.get(d.module)
+
+
+def check_log_dir(path: str) -> None:
+    """The run directory can be created (or is a writable directory), checked before anything is written.
+
+    The nearest existing ancestor must be a writable directory: a path under a regular file or in a read-only
+    place would otherwise fail only after the workers started.
+    """
+    if "\0" in path:
+        raise invalid("logging.log_dir", path, "not a usable path: it holds a NUL character")
+    if any(len(os.fsencode(part)) > 255 for part in Path(path).parts):
+        raise invalid("logging.log_dir", path, "not a usable path: a name in it is longer than 255 bytes")
+    try:
+        target = os.path.abspath(path)
+        if os.path.lexists(target) and not os.path.isdir(target):
+            raise invalid("logging.log_dir", path, "exists and is not a directory")
+        probe = target
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise invalid("logging.log_dir", path, f"cannot be created: {show(probe)} is not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise invalid("logging.log_dir", path, f"cannot be created: {show(probe)} is not writable")
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, ...
+        raise invalid("logging.log_dir", path, f"not a usable path: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _cuda_available() -> bool:

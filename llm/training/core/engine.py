@@ -31,8 +31,8 @@ from llm.errors import UserError
 from llm.models.moe import collect_aux_loss
 
 from .callbacks import build_callbacks
-from .checkpointing import Checkpointer, ModelCheckpoint
-from .distributed import barrier, resolve_device
+from .checkpointing import Checkpointer, ModelCheckpoint, write_failure
+from .distributed import all_agree, barrier, resolve_device
 from .fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
 from .hooks import Callback, CallbackList
 from .loggers import MetricSink, build_sinks, close_quietly
@@ -234,9 +234,17 @@ class TrainingEngine:
         """Set up, resume, train, validate, save; returns the last validation logs."""
         self.setup()
         try:
-            self.checkpointer.maybe_resume()
+            resumed = self.checkpointer.maybe_resume()
+            idle = self._nothing_to_train() if resumed is not None else None
+            if idle is not None:  # a finished run: say why, write nothing (no re-save, config.yaml unchanged)
+                if self.is_global_zero:
+                    self.logger.warning("%s", idle)
+                self.checkpointer.abort()
+                return self.last_val_logs
+            self._write_run_config()  # only now: a refused resume leaves the run's config.yaml as it was
             for sink in self.sinks:
-                sink.open(self)
+                with self._sink_errors(sink):
+                    sink.open(self)
             self._sinks_open = True
             announce_run(self)
             self.checkpointer.start()
@@ -256,7 +264,41 @@ class TrainingEngine:
         return self.last_val_logs
 
     def _done(self) -> bool:
-        return self.should_stop or self.state.step >= self.total_steps
+        return self.should_stop or self.state.step >= self.total_steps or self._epochs_done()
+
+    def _epochs_done(self) -> bool:
+        """The epoch limit, which a resume on another world size (its epochs have another number of steps) or on
+        other data can reach before `total_steps`."""
+        return bool(self.steps_per_epoch) and self.state.epoch >= self.config.training.epochs
+
+    def _nothing_to_train(self) -> str | None:
+        """Why a resumed run has no step left to take (None: it has)."""
+        cfg, step = self.config.training, self.state.step
+        if step >= self.total_steps:
+            limit = (f"training.max_steps={cfg.max_steps}" if cfg.max_steps == self.total_steps else
+                     f"training.epochs={cfg.epochs} ({self.steps_per_epoch} steps per epoch)")
+            flag = "--training-max-steps" if limit.startswith("training.max_steps") else "--training-epochs"
+        elif self._epochs_done():
+            limit, flag = f"training.epochs={cfg.epochs} (epoch {self.state.epoch} is done)", "--training-epochs"
+        else:
+            return None
+        return (f"nothing to train: the checkpoint is at step {step} and {limit} ends the run there; nothing was "
+                f"written (raise {flag} to train further)")
+
+    def _write_run_config(self) -> None:
+        """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""
+        if not self.is_global_zero:
+            return
+        from .checkpoint import write_bytes
+
+        tmp = self.run_dir / "config.yaml.tmp"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes(tmp, self.config.to_yaml().encode())
+            os.replace(tmp, self.run_dir / "config.yaml")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"logging: {write_failure(exc, self.run_dir / 'config.yaml')}") from None
 
     def _fit(self) -> None:
         while not self._done():
@@ -270,8 +312,10 @@ class TrainingEngine:
             self.callbacks.on_epoch_end({"epoch": self.state.epoch, "step": self.state.step, **self.last_val_logs})
             self._flush()
             self.state.epoch += 1
-        if self.state.last_val_step != self.state.step:
-            self.validate()  # the run ends with a validation of its final weights
+        # The run ends with a validation of its final weights, unless a job manager asked it to stop: its grace
+        # period is for the checkpoint (already written), and the resumed run validates where it ends.
+        if self.state.last_val_step != self.state.step and self.checkpointer.stop_signal is None:
+            self.validate()
 
     def _train_epoch(self) -> bool:
         """Train until the epoch's data runs out (True) or the run must stop (False)."""
@@ -423,21 +467,44 @@ class TrainingEngine:
         record, self._record = self._record, {}
         if len(record) > 1 and self._sinks_open:  # more than the step number, and a run to write it
             for sink in self.sinks:
-                sink.write(record)
+                with self._sink_errors(sink):
+                    sink.write(record)
+
+    @contextlib.contextmanager
+    def _sink_errors(self, sink: MetricSink) -> Iterator[None]:
+        """A logger that cannot write (disk full, permissions) stops the run with one line naming what it writes."""
+        try:
+            yield
+        except OSError as exc:
+            where = sink.target(self.run_dir)
+            raise UserError(f"logging: {type(sink).__name__}: {write_failure(exc, where)}") from None
 
     # -- state ----------------------------------------------------------------------------------
     def _save_final(self) -> None:
         """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
-        from .checkpoint import save_weights
+        from .checkpoint import CheckpointError, save_weights, step_dir_name
+        from .checkpointing import is_write_error, write_failure
 
         self.finite.raise_pending()
         self.checkpointer.finish()
         path = self.run_dir / "model.safetensors"
-        # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
-        if is_fsdp(self.unwrapped_model):  # a collective: every rank's shards, gathered on rank 0
-            save_full_weights(self.unwrapped_model, path, self.state.step)
-        elif self.is_global_zero:
-            save_weights(self.unwrapped_model, path, self.state.step)
+        error: Exception | None = None
+        try:
+            # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
+            if is_fsdp(self.unwrapped_model):  # a collective: every rank's shards, gathered on rank 0
+                save_full_weights(self.unwrapped_model, path, self.state.step)
+            elif self.is_global_zero:
+                save_weights(self.unwrapped_model, path, self.state.step)
+        except Exception as exc:  # noqa: BLE001  (a failed write, in whatever type its writer reports it)
+            if not is_write_error(exc):
+                raise
+            error = exc
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)  # the writers' temp file
+        if not all_agree(error is None, self.device):  # every rank fails alike, none waits for the others
+            what = write_failure(error, path) if error is not None else f"another rank failed to write {path}"
+            saved = self.checkpointer.root / step_dir_name(self.state.step)  # finish() saved this step
+            raise CheckpointError(f"final weights: {what}; the checkpoint {saved} is complete (resume or export "
+                                  "from it)")
         if self.is_global_zero:
             self.logger.info("saved final weights to %s", path)
         barrier()

@@ -15,6 +15,7 @@ items (the lm task's samples), is text.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import math
@@ -25,9 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llm.errors import ConfigError
+from llm.errors import ConfigError, UserError
 from llm.registry import Registry
 
+from .checkpointing import write_failure
 from .hooks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,9 +42,9 @@ LOGGERS: Registry[Any] = Registry("logger", "logging.loggers")
 FILE_ONLY = {"console": False}
 
 
-def register_logger(name: str, obj: Any = None) -> Any:
-    """Register a `MetricSink` subclass under a `logging.loggers` name."""
-    return LOGGERS.register(name, obj)
+def register_logger(name: str, obj: Any = None, *, override: bool = False) -> Any:
+    """Register a `MetricSink` subclass under a `logging.loggers` name (`override=True` replaces a taken one)."""
+    return LOGGERS.register(name, obj, override=override)
 
 
 def is_scalar(value: Any) -> bool:
@@ -77,6 +79,10 @@ class MetricSink(Callback):
 
     def open(self, engine: TrainingEngine) -> None:
         self.engine = engine
+
+    def target(self, run_dir: Path) -> Path:
+        """What this sink writes (named in its write errors)."""
+        return Path(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -144,9 +150,12 @@ class _FileSink(MetricSink):
         self.filename = filename
         self._file: Any = None
 
+    def target(self, run_dir: Path) -> Path:
+        return Path(run_dir) / self.filename
+
     def open(self, engine: TrainingEngine) -> None:
         super().open(engine)
-        self._file = open(Path(engine.run_dir) / self.filename, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        self._file = open(self.target(engine.run_dir), "a", encoding="utf-8", newline="")  # noqa: SIM115
 
     def close(self) -> None:
         if self._file is not None:
@@ -155,18 +164,67 @@ class _FileSink(MetricSink):
 
 
 class MetricsLogger(_FileSink):
-    """`RUN_DIR/metrics.jsonl`: one JSON object per record."""
+    """`RUN_DIR/metrics.jsonl`: one JSON object per record, and never a partial line.
+
+    The file is written unbuffered, one line per write: a crash leaves whole records behind, a failed write
+    (disk full) is cut back to the last whole line before its one-line error ends the run, and a partial last
+    line left by an earlier process (killed mid-write, or an older version) is cut when a resumed run reopens it.
+    """
 
     def __init__(self, filename: str = "metrics.jsonl") -> None:
         super().__init__(filename)
+        self.path: Path | None = None
+
+    def open(self, engine: TrainingEngine) -> None:
+        MetricSink.open(self, engine)
+        self.path = Path(engine.run_dir) / self.filename
+        try:
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115  (closed in close())
+            cut = self._cut_partial_line()
+        except OSError as exc:
+            self.close()
+            raise UserError(f"logging: {write_failure(exc, self.path)}") from None
+        if cut:
+            engine.logger.warning("%s ended in a partial line (%d bytes, from an interrupted write); removed it",
+                                  self.path, cut)
+
+    def _cut_partial_line(self) -> int:
+        """Truncate the file after its last newline; returns the number of bytes removed."""
+        size = os.fstat(self._file.fileno()).st_size
+        end, chunk = size, 4096
+        with open(self.path, "rb") as f:
+            while end > 0:
+                start = max(0, end - chunk)
+                f.seek(start)
+                newline = f.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+        if end < size:
+            os.ftruncate(self._file.fileno(), end)
+        return size - end
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        # One write of one whole line, then a flush: a crash leaves whole records behind.
-        self._file.write(json.dumps(clean, default=str) + "\n")
-        self._file.flush()
+        line = memoryview((json.dumps(clean, default=str) + "\n").encode())
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            while line:  # a write may be short (a full disk, a signal); the rest follows or fails
+                written = self._file.write(line)
+                if not written:  # nothing written and no error: do not spin
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                line = line[written:]
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, size)  # no partial record stays behind
+            except OSError:
+                pass
+            self.close()  # later records are refused: the run ends with this error
+            raise UserError(f"logging: {write_failure(exc, self.path)}") from None
 
 
 class TensorBoardLogger(MetricSink):

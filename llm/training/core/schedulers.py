@@ -5,6 +5,11 @@ A registered scheduler is `fn(optimizer, cfg: TrainingConfig, total: int) -> LRS
 where `total` is the number of scheduler intervals (optimizer steps, or epochs) after warmup.
 The closed-form schedules are `LambdaLR`s, so their value at any step does not depend on the
 history of stepping (which keeps resume exact).
+
+On resume (`LRSchedule.load_state_dict`) the schedule keeps its saved *position* but takes its *shape* from the
+run's config: a new `training.lr` becomes the peak the schedule scales, and a new horizon (`max_steps`, `epochs`)
+replaces the one a closed-form schedule was built for, so a longer run continues along the new curve instead of
+sitting at the old curve's end (lr 0 for a cosine to 0).
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ from llm.registry import SCHEDULERS, register_scheduler
 __all__ = ["SCHEDULERS", "LRSchedule", "build_scheduler"]
 
 
-class _Cosine:
+class _Horizon:
+    """A closed-form lr factor whose shape depends on the run's length (`total`): rebuilt, not restored, on resume."""
+
+    total: int
+
+
+class _Cosine(_Horizon):
     """Picklable cosine factor from 1 to `floor` over `total` steps."""
 
     def __init__(self, total: int, floor: float) -> None:
@@ -32,7 +43,7 @@ class _Cosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class _Linear:
+class _Linear(_Horizon):
     def __init__(self, total: int, floor: float) -> None:
         self.total, self.floor = max(1, total), floor
 
@@ -40,7 +51,7 @@ class _Linear:
         return self.floor + (1 - self.floor) * max(0.0, 1 - step / self.total)
 
 
-class _WarmupStableDecay:
+class _WarmupStableDecay(_Horizon):
     """Hold the peak, then decay linearly to `floor` over the last `fraction` of the run."""
 
     def __init__(self, total: int, floor: float, fraction: float) -> None:
@@ -162,7 +173,52 @@ class LRSchedule:
         return {"steps": self.steps, "target_lrs": list(self.target_lrs), "scheduler": inner}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position (steps taken, the inner scheduler's counters and plateau record) of a saved
+        schedule, keeping this run's peak lrs (`target_lrs`, from its config) and the horizon its closed-form
+        schedules were built for. Call after the optimizer's `load_state_dict`, which brings back the saved lrs.
+
+        When neither changed, nothing is recomputed, so a resume stays bitwise equal to an uninterrupted run.
+        Otherwise the current lrs are set to what the new schedule gives at the saved position: the warmup ramp
+        or the closed form of the new horizon, and for history-dependent schedules (step, exponential, plateau)
+        the saved lr scaled by new peak / old peak.
+        """
+        fresh, saved = list(self.target_lrs), [float(lr) for lr in state["target_lrs"]]
+        if len(saved) != len(fresh):
+            raise ValueError(f"the saved schedule has {len(saved)} parameter groups and this optimizer {len(fresh)}")
         self.steps = state["steps"]
-        self.target_lrs = list(state["target_lrs"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        inner = state.get("scheduler")
+        reshaped = False
+        if self.scheduler is not None and inner is not None:
+            inner = dict(inner)
+            if isinstance(self.scheduler, LambdaLR) and isinstance(inner.get("lr_lambdas"), list):
+                # A horizon-shaped factor keeps this run's shape; torch would restore the saved one's `total`.
+                kept = []
+                for fn, saved_fn in zip(self.scheduler.lr_lambdas, inner["lr_lambdas"]):
+                    mine = isinstance(fn, _Horizon)
+                    reshaped |= mine and saved_fn is not None and saved_fn != fn.__dict__
+                    kept.append(None if mine else saved_fn)
+                inner["lr_lambdas"] = kept
+            self.scheduler.load_state_dict(inner)
+            if hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = list(fresh)
+        for group, lr in zip(self.optimizer.param_groups, fresh):
+            if "initial_lr" in group:
+                group["initial_lr"] = lr
+        self.target_lrs = fresh
+        if fresh != saved or reshaped:
+            self._reapply(saved)
+
+    def _reapply(self, saved: list[float]) -> None:
+        """Set the current lrs to what this (changed) schedule gives at its restored position."""
+        groups = self.optimizer.param_groups
+        if self.in_warmup:
+            self._apply_warmup()
+        elif isinstance(self.scheduler, LambdaLR):
+            # Closed form at the restored position: the value LambdaLR itself computes when stepped there.
+            for group, base, fn in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+        else:
+            for group, lr, old in zip(groups, self.target_lrs, saved):
+                group["lr"] = group["lr"] * (lr / old) if old else lr
+        if self.scheduler is not None and hasattr(self.scheduler, "_last_lr"):
+            self.scheduler._last_lr = [group["lr"] for group in groups]

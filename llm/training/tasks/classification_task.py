@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llm.data.digits import NUM_CLASSES, NUM_PATCHES, PATCH_FEATURES, DigitsDataModule
+from llm.errors import ConfigError
 
 from .base_task import TrainingTask
 from .encoders import SequenceEncoder
@@ -22,6 +23,15 @@ class ClassificationTask(TrainingTask):
                      "precision": "fp32"},
     }
     data_module_class = DigitsDataModule
+
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        # The digits module reads no file: a path given to it would be ignored without a word.
+        if config.data.path and not config.data.module:
+            raise ConfigError(
+                f"data.path: the classification task trains on scikit-learn's bundled digits and reads no data path "
+                f"(got {config.data.path[:200]!r}); drop it, or set data.module to a data module that reads it"
+            )
 
     def build_model(self) -> nn.Module:
         return SequenceEncoder(

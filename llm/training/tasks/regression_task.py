@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm.data.regression import NUM_FEATURES, RegressionDataModule
+from llm.data.regression import NUM_FEATURES, RegressionDataModule, csv_columns
 from llm.errors import ConfigError
 
 from .base_task import TrainingTask
@@ -39,8 +40,22 @@ class RegressionTask(TrainingTask):
                 f"data.seq_len: invalid value {config.data.seq_len}; "
                 f"must be < model.max_seq_len={config.model.max_seq_len}"
             )
-        if config.data.path and not config.data.path.endswith(".csv"):
-            raise ConfigError(f"data.path: invalid value {config.data.path!r}; the regression task reads a .csv file")
+        path = config.data.path
+        if not path or config.data.module:  # a user's data module owns its path and format
+            return
+        if not os.path.exists(path):
+            raise ConfigError(f"data.path: invalid value {path!r}; no such file")
+        # Before the extension: `/dev/zero` or a FIFO named x.csv is refused for what it is.
+        columns = csv_columns(path, config.data.max_file_bytes)
+        if not path.endswith(".csv"):
+            raise ConfigError(f"data.path: invalid value {path!r}; the regression task reads a .csv file")
+        # Every feature column is one position, and the summary token takes one more (SequenceEncoder).
+        if columns - 1 >= config.model.max_seq_len:
+            raise ConfigError(
+                f"model.max_seq_len: {path!r} has {columns - 1} feature columns, a sequence of {columns} positions "
+                f"with the summary token, over model.max_seq_len={config.model.max_seq_len}; "
+                f"set --model-max-seq-len {columns} or more"
+            )
 
     def build_model(self) -> nn.Module:
         return SequenceEncoder(

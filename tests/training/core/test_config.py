@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 
 import pytest
 import yaml
@@ -249,3 +250,210 @@ def test_yaml_round_trip():
     again = config_from_dict(yaml.safe_load(config.to_yaml()))
     assert again == config
     validate_config(again)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12, item 7: every value checked before anything is written.
+# ---------------------------------------------------------------------------------------------
+
+
+def _numeric_fields() -> list[tuple[str, str, type]]:
+    """(section or '', field, float|int) of every numeric field, lists of numbers included."""
+    from llm.training.core.config import field_types
+
+    found = []
+    for section, cls in [("", Config), *SECTIONS.items()]:
+        for name, tp in field_types(cls).items():
+            base = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, typing.List) else tp
+            base = next((a for a in typing.get_args(base) if a is not type(None)), base)  # Optional[int] -> int
+            if base in (int, float):
+                found.append((section, name, base))
+    return found
+
+
+def _set(config: Config, section: str, name: str, value) -> None:
+    owner = getattr(config, section) if section else config
+    setattr(owner, name, [value, value] if isinstance(getattr(owner, name), list) else value)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_field_refuses_non_finite_values(bad):
+    floats = [(s, n) for s, n, base in _numeric_fields() if base is float]
+    assert len(floats) >= 15 and ("training", "betas") in floats  # the walk sees lists and every section
+    for section, name in floats:
+        config = Config()
+        _set(config, section, name, bad)
+        with pytest.raises(ConfigError, match=rf"^{section}\.{name}: .*must be a finite number"):
+            validate_config(config, check_names=False)
+
+
+def test_every_int_field_refuses_values_beyond_64_bits():
+    ints = [(s, n) for s, n, base in _numeric_fields() if base is int]
+    assert ("", "seed") in ints and ("model", "num_kv_heads") in ints
+    for section, name in ints:
+        config = Config()
+        _set(config, section, name, 2**64)
+        field = f"{section}.{name}" if section else name
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: .*must fit in 64 bits"):
+            validate_config(config, check_names=False)
+
+
+@pytest.mark.parametrize(
+    "section, name, value, message",
+    [
+        ("", "seed", -1, r"seed: invalid value -1; an integer in \[0, 2\*\*63\)"),
+        ("", "seed", 2**63, "seed: invalid value"),
+        ("training", "momentum", -0.1, r"training.momentum: .*\[0, 1\)"),
+        ("training", "momentum", 1.0, r"training.momentum: .*\[0, 1\)"),
+        ("training", "plateau_factor", 1.5, r"training.plateau_factor: .*\(0, 1\)"),
+        ("training", "plateau_factor", 0.0, r"training.plateau_factor: .*\(0, 1\)"),
+        ("training", "plateau_patience", -1, "training.plateau_patience: .*>= 0"),
+        ("training", "early_stopping_patience", 0, "training.early_stopping_patience: .*>= 1"),
+        ("training", "early_stopping_min_delta", -0.5, "training.early_stopping_min_delta: .*>= 0"),
+        ("training", "gamma", 0.0, "training.gamma: .*> 0"),
+        ("distributed", "timeout_minutes", 1e9, "distributed.timeout_minutes: .*a year"),
+    ],
+)
+def test_out_of_range_values_are_refused(section, name, value, message):
+    config = Config()
+    _set(config, section, name, value)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, check_names=False)
+
+
+def test_edges_of_the_ranges_are_accepted_and_a_growing_gamma_is_noted():
+    config = Config()
+    config.seed, config.training.momentum, config.training.plateau_patience = 2**63 - 1, 0.0, 0
+    config.training.scheduler_type, config.training.gamma = "exponential", 1.5
+    validate_config(config)
+    assert any("training.gamma 1.5 > 1" in note for note in config.notes)
+
+
+def test_yaml_non_finite_and_float_seed_are_refused_with_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match="training.lr: invalid value inf; must be a finite number"):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+    cfg.write_text("seed: 1e23\n")  # YAML 1.1 reads this as text
+    with pytest.raises(ConfigError, match=r"seed: expected int, got '1e23' \(str\)"):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+    cfg.write_text("seed: 1.0e+23\n")  # and this as a float
+    with pytest.raises(ConfigError, match=r"seed: expected int, got 1e\+23 \(float\)"):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-3` as a string; a float field takes it as YAML 1.2 and the user mean it.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  lr: 1e-3\n  weight_decay: 5E-2\n")
+    config, _, _ = parse_config(["--task", "regression", "--config", str(cfg)])
+    assert config.training.lr == 1e-3 and config.training.weight_decay == 0.05
+    cfg.write_text("training:\n  lr: 1e-3x\n")
+    with pytest.raises(ConfigError, match="training.lr: expected float"):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+
+
+def _billion_laughs() -> str:
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_fails_fast_with_one_line(tmp_path):
+    import time
+
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(_billion_laughs())
+    assert cfg.stat().st_size < 500  # a billion "lol"s once expanded
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--task", "regression", "--config", str(cfg)])
+    assert time.perf_counter() - start < 1.0
+    assert re.fullmatch(r"config: '.*bomb.yaml' line 2: YAML aliases are not accepted \(\*a\); write the value out",
+                        str(info.value))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: &b {lr: 0.1}\ntraining:\n  <<: *b\n", "line 3: YAML aliases are not accepted"),  # merge keys too
+        ("training:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "line 4: duplicate key 'lr'"),
+        ("training: {lr: 0.1}\ntraining: {lr: 0.2}\n", "line 2: duplicate key 'training'"),
+        ("[" * 20000 + "]" * 20000, "nested too deeply"),
+        ("seed: " + "9" * 5000 + "\n", "holds a value that cannot be read"),
+        ("seed: 2\n\udcff", "not valid YAML"),
+    ],
+)
+def test_yaml_constructs_a_config_never_needs_are_refused(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+
+
+def test_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)  # opening it would block forever
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        parse_config(["--task", "regression", "--config", str(fifo)])
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        parse_config(["--task", "regression", "--config", "/dev/zero"])
+
+
+def test_huge_values_are_shortened_in_messages(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  optimizer: " + "x" * 2**20 + "\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--task", "regression", "--config", str(cfg)])
+    message = str(info.value)
+    assert message.startswith("training.optimizer: unknown optimizer 'xxx") and len(message) < 500
+    assert "chars]..." in message  # says that it was cut
+    cfg.write_text("training:\n  ? " + "x" * 2**20 + "\n  : 1\n")  # a huge unknown key (YAML's explicit key form)
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--task", "regression", "--config", str(cfg)])
+    assert "unknown key" in str(info.value) and len(str(info.value)) < 1000  # the valid keys are listed
+
+
+def test_user_error_messages_are_capped_as_text():
+    from llm.errors import MAX_MESSAGE_CHARS, UserError, invalid, shorten
+
+    assert len(str(UserError("y" * 10**6))) <= MAX_MESSAGE_CHARS
+    assert str(UserError("short")) == "short"
+    cut = shorten("a" * 1000 + "TAIL", 100)
+    assert len(cut) <= 100 and cut.startswith("aaa") and cut.endswith("TAIL") and "[" in cut
+    assert len(str(invalid("data.path", "p" * 10**6, "no such file"))) < 300
+
+
+def test_log_dir_must_be_creatable(tmp_path):
+    from llm.training.core.config import check_log_dir
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"logging.log_dir: .*cannot be created: '.*a_file' is not a directory"):
+        check_log_dir(str(tmp_path / "a_file" / "run" / "deeper"))
+    with pytest.raises(ConfigError, match="logging.log_dir: .*exists and is not a directory"):
+        check_log_dir(str(tmp_path / "a_file"))
+    with pytest.raises(ConfigError, match="logging.log_dir: .*not a usable path"):
+        check_log_dir(str(tmp_path / "nul\0byte"))
+    with pytest.raises(ConfigError, match="logging.log_dir: .*longer than 255 bytes"):
+        check_log_dir(str(tmp_path / ("n" * 300) / "run"))
+    check_log_dir(str(tmp_path / "new" / "run"))  # creatable: nothing is created by the check
+    assert not (tmp_path / "new").exists()
+
+
+def test_yaml_over_the_size_cap_is_refused_unread(tmp_path, monkeypatch):
+    from llm.training.core import config as config_module
+
+    monkeypatch.setattr(config_module, "MAX_YAML_BYTES", 64)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training:\n  lr: 0.1\n" + "# padding\n" * 10)
+    with pytest.raises(ConfigError, match="is larger than 64 bytes; not a config file"):
+        parse_config(["--task", "regression", "--config", str(cfg)])
+
+
+def test_long_flag_values_are_shortened_in_parse_errors():
+    with pytest.raises(ConfigError) as info:
+        parse_config(["--task", "regression", "--training-lr", "9" * 100_000 + "x"])
+    assert "--training-lr" in str(info.value) and len(str(info.value)) < 600

@@ -279,3 +279,98 @@ def test_a_crash_flushes_logs_keeps_checkpoints_and_exits_non_zero(tmp_path):
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+# -- disk full: every write failure is one line naming the file ------------------------------------
+
+
+def _disk_full(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the writers raise it: no file name
+
+
+def test_disk_full_at_the_final_weights_keeps_the_resumable_checkpoint(tmp_path, monkeypatch):
+    def fail(model, path, step=None):
+        Path(str(path) + ".tmp").write_bytes(b"partial")  # what a writer leaves when the disk fills mid-file
+        raise _disk_full(path)
+
+    monkeypatch.setattr(ckpt, "save_weights", fail)
+    with pytest.raises(CheckpointError) as info:
+        train(tmp_path, "run", "--training-max-steps", "6")
+    message, run = str(info.value), tmp_path / "run"
+    assert "\n" not in message
+    assert f"cannot write {run / 'model.safetensors'}: No space left on device" in message
+    assert "step-00000006 is complete" in message
+    verify_checkpoint(run / "checkpoints" / "step-00000006")  # written first, so the run is not lost
+    assert not (run / "model.safetensors").exists() and not (run / "model.safetensors.tmp").exists()
+
+
+def test_disk_full_inside_torch_save_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    # torch.save reports a full disk as a RuntimeError about stream positions; the OSError is its context.
+    def fail(state, path):
+        try:
+            raise _disk_full(path)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(ckpt, "save_trainer_state", fail)
+    with pytest.raises(CheckpointError) as info:
+        train(tmp_path, "run", "--training-max-steps", "2")
+    assert "trainer_state_rank0.pt: No space left on device" in str(info.value)
+
+
+def test_write_failure_reason_finds_the_os_error():
+    from llm.training.core.checkpointing import write_failure, write_failure_reason
+
+    try:
+        try:
+            raise _disk_full("x")
+        except OSError as exc:
+            raise RuntimeError("unexpected pos 704 vs 598") from exc
+    except RuntimeError as wrapped:
+        assert write_failure_reason(wrapped) == "No space left on device"
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert write_failure(rust, "/r/w.safetensors") == "cannot write /r/w.safetensors: No space left on device"
+    assert write_failure_reason(RuntimeError("first\nlast line")) == "last line"
+
+
+class _FillingFile:
+    """An unbuffered file whose disk fills after `room` more bytes: a short write, then ENOSPC."""
+
+    def __init__(self, path: Path, room: int) -> None:
+        self.raw, self.room = open(path, "ab", buffering=0), room  # noqa: SIM115
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def write(self, data) -> int:
+        if self.room <= 0:
+            raise _disk_full(None)
+        written = self.raw.write(bytes(data[: self.room]))
+        self.room -= written
+        return written
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def test_metrics_jsonl_never_ends_in_a_partial_line(tmp_path):
+    import logging
+
+    from llm.errors import UserError
+    from llm.training.core.loggers import MetricsLogger
+
+    engine = type("E", (), {"run_dir": tmp_path, "logger": logging.getLogger("llm")})()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')  # killed mid-write
+    sink = MetricsLogger()
+    sink.open(engine)  # the partial line of the earlier process is cut
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    sink.write({"step": 2, "loss": 0.5})
+    sink._file.close()
+    sink._file = _FillingFile(tmp_path / "metrics.jsonl", room=10)
+    with pytest.raises(UserError) as info:
+        sink.write({"step": 3, "loss": 0.25})
+    assert str(info.value) == f"logging: cannot write {tmp_path / 'metrics.jsonl'}: No space left on device"
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+    sink.write({"step": 4, "loss": 0.1})  # refused quietly after the failure: the run is ending with its error
+    sink.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
