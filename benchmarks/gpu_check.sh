@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, ready to run on one H100/H200 in under 8 minutes (each stage has a time limit; a stage that fails or
+# GPU check, ready to run on one H100/H200 in under 10 minutes (each stage has a time limit; a stage that fails or
 # times out is reported and the next one runs). Logs go to $OUT (or ./gpu_check_logs) when set.
 #   1. the whole test suite on the CUDA machine (device `auto` picks the GPU; -m "not gpu", 8 workers);
 #   2. the GPU tier: pytest -m gpu (training steps dense/MoE x bf16/fp32 x eager/compiled, HF parity, KV cache,
@@ -7,7 +7,9 @@
 #   3. engine vs hand loop, same run, bf16 + compile, at the byte-125m preset (ratio target >= 0.98; MFU of both);
 #   4. the same at the tinyllama-1.1b shape cut to 8 layers (widths, heads and GQA of the real model);
 #   5. DecoderModel vs HF Llama (byte-125m) and vs HF Mixtral (byte-moe-480m), bf16 + compile, same run: tokens/s,
-#      MFU (the MoE line is the MoE MFU) and the ratio.
+#      MFU (the MoE line is the MoE MFU) and the ratio;
+#   6. MoE efficiency at a Mixtral-like shape (bench-moe-2048: hidden 2048, 8 experts of 5632, top-2): MoE MFU
+#      (active-parameter FLOPs; issue target >= 35%) and the ratio to HF Mixtral (target >= 1.5x).
 # Usage: bash benchmarks/gpu_check.sh      (PYTHON=/path/to/python picks the interpreter)
 # Each Python stage also runs on a CPU in a smoke mode (see each benchmark's docstring).
 set -uo pipefail
@@ -53,6 +55,9 @@ stage "engine vs hand loop, tinyllama-1.1b shape (8 layers), bf16 + compile" 75 
   --device cuda --preset tinyllama-1.1b --layers 8 --compile --rounds 1 --warmup 5 --steps 15 --target-ratio 0.98
 stage "DecoderModel vs HF Llama / Mixtral, bf16 + compile" 70 "$PY" -m benchmarks.bench_gpu_models --device cuda \
   --shapes byte-125m byte-moe-480m --compile --batch 8 --seq-len 2048 --steps 10 --rounds 2
+stage "MoE efficiency: Mixtral-like bench-moe-2048 vs HF Mixtral, bf16 + compile" 90 "$PY" -m \
+  benchmarks.bench_gpu_models --device cuda --shapes bench-moe-2048 --compile --batch 4 --seq-len 2048 --steps 8 \
+  --rounds 2
 echo
 echo "gpu_check: total $(( $(date +%s) - start )) s, exit $status"
 exit $status

@@ -11,9 +11,13 @@ partial UTF-8 never shows. A user mistake (missing checkpoint, bad flag) is one 
 Inputs are checked before any work: the temperature must be finite and >= 0, and one below `GREEDY_BELOW` (1e-5)
 means greedy decoding, its limit (dividing logits by 1e-45 overflows them to inf and NaN probabilities); top-k >= 1;
 0 < top-p <= 1; the device must exist on this machine; the prompt (`--prompt`, or `--prompt-file`, read verbatim)
-must be valid UTF-8. `--max-new-tokens` is at least 1, and its KV cache (prompt plus new tokens, every layer) must
-fit in the device's memory; its default (256) is cut to the model's context length (`max_seq_len`), and asking for
-more than fits in that context is allowed, with a warning.
+must be valid UTF-8. `--max-new-tokens` is at least 1; its default (256) is cut to what fits in the model's context
+(`max_seq_len`) after the prompt, and the KV cache of the context (every layer) must fit in the device's memory.
+
+Asking for more than fits in the context is allowed: the model never runs past its context (positions it was not
+trained on turn the text into gibberish), the window slides instead, each further token predicted from the last
+`max_seq_len` tokens (see `llm.models.generation`), and one warning line on stderr says from which generated
+token on. A prompt longer than the context slides from the first token.
 """
 
 from __future__ import annotations
@@ -44,19 +48,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Every option's help ends with its default in words (a None default means something different per option).
     p = _Parser(prog="python -m llm.generate", description="Sample text from a trained lm run or checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or model.safetensors")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint directory or model.safetensors (required)")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file, verbatim ('-': stdin)")
+    prompt.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
+    prompt.add_argument("--prompt-file",
+                        help="read the prompt from this UTF-8 file, verbatim; '-': stdin (default: none, --prompt)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, or the model's context if shorter)")
+                   help=f"tokens to generate; past the model's context the window slides, with a warning (default: "
+                   f"{DEFAULT_MAX_NEW_TOKENS}, or fewer so that prompt and text fit the context)")
     p.add_argument("--temperature", type=float, default=0.8,
-                   help=f"softmax temperature (0 = greedy; below {GREEDY_BELOW:g} also greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+                   help=f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely tokens only (default: off, every token)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this probability mass (default: off, 1.0)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: random)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when present) | cpu | cuda | cuda:N (default: %(default)s)")
     return p
 
 
@@ -64,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 def stream_text(
     model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[str]:
     """Yield decoded text pieces of a continuation of `prompt` as the tokens are generated.
 
-    A `temperature` below `GREEDY_BELOW` decodes greedily (see the module docstring).
+    A `temperature` below `GREEDY_BELOW` decodes greedily (see the module docstring). When the context window
+    slides (prompt plus generated tokens past `max_seq_len`), `warn` receives one line saying from which token.
     """
     from llm.data.tokenizers import StreamDecoder
 
@@ -77,15 +90,26 @@ def stream_text(
         if tokenizer.eos_id is None:
             raise UserError("prompt: empty, and this tokenizer has no end-of-text token to start from")
         ids = [tokenizer.eos_id]  # documents are separated by it, so it means "start of a document"
-    ids = ids[-model.max_seq_len :]
     stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
     decoder = StreamDecoder(tokenizer)
+
+    def on_slide(index: int) -> None:
+        if warn is not None:
+            warn(slide_message(len(ids), int(model.max_seq_len), index))
+
     tokens = model.generate_stream(
         torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_tokens=stops, seed=seed,
+        stop_tokens=stops, seed=seed, on_slide=on_slide,
     )
     # The stop token is yielded by the model but is not text: decode up to it.
     yield from decoder.stream(itertools.takewhile(lambda token: not stops or token != stops[0], tokens))
+
+
+def slide_message(prompt_tokens: int, context: int, index: int) -> str:
+    """The warning of a slid window: generated token `index` (0-based) is the first predicted without the start."""
+    return (f"the context window slides from generated token {index + 1} on: the prompt's {prompt_tokens} tokens plus "
+            f"the generated ones pass the model's context of {context} tokens (max_seq_len), so each token from there "
+            f"is predicted from the last {context} tokens only")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -153,24 +177,22 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_max_new_tokens(model: Any, prompt_tokens: int, requested: int | None, device: torch.device,
-                         warn: Callable[[str], None] | None = None) -> int:
-    """The number of tokens to generate: the default fitted to the model's context, or `requested` if its KV cache
-    fits the device's memory (else a one-line UserError); warns when a requested count runs past `max_seq_len`."""
+def check_max_new_tokens(model: Any, prompt_tokens: int, requested: int | None, device: torch.device) -> int:
+    """The number of tokens to generate: `requested`, or the default fitted to the context after the prompt (a
+    prompt that fills the context alone gets the default cut to the context, and slides). Refuses (one-line
+    UserError) a model whose KV cache, at most `max_seq_len` positions as the window slides, exceeds the device."""
     context = int(model.max_seq_len)
-    count = min(DEFAULT_MAX_NEW_TOKENS, context) if requested is None else requested
-    positions = min(prompt_tokens, context) + count
+    # Token i is predicted from prompt + i tokens: prompt + count - 1 of them must fit for no slide at all.
+    room = context - prompt_tokens + 1
+    count = min(DEFAULT_MAX_NEW_TOKENS, room if room >= 1 else context) if requested is None else requested
+    positions = min(prompt_tokens + count, context)
     weight = model.embed_tokens.weight
     per_position = sum(2 * b.self_attn.num_kv_heads * b.self_attn.head_dim for b in model.layers)
     need, have = positions * per_position * weight.element_size(), _device_memory(device)
     if have is not None and need > have:
-        most = max(0, have // max(1, per_position * weight.element_size()) - min(prompt_tokens, context))
-        raise UserError(f"--max-new-tokens: {count} needs a {need / 1e9:.3g} GB KV cache, more than the "
-                        f"{have / 1e9:.3g} GB of {device}; at most about {most} here "
-                        f"(the model's context is {context})")
-    if requested is not None and positions > context and warn is not None:
-        warn(f"generating {positions} positions, past the model's context of {context} (max_seq_len): the text "
-             "beyond it is out of what the model was trained on")
+        raise UserError(f"--max-new-tokens: {count} tokens need a {need / 1e9:.3g} GB KV cache ({positions} "
+                        f"positions of the model's context of {context}), more than the {have / 1e9:.3g} GB of "
+                        f"{device}; use a device with more memory")
     return count
 
 
@@ -187,11 +209,11 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         device = _device(args.device)
         run = load_run(args.checkpoint, device=device, warn=_warn)
         model, tokenizer = run.model, run.tokenizer
-        count = check_max_new_tokens(model, len(tokenizer.encode(prompt)) or 1, args.max_new_tokens, device, _warn)
+        count = check_max_new_tokens(model, len(tokenizer.encode(prompt)) or 1, args.max_new_tokens, device)
         out.write(prompt)
         out.flush()
         for piece in stream_text(
-            model, tokenizer, prompt, count, args.temperature, args.top_k, args.top_p, args.seed
+            model, tokenizer, prompt, count, args.temperature, args.top_k, args.top_p, args.seed, warn=_warn
         ):
             out.write(piece)
             out.flush()

@@ -11,7 +11,7 @@ import torch
 from helpers import run_cli
 
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer
-from llm.generate import main, stream_text
+from llm.generate import build_parser, main, stream_text
 from llm.models.decoder import DecoderModel
 from llm.training.core import checkpoint as ckpt
 from llm.training.core.config import Config
@@ -171,7 +171,6 @@ def test_streaming_holds_back_partial_utf8():
         (["--max-new-tokens", "0"], "--max-new-tokens: invalid value 0"),
         (["--max-new-tokens", "-3"], "--max-new-tokens: invalid value -3"),
         (["--max-new-tokens", "1e9"], "--max-new-tokens: invalid int value"),
-        (["--max-new-tokens", str(10**15)], "KV cache, more than the"),  # checked against the model and memory
         (["--device", "cuda:99"], "--device: 'cuda:99' is not available on this machine"),
         (["--prompt", "ab\udcff"], "--prompt: not valid UTF-8 text (byte 0xff at character 2)"),  # argv, surrogates
         (["--prompt-file", "BAD"], "is not valid UTF-8 (byte 0xfe at offset 3)"),
@@ -206,13 +205,53 @@ def test_tiny_temperatures_decode_greedily(run_dir, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_max_new_tokens_default_fits_the_context_and_more_is_allowed_with_a_warning(run_dir, capsys):
+def test_max_new_tokens_default_fits_the_context_after_the_prompt(run_dir, capsys):
     code, text = generate("--checkpoint", str(run_dir), "--prompt", "", "--temperature", "0")
     assert code == 0 and capsys.readouterr().err == ""
     assert len(text) <= 64 + 1  # byte tokenizer: a token is at most one character; max_seq_len 64, newline
-    code, text = generate("--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "100", "--seed", "0")
+    code, text = generate("--checkpoint", str(run_dir), "--prompt", "def " * 10, "--temperature", "0")
+    assert code == 0 and capsys.readouterr().err == ""  # 40 prompt tokens leave room for 25: no slide
+    assert len(text) <= 40 + 25 + 1
+
+
+def test_past_the_context_the_window_slides_with_one_warning_and_equals_a_fresh_start(run_dir, capsys):
+    """100 tokens after a 4-token prompt on a 64-token context: token 62 is the first predicted from a slid window
+    (4 + 61 > 64), the warning says so once, and the rest is what a fresh greedy run from that window generates."""
+    code, text = generate("--checkpoint", str(run_dir), "--temperature", "0", "--max-new-tokens", "100",
+                          "--prompt", "def ")
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 0 and len(err) == 1 and err[0].startswith("warning: generating 104 positions, past the model's")
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith("warning: the context window slides from generated token 62 on: the prompt's 4 tokens")
+    run = load_run(run_dir)
+    model, tokenizer = run.model, run.tokenizer
+    warnings: list[str] = []
+    assert "def " + "".join(stream_text(model, tokenizer, "def ", 100, 0.0, warn=warnings.append)) + "\n" == text
+    assert warnings == [err[0].removeprefix("warning: ")]
+    prompt = tokenizer.encode("def ")
+    tokens = list(model.generate_stream(torch.tensor(prompt), 100, temperature=0, stop_tokens=[tokenizer.eos_id]))
+    assert len(tokens) == 100  # greedy never drew the end of text here, so the window did slide
+    window = (prompt + tokens)[1:65]  # the 64 tokens that token 62 (position 65) is predicted from
+    fresh = list(model.generate_stream(torch.tensor(window), 39, temperature=0, stop_tokens=[tokenizer.eos_id]))
+    assert fresh == tokens[61:]
+
+
+def test_a_kv_cache_larger_than_the_device_is_refused(run_dir, capsys, monkeypatch):
+    monkeypatch.setattr("llm.generate._device_memory", lambda device: 4096)  # the 64-position cache needs 16 KiB
+    assert generate("--checkpoint", str(run_dir), "--max-new-tokens", str(10**15))[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-new-tokens: ") and "(64 positions of the model's context of 64)" in err
+    assert err.count("\n") == 1
+
+
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in build_parser()._actions:
+        if option.option_strings == ["-h", "--help"]:
+            continue
+        help_text = " ".join(option.help.replace("%(default)s", str(option.default)).split())
+        assert help_text in text and ("(default: " in help_text or "(required)" in help_text), help_text
 
 
 def test_prompt_file_is_read_verbatim(run_dir, tmp_path):

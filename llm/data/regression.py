@@ -5,12 +5,16 @@ a per-position nonlinearity with terms that depend on the first and last positio
 must attend across the sequence and know positions to fit it. CSV: numeric columns with a header row; the last
 column is the target and every other column is one position of a length-(columns-1) sequence.
 
-A CSV is checked cell by cell rather than trusted: every row as wide as the header (blank lines skipped), every
-cell a finite number (`nan`, `inf` and `1e400`, which parses as inf, are refused with the file and line: they
-would otherwise surface as a non-finite loss blamed on the step, or as a run that "succeeds" at loss inf), and
-every target small enough that its square stays finite in fp32 (the MSE loss). Features are standardized in
-float64, so any finite value is usable. `csv_columns` reads just the header, cheaply, for the task's config
-check (the sequence must fit the model's positions before anything is written).
+A CSV is checked cell by cell rather than trusted, and refused with its file and line number: an empty file, a
+first row of numbers where the header belongs, fewer than 2 columns or 2 data rows, a row not as wide as the header
+(blank lines skipped), a cell that is not a finite number (`nan`, `inf` and `1e400`, which parses as inf: they
+would otherwise surface as a non-finite loss blamed on the step, or as a run that "succeeds" at loss inf), and a
+target so large that its square overflows fp32 (the MSE in target units). Features are standardized in float64
+over the whole file (they are inputs, and any finite value is usable); the target is standardized by the task
+with the mean and standard deviation of the training split only (`target_stats`), which the model keeps with its
+weights, so that the validation split, never seen to fit them, measures what the model learned in target units.
+`csv_columns` reads just the header, cheaply, for the task's config check (the sequence must fit the model's
+positions before anything is written).
 """
 
 from __future__ import annotations
@@ -76,12 +80,36 @@ def _cell(path: str, line: int, column: str, cell: str) -> float:
     return value
 
 
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_shape(path: str, numbered: list[tuple[int, list[str]]]) -> None:
+    """The file as a whole: a header naming >= 2 columns, then >= 2 data rows (the cells are checked by `read_csv`)."""
+    if not numbered:
+        raise ConfigError(f"data.path: {path!r} line 1: the file is empty; it needs a header row, then at least 2 "
+                          "rows of numbers")
+    line, header = numbered[0]
+    if len(header) < 2:
+        raise ConfigError(f"data.path: {path!r} line {line} has {len(header)} column; it needs at least 2 (the "
+                          "features, then the target last)")
+    if all(_is_number(cell) for cell in header):
+        raise ConfigError(f"data.path: {path!r} line {line} is numbers ({','.join(header)[:40]!r}), not a header; the "
+                          "first row must name the columns")
+    if len(numbered) < 3:
+        raise ConfigError(f"data.path: {path!r} line {numbered[-1][0]}: {len(numbered) - 1} data rows after the "
+                          "header; it needs at least 2 (one to train on, one to validate)")
+
+
 def read_csv(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(x: (N, C-1, 1), y: (N,)) from a numeric CSV with a header row; see the module docstring for the checks."""
     rows = _rows(path, max_file_bytes)
     numbered = [(line, row) for line, row in enumerate(rows, start=1) if any(cell.strip() for cell in row)]
-    if len(numbered) < 3 or len(numbered[0][1]) < 2:
-        raise ConfigError(f"data.path: {path!r} needs a header and at least 2 rows of >= 2 numeric columns")
+    _check_shape(path, numbered)
     header = numbered[0][1]
     values = []
     for line, row in numbered[1:]:
@@ -99,13 +127,24 @@ def read_csv(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[t
     return x.float().unsqueeze(-1), table[:, -1].float()
 
 
+def target_stats(y: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of targets `y`, in float64; a constant target (or a single one) has std 1, so
+    standardizing it only centres it."""
+    y = y.double()
+    mean, std = y.mean().item(), y.std(correction=0).item()
+    return mean, std if std > 0 else 1.0
+
+
 class RegressionDataModule(TensorDataModule):
-    """Train/validation split of the synthetic problem or a CSV; batches are (x, y)."""
+    """Train/validation split of the synthetic problem or a CSV; batches are (x, y), y in the target's units.
+    After `setup`, `target_mean`/`target_std` are those of the training split (the task standardizes with them)."""
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
+        self.target_mean: float | None = None
+        self.target_std: float | None = None
 
     @property
     def num_features(self) -> int:
@@ -118,3 +157,5 @@ class RegressionDataModule(TensorDataModule):
         else:
             x, y = synthetic_regression(data.num_samples, data.seq_len, self.config.seed)
         self.split(x, y)
+        assert self.train_set is not None
+        self.target_mean, self.target_std = target_stats(self.train_set.tensors[1])  # never the validation split

@@ -40,6 +40,7 @@ class ModelConfig:
     """Model sizes; the field names are `DecoderModel`'s keyword arguments."""
 
     preset: str = ""  # named model shape (smollm2-135m, tinyllama-1.1b, tiny, ...); other model fields override it
+    init_from: str = ""  # start from these weights: an HF Llama/Mixtral folder, a run or a checkpoint directory
     vocab_size: int = 256  # token vocabulary (the lm task sets it from the tokenizer unless given)
     hidden_size: int = 128  # width of the residual stream
     num_layers: int = 4  # number of TransformerBlocks
@@ -59,6 +60,8 @@ class ModelConfig:
     num_shared_experts: int = 0  # always-on experts added to the routed ones
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing auxiliary loss
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss
+    moe_balance: str = "global"  # global (over the global batch) | micro (each micro-batch) | aux_free (routing bias)
+    moe_bias_update_rate: float = 0.001  # aux_free: how far the routing bias moves per optimizer step
 
     @property
     def head_dim(self) -> int:

@@ -168,6 +168,8 @@ class DecoderModel(GenerationMixin, nn.Module):
         for m in model.modules():
             if isinstance(m, MoELayer):
                 m.tokens_per_expert = torch.zeros(m.num_experts, dtype=torch.long, device=device)
+                if m.routing_bias.is_meta:  # not saved unless the model balances by routing bias (aux_free)
+                    m.routing_bias = torch.zeros(m.num_experts, device=device)
         return model
 
     @property

@@ -2,14 +2,23 @@
 
 ``generate_stream`` is the primitive (prefill, optionally in chunks, then one token per step against the cache)
 and yields tokens as they are produced, so a CLI can print them as they arrive; ``generate`` collects it.
+
 Sampling: temperature (0 = greedy), then top-k, then top-p (nucleus), drawn from a seeded ``torch.Generator``.
 Grad mode and train/eval mode are switched around each forward only, never across a ``yield``, so code running
 between streamed tokens sees the caller's own settings.
+
+The model never sees more than its context (``max_seq_len``): past it, the window slides, and each token is
+predicted from the last ``max_seq_len`` tokens only, exactly as a fresh generation from that window would predict
+it. Positions beyond the ones it was trained on would otherwise turn the text into gibberish without a word. The
+cache holds at most ``max_seq_len`` positions; once it is full, every further token re-prefills the kept window
+(rotary keys are tied to their absolute positions, and the deeper layers' keys to the tokens that were dropped, so
+the cached ones cannot be shifted), which costs one forward over the window per token, as decoding without a cache
+does. ``on_slide`` tells the caller when that starts, so a CLI can say so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +54,10 @@ class LayerKVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reset(self) -> None:
+        """Forget every cached position (the storage is kept and overwritten by the next updates)."""
+        self.length = 0
+
 
 class KVCache:
     """One :class:`LayerKVCache` per decoder layer; ``length`` is the number of positions already cached."""
@@ -55,6 +68,10 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
 
     @classmethod
     def for_model(cls, model: DecoderModel, batch_size: int, max_len: int) -> KVCache:
@@ -102,6 +119,15 @@ class GenerationMixin:
         finally:
             self.train(was_training)
 
+    def _prefill(self: DecoderModel, ids: Tensor, cache: KVCache, chunk: int | None) -> Tensor:
+        """Feed ``ids`` (B, T) to an empty ``cache`` in blocks of ``chunk`` tokens; the last position's logits."""
+        chunk = chunk or ids.shape[1]
+        logits = None
+        for s in range(0, ids.shape[1], chunk):
+            logits = self._forward_no_grad(ids[:, s : s + chunk], cache)  # (B, V)
+        assert logits is not None, "empty prompt: generation needs at least one input token"
+        return logits
+
     def generate_stream(
         self: DecoderModel,
         input_ids: Tensor,
@@ -114,6 +140,7 @@ class GenerationMixin:
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         prefill_chunk_size: int | None = None,
+        on_slide: Callable[[int], None] | None = None,
     ) -> Iterator[int | Tensor]:
         """Yield generated tokens one step at a time.
 
@@ -122,7 +149,10 @@ class GenerationMixin:
         (the stop token is yielded; later steps of already-stopped rows repeat that stop token).
         ``seed`` builds a fresh generator; ``generator`` is used as is. ``prefill_chunk_size`` feeds the prompt to
         the cache in blocks of that many tokens (bounds prefill memory). ``use_cache=False`` recomputes the full
-        sequence every step (the reference the cache is tested against).
+        window every step (the reference the cache is tested against).
+        Each token is predicted from the last ``max_seq_len`` tokens at most (the sliding window of the module
+        docstring); ``on_slide(i)`` is called once, before the first token predicted from a window that dropped
+        earlier tokens, with that token's 0-based index among the generated ones (0: the prompt alone was longer).
         """
         single = input_ids.dim() == 1
         ids = input_ids[None] if single else input_ids  # (B, T)
@@ -133,16 +163,29 @@ class GenerationMixin:
         stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=device)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)  # (B,)
         last_stop = torch.zeros(ids.shape[0], dtype=torch.long, device=device)  # (B,)
+        window = int(self.max_seq_len)
+        slid = False
 
-        cache = KVCache.for_model(self, ids.shape[0], ids.shape[1] + max_new_tokens) if use_cache else None
-        chunk = prefill_chunk_size or ids.shape[1]
+        def slides(index: int) -> bool:
+            """Whether the next prediction drops tokens from the window; reports the first time."""
+            nonlocal slid
+            if ids.shape[1] <= window:
+                return False
+            if not slid and on_slide is not None:
+                on_slide(index)
+            slid = True
+            return True
+
+        capacity = min(ids.shape[1] + max_new_tokens, window)
+        cache = KVCache.for_model(self, ids.shape[0], capacity) if use_cache else None
         logits = None
-        if cache is not None:
-            for s in range(0, ids.shape[1], chunk):
-                logits = self._forward_no_grad(ids[:, s : s + chunk], cache)  # (B, V)
-        for _ in range(max_new_tokens):
+        if cache is not None and max_new_tokens > 0:
+            slides(0)
+            logits = self._prefill(ids[:, -window:], cache, prefill_chunk_size)
+        for step in range(max_new_tokens):
             if cache is None:
-                logits = self._forward_no_grad(ids, None)
+                slides(step)
+                logits = self._forward_no_grad(ids[:, -window:], None)
             assert logits is not None, "empty prompt: generation needs at least one input token"
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             nxt = torch.where(finished, last_stop, nxt)
@@ -152,9 +195,14 @@ class GenerationMixin:
                 finished |= hit
             ids = torch.cat([ids, nxt[:, None]], dim=1)  # (B, T + 1)
             yield int(nxt[0]) if single else nxt
-            if stops.numel() and bool(finished.all()):
-                return
-            if cache is not None:
+            if step + 1 == max_new_tokens or (stops.numel() and bool(finished.all())):
+                return  # no forward for a token that will not be drawn (nor a slide that did not happen)
+            if cache is None:
+                continue
+            if slides(step + 1):  # the cache is full: start it again from the kept window
+                cache.reset()
+                logits = self._prefill(ids[:, -window:], cache, prefill_chunk_size)
+            else:
                 logits = self._forward_no_grad(nxt[:, None], cache)  # (B, V)
 
     def generate(self: DecoderModel, input_ids: Tensor, max_new_tokens: int, **kwargs: object) -> Tensor:

@@ -82,6 +82,10 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
         raise ValueError("a bidirectional (causal=False) model has no Llama/Mixtral equivalent")
     if c.use_moe and c.num_shared_experts:
         raise ValueError("Mixtral has no shared experts; this model has num_shared_experts > 0")
+    biased = [k for k, t in model.state_dict().items() if k.endswith("routing_bias") and t.any()]
+    if biased:  # dropping it would change which experts every token picks
+        raise ValueError(f"Mixtral's router has no routing bias; this model (moe_balance=aux_free) has one in "
+                         f"{biased[0]} and {len(biased) - 1} other layer(s)")
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     hf: dict[str, Any] = dict(
         architectures=["MixtralForCausalLM" if c.use_moe else "LlamaForCausalLM"],
@@ -169,6 +173,8 @@ def _state_dict_to_hf(model: DecoderModel) -> dict[str, Tensor]:
         if key == "lm_head.weight":
             if not model.config.tie_embeddings:
                 out[key] = t
+        elif key.endswith("routing_bias"):
+            continue  # all zero (checked by _config_to_hf): routing is the router's alone, as in Mixtral
         elif m := re.match(r"^layers\.(\d+)\.mlp\.gate\.weight$", key):
             out[f"model.layers.{m[1]}.block_sparse_moe.gate.weight"] = t
         elif m := re.match(r"^layers\.(\d+)\.mlp\.(w_gate_up|w_down)$", key):
@@ -196,15 +202,28 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.de
     return DecoderModel.from_state_dict(state, **cfg)
 
 
-def save_hf(model: DecoderModel, path: str | Path, max_shard_bytes: int | None = None) -> None:
+def generation_config(model: DecoderModel, token_ids: dict[str, int | None]) -> dict[str, Any]:
+    """``generation_config.json``: the special token ids and the model's context as ``max_length``."""
+    return {**{k: v for k, v in token_ids.items() if v is not None}, "max_length": model.config.max_seq_len,
+            "_from_model_config": False}
+
+
+def save_hf(model: DecoderModel, path: str | Path, max_shard_bytes: int | None = None,
+            token_ids: dict[str, int | None] | None = None) -> None:
     """Write ``model`` as an HF Llama (dense) or Mixtral (MoE) directory that ``from_pretrained`` loads.
 
     ``max_shard_bytes`` splits the weights into ``model-0000i-of-0000n.safetensors`` files plus an index.
+    ``token_ids`` (``bos_token_id``/``eos_token_id``/``pad_token_id``) go into ``config.json`` and a
+    ``generation_config.json``, so that ``generate`` stops and pads as the tokenizer expects.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_config = _config_to_hf(model)
     tensors = _state_dict_to_hf(model)
+    if token_ids is not None:
+        hf_config.update({k: v for k, v in token_ids.items() if v is not None})
+        text = json.dumps(generation_config(model, token_ids), indent=2) + "\n"
+        (path / "generation_config.json").write_text(text)
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if max_shard_bytes is None:
         save_file(tensors, str(path / SINGLE_NAME), metadata={"format": "pt"})

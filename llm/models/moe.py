@@ -25,12 +25,25 @@ Notable choices:
   is this times top_k) and the router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE). Each layer stores
   ``aux_loss_coef * balance + z_loss_coef * z`` of its last forward in ``aux_loss``; ``collect_aux_loss`` sums
   them over any module tree.
+- Balance statistics (``balance``): ``"global"`` (default) counts f_e over the whole global batch: the counts are
+  summed over the data-parallel group set by :func:`set_balance_group` and, inside an optimizer step that the
+  engine opens with :func:`begin_step`, over the micro-batches so far. N processes then optimize the same objective
+  as one process with their global batch (P_e's gradient is averaged by DDP/FSDP like the loss's), and the looser
+  constraint lets experts specialise by domain instead of balancing every micro-batch (Qiu et al. 2025, "Demons in
+  the Detail: On Implementing Load Balancing Loss for Training Specialized Mixture-of-Expert Models"). The counts
+  of micro-batches still to come in a step are not known yet, so with gradient accumulation micro-batch m uses
+  micro-batches 1..m. ``"micro"``: each forward's own counts (Switch, Mixtral). ``"aux_free"``: no balance loss;
+  a per-expert bias added to the router scores for the top-k choice only (not the gates, not the gradient) moves by
+  ``bias_update_rate`` after each optimizer step against the step's global load (DeepSeek-V3's auxiliary-loss-free
+  balancing, Wang et al. 2024).
+- Expert parallelism: with :attr:`MoELayer.ep` set (see ``llm.models.moe_parallel``) the layer holds only its
+  rank's experts and exchanges token rows with all-to-all.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +52,24 @@ from torch import Tensor, nn
 from llm.errors import invalid
 from llm.models.config import ModelConfig
 from llm.models.layers import MLP
+from llm.models.moe_kernels import (  # noqa: F401  (block_layout, block_rows, grouped_mm_supported: re-exported)
+    _BlockMatmul,
+    _DispatchRows,
+    _PermuteRows,
+    _SelectRows,
+    _SwiGLU,
+    block_layout,
+    block_rows,
+    grouped_matmul,
+    grouped_mm_supported,
+)
 
 Dispatch = Literal["auto", "grouped_mm", "loop", "padded"]
 DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "loop", "padded")
+BALANCES: tuple[str, ...] = ("global", "micro", "aux_free")
 # Sets the dispatch of every MoE layer built without an explicit one (the engine's models included): a way to
 # force a path for tests, benchmarks and workarounds without a code change.
 DISPATCH_ENV = "LLM_MOE_DISPATCH"
-BLOCK_ROWS_C = 64  # see block_rows
 
 
 def default_dispatch() -> Dispatch:
@@ -54,233 +78,6 @@ def default_dispatch() -> Dispatch:
     if value not in DISPATCHES:
         raise invalid(DISPATCH_ENV, value, f"expected one of {', '.join(DISPATCHES)}", DISPATCHES)
     return value  # type: ignore[return-value]  (checked above)
-
-
-# --------------------------------------------------------------------------------------------- grouped matmul
-def grouped_mm_supported(x: Tensor, out_features: int) -> bool:
-    """Whether ``torch._grouped_mm`` runs ``x`` (N, K) @ (E, K, ``out_features``) in ``x``'s dtype on its device."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    # Both kernels require 16-byte aligned row strides of both operands and of the output.
-    if (x.shape[-1] * x.element_size()) % 16 or (out_features * x.element_size()) % 16:
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16)
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 8
-    return False
-
-
-class _LoopGroupedMatmul(torch.autograd.Function):
-    """Per-group ``torch.mm`` into slices of one output, forward and backward.
-
-    Autograd through ``w[e]`` slices would give each expert its own full-size zero gradient and sum E of them
-    (quadratic in E); here the weight gradient is one tensor written slice by slice, zero for empty groups.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.counts = counts
-        out = x.new_empty(x.shape[0], w.shape[-1])  # (N, M)
-        for e, (x_e, out_e) in enumerate(zip(x.split(counts), out.split(counts))):
-            if x_e.shape[0]:
-                torch.mm(x_e, w[e], out=out_e)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                x_e, g_e = x.narrow(0, start, n), grad.narrow(0, start, n)
-                if grad_x is not None:
-                    torch.mm(g_e, w[e].T, out=grad_x.narrow(0, start, n))
-                if grad_w is not None:
-                    torch.mm(x_e.T, g_e, out=grad_w[e])
-            start += n
-        return grad_x, grad_w, None
-
-
-# The loop needs the group sizes as Python ints: a host sync that dynamo cannot trace (on CUDA also a stall). Under
-# torch.compile it is a deliberate graph break, so the sync runs in eager code between two compiled graphs.
-@torch.compiler.disable
-def _loop_grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    return _LoopGroupedMatmul.apply(x, w, counts.tolist())  # (N, M)
-
-
-def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, use_grouped_mm: bool) -> Tensor:
-    """Rows of ``x`` (N, K), sorted by group with ``counts`` (E,) rows per group, times ``w[e]`` (K, M) each.
-
-    ``offsets`` (E,) int32 are the cumulative row counts (grouped_mm's ``offs``). Returns (N, M).
-    """
-    if use_grouped_mm:
-        out = torch._grouped_mm(x, w, offs=offsets)  # (N, M)
-        if out.requires_grad:  # the CPU backward rejects broadcast (stride-0) gradients such as `out.sum()`'s
-            out.register_hook(lambda g: g.contiguous())
-        return out
-    return _loop_grouped_matmul(x, w, counts)
-
-
-class BlockLayout(NamedTuple):
-    """Expert-sorted rows placed in blocks of ``block`` rows, each block owned by one expert (``"padded"`` path).
-
-    Each expert's rows fill whole blocks, its last one padded. The block size and the number of blocks are bounds
-    computed from shapes alone, so nothing is read back to the host and torch.compile sees static shapes.
-    """
-
-    block: int  # B, rows per block
-    block_expert: Tensor  # (NB,) expert of each block; unused trailing blocks repeat the last expert
-    row_of_slot: Tensor  # (NB*B,) sorted row copied into each slot; a padding slot repeats a real row, never read
-    slot_of_row: Tensor  # (R,) slot of each sorted row
-
-
-def block_rows(rows: int, num_experts: int) -> int:
-    """Block size B of the padded path for ``rows`` sorted rows over ``num_experts`` experts (static shapes only).
-
-    A static bound has to cover every routing, so the padded path always computes R + E*B rows and makes
-    NB = ceil(R/B) + E per-block weight copies: extra rows grow with B, copies with R/B, and their sum is smallest
-    near B = sqrt(c * R / E). c = ``BLOCK_ROWS_C`` (64) was the best of a sweep on a CPU (8 experts with 1024 rows
-    each: B = 256; 64 experts with 512: B = 184, flat from 128 to 256). Multiple of 8, at most R/E.
-    """
-    per_expert = -(-rows // num_experts)
-    # sym_* rather than math.isqrt/min/max: with dynamic shapes `rows` is symbolic, and these trace without a guard.
-    root = torch.sym_int(torch.sym_sqrt(BLOCK_ROWS_C * per_expert))
-    return torch.sym_max(1, torch.sym_min(per_expert, 8 * -(-root // 8)))
-
-
-def block_layout(sorted_experts: Tensor, counts: Tensor, block: int | None = None) -> BlockLayout:
-    """Layout of R rows sorted by expert (``sorted_experts`` (R,), ``counts`` (E,)) in blocks of ``block`` rows.
-
-    NB = ceil(R / B) + E blocks (each expert's last block may be partial) hold any routing; B defaults to
-    :func:`block_rows`.
-    """
-    R, E = sorted_experts.shape[0], counts.shape[0]
-    block = block or block_rows(R, E)
-    num_blocks = -(-R // block) + E
-    blocks = (counts + block - 1) // block  # (E,) blocks each expert fills
-    block_end = blocks.cumsum(0)  # (E,)
-    block_start = block_end - blocks  # (E,) first block of each expert
-    row_start = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
-    device = counts.device
-    block_ids = torch.arange(num_blocks, device=device)
-    block_expert = torch.searchsorted(block_end, block_ids, right=True).clamp_(max=E - 1)  # (NB,)
-    rows = torch.arange(R, device=device)
-    slot_of_row = (block_start * block - row_start).index_select(0, sorted_experts) + rows  # (R,)
-    slots = torch.arange(num_blocks * block, device=device)
-    slot_expert = block_expert.repeat_interleave(block)  # (NB*B,)
-    row_of_slot = (row_start - block_start * block).index_select(0, slot_expert) + slots
-    return BlockLayout(block, block_expert, row_of_slot.clamp_(0, torch.sym_max(R - 1, 0)), slot_of_row)
-
-
-class _BlockMatmul(torch.autograd.Function):
-    """``x`` (NB*B, K) as NB blocks of B rows, block b times ``w[block_expert[b]]`` (K, M): one ``bmm``.
-
-    The weights gathered per block ((NB, K, M), a few copies of the expert weights) exist only during one call:
-    the backward gathers them again rather than autograd keeping them, and folds the per-block weight gradients
-    into (E, K, M) with one ``index_add_`` (zero for an expert without tokens).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, block_expert: Tensor) -> Tensor:
-        ctx.save_for_backward(x, w, block_expert)
-        blocks = x.view(block_expert.shape[0], -1, x.shape[-1])  # (NB, B, K)
-        return torch.bmm(blocks, w.index_select(0, block_expert)).view(x.shape[0], -1)  # (NB*B, M)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, w, block_expert = ctx.saved_tensors
-        nb = block_expert.shape[0]
-        g = grad.reshape(nb, -1, grad.shape[-1])  # (NB, B, M)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(g, w.index_select(0, block_expert).transpose(1, 2)).view(x.shape)  # (NB*B, K)
-        if ctx.needs_input_grad[1]:
-            per_block = torch.bmm(x.view(nb, -1, x.shape[-1]).transpose(1, 2), g)  # (NB, K, M)
-            grad_w = torch.zeros_like(w).index_add_(0, block_expert, per_block)  # (E, K, M)
-        return grad_x, grad_w, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """``silu(h[:, :I]) * h[:, I:]`` for the fused gate/up output ``h`` (N, 2I), saving only ``h``.
-
-    Plain autograd also keeps silu's output alive until backward (an extra (N, I) per MoE layer), allocates separate
-    gradients for gate, up and silu, then concatenates them; here the two halves of the gradient are written
-    straight into one (N, 2I) buffer with a single (N, I) temporary.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor) -> Tensor:
-        ctx.save_for_backward(h)
-        g, u = h.chunk(2, dim=-1)  # (N, I) each
-        return F.silu(g).mul_(u)  # (N, I)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (h,) = ctx.saved_tensors
-        g, u = h.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():
-            # Dynamo cannot trace `out=` into strided halves; a compiler fuses the concatenation away anyway.
-            return torch.cat([torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)], dim=-1)
-        grad_h = torch.empty_like(h)  # (N, 2I)
-        tmp = F.silu(g)
-        torch.mul(grad, tmp, out=grad_h[:, g.shape[-1] :])  # d/du = silu(g)
-        torch.mul(grad, u, out=tmp)
-        torch.ops.aten.silu_backward.grad_input(tmp, g, grad_input=grad_h[:, : g.shape[-1]])  # d/dg
-        return grad_h
-
-
-class _DispatchRows(torch.autograd.Function):
-    """``x[token]``: rows of ``x`` (N, H) copied to the expert-ordered rows, each token to its k copies' rows.
-
-    ``row_of_copy`` (N*k,) is the row of each copy (copy c = token c // k). The backward gathers by it and sums
-    the k copies, instead of the scatter-add (``index_put`` with accumulate) that plain indexing would run.
-    Rows that belong to no copy (padding) get no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, token: Tensor, row_of_copy: Tensor, k: int) -> Tensor:
-        ctx.save_for_backward(row_of_copy)
-        ctx.k = k
-        return x.index_select(0, token)  # (R, H)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        (row_of_copy,) = ctx.saved_tensors
-        return grad.index_select(0, row_of_copy).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None  # (N, H)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``; backward gathers by ``inverse`` rather than scattering."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _SelectRows(torch.autograd.Function):
-    """``x[index]`` for distinct rows ``index`` of a padded ``x``; backward copies into zeros (unique: no adds)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_copy_(0, index, grad), None
 
 
 # -------------------------------------------------------------------------------------------------------- layer
@@ -301,6 +98,8 @@ class MoELayer(nn.Module):
         z_loss_coef: float = 0.001,
         norm_topk_prob: bool = True,
         dispatch: Dispatch | None = None,
+        balance: str = "global",
+        bias_update_rate: float = 1e-3,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -308,6 +107,8 @@ class MoELayer(nn.Module):
         dispatch = default_dispatch() if dispatch is None else dispatch
         if dispatch not in DISPATCHES:
             raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -316,6 +117,8 @@ class MoELayer(nn.Module):
         self.z_loss_coef = z_loss_coef
         self.norm_topk_prob = norm_topk_prob  # Mixtral renormalizes the k gates to sum to 1
         self.dispatch = dispatch
+        self.balance = balance
+        self.bias_update_rate = bias_update_rate
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # router; HF name `block_sparse_moe.gate`
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.w_down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
@@ -323,6 +126,14 @@ class MoELayer(nn.Module):
         # Plain attributes, not buffers: DDP would broadcast buffers from rank 0 and hide per-rank load.
         self.aux_loss: Tensor | None = None
         self.tokens_per_expert: Tensor = torch.zeros(num_experts, dtype=torch.long)
+        # Aux-loss-free routing bias: part of the model (saved, resumed) only where it is used.
+        self.register_buffer("routing_bias", torch.zeros(num_experts), persistent=balance == "aux_free")
+        self.balance_group: Any = None  # process group whose ranks' batches form one global batch (set_balance_group)
+        self.ep: Any = None  # this rank's share of the experts under expert parallelism (llm.models.moe_parallel)
+        self.balance_loss: Tensor | None = None  # the last forward's unscaled losses, detached, for logging
+        self.z_loss: Tensor | None = None
+        self._step_counts: Tensor | None = None  # global copies per expert in the open optimizer step
+        self._window_counts: Tensor | None = None  # this rank's copies per expert since the last routing log
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.normal_(self.w_gate_up, std=0.02)
         nn.init.normal_(self.w_down, std=0.02)
@@ -337,13 +148,14 @@ class MoELayer(nn.Module):
         return cls(
             c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size,  # type: ignore[arg-type]  (resolved)
             num_shared_experts=c.num_shared_experts, aux_loss_coef=c.moe_aux_loss_coef, z_loss_coef=c.moe_z_loss_coef,
-            dispatch=dispatch,
+            dispatch=dispatch, balance=c.moe_balance, bias_update_rate=c.moe_bias_update_rate,
         )
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
-            f"intermediate={self.intermediate_size}, dispatch={self.dispatch}"
+            f"intermediate={self.intermediate_size}, dispatch={self.dispatch}, balance={self.balance}"
+            + (f", expert_parallel={self.ep.size}" if self.ep is not None else "")
         )
 
     # ------------------------------------------------------------------------------------------------ routing
@@ -352,19 +164,64 @@ class MoELayer(nn.Module):
         # fp32 router: in bf16, near-equal logits round to ties and top-k choices flip on tiny input changes.
         logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
-        gates, experts = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        if self.balance == "aux_free":  # the bias steers the choice only; the gates stay the router's probabilities
+            experts = (probs + self.routing_bias).topk(self.top_k, dim=-1).indices  # (N, k)
+            gates = probs.gather(1, experts)
+        else:
+            gates, experts = probs.topk(self.top_k, dim=-1)  # (N, k) each
         if self.norm_topk_prob:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return logits, gates, experts
 
     def losses(self, logits: Tensor, experts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """Load-balancing loss and router z-loss (both unscaled) from logits (N, E), ids (N, k), counts (E,)."""
-        n_copies = max(experts.numel(), 1)
-        fraction = counts.to(logits.dtype) / n_copies  # (E,) f_e, no gradient (as in Switch)
+        """Load-balancing loss and router z-loss (both unscaled) from logits (N, E), ids (N, k), counts (E,).
+
+        ``counts`` are the copies per expert the fractions f_e come from: this forward's, or the global batch's
+        (:meth:`balance_counts`).
+        """
+        fraction = counts.to(logits.dtype) / counts.sum().clamp(min=1)  # (E,) f_e, no gradient (as in Switch)
         mean_prob = logits.softmax(dim=-1).mean(dim=0)  # (E,) P_e
         balance = self.num_experts * (fraction * mean_prob).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         return balance, z_loss
+
+    def balance_counts(self, counts: Tensor) -> Tensor:
+        """The copies per expert that f_e is computed from, for this forward's ``counts`` (E,) (see the module doc).
+
+        Under ``"global"`` and ``"aux_free"`` they are summed over the balance group and the open step's earlier
+        micro-batches (a collective on every rank of the group, in every training forward).
+        """
+        if self.balance == "micro" or not (self.training and torch.is_grad_enabled()):
+            return counts
+        total = counts
+        if self.balance_group is not None:
+            from torch.distributed import _functional_collectives as fc  # traceable by torch.compile
+
+            total = fc.all_reduce(counts, "sum", self.balance_group)
+        if self._step_counts is not None:
+            total = total + self._step_counts
+            self._step_counts = total.detach()
+        return total
+
+    def begin_step(self) -> None:
+        """Open an optimizer step: balance counts accumulate over its micro-batches until :meth:`end_step`."""
+        self._step_counts = torch.zeros(self.num_experts, dtype=torch.long, device=self.gate.weight.device)
+
+    @torch.no_grad()
+    def end_step(self, applied: bool = True) -> None:
+        """Close the step; under ``"aux_free"`` an ``applied`` (not refused) step moves the routing bias: up for
+        experts below the mean load, down for those above (every rank holds the same global counts)."""
+        load, self._step_counts = self._step_counts, None
+        if self.balance == "aux_free" and applied and load is not None and load.sum() > 0:
+            load = load.float()
+            self.routing_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
+
+    def take_window_counts(self) -> Tensor:
+        """This rank's routed copies per expert since the last call (E,), and a fresh window."""
+        counts = self._window_counts
+        self._window_counts = None
+        return counts if counts is not None else torch.zeros(self.num_experts, dtype=torch.long,
+                                                             device=self.gate.weight.device)
 
     # ---------------------------------------------------------------------------------------------- dispatch
     def _use_grouped_mm(self, x: Tensor) -> bool:
@@ -441,13 +298,33 @@ class MoELayer(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )  # (E,)
-        balance, z_loss = self.losses(logits, experts, counts)
-        self.aux_loss = self.aux_loss_coef * balance + self.z_loss_coef * z_loss
-        self.tokens_per_expert = counts.detach()
-        out = self.experts_forward(x, gates, experts, counts)  # (N, H)
+        # Activation checkpointing re-runs this forward inside backward: the losses were taken the first time, and
+        # the balance collective and the step's counts must not run (or count) twice. The recomputation still runs
+        # the same operations (it must save the same tensors), on this forward's own counts, and discards them.
+        recomputing = _recomputing()
+        balance, z_loss = self.losses(logits, experts, counts if recomputing else self.balance_counts(counts))
+        if not recomputing:
+            self.balance_loss, self.z_loss = balance.detach(), z_loss.detach()
+            if self.balance == "aux_free":
+                balance = balance.detach()  # reported, never optimized: the bias does the balancing
+            self.aux_loss = (self.aux_loss_coef if self.balance != "aux_free" else 0.0) * balance \
+                + self.z_loss_coef * z_loss
+            self.tokens_per_expert = counts.detach()
+            if self.training:
+                window = self._window_counts
+                self._window_counts = counts.detach() if window is None else window + counts.detach()
+        if self.ep is not None:  # expert parallelism (llm.models.moe_parallel)
+            out = self.ep.experts_forward(self, x, gates, experts, counts)  # (N, H)
+        else:
+            out = self.experts_forward(x, gates, experts, counts)  # (N, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass (activation checkpointing's recomputation)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 # ------------------------------------------------------------------------------------------------- aux losses
@@ -475,3 +352,51 @@ def collect_aux_loss(module: nn.Module) -> Tensor | None:
     for loss in losses[1:]:
         total = total + loss
     return total
+
+
+def set_balance_group(module: nn.Module, group: Any) -> None:
+    """Make the ranks of ``group`` (a process group; None: this process alone) one batch for the balance losses."""
+    for layer in moe_layers(module):
+        layer.balance_group = group
+
+
+def begin_step(module: nn.Module) -> None:
+    """Open an optimizer step in every MoE layer of ``module`` (see :meth:`MoELayer.begin_step`)."""
+    for layer in moe_layers(module):
+        layer.begin_step()
+
+
+def end_step(module: nn.Module, applied: bool = True) -> None:
+    """Close the optimizer step in every MoE layer of ``module`` (see :meth:`MoELayer.end_step`)."""
+    for layer in moe_layers(module):
+        layer.end_step(applied)
+
+
+def router_losses(module: nn.Module) -> dict[str, Tensor]:
+    """The last forward's unscaled balance and z losses, averaged over the MoE layers of ``module`` (detached)."""
+    layers = [m for m in moe_layers(module) if m.balance_loss is not None]
+    if not layers:
+        return {}
+    return {
+        "moe_balance_loss": torch.stack([m.balance_loss for m in layers]).mean(),
+        "moe_z_loss": torch.stack([m.z_loss for m in layers]).mean(),
+    }
+
+
+def routing_window(module: nn.Module) -> Tensor | None:
+    """This rank's routed copies per expert of every MoE layer since the last call, (layers, E); None without MoE."""
+    layers = moe_layers(module)
+    return torch.stack([m.take_window_counts() for m in layers]) if layers else None
+
+
+def routing_metrics(counts: Tensor) -> dict[str, float]:
+    """Per-layer load from (layers, E) copies per expert (summed over ranks): the busiest expert's load over the
+    mean (1.0 = perfectly balanced) and each expert's fraction of the routed copies."""
+    counts = counts.double()
+    fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    peak = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-12)
+    logs: dict[str, float] = {}
+    for i, (layer_peak, layer_fractions) in enumerate(zip(peak.tolist(), fractions.tolist())):
+        logs[f"moe/layer{i}/max_over_mean"] = layer_peak
+        logs.update({f"moe/layer{i}/expert{e}": f for e, f in enumerate(layer_fractions)})
+    return logs

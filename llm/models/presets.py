@@ -69,6 +69,13 @@ PRESETS: dict[str, Preset] = {
         parameters=21_899_520, tokenizer="none (random token ids)",
         note="bench-256 with 8 experts of width 688, top-2, compared with HF MixtralForCausalLM",
     ),
+    "bench-moe-2048": Preset(
+        dict(vocab_size=32000, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=8, intermediate_size=5632,
+             max_seq_len=2048, use_moe=True, num_experts=8, top_k=2, moe_intermediate_size=5632),
+        parameters=1_288_783_872, tokenizer="none (random token ids)",
+        note="Mixtral-like MoE scaled to one GPU (hidden 2048, 8 experts of 5632, top-2, 4 blocks): the MoE MFU "
+             "shape of benchmarks/gpu_check.sh, compared with HF MixtralForCausalLM",
+    ),
     # ------------------------------------------------------------------- real models (HF config.json shapes)
     "smollm2-135m": Preset(
         dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,

@@ -25,6 +25,7 @@ from llm.training.core import callbacks as training_callbacks
 from llm.training.core.cli import apply_flags, build_parser, parse_flags, pre_parse
 from llm.training.core.config import (
     Config,
+    adopt_init_source,
     append_or_replace,
     apply_dict,
     check_log_dir,
@@ -46,10 +47,12 @@ from llm.training.core.distributed import (
 from llm.training.core.engine import TrainingEngine
 from llm.training.core.precision import apply_auto_precision
 from llm.training.core.runlock import RunLock
+from llm.training.core.runs import read_init_source
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
 from llm.training.tasks.regression_task import RegressionTask
+from llm.training.tasks.sft_task import SFTTask
 
 # The task table (the user's guide, recipe 3). Tasks registered with `@register_task` in plugins
 # and `package.module:Class` names work too.
@@ -57,6 +60,7 @@ AVAILABLE_TASKS: dict[str, type[TrainingTask]] = {
     "regression": RegressionTask,
     "classification": ClassificationTask,
     "lm": LMTask,
+    "sft": SFTTask,
 }
 
 
@@ -178,6 +182,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     apply_flags(config, flags)
     config.plugins = plugins
     sources = {**{f"model.{name}": "YAML" for name in yaml_model}, **{dest: "flag" for dest in flags}}
+    if config.model.init_from:  # the source's shape and tokenizer, checked against what the YAML and flags set
+        sources.update(adopt_init_source(config, read_init_source(config.model.init_from), yaml_data, flags))
     derived = _apply_derived(config, task_class, set(sources))
     before_task = dataclasses.asdict(config.model)
     task_class.validate_config(config)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TINY_REGRESSION
 
-from llm.data.regression import csv_columns, read_csv
+from llm.data.regression import RegressionDataModule, csv_columns, read_csv, target_stats
 from llm.errors import ConfigError
 from llm.training.train import parse_config
 
@@ -61,6 +61,33 @@ def test_non_numeric_and_special_files_are_refused(tmp_path):
     refused(write(tmp_path, "a,y\n1,2\n3,4\n5,6\n"), "over data.max_file_bytes=4", max_file_bytes=4)
     with pytest.raises(ConfigError, match="a FIFO"):
         csv_columns(str(tmp_path / "pipe.csv"))
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("", ["line 1: the file is empty", "header row"]),
+    ("\n\n", ["line 1: the file is empty"]),
+    ("y\n1\n2\n3\n", ["line 1 has 1 column", "at least 2"]),
+    ("1,2,3\n4,5,6\n7,8,9\n", ["line 1 is numbers ('1,2,3'), not a header", "name the columns"]),
+    ("a,y\n\n1,2\n", ["line 3: 1 data rows after the header", "at least 2"]),
+    ("a,y\n", ["line 1: 0 data rows"]),
+])
+def test_files_it_cannot_use_are_refused_with_their_line(tmp_path, text, fragments):
+    refused(write(tmp_path, text), "d.csv", *fragments)
+
+
+def test_the_target_is_standardized_with_the_training_split_only(tmp_path):
+    rows = "\n".join(f"{i},{3 * i + 100}" for i in range(40))
+    config, _, _ = parse("--data-path", write(tmp_path, "x,y\n" + rows + "\n"), "--data-val-fraction", "0.25")
+    data = RegressionDataModule(config)
+    data.setup()
+    y_train, y_val = data.train_set.tensors[1].double(), data.val_set.tensors[1].double()
+    assert len(y_val) == 10
+    assert data.target_mean == pytest.approx(y_train.mean().item())
+    assert data.target_std == pytest.approx(y_train.std(correction=0).item())
+    assert data.target_mean != pytest.approx(torch.cat([y_train, y_val]).mean().item())
+    assert 100 <= y_val.min() and y_val.max() <= 217  # batches keep the target's units
+    assert target_stats(torch.tensor([5.0, 5.0, 5.0])) == (5.0, 1.0)  # constant: centred, not divided by 0
+    assert target_stats(torch.tensor([7.0])) == (7.0, 1.0)
 
 
 def parse(*args):

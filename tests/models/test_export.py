@@ -5,6 +5,7 @@ tests/training/core/test_run_loader.py; these tests drive it through the export 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from llm.models import DecoderModel
 from llm.models.hf import load_hf
 from llm.training.core import checkpoint as ckpt
 
-MODEL_CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+MODEL_CFG = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                  max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, dropout=0.0, use_moe=False,
                  num_experts=4, top_k=2, moe_intermediate_size=None, num_shared_experts=0, moe_aux_loss_coef=0.01,
                  moe_z_loss_coef=0.001)
@@ -151,12 +152,15 @@ def test_a_non_empty_target_needs_overwrite_which_removes_the_stale_export(tmp_p
     assert main([str(tmp_path / "b"), "--to", "hf", str(out), *([] if first_sharded else shard), "--overwrite"]) == 0
     after = sorted(p.name for p in out.iterdir())
     shards = [n for n in after if n.startswith("model-0")]
+    common = ["README.md", "config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
+              "tokenizer_config.json"]
     if first_sharded:  # a single file now: no shard and no index of model a may remain
-        assert after == ["README.md", "config.json", "model.safetensors"]
+        assert after == sorted([*common, "model.safetensors"])
     else:  # shards now: model a's single file must be gone (a loader could pick either)
         assert len(shards) >= 2 and "model.safetensors" not in after and "model.safetensors.index.json" in after
-        assert sorted(set(after) - set(shards)) == ["README.md", "config.json", "model.safetensors.index.json"]
+        assert sorted(set(after) - set(shards)) == sorted([*common, "model.safetensors.index.json"])
     assert (out / "README.md").read_text() == before["README.md"].decode()
+    assert (out / "tokenizer.json").read_text() != "{}"  # model b's own tokenizer replaced the stale one
     _same_logits(load_hf(out), models["b"])
 
 
@@ -233,3 +237,66 @@ def test_bad_target_and_shard_size_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "a"), "--to", "hf", str(tmp_path / "out"), "--max-shard-size", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --max-shard-size") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_export_is_complete_for_transformers(tmp_path):
+    """tokenizer, generation_config and special ids: transformers' pipeline writes llm.generate's greedy text."""
+    import io
+
+    transformers = pytest.importorskip("transformers")
+    from llm.generate import main as generate
+    from llm.training.train import main as train
+
+    text = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x * x * x\n\n" * 8
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    assert train(["--task", "lm", "--data-path", str(tmp_path / "corpus.txt"), "--data-seq-len", "32",
+                  "--data-val-fraction", "0.2", "--data-cache-dir", str(tmp_path / "cache"),
+                  "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "2",
+                  "--model-max-seq-len", "64",
+                  "--training-batch-size", "4", "--training-max-steps", "40", "--training-precision", "fp32",
+                  "--training-device", "cpu", "--training-callbacks", "MetricsLogger", "--logging-loggers", "jsonl",
+                  "--logging-log-dir", str(tmp_path / "run")]) == 0
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), "--to", "hf", str(out)]) == 0
+    mode = 0o666 & ~ckpt._umask()  # what an ordinary open() gives: 0644 under umask 022, not safetensors' 0600
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == mode, path
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == config["pad_token_id"] == 0  # the byte separator
+    assert generation["eos_token_id"] == 0 and generation["max_length"] == 64
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    sample = "naïve café → Ā\tx = 1\n"
+    assert tokenizer(sample)["input_ids"] == list(sample.encode("utf-8"))  # our ByteTokenizer's ids
+    assert tokenizer.decode(list(sample.encode("utf-8"))) == sample
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    for prompt in ("def cu", "    return"):
+        ours = io.StringIO()
+        assert generate(["--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--max-new-tokens", "30",
+                         "--temperature", "0"], out=ours) == 0
+        theirs = pipe(prompt, max_new_tokens=30, do_sample=False)[0]["generated_text"]
+        assert theirs == ours.getvalue().removesuffix("\n")
+        assert len(theirs) > len(prompt)
+
+
+def test_a_bpe_runs_tokenizer_is_exported_with_its_special_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llm.data.tokenizers import HFTokenizer
+
+    text = "def square(x):\n    return x * x\n\n" * 20
+    tok = HFTokenizer.train_bpe([text], 300)
+    torch.manual_seed(0)
+    model = DecoderModel(**{**MODEL_CFG, "vocab_size": tok.vocab_size})
+    _write_ckpt(tmp_path / "ckpt", model, {**MODEL_CFG, "vocab_size": tok.vocab_size},
+                {"data": {"tokenizer": "bpe"}})
+    tok.save(tmp_path / "ckpt")
+    assert main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    special = json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert loaded("def cube(y):")["input_ids"] == tok.encode("def cube(y):")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tok.eos_id

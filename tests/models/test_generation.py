@@ -90,3 +90,47 @@ def test_sample_next_filters():
     draws = {int(sample_next(logits, 1.0, generator=gen)) for _ in range(400)}
     assert draws == {0, 1, 2, 3}
     assert int(sample_next(logits, 0.0)) == 0
+
+
+# -- the context window slides ---------------------------------------------------------------------------------
+def next_greedy(model: DecoderModel, ids: torch.Tensor) -> torch.Tensor:
+    """A fresh greedy prediction from `ids` (B, T), no cache: the reference a slid window must reproduce."""
+    with torch.no_grad():
+        return model(ids)[:, -1].argmax(-1)  # (B,)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_past_the_context_the_window_slides_and_matches_a_fresh_generation_from_it(chunk):
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(max_seq_len=16).eval()
+    prompt = torch.randint(0, 256, (2, 10))
+    slides: list[int] = []
+    out = model.generate(prompt, 20, temperature=0, prefill_chunk_size=chunk, on_slide=slides.append)
+    # Token i is predicted from 10 + i tokens: i = 7 is the first whose window (16) drops one; reported once.
+    assert out.shape == (2, 30) and slides == [7]
+    for i in range(20):
+        context = out[:, : 10 + i][:, -16:]
+        assert torch.equal(next_greedy(model, context), out[:, 10 + i]), f"token {i}"
+    uncached: list[int] = []
+    assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=False, on_slide=uncached.append), out)
+    assert uncached == [7]
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_window():
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(max_seq_len=16).eval()
+    prompt = torch.randint(0, 256, (40,))
+    slides: list[int] = []
+    out = model.generate(prompt, 6, temperature=0, on_slide=slides.append)
+    assert slides == [0]
+    assert torch.equal(out[40:], model.generate(prompt[-16:], 6, temperature=0)[16:])
+
+
+def test_generation_inside_the_context_never_slides():
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(max_seq_len=16).eval()
+    slides: list[int] = []
+    # 10 + 6 positions: the 6th token is predicted from 15 tokens and is never fed back, so nothing slides.
+    assert model.generate(torch.randint(0, 256, (10,)), 6, temperature=0, on_slide=slides.append).shape == (16,)
+    assert model.generate(torch.randint(0, 256, (16,)), 1, temperature=0, on_slide=slides.append).shape == (17,)
+    assert slides == []

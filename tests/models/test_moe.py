@@ -372,3 +372,19 @@ def test_bf16_autocast_runs_experts_in_bf16_with_fp32_grads(dispatch):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
     out.sum().backward()
     assert layer.w_gate_up.grad.dtype == torch.float32 and layer.w_gate_up.grad.abs().sum() > 0
+
+
+def test_aux_free_routing_bias_is_saved_and_refused_by_a_mixtral_export():
+    """The bias decides routing: it is part of the state (resume), and a Mixtral export, which has nowhere to put
+    it, refuses rather than silently routing differently."""
+    from llm.models import hf
+
+    model = DecoderModel(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, use_moe=True, num_experts=4,
+                         top_k=2, moe_balance="aux_free")
+    assert "layers.0.mlp.routing_bias" in model.state_dict()
+    assert "layers.0.mlp.routing_bias" not in DecoderModel(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                                           use_moe=True, num_experts=4, top_k=2).state_dict()
+    hf._config_to_hf(model)  # an untrained bias (all zero) exports exactly
+    model.layers[0].mlp.routing_bias[1] = 0.1
+    with pytest.raises(ValueError, match="no routing bias"):
+        hf._config_to_hf(model)

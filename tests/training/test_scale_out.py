@@ -25,10 +25,9 @@ from llm.training.tasks.regression_task import RegressionTask
 
 COMMON = [*TINY_REGRESSION, "--data-num-samples", "330", "--training-max-steps", "6", "--training-val-interval", "3",
           "--seed", "3", "--plugins", "scaleout_plugin"]
-# The load-balancing loss is a nonlinear function of each rank's own routing statistics (as in Switch and
-# Mixtral), so with it N ranks optimize a slightly different objective than one process does; the losses
-# still agree to ~1e-6 but the router weights drift by ~6e-4. The router, dispatch and z-loss stay on.
-MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2", "--model-moe-aux-loss-coef", "0"]
+# With the default coefficients: the load-balancing loss counts expert loads over the global batch (all ranks),
+# so N ranks optimize what one process does with their global batch.
+MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 BOOM = "RuntimeError: boom at step 3 on rank 1"
 
@@ -129,22 +128,29 @@ def assert_same_run(run_dir: Path, ref_dir: Path, tol: float = 1e-5) -> None:
 def reference(workdir) -> dict[str, Path]:
     """Single-process runs with the global batch of 16: dense and MoE."""
     runs = {}
-    for name, extra in (("dense", []), ("moe", MOE)):
-        proc = train(workdir, [*COMMON, *extra, "--training-batch-size", "16", "--logging-log-dir", f"ref-{name}"])
+    # moe-accum: the same 16 samples as 2 micro-batches of 8, the micro-batches 2 ranks x 4 make (rank r takes every
+    # W-th sample of the global batch); the balance loss counts the step's micro-batches so far, so accumulation is
+    # part of what a run computes.
+    for name, extra in (("dense", ["--training-batch-size", "16"]), ("moe", [*MOE, "--training-batch-size", "16"]),
+                        ("moe-accum", [*MOE, "--training-batch-size", "8", "--training-grad-accum-steps", "2"])):
+        proc = train(workdir, [*COMMON, *extra, "--logging-log-dir", f"ref-{name}"])
         assert proc.returncode == 0, proc.stderr
         runs[name] = workdir / f"ref-{name}"
     return runs
 
 
-@pytest.mark.parametrize(
-    "strategy, launcher, model", [("ddp", "spawn", "dense"), ("ddp", "torchrun", "moe"), ("fsdp", "spawn", "moe")]
-)
+@pytest.mark.parametrize("strategy, launcher, model", [
+    ("ddp", "spawn", "dense"), ("ddp", "torchrun", "moe"), ("fsdp", "spawn", "moe"), ("ddp-ep", "spawn", "moe"),
+])
 def test_two_processes_match_one_process(workdir, reference, strategy, launcher, model):
+    """ddp-ep: DDP with the 4 experts split over the 2 ranks (expert parallel 2, all-to-all dispatch)."""
     name = f"{strategy}-{launcher}-{model}"
     # FSDP with 2 micro-batches of 4 (its gradients are reduce-scattered per micro-batch): the same 16 samples.
     batch = ["--training-batch-size", "4", "--training-grad-accum-steps", "2"] if strategy == "fsdp" else \
         ["--training-batch-size", "8"]
-    args = [*COMMON, *(MOE if model == "moe" else []), "--distributed-strategy", strategy, *batch]
+    parallel = ["--distributed-strategy", "ddp", "--distributed-expert-parallel", "2"] if strategy == "ddp-ep" else \
+        ["--distributed-strategy", strategy]
+    args = [*COMMON, *(MOE if model == "moe" else []), *parallel, *batch]
     if launcher == "torchrun":  # the default run directory: rank 0's name, broadcast to the other worker
         (workdir / name).mkdir()
         proc = train(workdir, args, launcher, cwd=workdir / name)
@@ -155,7 +161,7 @@ def test_two_processes_match_one_process(workdir, reference, strategy, launcher,
         proc = train(workdir, [*args, "--logging-log-dir", name], launcher)
         run = workdir / name
     assert proc.returncode == 0, proc.stderr
-    assert_same_run(run, reference[model])
+    assert_same_run(run, reference[f"{model}-accum" if strategy == "fsdp" else model])
     steps = [m["step"] for m in read_metrics(run) if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]  # one writer: each step logged once
     written = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out.tfevents"))
@@ -247,3 +253,21 @@ def test_resume_on_another_world_size_continues_the_same_run(workdir, reference,
     assert f"resuming a checkpoint of {before} process(es) on {after}" in proc.stderr, proc.stderr
     assert "remapped to sample 48 of epoch 0" in proc.stderr
     assert_same_run(workdir / name, reference["dense"])
+
+
+def test_expert_parallel_checkpoint_holds_every_expert_and_resumes_on_another_degree(workdir, reference):
+    """Stopped after step 3 with the experts split over 2 ranks, resumed in one process without expert parallelism:
+    the checkpoint is the same format as any other (every expert, optimizer state included), so the run ends where
+    one uninterrupted process does."""
+    name = "ep-resume"
+    args = [*COMMON, *MOE, "--logging-log-dir", name, *CKPT]
+    proc = train(workdir, [*args, "StopAtStep3", "--training-batch-size", "8", "--distributed-expert-parallel", "2"],
+                 "spawn")
+    assert proc.returncode == 0, proc.stderr
+    saved = load_file(next((workdir / name / "checkpoints").glob("step-*")) / "model.safetensors")
+    experts = [t for k, t in saved.items() if k.endswith(("w_gate_up", "w_down"))]
+    assert experts and all(t.shape[0] == 4 for t in experts)  # all 4 experts, gathered from both ranks
+    proc = train(workdir, [*args, "--training-batch-size", "16"], "one")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming a checkpoint of 2 process(es) on 1" in proc.stderr, proc.stderr
+    assert_same_run(workdir / name, reference["moe"])

@@ -403,12 +403,14 @@ class Checkpointer:
             with _writing(tmp / ckpt.SHARDED_DIR):
                 save_sharded(engine.unwrapped_model, engine.optimizer, tmp / ckpt.SHARDED_DIR)
             state = {**state, "optimizer": None}
+        if not sharded:  # first: a rank that fails a write below must not skip the gather's collective
+            with engine.full_weights():  # expert parallelism: every expert, gathered
+                if engine.is_global_zero:
+                    with _writing(tmp / ckpt.WEIGHTS):
+                        ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
         with _writing(tmp / ckpt.trainer_state_name(engine.rank)):
             ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
         if engine.is_global_zero:
-            if not sharded:
-                with _writing(tmp / ckpt.WEIGHTS):
-                    ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
             with _writing(tmp / ckpt.CONFIG):
                 ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
 
@@ -607,7 +609,8 @@ class Checkpointer:
                 f"resume with --distributed-strategy {written}"
             )
         if not sharded:
-            ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
+            with engine.full_weights(load=True):  # expert parallelism: each rank keeps its share of what loads
+                ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
             return False
         try:
             load_sharded(engine.unwrapped_model, engine.optimizer, path / ckpt.SHARDED_DIR)

@@ -25,6 +25,8 @@ import yaml
 
 from llm.errors import ConfigError, did_you_mean, invalid, shorten, show
 from llm.models.config import ModelConfig  # the model section is the model's own config
+from llm.models.lora import DEFAULT_TARGETS as LORA_TARGETS
+from llm.models.lora import require_peft
 
 from .precision import PRECISIONS
 
@@ -44,7 +46,10 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe (trained on the corpus) | path/to/tokenizer.json
     vocab_size: int = 4096  # vocabulary size when training a BPE tokenizer
     max_bytes: int = 16_000_000  # cap on the embedded corpus size in bytes (0 = no cap)
-    max_file_bytes: int = 4 << 30  # largest data file read into memory, in bytes (0 = no cap; a .bin is mapped)
+    max_file_bytes: int = 0  # refuse data files larger than this, in bytes (0 = no cap; files are streamed)
+    text_field: str = "text"  # JSONL field / Parquet or Arrow column holding the text
+    prepare_workers: int = 0  # tokenizer processes when preparing a large corpus (0 = one per core)
+    bpe_sample_bytes: int = 100_000_000  # bytes of text a BPE tokenizer is trained on (0 = all)
     val_fraction: float = 0.05  # share of the data held out for validation
     num_samples: int = 4096  # samples of the synthetic regression data set
     num_workers: int = 0  # DataLoader worker processes
@@ -62,10 +67,11 @@ class TrainingConfig:
     batch_size: int = 32  # samples per process per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    optimizer: str = "adamw"  # adamw | adam | sgd | package.module:Class
+    optimizer: str = "adamw"  # adamw | adam | muon (Muon for hidden matrices + AdamW) | sgd | package.module:Class
     weight_decay: float = 0.0  # decoupled weight decay (never applied to norms, biases, embeddings)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
     momentum: float = 0.9  # SGD momentum
+    muon_lr_scale: float = 1.0  # muon: the hidden matrices' lr as a multiple of lr (AdamW's; RMS-matched)
     scheduler_type: str = "cosine"  # cosine, step, plateau, exponential, linear, constant, wsd, none
     scheduler_interval: str = "step"  # step the scheduler per optimizer 'step' or per 'epoch'
     step_size: int = 30  # StepLR period (in scheduler intervals)
@@ -92,6 +98,11 @@ class TrainingConfig:
     nan_policy: str = "raise"  # on a non-finite loss or grad norm: raise | skip the update
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    eval_only: bool = False  # set up, load (model.init_from, resume), validate once and exit: no training, no saves
+    lora_rank: int = 0  # LoRA adapter rank (0 = off); needs peft
+    lora_alpha: float = 16.0  # LoRA scale: x lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on LoRA adapter inputs
+    lora_targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # nn.Linear names LoRA adapts
 
 
 @dataclass
@@ -125,6 +136,7 @@ class DistributedConfig:
     nproc_per_node: int = 1  # local worker processes to spawn (torchrun sets its own)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     strategy: str = "ddp"  # ddp | fsdp
+    expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp)
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
 
@@ -428,6 +440,9 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         _check(value is None or value >= 1, f"model.{name}", value, "must be >= 1 or null")
     multiple = m.intermediate_multiple_of
     _check(multiple >= 1, "model.intermediate_multiple_of", multiple, "must be >= 1")
+    if m.init_from:
+        _check(os.path.exists(m.init_from), "model.init_from", m.init_from,
+               "no such file or directory (an HF Llama/Mixtral folder, a run or a checkpoint directory)")
     if m.preset:
         from llm.models.presets import PRESETS
 
@@ -437,8 +452,11 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
         _check(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
+    from llm.models.moe import BALANCES
+
+    _check(m.moe_balance in BALANCES, "model.moe_balance", m.moe_balance, f"one of {', '.join(BALANCES)}", BALANCES)
 
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be >= 1")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
@@ -447,6 +465,9 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(d.vocab_size >= 257, "data.vocab_size", d.vocab_size, "must be >= 257 (the 256 bytes plus merges)")
     _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
     _check(d.max_file_bytes >= 0, "data.max_file_bytes", d.max_file_bytes, "must be >= 0 (0 = no cap)")
+    _check(d.prepare_workers >= 0, "data.prepare_workers", d.prepare_workers, "must be >= 0 (0 = one per core)")
+    _check(d.bpe_sample_bytes >= 0, "data.bpe_sample_bytes", d.bpe_sample_bytes, "must be >= 0 (0 = all)")
+    _check(bool(d.text_field), "data.text_field", d.text_field, "must name the field that holds the text")
     if d.path:
         from llm.data.sources import expand_glob  # refuses directory loops, which glob.glob follows for ever
 
@@ -467,6 +488,13 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(t.weight_decay >= 0, "training.weight_decay", t.weight_decay, "must be >= 0")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "training.betas", t.betas, "two values in [0, 1)")
     _check(t.warmup >= 0, "training.warmup", t.warmup, "must be >= 0")
+    _check(t.lora_rank >= 0, "training.lora_rank", t.lora_rank, "must be >= 0 (0 = LoRA off)")
+    if t.lora_rank:
+        _check(t.lora_alpha > 0, "training.lora_alpha", t.lora_alpha, "must be > 0")
+        _check(0.0 <= t.lora_dropout < 1.0, "training.lora_dropout", t.lora_dropout, "must be in [0, 1)")
+        _check(bool(t.lora_targets), "training.lora_targets", t.lora_targets, "name at least one nn.Linear layer")
+        _check(dist.strategy == "ddp", "distributed.strategy", dist.strategy, "LoRA (training.lora_rank) runs on ddp")
+        require_peft()
     _check(t.step_size >= 1, "training.step_size", t.step_size, "must be >= 1")
     _check(t.gamma > 0, "training.gamma", t.gamma, "must be > 0")
     if t.gamma > 1 and t.scheduler_type in ("step", "exponential"):  # legal (a warm-up by hand), rarely meant
@@ -474,6 +502,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         if note not in config.notes:
             config.notes.append(note)
     _check(0 <= t.momentum < 1, "training.momentum", t.momentum, "must be in [0, 1)")
+    _check(t.muon_lr_scale > 0, "training.muon_lr_scale", t.muon_lr_scale, "must be > 0")
     _check(0 < t.plateau_factor < 1, "training.plateau_factor", t.plateau_factor,
            "must be in (0, 1): the lr is multiplied by it on a plateau")
     _check(t.plateau_patience >= 0, "training.plateau_patience", t.plateau_patience, "must be >= 0")
@@ -526,6 +555,9 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
     _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp or fsdp", STRATEGIES)
+    from .expert_parallel import check_expert_parallel
+
+    check_expert_parallel(dist.expert_parallel, None, m, dist.strategy)
     _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
            f"must be > 0 and at most {MAX_TIMEOUT_MINUTES:g} (a year)")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")
@@ -551,6 +583,61 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
             from llm.data import datamodule  # noqa: F401
 
             registry.DATA_MODULES.get(d.module)
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.isfile(a) and os.path.isfile(b) and Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
+
+
+def adopt_init_source(
+    config: Config, source: Any, yaml_data: dict[str, Any], flags: dict[str, Any]
+) -> dict[str, str]:
+    """Config resolution for `model.init_from`: the run takes the source's model shape and tokenizer.
+
+    ``source`` is an `llm.models.init_from.InitSource`. A shape field (`SHAPE_FIELDS`) set in the YAML, by a flag
+    or by an explicit `model.preset` must equal the source's: a conflict is a ConfigError naming both values.
+    `max_seq_len` is the source's unless set (and an unset `data.seq_len` is lowered to it). `data.tokenizer`
+    becomes the source's (`byte` or its tokenizer.json); a different one set by the user is a conflict. Returns
+    {"section.field": why} for every value taken from the source, so that the task's derived defaults leave them
+    alone and the preset note names the reason.
+    """
+    from llm.models.init_from import ADOPTED_FIELDS, SHAPE_FIELDS
+    from llm.models.presets import get_preset
+
+    m, where = config.model, f"model.init_from {config.model.init_from!r}"
+    explicit = set(flags) | {f"{section}.{name}" for section, values in yaml_data.items() if isinstance(values, dict)
+                             for name in values}
+    preset = get_preset(m.preset).fields if m.preset else {}
+    mine = m.resolved()  # a derived width left unset (None) compares as the value it stands for
+    adopted: dict[str, str] = {}
+    for name in ADOPTED_FIELDS:
+        theirs, dest = source.model[name], f"model.{name}"
+        if name in SHAPE_FIELDS and (dest in explicit or name in preset):
+            if getattr(mine, name) != theirs:
+                raise ConfigError(f"{dest}: {getattr(mine, name)!r} conflicts with {where}, whose {name} is "
+                                  f"{theirs!r}; drop the setting (the run takes the source's shape) or set {theirs!r}")
+        elif dest not in explicit:
+            setattr(m, name, theirs)
+            adopted[dest] = f"from {where}"
+    if "data.seq_len" not in explicit and config.data.seq_len > m.max_seq_len:
+        config.data.seq_len = m.max_seq_len
+        adopted["data.seq_len"] = f"lowered to the context of {where}"
+    tokenizer, set_by_user = config.data.tokenizer, "data.tokenizer" in explicit
+    if set_by_user and source.tokenizer and not _same_tokenizer(tokenizer, source.tokenizer):
+        raise ConfigError(f"data.tokenizer: {tokenizer!r} conflicts with {where}, whose tokenizer is "
+                          f"{source.tokenizer!r}; drop --data-tokenizer (the run takes the source's tokenizer)")
+    if not set_by_user:
+        if not source.tokenizer:
+            raise ConfigError(f"data.tokenizer: {where} has no tokenizer.json; pass the model's tokenizer with "
+                              "--data-tokenizer PATH/tokenizer.json")
+        config.data.tokenizer = source.tokenizer
+        adopted["data.tokenizer"] = f"from {where}"
+    return adopted
 
 
 def check_log_dir(path: str) -> None:

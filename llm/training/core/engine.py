@@ -28,11 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from llm.errors import UserError
-from llm.models.moe import collect_aux_loss
+from llm.models import moe
+from llm.models.lora import exportable
 
 from .callbacks import build_callbacks
 from .checkpointing import Checkpointer, ModelCheckpoint, write_failure
-from .distributed import all_agree, barrier, resolve_device
+from .distributed import all_agree, all_reduce_sum, barrier, resolve_device
+from .expert_parallel import ExpertParallel, check_expert_parallel
 from .fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
 from .hooks import Callback, CallbackList
 from .loggers import MetricSink, build_sinks, close_quietly
@@ -41,6 +43,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFin
 from .parallel import parallelize
 from .precision import apply_auto_precision, autocast
 from .run_summary import announce_run
+from .runs import load_init_from
 from .schedulers import LRSchedule
 
 
@@ -132,6 +135,7 @@ class TrainingEngine:
         self.should_stop = False  # the control field callbacks set to end the run
         self.model: nn.Module | None = None
         self.unwrapped_model: nn.Module | None = None
+        self.expert_parallel: ExpertParallel | None = None  # set up with the model under expert parallelism
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_schedule: LRSchedule | None = None
         self.criterion: Any = None
@@ -164,13 +168,18 @@ class TrainingEngine:
         seed_everything(self.config.seed + self.rank)
         self._setup_data()
         model = self.task.build_model().to(self.device)
+        if getattr(getattr(self.config, "model", None), "init_from", ""):  # fresh run state; a resume replaces them
+            load_init_from(model, self.config.model.init_from)
         if cfg.activation_checkpointing:
             self._enable_activation_checkpointing(model)
         self.unwrapped_model = model
         # Data parallelism: DDP replicas or FSDP shards (distributed.parallelize, fsdp.py). FSDP converts the
         # module in place, so there `unwrapped_model` holds the DTensor shards and the optimizer is built on them.
-        strategy = getattr(getattr(self.config, "distributed", None), "strategy", "ddp")
-        model = parallelize(model, strategy, self.world_size, self.device, cfg.precision)
+        dist_cfg = getattr(self.config, "distributed", None)
+        strategy = getattr(dist_cfg, "strategy", "ddp")
+        self.expert_parallel = self._setup_experts(model, getattr(dist_cfg, "expert_parallel", 1))
+        keep_local = ExpertParallel.expert_parameter_names(model) if self.expert_parallel else []
+        model = parallelize(model, strategy, self.world_size, self.device, cfg.precision, keep_local=keep_local)
         if cfg.compile:
             model = torch.compile(model, backend=compile_backend())
         self.model = model
@@ -194,6 +203,22 @@ class TrainingEngine:
         self.finite = NonFiniteGuard(self)
         self.task.engine = self  # tasks publish through `self.log` too
         self.callbacks.set_engine(self)
+
+    def _setup_experts(self, model: nn.Module, expert_parallel: int) -> ExpertParallel | None:
+        """MoE across processes: the balance losses see the global batch; experts split over ranks if asked."""
+        if self.world_size > 1:
+            moe.set_balance_group(model, torch.distributed.group.WORLD)
+        if expert_parallel <= 1:
+            return None
+        check_expert_parallel(expert_parallel, self.world_size, self.config.model, self.config.distributed.strategy)
+        plan = ExpertParallel(expert_parallel, self.rank, self.world_size)
+        plan.shard(model)
+        return plan
+
+    def full_weights(self, load: bool = False) -> contextlib.AbstractContextManager:
+        """A block in which the model holds all its weights (expert parallelism gathers the experts; a collective):
+        around every write or read of whole-model weights."""
+        return self.expert_parallel.full_experts(load) if self.expert_parallel else contextlib.nullcontext()
 
     def _setup_data(self) -> None:
         dm = self.data_module
@@ -241,11 +266,13 @@ class TrainingEngine:
                     self.logger.warning("%s", idle)
                 self.checkpointer.abort()
                 return self.last_val_logs
+            if getattr(self.config.training, "eval_only", False):  # validate the weights once; save nothing
+                self._open_sinks()
+                self.validate()
+                self.checkpointer.abort()
+                return self.last_val_logs
             self._write_run_config()  # only now: a refused resume leaves the run's config.yaml as it was
-            for sink in self.sinks:
-                with self._sink_errors(sink):
-                    sink.open(self)
-            self._sinks_open = True
+            self._open_sinks()
             announce_run(self)
             self.checkpointer.start()
             self.callbacks.on_train_start({"step": self.state.step, "total_steps": self.total_steps})
@@ -262,6 +289,12 @@ class TrainingEngine:
             close_quietly(self.sinks)
             self._sinks_open = False
         return self.last_val_logs
+
+    def _open_sinks(self) -> None:
+        for sink in self.sinks:
+            with self._sink_errors(sink):
+                sink.open(self)
+        self._sinks_open = True
 
     def _done(self) -> bool:
         return self.should_stop or self.state.step >= self.total_steps or self._epochs_done()
@@ -342,9 +375,13 @@ class TrainingEngine:
 
     def _optimizer_step(self, micro: list[Any]) -> dict[str, Any]:
         """Forward/backward over the micro-batches, then clip, check and step the optimizer."""
+        moe.begin_step(self.unwrapped_model)  # MoE balance statistics span the step's micro-batches
         loss_sum = self._forward_backward(micro)
+        if self.expert_parallel is not None:
+            self.expert_parallel.finish_gradients()
         grad_norm = self._clip_gradients()
         skipped = not self.finite.step(loss_sum, grad_norm)  # the optimizer step, unless nan_policy refuses it
+        moe.end_step(self.unwrapped_model, applied=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "skipped": skipped}
@@ -373,11 +410,12 @@ class TrainingEngine:
             with sync:
                 with autocast(self.config.training.precision, self.device):
                     loss, metrics = self.task.train_step(batch, model, self.criterion)
-                    aux = collect_aux_loss(self.unwrapped_model)
+                    aux = moe.collect_aux_loss(self.unwrapped_model)
                     total = loss + aux if aux is not None else loss
                 scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            extra = {"loss": loss} if aux is None else {"loss": loss, "aux_loss": aux}
+            extra = {"loss": loss} if aux is None else {"loss": loss, "aux_loss": aux,
+                                                         **moe.router_losses(self.unwrapped_model)}
             self._meter.add({**metrics, **extra}, weight=1.0 / accum)
             loss_sum = loss_sum + total.detach().float()
             self.data_module.advance(1)
@@ -394,6 +432,8 @@ class TrainingEngine:
         params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
         if not params:
             return None
+        if self.expert_parallel is not None:  # the experts' norm spans the expert-parallel group
+            return self.expert_parallel.clip_grad_norm(params, clip if clip > 0 else math.inf)
         return clip_grad_norm(params, clip if clip > 0 else math.inf)  # FSDP's DTensor grads too
 
     def _collect_train_logs(self) -> dict[str, Any]:
@@ -407,6 +447,9 @@ class TrainingEngine:
         if self._window["tokens"]:
             logs["train/tokens_per_s"] = self._window["tokens"] * self.world_size / elapsed
         logs["train/skipped_steps"] = self.state.skipped_steps
+        routed = moe.routing_window(self.unwrapped_model)  # (layers, E) copies per expert on this rank
+        if routed is not None:
+            logs.update(moe.routing_metrics(all_reduce_sum(routed)))
         self._window_start, self._window = time.perf_counter(), {"samples": 0, "tokens": 0}
         return logs
 
@@ -422,8 +465,10 @@ class TrainingEngine:
         model, meter, limit = self.unwrapped_model, MetricAccumulator(), self.config.training.val_max_batches
         model.eval()
         batches = islice(loader, limit or None)
-        # An FSDP forward is a collective: a rank with fewer batches runs throw-away forwards (real=False).
-        paired = lockstep_batches(batches, self.device) if is_fsdp(model) else ((b, True) for b in batches)
+        # FSDP's forward all-gathers weights and expert parallelism exchanges tokens, so a forward is a collective:
+        # a rank with fewer batches runs throw-away forwards (real=False).
+        lockstep = is_fsdp(model) or self.expert_parallel is not None
+        paired = lockstep_batches(batches, self.device) if lockstep else ((b, True) for b in batches)
         with torch.no_grad(), autocast(self.config.training.precision, self.device):
             for batch, real in paired:
                 batch = move_to_device(batch, self.device)
@@ -493,8 +538,10 @@ class TrainingEngine:
             # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
             if is_fsdp(self.unwrapped_model):  # a collective: every rank's shards, gathered on rank 0
                 save_full_weights(self.unwrapped_model, path, self.state.step)
-            elif self.is_global_zero:
-                save_weights(self.unwrapped_model, path, self.state.step)
+            else:
+                with self.full_weights():
+                    if self.is_global_zero:
+                        save_weights(exportable(self.unwrapped_model), path, self.state.step)  # LoRA merged
         except Exception as exc:  # noqa: BLE001  (a failed write, in whatever type its writer reports it)
             if not is_write_error(exc):
                 raise
@@ -516,7 +563,9 @@ class TrainingEngine:
         self.finite.raise_pending()  # a checkpoint must not hold a run that has refused updates
         return {
             "state": asdict(self.state),
-            "optimizer": self.optimizer.state_dict(),
+            # Under expert parallelism every expert's state (a collective): resumable on any degree.
+            "optimizer": self.expert_parallel.full_optimizer_state(self.optimizer) if self.expert_parallel
+            else self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.data_module.state_dict(),
@@ -532,7 +581,10 @@ class TrainingEngine:
         from .checkpoint import set_rng_state
 
         self.state = TrainState(**state["state"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        if self.expert_parallel is not None:
+            optimizer_state = self.expert_parallel.local_optimizer_state(self.optimizer, optimizer_state)
+        self.optimizer.load_state_dict(optimizer_state)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -91,6 +91,11 @@ class MetricSink(Callback):
         """Flush and release; called once at the end of the run (also when it fails)."""
 
 
+# Per-layer, per-expert routing loads (dozens to hundreds of keys): kept in metrics.jsonl and TensorBoard, not on
+# the console line, which shows the MoE losses instead.
+DETAIL_PREFIXES = ("moe/layer",)
+
+
 class ConsoleLogger(MetricSink):
     """The console: a progress bar on a terminal (train lines then go to train.log only), else log lines with
     progress and ETA. Validation lines and text (samples) always reach the console."""
@@ -119,7 +124,7 @@ class ConsoleLogger(MetricSink):
     def write(self, record: dict[str, Any]) -> None:
         step, logger = int(record.get("step", 0)), self.engine.logger
         val = format_scalars({k: v for k, v in record.items() if k.startswith("val/")})
-        train = format_scalars({k: v for k, v in record.items() if not k.startswith("val/")})
+        train = format_scalars({k: v for k, v in record.items() if not k.startswith(("val/", *DETAIL_PREFIXES))})
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if "train/loss" in record:

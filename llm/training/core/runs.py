@@ -3,6 +3,8 @@
 `resolve_run` decides which weights and config a path names (a run directory, a checkpoint directory or a
 weights file; only ever a complete, verified checkpoint, never a `.tmp-*` or partial one) and `load_run` rebuilds
 the decoder model, its config and tokenizer from them. The file format itself is checkpoint.py's.
+`read_init_source` is what `model.init_from` and `llm.evaluate` name: a Hugging Face folder (read by
+llm.models.init_from) or one of our runs, resolved by the same rule.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from llm.data.tokenizers import Tokenizer, load_tokenizer
+from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
+from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -301,3 +304,46 @@ def load_run(
             f"{model.embed_tokens.num_embeddings}: it is not the tokenizer this model was trained with"
         )
     return LoadedRun(config, model, tok, files.weights, files.checkpoint_dir, files.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from existing weights: model.init_from, llm.evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_tokenizer(config: Config, files: RunFiles) -> str:
+    """The tokenizer a run was trained with: `byte`, or the path of its tokenizer.json ("" when it is gone)."""
+    if config.data.tokenizer == "byte":
+        return "byte"
+    found = next((d / TOKENIZER_FILE for d in files.search_dirs if (d / TOKENIZER_FILE).is_file()), None)
+    if found is None and config.data.tokenizer != "bpe" and os.path.isfile(config.data.tokenizer):
+        found = Path(config.data.tokenizer)
+    return str(found) if found is not None else ""
+
+
+def read_init_source(path: str | os.PathLike) -> InitSource:
+    """The `InitSource` of a Hugging Face Llama/Mixtral folder, or of a run, checkpoint or weights path of ours
+    (the weights `resolve_run` chooses). Every problem is one `InitFromError` line naming model.init_from."""
+    path = Path(path)
+    if not path.exists():
+        raise init_error(path, "does not exist")
+    if is_hf_folder(path):
+        return read_hf_source(path)
+    try:
+        files = resolve_run(path)
+        config = _read_config(files)
+    except CheckpointError as exc:
+        raise init_error(path, f"is neither a Hugging Face Llama/Mixtral folder (no config.json) nor a usable run "
+                               f"or checkpoint ({_first_line(exc)})") from None
+    if config.task in ENCODER_TASKS:
+        raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
+    return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
+                      lambda: read_weights(files), config.data.seq_len)
+
+
+def load_init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitSource:
+    """Copy the weights `path` names (see `read_init_source`) into `model`: the engine's `model.init_from` step."""
+    source = read_init_source(path)
+    count = load_init_weights(model, source)
+    logging.getLogger("llm").info("model.init_from: loaded %d tensors from %s", count, source.path)
+    return source

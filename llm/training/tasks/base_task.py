@@ -5,10 +5,15 @@ The engine calls, in order: `build_data_module`, `build_model`, `build_optimizer
 sensible for most tasks: AdamW without decay on norms, biases and embeddings, and the configured
 scheduler. Warmup is not the task's business: the engine composes it with whatever
 `build_scheduler` returns, so an override (as in recipe 1) keeps it.
+
+LoRA is not a task's business either: every task's `build_model` ends with `adapt_model`, which injects LoRA
+adapters (`llm.models.lora`) when `training.lora_rank > 0`, so any task that builds a `DecoderModel` fine-tunes
+with adapters without code of its own.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -17,6 +22,7 @@ from torch import nn, optim
 from torch.optim.lr_scheduler import LRScheduler
 
 from llm.data.datamodule import DataModule
+from llm.models.lora import apply_lora, is_adapted
 from llm.registry import DATA_MODULES
 from llm.training.core.optimizers import build_optimizer
 from llm.training.core.schedulers import build_scheduler
@@ -34,6 +40,12 @@ class TrainingTask:
     derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {}
     #: The data module used when `data.module` is not set.
     data_module_class: ClassVar[type[DataModule] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        build = cls.__dict__.get("build_model")
+        if build is not None and not getattr(build, "_adapts", False):
+            cls.build_model = _adapting(build)  # type: ignore[method-assign]
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -61,6 +73,18 @@ class TrainingTask:
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def adapt_model(self, model: nn.Module) -> nn.Module:
+        """The last step of every `build_model`: LoRA adapters when `training.lora_rank > 0` (a model adapted
+        already, by a `build_model` that called its parent's, is returned as it is). Checkpoints then hold only the
+        adapters when the base is rebuilt from `model.init_from`, and every tensor otherwise."""
+        t = self.config.training
+        if getattr(t, "lora_rank", 0) <= 0 or is_adapted(model):
+            return model
+        return apply_lora(
+            model, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=t.lora_targets,
+            adapters_only=bool(getattr(self.config.model, "init_from", "")),
+        )
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:
         return build_optimizer(model, self.config.training)
@@ -93,3 +117,14 @@ class TrainingTask:
         """Add metrics derived from the means the engine reduced over a log window or a validation (`split` is
         'train' or 'val'): e.g. perplexity is exp of the mean loss, not the mean of per-batch perplexities."""
         return metrics
+
+
+def _adapting(build: Callable[[TrainingTask], nn.Module]) -> Callable[[TrainingTask], nn.Module]:
+    """`build` followed by `adapt_model` (applied to each subclass's own `build_model`)."""
+
+    @functools.wraps(build)
+    def build_model(self: TrainingTask) -> nn.Module:
+        return self.adapt_model(build(self))
+
+    build_model._adapts = True  # type: ignore[attr-defined]
+    return build_model

@@ -203,9 +203,11 @@ class TextSampler(Callback):
         self.engine.log({"samples": self.last}, step)
 
     def _sharded(self) -> bool:
-        # An FSDP model's forward gathers weights from every rank, so every rank must generate (same seed,
-        # same tokens); a DDP model's unwrapped module is whole on rank 0, which generates alone.
-        return self.engine.world_size > 1 and self.engine.config.distributed.strategy == "fsdp"
+        # An FSDP model's forward gathers weights from every rank, and an expert-parallel one exchanges tokens with
+        # every rank of its group, so every rank must generate (same seed, same tokens); a DDP model's unwrapped
+        # module is whole on rank 0, which generates alone.
+        return self.engine.world_size > 1 and (self.engine.config.distributed.strategy == "fsdp"
+                                               or self.engine.expert_parallel is not None)
 
     def _maybe_publish(self, step: int) -> None:
         self._last_step = step

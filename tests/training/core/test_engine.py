@@ -54,7 +54,7 @@ def test_validation_is_sample_weighted_over_uneven_batches(tmp_path):
     x, y = engine.data_module.val_set.tensors
     with torch.no_grad():
         expected = crit(model(x).squeeze(-1), y).item() / len(y)
-    assert logs["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert logs["val/mse"] == pytest.approx(expected, rel=1e-5)  # in target units (val/loss: standardized)
 
 
 def test_final_weights_saved_as_safetensors(tmp_path):
@@ -92,3 +92,10 @@ def test_moe_aux_loss_reaches_the_loss(tmp_path):
     train_worker(0, 1, config, task_class)
     logged = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert all(m["train/aux_loss"] > 0 for m in logged)
+    # Routing metrics: unscaled losses, and per layer the peak load and each expert's share of the window's tokens.
+    for m in logged:
+        assert m["train/moe_balance_loss"] > 0 and m["train/moe_z_loss"] > 0
+        shares = [m[f"moe/layer0/expert{e}"] for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and m["moe/layer0/max_over_mean"] == pytest.approx(4 * max(shares))
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train/moe_balance_loss" in log and "moe/layer0" not in log  # the console skips per-expert detail

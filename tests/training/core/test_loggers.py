@@ -163,7 +163,7 @@ def test_run_start_summary_and_warmup_warning(tmp_path, caplog):
     text = caplog.text
     assert f"run directory: {tmp_path / 'run'}" in text
     assert "device: cpu x 1 process(es), precision fp32" in text
-    assert "model: SequenceEncoder," in text and "parameters" in text
+    assert "model: RegressionModel," in text and "parameters" in text
     assert "data: 14 steps per epoch of 16 samples" in text and "train 231 samples; val 25 samples" in text
     assert "schedule: cosine" in text and "warmup 10 steps, 5 steps" in text
     assert "training.warmup: 10 warmup steps exceed the run's 5 steps" in text
