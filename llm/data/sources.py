@@ -1,6 +1,7 @@
 """Text sources for the `lm` task: which files a corpus is made of, and the documents in them.
 
-`data.path` may be a text file, a `.jsonl` file (one JSON object per line with a string `text` field), a
+`data.path` may be a text file, a `.jsonl` file (one JSON object per line with a string field named by
+`data.text_field`, `text` by default), a `.parquet` or `.arrow`/`.feather` file (that column; needs pyarrow), a
 directory (every file below it, recursively, hidden entries and `__pycache__` skipped), or a glob
 (`data/**/*.txt`). Empty `data.path` means the embedded default: the `*.py` sources of the running
 interpreter's standard library (no test suites, no site-packages), which every machine has.
@@ -8,12 +9,13 @@ interpreter's standard library (no test suites, no site-packages), which every m
 File order is sorted by path (the standard library: by a hash of the path, see `stdlib_files`), so a corpus
 is the same on every machine and every run. A file is one document (a JSONL line is one document); documents
 are what the token cache separates with the tokenizer's end-of-text id. A user file that cannot be read or is
-not UTF-8 is a `ConfigError` naming it: silently skipping it would change the corpus without a word.
+not UTF-8 is a `ConfigError` naming it: silently skipping it would change the corpus without a word. How the
+files are read (streamed in bounded chunks) is `readers.py`.
 
 Inputs that could hang or lie are refused, not read: only regular files are data (a FIFO would block the run
 forever, `/dev/zero` never ends, a socket or device is no corpus), files are opened non-blocking and checked on
 the open descriptor (a path swapped after the listing cannot slip through), and a file over `data.max_file_bytes`
-is refused before it is read into memory. Directories and `**` globs follow symbolic links (a linked data set is
+(when set) is refused before it is read. Directories and `**` globs follow symbolic links (a linked data set is
 data) but a link back into its own ancestry is a directory loop and an error: Python's `glob` would follow it
 40 levels deep, returning the same file 41 times (and, with two such links, never finishing).
 """
@@ -23,22 +25,21 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
-import json
 import os
 import stat
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from llm.errors import ConfigError
 
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 _STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
-# Default of `data.max_file_bytes`: a file is read whole into memory (bytes, then text), so one far beyond this
-# is an accident (a dump, a disk image) that would exhaust a machine's memory; a real corpus this large is
-# sharded or pre-tokenized into a memory-mapped .bin (which the cap does not apply to).
-DEFAULT_MAX_FILE_BYTES = 4 << 30
+# Default of `data.max_file_bytes`: no cap. Files are streamed in bounded chunks (`readers.py`), so a file's size
+# no longer decides the memory a preparation needs; the cap stays as an opt-in guard against accidents.
+DEFAULT_MAX_FILE_BYTES = 0
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,6 @@ class SourceFile:
     path: str
     size: int
     mtime_ns: int
-
-    @property
-    def is_jsonl(self) -> bool:
-        return self.path.endswith(".jsonl")
 
     def key(self) -> list[object]:
         return [self.path, self.size, self.mtime_ns]
@@ -80,12 +77,11 @@ def check_regular(path: str | Path, st: os.stat_result, field: str = "data.path"
         )
 
 
-def read_regular(path: str | Path, field: str = "data.path", max_file_bytes: int = 0, prefix: int = 0) -> bytes:
-    """The bytes of a regular file (only its first `prefix` bytes if > 0), refusing FIFOs, devices, sockets and
-    files over `max_file_bytes`.
+def open_regular(path: str | Path, field: str = "data.path", max_file_bytes: int = 0) -> BinaryIO:
+    """Open a regular file for binary reading, refusing FIFOs, devices, sockets and files over `max_file_bytes`.
 
     The file is opened non-blocking (opening a FIFO without a writer would block forever) and checked on its
-    descriptor, and the read stops one byte past the cap, so a file that grows after the check is caught too.
+    descriptor, so a path swapped for something else after it was listed cannot slip through.
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -96,7 +92,13 @@ def read_regular(path: str | Path, field: str = "data.path", max_file_bytes: int
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as f:
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | Path, field: str = "data.path", max_file_bytes: int = 0, prefix: int = 0) -> bytes:
+    """The bytes of a regular file (only its first `prefix` bytes if > 0), as `open_regular` checks it; the read
+    stops one byte past the cap, so a file that grows after the check is caught too."""
+    with open_regular(path, field, max_file_bytes) as f:
         try:
             if prefix > 0:
                 return f.read(prefix)
@@ -242,51 +244,3 @@ def resolve_files(path: str, field: str = "data.path", max_file_bytes: int = 0) 
     if not paths:
         raise ConfigError(f"{field}: {where}")
     return [_stat(p, field, max_file_bytes) for p in sorted(paths)]
-
-
-def _read_text(file: SourceFile, field: str, strict: bool, max_file_bytes: int = 0) -> str:
-    data = read_regular(file.path, field, max_file_bytes)
-    try:
-        return data.decode("utf-8", errors="strict" if strict else "replace")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{field}: {file.path!r} is not UTF-8 text (bad byte at offset {exc.start}); "
-            "convert it, or pre-tokenize it into a .bin"
-        ) from None
-
-
-def _jsonl_documents(file: SourceFile, text: str, field: str) -> Iterator[str]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{field}: {file.path!r} line {lineno} is not JSON: {exc.msg}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ConfigError(f"{field}: {file.path!r} line {lineno} has no string 'text' field")
-        yield record["text"]
-
-
-def iter_documents(
-    files: list[SourceFile], max_bytes: int = 0, strict: bool = True, field: str = "data.path",
-    max_file_bytes: int = 0,
-) -> Iterator[str]:
-    """The documents of `files` in order; with `max_bytes` > 0, stop once that many UTF-8 bytes were given
-    (the last document is cut to fit, at a character boundary). `strict=False` replaces undecodable bytes
-    (for the standard library, which has a few Latin-1 files) instead of raising. Each file is re-checked as
-    it is opened (regular, within `max_file_bytes`): it may have changed since it was listed."""
-    budget = max_bytes if max_bytes > 0 else None
-    for file in files:
-        text = _read_text(file, field, strict=strict, max_file_bytes=max_file_bytes)
-        docs = _jsonl_documents(file, text, field) if file.is_jsonl else iter([text])
-        for doc in docs:
-            if not doc:
-                continue
-            if budget is not None:
-                raw = doc.encode("utf-8")
-                if len(raw) >= budget:
-                    yield raw[:budget].decode("utf-8", errors="ignore")
-                    return
-                budget -= len(raw)
-            yield doc

@@ -1,18 +1,23 @@
 """Language-model data: a memory-mapped token cache and the `TextDataModule` that cuts it into windows.
 
-Flow: `prepare_data` (rank 0, once) resolves the source files (see `sources.py`), trains a BPE tokenizer if
-asked, and tokenizes the corpus into `CACHE_DIR/tokens/<key>/` (`tokens.bin` + `docs.npy` + `meta.json` +
-`tokenizer.json` for BPE). The key hashes the source files' paths, sizes and mtimes, the size cap and the
-tokenizer, so an unchanged corpus is tokenized exactly once and every later run (and every rank) maps the
-same file. The cache is written to a temporary directory and renamed into place, so a crash or a concurrent
-run never leaves a half-written cache behind. `CACHE_DIR` is `data.cache_dir`, else `$LLM_CACHE_DIR`, else
-`~/.cache/llm`.
+Flow: `prepare_data` (rank 0, once) resolves the source files (see `sources.py`), and unless `data.path` is a
+prepared directory (`python -m llm.data.prepare`, recognised by its `index-*.json`; read in place), prepares the
+corpus with the same streaming pipeline (`prepare.py`: bounded memory, worker processes for BPE, BPE trained on
+a `data.bpe_sample_bytes` sample) into `CACHE_DIR/tokens/<key>/`: token shards, their index and `tokenizer.json`
+for BPE (layout: `shards.py`). The key hashes the source files' paths, sizes and mtimes, the size cap, the text
+field and the tokenizer, so an unchanged corpus is tokenized exactly once and every later run (and every rank)
+maps the same files. The cache is written to a temporary directory and renamed into place, so a crash or a
+concurrent run never leaves a half-written cache behind. `CACHE_DIR` is `data.cache_dir`, else `$LLM_CACHE_DIR`,
+else `~/.cache/llm`. Single-file caches of earlier versions (v2: `tokens.bin` + `docs.npy` + `meta.json`) are not
+read: the cache key includes the version, so such a corpus is re-tokenized once, transparently, into a new
+directory (the old one may be deleted).
 
-A cache is trusted only as far as it checks out: on reuse its `meta.json` must name this cache's key and a dtype,
-and `tokens.bin`, `docs.npy` (and a BPE run's `tokenizer.json`) must agree with it in size, count and shape; a
-cache that does not (a truncated copy, a disk-full write by an older version, hand edits) is rebuilt with a
-warning instead of being trained on or crashing. Temporary directories that a killed preparation left behind
-are removed by the next one, once their owner process is gone (same host) or they sat unchanged for a day.
+A cache is trusted only as far as it checks out: on reuse its index must name this cache's key, and every shard
+and segment table must agree with it in size, count and shape (and a BPE run's `tokenizer.json` must be there); a
+cache that does not (a truncated copy, a disk-full write, hand edits) is rebuilt with a warning instead of being
+trained on or crashing. A user's prepared directory that does not check out is a `ConfigError`. Temporary
+directories that a killed preparation left behind are removed by the next one, once their owner process is gone
+(same host) or they sat unchanged for a day.
 
 Pre-tokenized data: `data.path` ending in `.bin` is read in place (no cache). Its dtype comes from a sidecar
 JSON next to it (`tokens.bin` -> `tokens.json`: `{"dtype": "uint16", "vocab_size": 50257, "num_bytes": N}`,
@@ -25,7 +30,9 @@ boundary when one is close), so train and validation never share a token. Traini
 `seq_len + 1` tokens at stride `seq_len`; with `data.sampling: random` (the default) the windows are
 shuffled and their phase shifts by a seeded offset each epoch (different cuts every epoch, still
 deterministic), with `sequential` they are read in order from offset 0. Batches are sharded over ranks and
-resume exactly through `DataModule.make_loader`; each batch is a single fancy-indexed read of the memmap.
+resume exactly through `DataModule.make_loader`; each batch is one fancy-indexed read of the memmapped shards
+(`TokenStore.gather`), and windows are defined on global token positions, so how the tokens are cut into shards
+changes nothing about the batches.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,30 +55,28 @@ import torch
 from torch.utils.data import Dataset
 
 from llm.data.datamodule import DataModule
-from llm.data.sources import (
-    DEFAULT_MAX_FILE_BYTES,
-    SourceFile,
-    check_regular,
-    iter_documents,
-    read_regular,
-    resolve_files,
-)
+from llm.data.prepare import PrepareOptions, prepare
+from llm.data.readers import ReadOptions
+from llm.data.shards import DTYPES as _DTYPES
+from llm.data.shards import CacheMismatch, TokenStore, has_shards, index_files, is_prepared, open_store
+from llm.data.sources import DEFAULT_MAX_FILE_BYTES, SourceFile, check_regular, read_regular, resolve_files
 from llm.data.tokenizers import (
     TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
     copy_tokenizer,
-    vocab_dtype,
 )
 from llm.errors import ConfigError
 from llm.registry import register_data_module
 
+__all__ = ["CacheMismatch", "TextDataModule", "TokenStore", "TokenWindows", "bits_per_byte", "cache_root",
+           "clean_stale_temporaries", "open_bin", "split_point"]
+
 log = logging.getLogger("llm")
 
-CACHE_VERSION = 2  # 2: meta.json records the cache key, checked on reuse
+CACHE_VERSION = 3  # 2: meta.json records the cache key; 3: sharded (index + shards, see shards.py)
 SAMPLING_MODES = ("random", "sequential")
-_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 _TMP_MARK = ".tmp-"  # temporary cache directories: `.<key>.tmp-<hex>` next to the caches
 _STALE_MARK = ".stale-"  # a rejected cache moved aside before removal: `.<key>.stale-<hex>`
 _OWNER_FILE = "owner.json"  # inside a temporary directory: the host and pid writing it
@@ -83,107 +88,32 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(cache_dir or os.environ.get("LLM_CACHE_DIR") or Path.home() / ".cache" / "llm").expanduser()
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ---------------------------------------------------------------------------------------------------- token store
-class TokenStore:
-    """A 1-D token array on disk plus its document index (token end and byte length of each document)."""
-
-    def __init__(self, path: Path, dtype: np.dtype, doc_ends: np.ndarray, doc_bytes: np.ndarray) -> None:
-        self.path, self.dtype = path, np.dtype(dtype)
-        self.num_tokens = os.path.getsize(path) // self.dtype.itemsize
-        self.doc_ends, self.doc_bytes = doc_ends.astype(np.int64), doc_bytes.astype(np.float64)
-
-    def tokens(self) -> np.ndarray:
-        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
-
-    def bytes_between(self, start: int, stop: int) -> float:
-        """UTF-8 bytes the tokens [start, stop) stand for; a document cut by the range counts pro rata."""
-        starts = np.concatenate([[0], self.doc_ends[:-1]])
-        lengths = np.maximum(self.doc_ends - starts, 1)
-        overlap = np.clip(np.minimum(self.doc_ends, stop) - np.maximum(starts, start), 0, None)
-        return float((self.doc_bytes * overlap / lengths).sum())
-
-
-def _write_cache(docs: Iterable[str], tokenizer: Tokenizer, target: Path, meta: dict[str, Any]) -> None:
-    """Tokenize `docs` into `target` atomically (temporary directory, then one rename)."""
+def _write_cache(files: list[SourceFile], target: Path, options: PrepareOptions, tokenizer: Tokenizer | None) -> None:
+    """Prepare `files` into `target` atomically (a temporary directory, then one rename)."""
     tmp = target.parent / f".{target.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         owner = {"host": socket.gethostname(), "pid": os.getpid()}
         (tmp / _OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
-        dtype, eos = vocab_dtype(tokenizer.vocab_size), tokenizer.eos_id
-        ends: list[int] = []
-        nbytes: list[int] = []
-        total = 0
-        with open(tmp / "tokens.bin", "wb") as f:
-            for batch in _batched(docs, 512):
-                for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-                    if eos is not None:
-                        ids = np.append(ids, eos)
-                    f.write(ids.astype(dtype, copy=False).tobytes())
-                    total += len(ids)
-                    ends.append(total)
-                    # The separator stands for the document boundary: one byte, so bytes == tokens for bytes.
-                    nbytes.append(len(text.encode("utf-8")) + (eos is not None))
-        if total == 0:
-            raise ConfigError(f"data.path: {meta['source']!r} holds no text (every document is empty)")
-        np.save(tmp / "docs.npy", np.stack([np.asarray(ends, np.int64), np.asarray(nbytes, np.int64)], 1))
-        tokenizer.save(tmp)
+        prepare(files, tmp, options, tokenizer)
         os.remove(tmp / _OWNER_FILE)
-        meta = {**meta, "dtype": dtype.name, "num_tokens": total, "num_docs": len(ends), "num_bytes": sum(nbytes)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "meta.json").is_file():  # not a concurrent winner: a real failure
+            if not index_files(target):  # not a concurrent winner: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _open_cache(directory: Path, key: str | None = None, bpe: bool = False) -> TokenStore:
-    """Open a cache directory, checking every file against `meta.json`; `CacheMismatch` says what is wrong."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CacheMismatch(f"meta.json is unreadable ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CacheMismatch("meta.json is not a mapping")
-    if key is not None and meta.get("key") != key:
-        raise CacheMismatch(f"meta.json names key {meta.get('key')!r}, not {key!r} (another corpus' cache)")
-    dtype, num_tokens, num_docs = meta.get("dtype"), meta.get("num_tokens"), meta.get("num_docs")
-    if dtype not in _DTYPES or not isinstance(num_tokens, int) or not isinstance(num_docs, int) or num_tokens < 1:
-        raise CacheMismatch("meta.json lacks a valid dtype, num_tokens or num_docs")
-    expected = num_tokens * np.dtype(dtype).itemsize
-    try:
-        st = os.stat(directory / "tokens.bin")
-        check_regular(directory / "tokens.bin", st, "data.cache_dir")
-        docs = np.load(directory / "docs.npy", allow_pickle=False)
-    except (OSError, ValueError, ConfigError) as exc:
-        raise CacheMismatch(f"tokens.bin or docs.npy is unreadable ({exc})") from None
-    if st.st_size != expected:
-        raise CacheMismatch(f"tokens.bin has {st.st_size} bytes, meta.json says {num_tokens} {dtype} tokens "
-                            f"({expected} bytes)")
-    if docs.dtype != np.int64 or docs.shape != (num_docs, 2) or int(docs[-1, 0]) != num_tokens \
-            or bool((np.diff(docs[:, 0]) < 0).any()):
-        raise CacheMismatch(f"docs.npy does not index {num_docs} documents ending at token {num_tokens}")
+    """Open a cache directory, checking every file against its index; `CacheMismatch` says what is wrong."""
+    store, index = open_store(directory)
+    if key is not None and index.get("key") != key:
+        raise CacheMismatch(f"its index names key {index.get('key')!r}, not {key!r} (another corpus' cache)")
     if bpe and not (directory / TOKENIZER_FILE).is_file():
         raise CacheMismatch(f"{TOKENIZER_FILE} is missing")
-    return TokenStore(directory / "tokens.bin", np.dtype(dtype), docs[:, 0], docs[:, 1])
-
-
-class CacheMismatch(Exception):
-    """A token cache whose files disagree with its metadata: rebuilt, never a user error."""
+    return store
 
 
 def _discard(directory: Path) -> None:
@@ -275,7 +205,8 @@ def open_bin(path: str, tokenizer: Tokenizer) -> TokenStore:
             f"data.tokenizer: tokenizer/vocab mismatch: {path!r} was made with a {meta['vocab_size']}-id vocabulary, "
             f"the tokenizer has {tokenizer.vocab_size}; pass the tokenizer.json the .bin was made with"
         )
-    store = TokenStore(Path(path), dtype, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    num_tokens = size // dtype.itemsize
+    store = TokenStore([Path(path)], [num_tokens], dtype, np.array([num_tokens]), np.zeros(1))
     top = int(store.tokens().max())
     if top >= tokenizer.vocab_size:
         raise ConfigError(
@@ -285,7 +216,7 @@ def open_bin(path: str, tokenizer: Tokenizer) -> TokenStore:
         )
     # Without a document index, bytes come from the sidecar or, for bytes, equal tokens; else they are estimated.
     nbytes = float(meta.get("num_bytes") or 0) or _estimate_bytes(store, tokenizer)
-    store.doc_ends, store.doc_bytes = np.array([store.num_tokens]), np.array([nbytes])
+    store.seg_bytes = np.array([nbytes])
     return store
 
 
@@ -306,14 +237,13 @@ class TokenWindows(Dataset):
     """
 
     def __init__(self, store: TokenStore, start: int, stop: int, seq_len: int, phase_seed: int | None = None):
-        self.path, self.dtype, self.total = store.path, store.dtype, store.num_tokens
+        self.store = store
         self.start, self.stop, self.seq_len = start, stop, seq_len
         self.phase_seed, self.phase = phase_seed, 0
         span = stop - start
         # Room for the largest phase (seq_len - 1) when shifting, so no window crosses `stop`.
         self.num_windows = max(0, (span - seq_len) // seq_len if phase_seed is not None else (span - 1) // seq_len)
         self._offsets = np.arange(seq_len + 1, dtype=np.int64)
-        self._tokens: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         if self.phase_seed is not None:
@@ -322,18 +252,9 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self.num_windows
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Workers reopen the memmap instead of receiving a pickled copy of the whole token array.
-        return {**self.__dict__, "_tokens": None}
-
-    def _array(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.total,))
-        return self._tokens
-
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         starts = self.start + self.phase + np.asarray(indices, dtype=np.int64) * self.seq_len  # (B,)
-        rows = torch.from_numpy(self._array()[starts[:, None] + self._offsets].astype(np.int64))  # (B, T + 1)
+        rows = torch.from_numpy(self.store.gather(starts[:, None] + self._offsets).astype(np.int64))  # (B, T + 1)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +274,7 @@ def split_point(store: TokenStore, val_fraction: float) -> int:
     n = store.num_tokens
     val = max(1, round(n * val_fraction))
     target = n - val
-    inner = store.doc_ends[:-1]
+    inner = store.doc_ends[store.doc_ends < n]
     if len(inner):
         nearest = int(inner[np.argmin(np.abs(inner - target))])
         if abs(nearest - target) <= val // 4:  # keeps the split within 25% of the requested size
@@ -441,6 +362,12 @@ class TextDataModule(DataModule):
             self.tokenizer = self._fixed_tokenizer()
             self.store = open_bin(d.path, self.tokenizer)
             return
+        if is_prepared(d.path):
+            self._load_prepared(d.path)
+            return
+        if d.path and os.path.isdir(d.path) and has_shards(d.path):
+            raise ConfigError(f"data.path: {d.path!r} holds token shards but no index-*.json: its preparation was "
+                              "interrupted or is still running; run `python -m llm.data.prepare` for it again")
         files = resolve_files(d.path, max_file_bytes=self._max_file_bytes())
         key = self._cache_key(files)
         directory = cache_root(d.cache_dir) / "tokens" / key
@@ -461,8 +388,37 @@ class TextDataModule(DataModule):
         self.cache_path, self.store = directory, store
         self.tokenizer = HFTokenizer.from_file(directory / TOKENIZER_FILE) if bpe else self._fixed_tokenizer()
 
+    def _load_prepared(self, path: str) -> None:
+        """A directory made by `python -m llm.data.prepare`: read in place, with the tokenizer it was made with."""
+        try:
+            store, index = open_store(path)
+        except CacheMismatch as exc:
+            raise ConfigError(f"data.path: the prepared directory {path!r} does not check out: {exc}") from None
+        spec = self.config.data.tokenizer
+        if index["tokenizer"] == ByteTokenizer.fingerprint:
+            if spec != "byte":
+                raise ConfigError(f"data.tokenizer: {spec!r}, but {path!r} was prepared with the byte tokenizer; "
+                                  "use --data-tokenizer byte")
+            tokenizer: Tokenizer = ByteTokenizer()
+        else:
+            tokenizer = HFTokenizer.from_file(Path(path) / TOKENIZER_FILE, field="data.path")
+            if spec == "byte" or (spec != "bpe" and HFTokenizer.from_file(spec).fingerprint != tokenizer.fingerprint):
+                raise ConfigError(
+                    f"data.tokenizer: {spec!r} is not the tokenizer {path!r} was prepared with; use "
+                    f"--data-tokenizer {os.path.join(path, TOKENIZER_FILE)}"
+                )
+            if tokenizer.fingerprint != index["tokenizer"]:
+                raise ConfigError(f"data.path: {os.path.join(path, TOKENIZER_FILE)!r} is not the tokenizer its "
+                                  "index names (replaced after preparation?)")
+        log.info("data: reading the prepared directory %s (%d shards, %d tokens)", path, len(store.paths),
+                 store.num_tokens)
+        self.store, self.tokenizer, self.cache_path = store, tokenizer, Path(path)
+
     def _max_file_bytes(self) -> int:
         return int(getattr(self.config.data, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
+
+    def _text_field(self) -> str:
+        return str(getattr(self.config.data, "text_field", "text"))
 
     def _fixed_tokenizer(self) -> Tokenizer:
         spec = self.config.data.tokenizer
@@ -479,34 +435,24 @@ class TextDataModule(DataModule):
             "files": [f.key() for f in files],
             "max_bytes": d.max_bytes if not d.path else 0,
             "tokenizer": tok,
+            "text_field": self._text_field(),
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
-    def _documents(self, files: list[SourceFile]) -> Iterator[str]:
-        d = self.config.data
-        embedded = not d.path
-        return iter_documents(files, max_bytes=d.max_bytes if embedded else 0, strict=not embedded,
-                              max_file_bytes=self._max_file_bytes())
-
     def _build_cache(self, files: list[SourceFile], directory: Path) -> None:
         d = self.config.data
-        began = time.perf_counter()
-        source = d.path or "the Python standard library"
-        if d.tokenizer == "bpe":
-            log.info("data: training a %d-id BPE tokenizer on %s", d.vocab_size, source)
-            tokenizer: Tokenizer = HFTokenizer.train_bpe(self._documents(files), d.vocab_size)
-        else:
-            tokenizer = self._fixed_tokenizer()
-        log.info("data: tokenizing %d files of %s into %s", len(files), source, directory)
-        meta = {"version": CACHE_VERSION, "key": directory.name, "source": source, "files": len(files),
-                "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        _write_cache(self._documents(files), tokenizer, directory, meta)
-        info = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-        log.info(
-            "data: %d documents, %d tokens (%.2f tokens/byte) in %.1fs", info["num_docs"], info["num_tokens"],
-            info["num_tokens"] / max(1, info["num_bytes"]), time.perf_counter() - began,
+        embedded = not d.path
+        options = PrepareOptions(
+            tokenizer=d.tokenizer, vocab_size=d.vocab_size, workers=int(getattr(d, "prepare_workers", 0)),
+            bpe_sample_bytes=int(getattr(d, "bpe_sample_bytes", PrepareOptions.bpe_sample_bytes)),
+            max_bytes=d.max_bytes if embedded else 0, source=d.path or "the Python standard library",
+            key=directory.name,
+            read=ReadOptions(text_field=self._text_field(), strict=not embedded,
+                             max_file_bytes=self._max_file_bytes()),
         )
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer = None if d.tokenizer == "bpe" else self._fixed_tokenizer()
+        _write_cache(files, directory, options, tokenizer)
 
 
 def bits_per_byte(loss: torch.Tensor | float, tokens_per_byte: float) -> torch.Tensor | float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,14 @@ class ByteTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
+
+    def encode_pieces(self, pieces: list[bytes], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """UTF-8 byte strings -> (their ids concatenated, each one's id count): the bytes themselves."""
+        return np.frombuffer(b"".join(pieces), dtype=np.uint8), np.fromiter(map(len, pieces), np.int64, len(pieces))
+
+    def worker_spec(self) -> tuple[str, str]:
+        """What a preparation worker process rebuilds this tokenizer from (`from_worker_spec`)."""
+        return ("byte", "")
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -109,6 +118,23 @@ class HFTokenizer:
         encodings = self.tok.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
+    def encode_pieces(self, pieces: list[bytes], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """UTF-8 byte strings -> (their ids concatenated as `dtype`, each one's id count).
+
+        `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets nobody here reads; the ids come
+        back as Python lists, which one `np.fromiter` over the chained lists turns into a single array.
+        """
+        texts = [p.decode("utf-8") for p in pieces]
+        encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum()))
+        return flat, lengths
+
+    def worker_spec(self) -> tuple[str, str]:
+        """What a preparation worker process rebuilds this tokenizer from (`from_worker_spec`)."""
+        return ("hf", self.tok.to_str())
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -117,6 +143,16 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def from_worker_spec(spec: tuple[str, str]) -> Tokenizer:
+    """Rebuild a tokenizer in a worker process from its `worker_spec()` (a name, or a tokenizer.json string)."""
+    kind, payload = spec
+    if kind == "byte":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer as RustTokenizer
+
+    return HFTokenizer(RustTokenizer.from_str(payload), source="worker")
 
 
 def resolve_vocab_size(tokenizer_spec: str, bpe_vocab_size: int) -> int:

@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from llm.data.sources import expand_glob, iter_documents, read_regular, resolve_files
+from llm.data.readers import iter_documents
+from llm.data.sources import expand_glob, read_regular, resolve_files
 from llm.errors import ConfigError
 
 

@@ -61,7 +61,7 @@ def all_tokens(dm) -> np.ndarray:
 def test_corpus_is_tokenized_once_and_reused(tmp_path, monkeypatch):
     config = make_config(write_corpus(tmp_path / "corpus"))
     first = setup_dm(config)
-    tokens_file = first.cache_path / "tokens.bin"
+    tokens_file = first.cache_path / "tokens-00000-00000.bin"
     mtime = tokens_file.stat().st_mtime_ns
     assert first.cache_path.parent.parent == cache_root()
 
@@ -124,7 +124,7 @@ def test_tokenizer_json_by_path_is_used_and_copied(tmp_path):
 def test_embedded_corpus_respects_max_bytes(tmp_path):
     config = make_config("", max_bytes=20_000, seq_len=32)
     dm = setup_dm(config)
-    meta = json.loads((dm.cache_path / "meta.json").read_text())
+    meta = json.loads((dm.cache_path / "index-00000-of-00001.json").read_text())
     assert meta["num_bytes"] - meta["num_docs"] <= 20_000  # separators are not part of the cap
     assert meta["num_tokens"] >= 19_000
     assert b"import" in all_tokens(dm).tobytes()
@@ -302,30 +302,38 @@ def test_corpus_too_small_for_one_batch_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- a cache that does not check out
+INDEX = "index-00000-of-00001.json"
+
+
 def _truncate_tokens(cache):
-    with open(cache / "tokens.bin", "r+b") as f:
+    with open(cache / "tokens-00000-00000.bin", "r+b") as f:
         f.truncate(10)
 
 
 def _garbage_meta(cache):
-    (cache / "meta.json").write_text("{not json")
+    (cache / INDEX).write_text("{not json")
 
 
 def _other_key(cache):
-    meta = json.loads((cache / "meta.json").read_text())
-    (cache / "meta.json").write_text(json.dumps({**meta, "key": "0" * 20}))
+    meta = json.loads((cache / INDEX).read_text())
+    (cache / INDEX).write_text(json.dumps({**meta, "key": "0" * 20}))
 
 
 def _drop_docs(cache):
-    os.remove(cache / "docs.npy")
+    os.remove(cache / "docs-00000-00000.npy")
 
 
 def _wrong_count(cache):
-    meta = json.loads((cache / "meta.json").read_text())
-    (cache / "meta.json").write_text(json.dumps({**meta, "num_tokens": meta["num_tokens"] + 7}))
+    meta = json.loads((cache / INDEX).read_text())
+    meta["shards"][0]["tokens"] += 7
+    (cache / INDEX).write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("spoil", [_truncate_tokens, _garbage_meta, _other_key, _drop_docs, _wrong_count])
+def _drop_index(cache):
+    os.remove(cache / INDEX)
+
+
+@pytest.mark.parametrize("spoil", [_truncate_tokens, _garbage_meta, _other_key, _drop_docs, _wrong_count, _drop_index])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, spoil, caplog):
     config = make_config(write_corpus(tmp_path / "corpus"))
     first = setup_dm(config)

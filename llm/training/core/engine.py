@@ -316,7 +316,8 @@ class TrainingEngine:
         else:
             return None
         return (f"nothing to train: the checkpoint is at step {step} and {limit} ends the run there; nothing was "
-                f"written (raise {flag} to train further)")
+                f"written (raise {flag} to train further, or start a new run from its weights, with a fresh optimizer "
+                f"and schedule, in another --logging-log-dir with --model-init-from {self.run_dir})")
 
     def _write_run_config(self) -> None:
         """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""

@@ -26,6 +26,7 @@ from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
 from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
+from llm.models.lora import is_adapter_key
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -278,6 +279,29 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
     return DecoderModel.from_state_dict(state, **kwargs)
 
 
+def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
+    """The plain model of a LoRA run's checkpoint: its base (in the checkpoint, or rebuilt from `model.init_from`
+    when the checkpoint holds only the adapters) with the adapters merged in."""
+    from llm.models.lora import apply_lora, merged_model
+
+    t = config.training
+    fields = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in ("preset", "init_from")}
+    adapters_only = not any(k.endswith("base_layer.weight") for k in state)
+    if adapters_only and not config.model.init_from:
+        raise CheckpointError(f"checkpoint: {files.weights} holds LoRA adapters without their base and its config "
+                              f"{files.config} names no model.init_from to rebuild the base from")
+    model = apply_lora(DecoderModel(**fields), rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                       targets=t.lora_targets, adapters_only=adapters_only)
+    if adapters_only:
+        load_init_from(model, config.model.init_from)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint: {files.weights} does not match its config {files.config}: "
+                              f"{_first_line(exc)}") from None
+    return merged_model(model)
+
+
 def load_run(
     path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
     verify: bool = True, tokenizer: bool = True, warn: Callable[[str], None] | None = None,
@@ -295,7 +319,11 @@ def load_run(
             f"checkpoint: {files.config} is a {config.task!r} run, not a decoder language model "
             "(generate and export take lm runs)"
         )
-    model = _build_decoder(config, read_weights(files, device), files)
+    state = read_weights(files, device)
+    if any(is_adapter_key(k) for k in state):
+        model = _merge_lora_checkpoint(config, state, files)
+    else:
+        model = _build_decoder(config, state, files)
     model = model.to(device=device, dtype=dtype).eval()
     tok = load_tokenizer(config.data.tokenizer, files.search_dirs) if tokenizer else None
     if tok is not None and tok.vocab_size > model.embed_tokens.num_embeddings:

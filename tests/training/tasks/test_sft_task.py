@@ -142,6 +142,9 @@ def test_final_weights_of_a_lora_run_are_the_merged_plain_model(tmp_path):
     torch.testing.assert_close(loaded.layers[0].self_attn.q_proj.weight, ckpt[f"{q}.base_layer.weight"] + delta)
     prompt = render_prompt([("user", "What is 2 + 2?")], ByteTokenizer())
     assert loaded.generate(torch.tensor(prompt), 4, temperature=0.0).shape[0] == len(prompt) + 4
+    # A checkpoint directory of the run (tools take those too): its base and adapters, merged the same way.
+    from_ckpt = load_run(run / "checkpoints" / "step-00000006").model
+    assert all(torch.equal(a, b) for a, b in zip(from_ckpt.state_dict().values(), loaded.state_dict().values()))
 
 
 @pytest.mark.slow
@@ -174,3 +177,9 @@ def test_lora_on_an_init_from_base_checkpoints_only_the_adapters_and_resumes_exa
     assert train_main([*args, "--logging-log-dir", str(tmp_path / "b"), "--checkpoint-resume", str(resume)]) == 0
     again = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "model.safetensors")
     assert again.keys() == end.keys() and all(torch.equal(again[k], end[k]) for k in end)
+    # Tools rebuild the base from model.init_from and merge the adapters: the run's own final weights.
+    from llm.training.core.runs import load_run
+
+    merged = load_run(ckpts / "step-00000008").model.state_dict()
+    final = load_file(tmp_path / "a" / "model.safetensors")
+    assert merged.keys() == final.keys() and all(torch.allclose(merged[k], final[k], atol=1e-6) for k in final)

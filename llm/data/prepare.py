@@ -1,0 +1,330 @@
+"""Prepare a corpus once into a sharded token directory, on one machine or on several, and train on it.
+
+    python -m llm.data.prepare SOURCE OUT [--tokenizer byte|bpe|PATH] [--num-shards N --shard-index I]
+                                          [--workers W] [--shard-tokens T] [--text-field text]
+
+SOURCE is what `data.path` accepts (a file, directory or glob of text, JSONL, Parquet or Arrow files). OUT receives
+token shards and an index (see `shards.py`); `--data-path OUT` trains on it. `--num-shards N --shard-index I`
+prepares slice I of N: the corpus, files in sorted order taken as one byte stream, is cut into N equal byte
+ranges, so slices split by file when there are many files and by byte range (at line starts; Parquet/Arrow: by
+row group / record batch) inside a large one. Each machine writes its own slice's files and index into OUT (a
+shared file system, or copied together afterwards); a run uses OUT once every slice's index is there, with the
+slices' tokens in slice order: exactly the tokens one machine would have written.
+
+Tokenizers: `byte`; `bpe`, trained on a bounded sample (`--bpe-sample-bytes`, 100 MB by default, taken from every
+file in proportion to its size) rather than the whole corpus; or a tokenizer.json by path. Slices must share one
+tokenizer, so with N > 1 `bpe` is refused: train it once with `--tokenizer-only` (writes OUT/tokenizer.json and
+stops), then prepare every slice with `--tokenizer OUT/tokenizer.json`.
+
+Memory stays bounded whatever the corpus size (streamed readers, a bounded window of batches in flight, shards
+written as they fill); tokenizing runs in `--workers` processes (default: every core) when the tokenizer is the
+bottleneck (`encode.py`). A preparation re-run for a slice already complete is skipped; one killed midway leaves
+only temporary files, removed by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from llm.data.encode import Progress, batches_of, default_workers, encode_stream
+from llm.data.readers import Part, ReadOptions, iter_pieces, read_part
+from llm.data.shards import (
+    CacheMismatch,
+    ShardWriter,
+    index_files,
+    index_name,
+    open_store,
+    remove_leftovers,
+    verify_checksums,
+    write_index,
+)
+from llm.data.sources import SourceFile, resolve_files
+from llm.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, vocab_dtype
+from llm.errors import ConfigError, UserError
+
+log = logging.getLogger("llm")
+
+DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens: 256 MB-1 GB per shard file, a few files per 1e9 tokens
+DEFAULT_BPE_SAMPLE_BYTES = 100_000_000
+# Below this, worker processes (seconds to spawn, each importing the caller's main module) cost more than they
+# save: in this process a Hugging Face tokenizer's batch encode already runs on every core.
+MIN_PARALLEL_BYTES = 32 << 20
+
+
+@dataclass
+class PrepareOptions:
+    """What to prepare and how; the CLI flags and the lm task's `data.*` fields map onto these."""
+
+    tokenizer: str = "byte"  # byte | bpe | path/to/tokenizer.json
+    vocab_size: int = 4096  # BPE vocabulary when training one
+    bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE_BYTES  # bytes of text BPE is trained on (0 = all)
+    num_slices: int = 1  # machines preparing the corpus together (--num-shards)
+    slice_index: int = 0  # this machine's slice (--shard-index)
+    workers: int = 0  # tokenizer processes (0 = one per core)
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard file
+    max_bytes: int = 0  # stop after this many bytes of text (0 = all)
+    read: ReadOptions = field(default_factory=ReadOptions)
+    source: str = ""  # how messages and the index name the corpus
+    key: str = ""  # recorded in the index (the lm task's cache key)
+    min_parallel_bytes: int = MIN_PARALLEL_BYTES
+
+
+def plan_parts(files: list[SourceFile], num_slices: int, slice_index: int) -> list[Part]:
+    """The parts of `files` that slice `slice_index` of `num_slices` reads: the files as one byte stream cut into
+    equal byte ranges (each file's share; a reader rounds the cuts to its units)."""
+    total = sum(f.size for f in files)
+    lo, hi = total * slice_index // num_slices, total * (slice_index + 1) // num_slices
+    parts, offset = [], 0
+    for f in files:
+        start, stop = max(offset, lo), min(offset + f.size, hi)
+        if start < stop:
+            parts.append(Part(f, start - offset, None if stop >= offset + f.size else stop - offset))
+        offset += f.size
+    return parts
+
+
+def source_key(files: list[SourceFile], extra: Any = None) -> str:
+    """Identifies a corpus (its files' paths, sizes, mtimes) so slices of different corpora never combine."""
+    spec = {"files": [f.key() for f in files], "extra": extra}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def sample_texts(parts: list[Part], options: PrepareOptions) -> Iterator[str]:
+    """At most `bpe_sample_bytes` of text for BPE training: every part contributes its size's share (its head)."""
+    budget = options.bpe_sample_bytes
+    if options.max_bytes:
+        budget = min(budget, options.max_bytes) if budget else options.max_bytes
+    total = sum(p.end - p.start for p in parts)
+    if not budget or total <= budget:
+        for piece in iter_pieces(parts, options.read, options.max_bytes):
+            yield piece.data.decode("utf-8")
+        return
+    for part in parts:
+        share, taken = max(1, budget * (part.end - part.start) // total), 0
+        with contextlib.closing(read_part(part, options.read)) as pieces:
+            for piece in pieces:
+                yield piece.data[: share - taken].decode("utf-8", errors="ignore")
+                taken += len(piece.data)
+                if taken >= share:
+                    break
+
+
+def build_tokenizer(parts: list[Part], options: PrepareOptions) -> Tokenizer:
+    spec = options.tokenizer
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec != "bpe":
+        return HFTokenizer.from_file(spec)
+    if options.num_slices > 1:
+        raise ConfigError(
+            f"--tokenizer: 'bpe' with --num-shards {options.num_slices} would train a different tokenizer on each "
+            "machine; train it once (--tokenizer bpe --tokenizer-only), then pass --tokenizer OUT/tokenizer.json"
+        )
+    began = time.perf_counter()
+    tokenizer = HFTokenizer.train_bpe(sample_texts(parts, options), options.vocab_size)
+    log.info("data: trained a %d-id BPE tokenizer on a sample of %s in %.1f s", tokenizer.vocab_size,
+             options.source, time.perf_counter() - began)
+    return tokenizer
+
+
+def _check_out(out: Path, options: PrepareOptions, key: str, fingerprint: str) -> dict[str, Any] | None:
+    """This slice's index when it is already complete for this corpus and tokenizer; an error when OUT holds
+    another preparation."""
+    for path in index_files(out):
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # read_indexes reports it when the directory is used
+        same = (index.get("source_key") == key and index.get("tokenizer") == fingerprint
+                and index.get("num_slices") == options.num_slices)
+        if not same:
+            raise ConfigError(
+                f"OUT: {str(out)!r} already holds {path.name} of another preparation (other files, tokenizer or "
+                "number of slices); use an empty directory or delete that one"
+            )
+        if path.name == index_name(options.slice_index, options.num_slices):
+            return index
+    return None
+
+
+def prepare(files: list[SourceFile], out: str | os.PathLike, options: PrepareOptions,
+            tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Tokenize this slice of `files` into shards in `out` and write its index last; returns the index."""
+    out = Path(out)
+    _check_options(options)
+    parts = plan_parts(files, options.num_slices, options.slice_index)
+    tokenizer = tokenizer or build_tokenizer(parts, options)
+    key = source_key(files, [options.max_bytes, options.read.text_field])
+    out.mkdir(parents=True, exist_ok=True)
+    done = _check_out(out, options, key, tokenizer.fingerprint)
+    if done is not None:
+        log.info("data: slice %d of %d is already prepared in %s", options.slice_index, options.num_slices, out)
+        return done
+    for stale in remove_leftovers(out, options.slice_index):
+        log.info("data: removed %s, left behind by an interrupted preparation", stale)
+    dtype, eos = vocab_dtype(tokenizer.vocab_size), tokenizer.eos_id
+    total = sum(p.end - p.start for p in parts)
+    if options.max_bytes:
+        total = min(total, options.max_bytes)
+    parallel = not isinstance(tokenizer, ByteTokenizer) and total >= options.min_parallel_bytes
+    workers = default_workers(options.workers) if parallel else 0
+    log.info("data: tokenizing %d files (%.1f MB) of %s into %s with %s", len(parts), total / 1e6, options.source,
+             out, f"{workers} worker processes" if workers > 1 else "this process")
+    writer = ShardWriter(out, options.slice_index, dtype, options.shard_tokens)
+    progress = Progress(total, "data: tokenizing")
+    began = time.perf_counter()
+    try:
+        pieces = iter_pieces(parts, options.read, options.max_bytes)
+        for batch, ids, lengths in encode_stream(batches_of(pieces), tokenizer, dtype, workers):
+            ends = np.fromiter((p.end for p in batch), bool, len(batch))
+            nbytes = [len(p.data) for p in batch]
+            progress.update(sum(nbytes), len(ids))
+            if eos is not None and ends.any():
+                # The separator stands for the document boundary: one byte, so bytes == tokens for bytes.
+                ids = np.insert(ids, np.cumsum(lengths)[ends], np.asarray(eos, dtype))
+                lengths = lengths + ends
+                nbytes = [n + int(e) for n, e in zip(nbytes, ends.tolist())]
+            writer.add(ids, lengths, nbytes, ends.tolist())
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    if not shards and options.num_slices == 1:
+        raise ConfigError(f"data.path: {options.source!r} holds no text (every document is empty)")
+    if isinstance(tokenizer, HFTokenizer):
+        _save_tokenizer(tokenizer, out)
+    meta = {"dtype": dtype.name, "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "eos_id": eos, "source": options.source, "source_key": key, "key": options.key, "files": len(parts)}
+    write_index(out, options.slice_index, options.num_slices, meta, shards)
+    index = json.loads((out / index_name(options.slice_index, options.num_slices)).read_text(encoding="utf-8"))
+    seconds = time.perf_counter() - began
+    log.info("data: %d documents, %d tokens (%.2f tokens/byte) in %d shards, %.1f s (%.1f MB/s)",
+             index["num_docs"], index["num_tokens"], index["num_tokens"] / max(1, index["num_bytes"]), len(shards),
+             seconds, index["num_bytes"] / 1e6 / max(1e-9, seconds))
+    return index
+
+
+def _save_tokenizer(tokenizer: HFTokenizer, out: Path) -> None:
+    """Every slice writes the same tokenizer.json; written aside and renamed, so a reader never sees half of it."""
+    target = out / TOKENIZER_FILE
+    if target.is_file() and HFTokenizer.from_file(target).fingerprint == tokenizer.fingerprint:
+        return
+    tmp = out / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    tokenizer.save(tmp)
+    os.replace(tmp / TOKENIZER_FILE, target)
+    tmp.rmdir()
+
+
+def _check_options(options: PrepareOptions) -> None:
+    if options.num_slices < 1:
+        raise ConfigError(f"--num-shards: invalid value {options.num_slices}; must be >= 1")
+    if not 0 <= options.slice_index < options.num_slices:
+        raise ConfigError(f"--shard-index: invalid value {options.slice_index}; must be in [0, {options.num_slices})")
+    if options.shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens: invalid value {options.shard_tokens}; must be >= 1")
+    if options.workers < 0:
+        raise ConfigError(f"--workers: invalid value {options.workers}; must be >= 0 (0 = one per core)")
+    if options.bpe_sample_bytes < 0:
+        raise ConfigError(f"--bpe-sample-bytes: invalid value {options.bpe_sample_bytes}; must be >= 0 (0 = all)")
+    if options.vocab_size < 257:
+        raise ConfigError(f"--vocab-size: invalid value {options.vocab_size}; must be >= 257 (256 bytes + 1)")
+    if options.read.chunk_bytes < 16:
+        raise ConfigError(f"--chunk-bytes: invalid value {options.read.chunk_bytes}; must be >= 16")
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m llm.data.prepare", description=__doc__.splitlines()[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", metavar="SOURCE", help="file, directory or glob of text/JSONL/Parquet/Arrow files")
+    p.add_argument("out", metavar="OUT", help="directory that receives the shards and index (train: --data-path OUT)")
+    p.add_argument("--tokenizer", default="byte", help="byte | bpe (trained on a sample) | path/to/tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--bpe-sample-bytes", type=int, default=DEFAULT_BPE_SAMPLE_BYTES,
+                   help="bytes of text BPE is trained on, spread over the files (0 = all)")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="train the BPE tokenizer on a sample of all of SOURCE, write OUT/tokenizer.json, stop")
+    p.add_argument("--num-shards", type=int, default=1, help="number of slices (machines) preparing SOURCE")
+    p.add_argument("--shard-index", type=int, default=0, help="the slice this machine prepares, 0-based")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per core)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
+    p.add_argument("--chunk-bytes", type=int, default=ReadOptions.chunk_bytes, help="bytes read at a time")
+    p.add_argument("--verify", action="store_true", help="only check OUT: every index, shard and checksum")
+    return p
+
+
+def _verify(out: str) -> str:
+    try:
+        store, _ = open_store(out)
+    except CacheMismatch as exc:
+        raise ConfigError(f"OUT: {out!r} does not check out: {exc}") from None
+    bad = verify_checksums(out)
+    if bad:
+        raise ConfigError(f"OUT: {out!r} has files whose checksum differs from the index: {', '.join(bad[:5])}")
+    return f"{out}: {len(store.paths)} shards, {store.num_tokens:,} tokens, checksums match"
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.verify:
+        return _verify(args.out)
+    options = PrepareOptions(
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, bpe_sample_bytes=args.bpe_sample_bytes,
+        num_slices=args.num_shards, slice_index=args.shard_index, workers=args.workers,
+        shard_tokens=args.shard_tokens, source=args.source,
+        read=ReadOptions(chunk_bytes=args.chunk_bytes, text_field=args.text_field, field="SOURCE"),
+    )
+    _check_options(options)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"OUT: {args.out!r} exists and is not a directory")
+    files = resolve_files(args.source, field="SOURCE")
+    if args.tokenizer_only:
+        if args.tokenizer != "bpe":
+            raise ConfigError(f"--tokenizer-only: trains a BPE tokenizer, so it needs --tokenizer bpe, not "
+                              f"{args.tokenizer!r}")
+        tokenizer = build_tokenizer(plan_parts(files, 1, 0), dataclasses.replace(options, num_slices=1, slice_index=0))
+        os.makedirs(args.out, exist_ok=True)
+        _save_tokenizer(tokenizer, Path(args.out))
+        return f"{os.path.join(args.out, TOKENIZER_FILE)}: {tokenizer.vocab_size} ids"
+    index = prepare(files, args.out, options)
+    return (f"{args.out}: slice {index['slice']} of {index['num_slices']}: {index['num_docs']:,} documents, "
+            f"{index['num_tokens']:,} tokens in {len(index['shards'])} shards")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        print(run(build_parser().parse_args(argv)))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
