@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from llm.data.shards import is_prepared
 from llm.data.text import SAMPLING_MODES, TextDataModule, bits_per_byte
-from llm.data.tokenizers import resolve_vocab_size
+from llm.data.tokenizers import TOKENIZER_FILE, resolve_vocab_size
 from llm.errors import ConfigError, invalid
 from llm.models.decoder import DecoderModel
 from llm.models.presets import get_preset
@@ -101,6 +103,11 @@ class LMTask(TrainingTask):
                 f"data.tokenizer: 'bpe' trains on text but data.path {d.path!r} is pre-tokenized; "
                 "use 'byte' or the tokenizer.json the .bin was made with"
             )
+        prepared_tokenizer = os.path.join(d.path, TOKENIZER_FILE) if d.path else ""
+        if d.tokenizer in ("byte", "bpe") and is_prepared(d.path) and os.path.isfile(prepared_tokenizer):
+            # A directory prepared with a tokenizer.json (python -m llm.data.prepare) holds that tokenizer's ids:
+            # the run takes it, as it would have to be told anyway.
+            d.tokenizer = prepared_tokenizer
         # Resolved here, before the run's config.yaml is written, so the saved config rebuilds the model.
         tokenizer_vocab = resolve_vocab_size(d.tokenizer, d.vocab_size)
         m.vocab_size = resolve_model_vocab(m.vocab_size, tokenizer_vocab, vocab_to_follow(m))

@@ -297,3 +297,19 @@ def test_resumed_run_matches_an_uninterrupted_one_bitwise(tmp_path):
     assert train_main([*args, "--logging-log-dir", str(tmp_path / "b"), "--checkpoint-resume", str(resume)]) == 0
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_prepared_directory_brings_its_tokenizer(tmp_path):
+    """`--data-path OUT` of `python -m llm.data.prepare ... --tokenizer bpe` trains on OUT's tokenizer and vocabulary
+    without being told (its ids mean nothing under another tokenizer)."""
+    from llm.data.prepare import main as prepare_main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    assert prepare_main([str(tmp_path / "src"), str(tmp_path / "out"), "--tokenizer", "bpe",
+                         "--vocab-size", "300"]) == 0
+    config = Config(task="lm")
+    config.data.path = str(tmp_path / "out")
+    LMTask.validate_config(config)
+    assert config.data.tokenizer == str(tmp_path / "out" / "tokenizer.json")
+    assert 257 <= config.model.vocab_size <= 300
