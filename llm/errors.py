@@ -12,7 +12,8 @@ YAML file): `shorten` caps a quoted value at `MAX_VALUE_CHARS`, and every messag
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 MAX_VALUE_CHARS = 200  # a quoted value in a message
 MAX_MESSAGE_CHARS = 2000  # a whole message (room for a list of valid names)
@@ -58,3 +59,17 @@ def invalid(field: str, value: object, valid: str, candidates: Iterable[str] | N
     """Build the standard message: field, bad value (shortened), what is valid, and a suggestion where one fits."""
     hint = did_you_mean(str(value), candidates) if candidates is not None else ""
     return ConfigError(f"{field}: invalid value {show(value)}; {valid}{hint}")
+
+
+def run_tool(body: Callable[[], object]) -> int:
+    """Run a command-line tool's ``body``: exit status 0; a ``UserError`` is one ``error:`` line on stderr and exit
+    status 2 (no traceback); Ctrl-C is exit status 130."""
+    try:
+        body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 from llm.data.text import TokenWindows
-from llm.errors import UserError
+from llm.errors import UserError, run_tool
 from llm.models.decoder import DecoderModel
 from llm.models.init_from import InitSource
 from llm.training.core.config import Config, validate_config
@@ -131,16 +131,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    try:
+
+    def body() -> None:
         args = build_parser().parse_args(argv)
         if args.training_batch_size < 1:
             raise UserError(f"--training-batch-size: invalid value {args.training_batch_size}; must be >= 1")
         result = evaluate(args.source, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out.write((json.dumps(result) if args.json else format_table(result)) + "\n")
-    return 0
+        out.write((json.dumps(result) if args.json else format_table(result)) + "\n")
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

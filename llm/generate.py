@@ -33,7 +33,7 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
-from llm.errors import UserError
+from llm.errors import UserError, run_tool
 from llm.training.core.distributed import resolve_device
 from llm.training.core.runs import load_run
 
@@ -202,7 +202,8 @@ def _warn(message: str) -> None:
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    try:
+
+    def body() -> None:
         args = build_parser().parse_args(argv)
         _check_args(args)
         prompt = read_prompt(args)
@@ -218,14 +219,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             out.write(piece)
             out.flush()
         out.write("\n")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
 
+    return run_tool(body)
 
 if __name__ == "__main__":
     sys.exit(main())

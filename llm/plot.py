@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from llm.errors import UserError
+from llm.errors import UserError, run_tool
 
 Segment = list[tuple[int, float]]  # (step, value) pairs in file order, steps increasing
 
@@ -249,13 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         args = build_parser().parse_args(argv)
         print(plot_runs(args.runs, args.output, args.log_scale))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_tool(body)
 
 
 if __name__ == "__main__":

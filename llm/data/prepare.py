@@ -54,7 +54,7 @@ from llm.data.shards import (
 )
 from llm.data.sources import SourceFile, resolve_files
 from llm.data.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, vocab_dtype
-from llm.errors import ConfigError, UserError
+from llm.errors import ConfigError, UserError, run_tool
 
 log = logging.getLogger("llm")
 
@@ -315,15 +315,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        print(run(build_parser().parse_args(argv)))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_tool(lambda: print(run(build_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":
