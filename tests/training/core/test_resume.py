@@ -89,6 +89,7 @@ def assert_same_run(tmp_path: Path, straight: str, resumed: str) -> None:
         pytest.param(["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"], id="moe"),
         # 14 batches per epoch / 2 = 7 steps: the resume point (step 8) is in the second epoch.
         pytest.param(["--training-grad-accum-steps", "2", "--training-log-interval", "3"], id="grad-accum"),
+        pytest.param(["--training-optimizer", "muon"], id="muon"),  # Muon + AdamW in one composite optimizer
     ],
 )
 def test_resume_is_bitwise_identical(tmp_path, flags):

@@ -1,0 +1,245 @@
+"""The main job against its peer: our default `lm` run vs the Hugging Face Trainer + LlamaForCausalLM of the same
+shape on the same data (a benchmark, not a test).
+
+    python -m benchmarks.bench_main_job [--max-steps N] [--val-interval N] [--target-bpb X] [--sides ours hf]
+                                        [--json out.json] [-- our training flags ...]
+
+Side A ("ours") is `python -m llm.training.train --task lm` exactly as `make train` runs it, plus any flags given after
+`--` (e.g. `-- --training-optimizer muon`). Side B ("hf") is a `transformers.Trainer` training a `LlamaForCausalLM`
+built from our resolved config: vocab, hidden, layers, heads, KV heads, SwiGLU width, rope theta, RMSNorm eps, tied
+embeddings or not. Both sides get:
+- exactly the same training windows in the same order (side B iterates our `TextDataModule`'s train loader, which
+  the engine also reads: one seeded permutation per epoch) and the same validation windows (our val loader, capped
+  at `training.val_max_batches` like the engine's validation);
+- the same batch, peak lr, warmup and cosine decay to `min_lr_ratio` (HF `cosine_with_min_lr`), weight decay, Adam
+  betas, gradient clipping, bf16 autocast (when our `precision` resolves to bf16), seed and one intra-op thread;
+- validation every `training.val_interval` steps and at the end, scored with our `bits_per_byte` helper.
+Known differences, the peers' own conventions: HF's warmup starts from lr 0 (ours from lr/warmup), HF decays the
+embedding table (we decay matrices except embeddings), and each side initialises its weights its own way.
+
+Each side runs as its own process, back to back, and is timed from launch to exit (import, data, model, training,
+validations, our sampling and saving: the whole run a user waits for). Each side's validation lines are time-stamped
+as they arrive, which gives the "time to reach bpb X" readout (X defaults to side B's final bpb).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# Our console logger's validation line, e.g. "12:00:00 INFO step 750 val/loss=1.2 val/bpb=1.74 val/ppl=3.3".
+OUR_VAL = re.compile(r"step (\d+)\b.*\bval/bpb=([0-9.]+)")
+HF_VAL = re.compile(r"^HF-EVAL step=(\d+) bpb=([0-9.]+)")
+
+
+# ------------------------------------------------------------------------------------------------ the two sides
+def our_argv(flags: list[str], log_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "llm.training.train", "--task", "lm", *flags, "--logging-log-dir", str(log_dir)]
+
+
+def hf_argv(flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.bench_main_job", "--worker", "hf", "--", *flags]
+
+
+def timed_run(name: str, argv: list[str], pattern: re.Pattern[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one side to completion; its wall time from launch to exit and its (elapsed s, step, bpb) val points."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    curve, tail = [], []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = pattern.search(line)
+        if match:
+            curve.append((time.perf_counter() - start, int(match.group(1)), float(match.group(2))))
+            print(f"  [{name}] {time.perf_counter() - start:7.1f}s step {match.group(1)} val/bpb={match.group(2)}",
+                  flush=True)
+        tail = (tail + [line])[-30:]
+    wall = time.perf_counter() - start
+    if proc.wait() != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{''.join(tail)}")
+    if not curve:
+        raise SystemExit(f"{name} logged no validation:\n{''.join(tail)}")
+    return {"side": name, "wall_s": wall, "curve": curve, "final_bpb": curve[-1][2], "steps": curve[-1][1]}
+
+
+def time_to(curve: list[tuple[float, int, float]], target: float) -> tuple[float, int] | None:
+    """(elapsed s, step) of the first validation at or below `target` bpb."""
+    return next(((t, step) for t, step, bpb in curve if bpb <= target), None)
+
+
+def report(results: list[dict[str, Any]], target: float | None) -> str:
+    if target is None:
+        hf = [r for r in results if r["side"] == "hf"]
+        target = (hf or results)[-1]["final_bpb"]
+    lines = [f"{'side':<6} {'wall s':>8} {'steps':>6} {'val bpb':>8}   time to bpb <= {target:.3f}",
+             "-" * 60]
+    for r in results:
+        hit = time_to(r["curve"], target)
+        reach = f"{hit[0]:.1f} s (step {hit[1]})" if hit else "not reached"
+        lines.append(f"{r['side']:<6} {r['wall_s']:8.1f} {r['steps']:6d} {r['final_bpb']:8.4f}   {reach}")
+    if len(results) == 2:
+        a, b = results
+        lines.append(f"{a['side']} / {b['side']} wall time: {a['wall_s'] / b['wall_s']:.3f}x; "
+                     f"bpb difference {a['final_bpb'] - b['final_bpb']:+.4f}")
+        ha, hb = time_to(a["curve"], target), time_to(b["curve"], target)
+        if ha and hb:
+            lines.append(f"{a['side']} / {b['side']} time to bpb <= {target:.3f}: {ha[0] / hb[0]:.3f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--max-steps", type=int, default=0, help="shorter runs for quick checks (0 = the default)")
+    parser.add_argument("--val-interval", type=int, default=0, help="validate every N steps on both (0 = default)")
+    parser.add_argument("--target-bpb", type=float, default=None, help="time-to-bpb target (default: hf's final)")
+    parser.add_argument("--sides", nargs="+", choices=["ours", "hf"], default=["ours", "hf"], help="which, in order")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.worker == "hf":
+        hf_worker(ours_flags)
+        return
+    flags = list(ours_flags)
+    if args.max_steps:
+        flags += ["--training-max-steps", str(args.max_steps)]
+    if args.val_interval:
+        flags += ["--training-val-interval", str(args.val_interval)]
+    # One intra-op thread each, as `make train` runs (the Makefile's OMP_NUM_THREADS default).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-main-job-") as tmp:
+        for side in args.sides:
+            print(f"running {side} ...", flush=True)
+            if side == "ours":
+                results.append(timed_run("ours", our_argv(flags, Path(tmp) / "ours"), OUR_VAL, env))
+            else:
+                results.append(timed_run("hf", hf_argv(flags), HF_VAL, env))
+    text = report(results, args.target_bpb)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"flags": flags, "results": results, "table": text}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ the HF worker
+def hf_worker(flags: list[str]) -> None:
+    """Side B: train LlamaForCausalLM with the HF Trainer on our data windows under our resolved config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from llm.data.text import TextDataModule, bits_per_byte
+    from llm.training.core.precision import apply_auto_precision
+    from llm.training.train import parse_config
+
+    config = parse_config(["--task", "lm", *flags])[0]
+    t, m = config.training, config.model.resolved()
+    device = torch.device("cpu" if t.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda")
+    apply_auto_precision(config, device)
+    torch.manual_seed(config.seed)
+    data = TextDataModule(config)
+    data.rank, data.world_size = 0, 1
+    data.prepare_data()
+    data.setup("fit")
+    val_batches = list(data.val_dataloader())
+    if t.val_max_batches:
+        val_batches = val_batches[:t.val_max_batches]
+    tokens_per_byte = float(getattr(data, "val_tokens_per_byte", 1.0))
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        attn_implementation="sdpa",
+    ))
+    print(f"hf: LlamaForCausalLM, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+
+    val_interval = t.val_interval or t.max_steps
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum_steps,
+            learning_rate=t.lr, warmup_steps=t.warmup, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, weight_decay=t.weight_decay,
+            adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip or 1e9,
+            optim="adamw_torch_fused", bf16=t.precision == "bf16", use_cpu=device.type == "cpu",
+            eval_strategy="steps", eval_steps=val_interval, logging_steps=t.log_interval, save_strategy="no",
+            report_to="none", dataloader_num_workers=0, seed=config.seed, disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=_OurTrainWindows(data, t.max_steps * t.batch_size),
+            eval_dataset=_Windows(val_batches), data_collator=_collate,
+            callbacks=[_PrintEval(tokens_per_byte, bits_per_byte)],
+        )
+        trainer.train()
+        if t.max_steps % val_interval:
+            trainer.evaluate()
+
+
+def _collate(rows: list[tuple[Any, Any]]) -> dict[str, Any]:
+    import torch
+
+    x, y = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    # `shift_labels`: our targets are already the next tokens, so HF's loss scores the same T predictions per window
+    # as ours (with `labels` alone it would shift them again and drop the last position).
+    return {"input_ids": x, "labels": y, "shift_labels": y}
+
+
+class _Windows:
+    """The validation windows, batch after batch as our loader gave them (a map-style dataset read in order)."""
+
+    def __init__(self, batches: list[tuple[Any, Any]]) -> None:
+        self.rows = [(x[i], y[i]) for x, y in batches for i in range(x.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        return self.rows[index]
+
+
+def _OurTrainWindows(data: Any, samples: int) -> Any:  # noqa: N802  (a factory of a torch IterableDataset)
+    """Our train loader's windows, in its order, epoch after epoch: an IterableDataset, so the Trainer adds no
+    sampler of its own and batches them exactly as our loader did."""
+    from torch.utils.data import IterableDataset
+
+    class Windows(IterableDataset):
+        def __iter__(self):
+            served, epoch = 0, 0
+            while served < samples:
+                data.set_epoch(epoch)
+                for x, y in data.train_dataloader():
+                    for i in range(x.shape[0]):
+                        yield x[i], y[i]
+                        served += 1
+                epoch += 1
+
+    return Windows()
+
+
+def _PrintEval(tokens_per_byte: float, bits_per_byte: Any) -> Any:  # noqa: N802  (a factory of a TrainerCallback)
+    from transformers import TrainerCallback
+
+    class PrintEval(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            loss = float((metrics or {})["eval_loss"])
+            print(f"HF-EVAL step={state.global_step} bpb={bits_per_byte(loss, tokens_per_byte):.4f} loss={loss:.4f}",
+                  flush=True)
+
+    return PrintEval()
+
+
+if __name__ == "__main__":
+    main()
