@@ -53,8 +53,9 @@ from llm.training.train import parse_config, prepare_run_dir, setup_logging
 
 
 def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any, type]:
-    """The default `lm` run, `steps` optimizer steps long, writing into `run_dir`."""
-    argv = ["--task", "lm", "--training-max-steps", str(steps),
+    """The default `lm` run, `steps` optimizer steps long, writing into `run_dir`, with AdamW: the hand loop's
+    optimizer (the lm default is Muon; this measures the framework around the step, not the optimizer)."""
+    argv = ["--task", "lm", "--training-max-steps", str(steps), "--training-optimizer", "adamw",
             "--logging-log-dir", str(run_dir), *extra]
     config, task_class, _ = parse_config(argv)
     apply_auto_precision(config, resolve_device(config.training.device))  # both sides use the resolved precision
