@@ -10,6 +10,11 @@ How it stays one optimizer for them:
 - `state_dict()` has the standard flat layout (`state` keyed by parameter index across all groups in order,
   `param_groups` with those indices), which the checkpoint validation and torch tooling expect;
   `load_state_dict` splits it back by the children's group counts, so a resume continues bit for bit.
+- It can refuse an update on the device, as fused Adam does with GradScaler's `found_inf` (the engine's non-finite
+  check without a host sync, nonfinite.py): children that take `found_inf` get it; for the others (Muon) the
+  composite keeps a copy of their parameters and state tensors and puts it back where `found_inf` is set, with
+  `torch.where`, so nothing is read on the host. Offered only when every child that cannot take `found_inf` keeps
+  its state in tensors (the copy is one more set of those children's parameters and buffers, per step).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class CompositeOptimizer(Optimizer):
         self.optimizers = list(optimizers)
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
         self.state = _StateView(self.optimizers)  # type: ignore[assignment]
+        # Refusing on the device needs fused children for the rest (only they read `found_inf`).
+        self._step_supports_amp_scaling = any(_takes_found_inf(opt) for opt in self.optimizers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(type(opt).__name__ for opt in self.optimizers)})"
@@ -67,8 +74,22 @@ class CompositeOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()  # once: the children then step on the gradients it left
+        # Set by GradScaler (with `grad_scale` when the gradients are still scaled) or the engine's non-finite check.
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for opt in self.optimizers:
-            opt.step()
+            if found_inf is None:
+                opt.step()
+            elif _takes_found_inf(opt):
+                opt.found_inf, opt.grad_scale = found_inf, grad_scale
+                try:
+                    opt.step()
+                finally:
+                    del opt.found_inf, opt.grad_scale
+            else:
+                if grad_scale is not None:  # what the fused children do themselves
+                    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                    torch._foreach_div_(grads, grad_scale)
+                _step_unless(opt, found_inf)
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -95,3 +116,28 @@ class CompositeOptimizer(Optimizer):
             start += count
         # The children's load rebuilt their group dicts; share the new ones again.
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+
+
+def _takes_found_inf(opt: Optimizer) -> bool:
+    """Whether `opt.step()` honours a `found_inf` attribute itself (fused Adam/AdamW/SGD/Adagrad)."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False))
+
+
+@torch.no_grad()
+def _step_unless(opt: Optimizer, found_inf: torch.Tensor) -> None:
+    """`opt.step()`, then the parameters and state tensors it had before wherever `found_inf` is non-zero (no sync)."""
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    before = [p.detach().clone() for p in params]
+    state_before = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+                    for p in params if p in opt.state}
+    opt.step()
+    refused = found_inf > 0
+    for p, old in zip(params, before):
+        p.copy_(torch.where(refused, old, p))
+        saved = state_before.get(id(p), {})
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                # State the step created starts at zero (Muon's momentum, Adam's moments and step count): a refused
+                # first step leaves it as freshly made.
+                old_value = saved.get(key, torch.zeros_like(value))
+                value.copy_(torch.where(refused, old_value, value))

@@ -193,3 +193,38 @@ def test_muon_trains_a_tiny_lm_through_the_engine(tmp_path):
     assert isinstance(engine.optimizer, CompositeOptimizer)
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert len(losses) == 30 and max(losses[-5:]) < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_composite_refuses_an_update_on_the_device(first):
+    """`found_inf` (GradScaler's, or the engine's deferred non-finite check) leaves every parameter and state tensor
+    as it was, Muon's included, without a host sync; a zero `found_inf` is an ordinary step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    muon = torch.optim.Muon([model[0].weight], lr=0.02, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([model[0].bias, *model[1].parameters()], lr=1e-3, fused=True)
+    opt = CompositeOptimizer([muon, adamw])
+
+    def backward(m: nn.Module) -> None:
+        m.zero_grad()
+        m(torch.ones(2, 8)).square().sum().backward()
+
+    if not first:
+        backward(model)
+        opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state]
+    backward(model)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    del opt.found_inf
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    after = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state]
+    for old, new in zip(states, after):
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert all(not v.any() for s in after[len(states):] for v in s.values() if torch.is_tensor(v))  # fresh state
+    opt.found_inf = torch.zeros(())
+    opt.step()  # the same gradients, now applied
+    del opt.found_inf
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt._step_supports_amp_scaling

@@ -170,11 +170,14 @@ def test_non_fused_optimizer_checks_every_step(tmp_path):
 
 
 # -- switches --------------------------------------------------------------------------------------
-def test_fused_adamw_is_used(tmp_path):
-    engine = build_engine(tmp_path, lm_args(tmp_path, "--training-max-steps", "1"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fused_adamw_is_used(tmp_path, optimizer):
+    """AdamW is fused, also beside Muon (the lm default), and the non-finite check needs no host sync either way."""
+    engine = build_engine(tmp_path, lm_args(tmp_path, "--training-max-steps", "1", "--training-optimizer", optimizer))
     engine.setup()
-    assert isinstance(engine.optimizer, torch.optim.AdamW)
-    assert all(group["fused"] for group in engine.optimizer.param_groups)
+    adamw = [engine.optimizer] if optimizer == "adamw" else engine.optimizer.optimizers[:1]
+    assert all(isinstance(opt, torch.optim.AdamW) for opt in adamw)
+    assert all(group["fused"] for opt in adamw for group in opt.param_groups)
     assert engine.finite.deferred
 
 
