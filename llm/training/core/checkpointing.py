@@ -152,14 +152,15 @@ def _writing(path: Path) -> Iterator[None]:
         raise _WriteFailed(path, write_failure_reason(exc)) from exc
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: old -> new' for every config value that differs, except those expected to change on resume."""
-
-    old, new = _flatten(saved), _flatten(current)
+def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """'key: old -> new' for every config value that differs, except those expected to change on resume, and
+    fields that the saved config predates and this run leaves at their `defaults` (nothing changed there)."""
+    old, new, default = _flatten(saved), _flatten(current), _flatten(defaults or {})
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key) and not key.startswith(_EXPECTED_CHANGES)
+        and not (key not in old and key in default and new.get(key) == default[key])
     ]
 
 
@@ -625,7 +626,12 @@ class Checkpointer:
             saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
         except ckpt.CheckpointError:  # only a warning depends on it; the checkpoint's soundness was checked before
             return
-        changes = config_changes(saved, self.engine.config.to_dict())
+        config = self.engine.config
+        try:  # the defaults of this run's config class: fields the saved config predates and this run leaves alone
+            defaults = type(config)().to_dict()
+        except (TypeError, AttributeError):
+            defaults = {}
+        changes = config_changes(saved, config.to_dict(), defaults)
         if changes:
             self.engine.logger.warning("resuming with a changed config (the run may not match an uninterrupted "
                                        "one): %s", "; ".join(changes))

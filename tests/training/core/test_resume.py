@@ -339,3 +339,14 @@ def test_a_runs_config_yaml_starts_a_new_run(tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "x").rglob("*") if p.is_file()} == before
     new_runs = list((tmp_path / "runs").iterdir())
     assert len(new_runs) == 1 and (new_runs[0] / "model.safetensors").is_file()
+
+
+def test_config_fields_newer_than_the_checkpoint_are_not_reported_as_changes():
+    """A checkpoint written before a field existed: the field at its default is no change; set otherwise, it is."""
+    from llm.training.core.checkpointing import config_changes
+
+    saved = {"training": {"lr": 0.1}}
+    defaults = {"training": {"lr": 0.001, "lora_rank": 0}}
+    assert config_changes(saved, {"training": {"lr": 0.1, "lora_rank": 0}}, defaults) == []
+    changed = config_changes(saved, {"training": {"lr": 0.1, "lora_rank": 8}}, defaults)
+    assert changed == ["training.lora_rank: None -> 8"]
