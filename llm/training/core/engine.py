@@ -43,7 +43,7 @@ from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFin
 from .parallel import parallelize
 from .precision import apply_auto_precision, autocast
 from .run_summary import announce_run
-from .runs import load_init_from
+from .runs import ENCODER_TASKS, load_init_from
 from .schedulers import LRSchedule
 
 
@@ -315,9 +315,12 @@ class TrainingEngine:
             limit, flag = f"training.epochs={cfg.epochs} (epoch {self.state.epoch} is done)", "--training-epochs"
         else:
             return None
+        # model.init_from takes decoder language models only (runs.read_init_source).
+        fresh = "" if self.config.task in ENCODER_TASKS else (
+            f", or start a new run from its weights, with a fresh optimizer and schedule, in another --logging-log-dir "
+            f"with --model-init-from {self.run_dir}")
         return (f"nothing to train: the checkpoint is at step {step} and {limit} ends the run there; nothing was "
-                f"written (raise {flag} to train further, or start a new run from its weights, with a fresh optimizer "
-                f"and schedule, in another --logging-log-dir with --model-init-from {self.run_dir})")
+                f"written (raise {flag} to train further{fresh})")
 
     def _write_run_config(self) -> None:
         """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""
