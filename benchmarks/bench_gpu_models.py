@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from llm.models import DecoderModel
 from llm.models.flops import flops_per_token
 from llm.training.core.engine import compile_backend
-from llm.training.core.throughput import device_peak_flops
+from llm.training.observers.throughput import device_peak_flops
 
 
 def hf_model(model: DecoderModel) -> torch.nn.Module:

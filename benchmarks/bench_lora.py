@@ -37,7 +37,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from llm.models.decoder import DecoderModel
     from llm.models.lora import apply_lora
-    from llm.training.core.optimizers import build_optimizer
+    from llm.training.optim.optimizers import build_optimizer
 
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.set_num_threads(args.threads)

@@ -140,7 +140,7 @@ def hf_worker(flags: list[str]) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from llm.data.text import TextDataModule, bits_per_byte
-    from llm.training.core.precision import apply_auto_precision
+    from llm.training.optim.precision import apply_auto_precision
     from llm.training.train import parse_config
 
     config = parse_config(["--task", "lm", *flags])[0]

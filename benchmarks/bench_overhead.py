@@ -44,11 +44,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from llm.models.flops import flops_per_token
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.distributed import resolve_device
 from llm.training.core.engine import TrainingEngine, compile_backend
-from llm.training.core.loggers import MetricSink
-from llm.training.core.precision import apply_auto_precision, compute_dtype
-from llm.training.core.throughput import device_peak_flops
+from llm.training.observers.sinks import MetricSink
+from llm.training.observers.throughput import device_peak_flops
+from llm.training.optim.precision import apply_auto_precision, compute_dtype
+from llm.training.parallel.distributed import resolve_device
 from llm.training.train import parse_config, prepare_run_dir, setup_logging
 
 

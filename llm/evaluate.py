@@ -3,7 +3,7 @@
     python -m llm.evaluate SOURCE --data-path FILE_OR_DIR [--data-seq-len N] [--training-batch-size B]
                                   [--split all|val] [--json]
 
-SOURCE is what ``--model-init-from`` takes (`llm.training.core.runs.read_init_source`): a run directory, a
+SOURCE is what ``--model-init-from`` takes (`llm.artifacts.runs.read_init_source`): a run directory, a
 checkpoint directory or a Hugging Face Llama/Mixtral folder. The text is tokenized with the source's tokenizer
 and cut into windows of ``--data-seq-len`` tokens (default: the run's training window; for an HF folder its context,
 at most 2048) exactly as training cuts validation windows; ``--split all`` (the default) evaluates every window of
@@ -25,15 +25,15 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
+from llm.artifacts.runs import read_init_source
 from llm.data.text import TokenWindows
 from llm.errors import UserError, run_tool
 from llm.models.decoder import DecoderModel
 from llm.models.init_from import InitSource
 from llm.training.core.config import Config, validate_config
-from llm.training.core.distributed import resolve_device
-from llm.training.core.metrics import MetricAccumulator
-from llm.training.core.precision import PRECISIONS, autocast, resolve_precision
-from llm.training.core.runs import read_init_source
+from llm.training.observers.metrics import MetricAccumulator
+from llm.training.optim.precision import PRECISIONS, autocast, resolve_precision
+from llm.training.parallel.distributed import resolve_device
 from llm.training.tasks.lm_task import LMTask
 
 HF_DEFAULT_SEQ_LEN = 2048  # an HF folder records its context, which may be far longer than is useful here

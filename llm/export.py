@@ -2,7 +2,7 @@
 
     python -m llm.export RUN_OR_CKPT --to hf OUT_DIR [--dtype bf16] [--max-shard-size 2GB] [--overwrite]
 
-The source is read by `llm.training.core.runs.load_run`, as by every tool: a run directory (its final
+The source is read by `llm.artifacts.runs.load_run`, as by every tool: a run directory (its final
 ``model.safetensors``, else its newest complete checkpoint; never a half-written ``.tmp-*`` one), a checkpoint
 directory (verified against its manifest; FSDP's sharded checkpoints too) or a ``model.safetensors`` file, with
 the ``config.yaml`` next to it or in its run directory. Errors print one ``error: ...`` line to stderr and exit
@@ -34,12 +34,12 @@ from typing import Any, NoReturn
 
 import torch
 
+from llm.artifacts.checkpoint import CHECKPOINTS_DIR, make_readable
+from llm.artifacts.runs import RunFiles, load_run, resolve_run
 from llm.data.tokenizers import EOS_TOKEN, ByteTokenizer, Tokenizer
 from llm.errors import UserError
 from llm.models.decoder import DecoderModel
 from llm.models.hf import INDEX_NAME, save_hf
-from llm.training.core.checkpoint import CHECKPOINTS_DIR, make_readable
-from llm.training.core.runs import RunFiles, load_run, resolve_run
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

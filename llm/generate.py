@@ -2,7 +2,7 @@
 
 `--checkpoint` is a run directory (its final `model.safetensors`, or else its newest complete checkpoint), a
 checkpoint directory (`RUN/checkpoints/step-XXXXXXXX/`, verified against its manifest) or a `model.safetensors`
-file; `llm.training.core.runs.load_run` reads it, as it does for every tool (see `resolve_run` there for
+file; `llm.artifacts.runs.load_run` reads it, as it does for every tool (see `resolve_run` there for
 the rule). The model is rebuilt from the `config.yaml` next to the weights (or the run's), with the vocabulary
 read from the weights themselves; the tokenizer is the run's `tokenizer.json` (or bytes). Text streams to
 stdout as tokens arrive: the incremental decoder holds back the bytes of a character until it is complete, so
@@ -33,9 +33,9 @@ from typing import Any, NoReturn, TextIO
 
 import torch
 
+from llm.artifacts.runs import load_run
 from llm.errors import UserError, run_tool
-from llm.training.core.distributed import resolve_device
-from llm.training.core.runs import load_run
+from llm.training.parallel.distributed import resolve_device
 
 # Temperatures below this sample as greedy decoding (their limit); see the module docstring.
 GREEDY_BELOW = 1e-5

@@ -25,7 +25,7 @@ import pytest
 import torch
 from helpers import REPO, TINY_REGRESSION, make_config
 
-from llm.training.core.runlock import LockHolder
+from llm.artifacts.lock import LockHolder
 
 # A valid run with a complete checkpoint at step 2; the checkpoint cases copy and spoil it.
 CKPT_FLAGS = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint",
@@ -280,7 +280,7 @@ def _plugin(module: str, source: str) -> dict[str, str]:
 def _taking(kind: str, name: str, base: str) -> dict[str, str]:
     """A plugin that registers a built-in's name without override=True."""
     module, _, cls = base.rpartition(".")
-    return _plugin("dup", f"from {module} import {cls}\nfrom llm.training.core.registry import register_{kind}\n"
+    return _plugin("dup", f"from {module} import {cls}\nfrom llm.registry import register_{kind}\n"
                           f"register_{kind}({name!r}, type('Mine', ({cls},), {{}}))\n")
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from helpers import run_cli
 
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.runs import load_run, resolve_run
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer
 from llm.generate import build_parser, main, stream_text
 from llm.models.decoder import DecoderModel
-from llm.training.core import checkpoint as ckpt
 from llm.training.core.config import Config
-from llm.training.core.runs import load_run, resolve_run
 from llm.training.train import main as train_main
 
 TEXT = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x * x * x\n\n" * 8

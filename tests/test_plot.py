@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from llm.errors import UserError
 from llm.plot import TASK_PANELS, build_figure, load_runs, main, plot_run, read_series
-from llm.training.core.errors import UserError
 
 METRICS = {
     "lm": {"train/loss": 5.0, "train/bpb": 7.0, "val/loss": 4.0, "val/bpb": 6.0, "val/ppl": 60.0},

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from .datamodule import TensorDataModule
+from llm.data.datamodule import TensorDataModule
 
 NUM_CLASSES = 10
 PATCH = 2

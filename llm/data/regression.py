@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from llm.data.datamodule import TensorDataModule
+from llm.data.sources import DEFAULT_MAX_FILE_BYTES, read_regular
 from llm.errors import ConfigError
-
-from .datamodule import TensorDataModule
-from .sources import DEFAULT_MAX_FILE_BYTES, read_regular
 
 NUM_FEATURES = 8
 # Largest |target|: its square (the MSE) must stay well inside float32 (max ~3.4e38), with room for a batch sum.

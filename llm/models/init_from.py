@@ -4,7 +4,7 @@ A source is a Hugging Face Llama/Mixtral folder (``config.json``, ``model.safete
 ``model.safetensors.index.json``, ``tokenizer.json``) or one of our run or checkpoint directories. Every source
 reads into an `InitSource`: the `ModelConfig` fields of its shape, its tokenizer and a loader of its weights in
 DecoderModel's names. HF folders are read here, through hf.py's conversion; our own runs are read by
-`llm.training.core.runs.read_init_source`, which dispatches here for HF folders. That split is the layering rule
+`llm.artifacts.runs.read_init_source`, which dispatches here for HF folders. That split is the layering rule
 (models never import training): the run-directory loader stays next to the checkpoint format.
 
 Initialising is not resuming: only the weights come from the source; the optimizer, the schedule, the step and the

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llm.artifacts.lock import RunLock
+from llm.artifacts.runs import read_init_source
 from llm.errors import ConfigError, UserError, did_you_mean, show
 from llm.models.config import ModelConfig
 from llm.models.presets import get_preset
@@ -32,7 +34,9 @@ from llm.training.core.config import (
     load_yaml,
     validate_config,
 )
-from llm.training.core.distributed import (
+from llm.training.core.engine import TrainingEngine
+from llm.training.optim.precision import apply_auto_precision
+from llm.training.parallel.distributed import (
     barrier,
     broadcast_object,
     check_processes_fit_devices,
@@ -44,10 +48,6 @@ from llm.training.core.distributed import (
     spawn,
     torchrun_env,
 )
-from llm.training.core.engine import TrainingEngine
-from llm.training.core.precision import apply_auto_precision
-from llm.training.core.runlock import RunLock
-from llm.training.core.runs import read_init_source
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -92,6 +92,28 @@ def resolve_task(name: str) -> type[TrainingTask]:
     if not (isinstance(task, type) and issubclass(task, TrainingTask)):
         raise ConfigError(f"task: {show(name)} is not a TrainingTask subclass")
     return task
+
+
+def build_engine(
+    config: Config,
+    task_class: type[TrainingTask] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    task: TrainingTask | None = None,
+    data_module: Any = None,
+    callbacks: list[Any] | None = None,
+) -> TrainingEngine:
+    """The one assembly of a run: the task (`config.task` from the registry unless given), its data module, the
+    configured callbacks and the engine. The CLI, the tests and the benchmarks all build engines here; pass
+    `task`, `data_module` or `callbacks` to replace the configured ones."""
+    if task is None:
+        task = (task_class or resolve_task(config.task))(config)
+    if data_module is None:
+        data_module = task.build_data_module()
+    if callbacks is None:
+        callbacks = training_callbacks.build_callbacks(config)
+    return TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
 
 
 def _preset_flag(argv: list[str]) -> str | None:
@@ -284,18 +306,7 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
         setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
         if lock is not None and lock.replaced:
             logging.getLogger("llm").warning("%s", lock.replaced)
-        task = task_class(config)
-        data_module = task.build_data_module()
-        instantiated_callbacks = training_callbacks.build_callbacks(config)
-        engine = TrainingEngine(
-            config,
-            task,
-            rank,
-            world_size,
-            data_module=data_module,
-            callbacks=instantiated_callbacks,
-        )
-        return engine.run()
+        return build_engine(config, task_class, rank, world_size).run()
     except Exception as exc:
         if world_size > 1:
             claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away

@@ -11,8 +11,8 @@ import torch
 
 from llm.data import text as text_mod
 from llm.data.text import TextDataModule, cache_root
+from llm.errors import ConfigError
 from llm.training.core.config import Config
-from llm.training.core.errors import ConfigError
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n" * 6,

@@ -11,7 +11,7 @@ from llm.data.tokenizers import (
     load_tokenizer,
     resolve_vocab_size,
 )
-from llm.training.core.errors import ConfigError
+from llm.errors import ConfigError
 
 TEXTS = ["def f(x):\n    return x * 2\n", "naïve café — 東京 🚀", "tabs\tand  spaces  \n\n"]
 

@@ -109,8 +109,8 @@ def test_fsdp_with_world_size_one(tmp_path):
 
     import torch.distributed as dist
 
-    from llm.training.core import fsdp
-    from llm.training.core.distributed import free_port
+    from llm.training.parallel import fsdp
+    from llm.training.parallel.distributed import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "nccl" if ON_CUDA else "gloo"

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import save_file, save_model
 
+from llm.artifacts import checkpoint as ckpt
 from llm.export import main
 from llm.models import DecoderModel
 from llm.models.hf import load_hf
-from llm.training.core import checkpoint as ckpt
 
 MODEL_CFG = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                  max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, dropout=0.0, use_moe=False,

@@ -11,7 +11,7 @@ from torch import nn
 from llm.errors import ConfigError
 from llm.models import lora
 from llm.models.decoder import DecoderModel
-from llm.training.core.optimizers import param_groups
+from llm.training.optim.optimizers import param_groups
 
 
 def adapted(adapters_only: bool = False, seed: int = 0, **overrides) -> DecoderModel:

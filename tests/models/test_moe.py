@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.errors import ConfigError
 from llm.models import DecoderModel, MoELayer
-from llm.models.moe import DISPATCH_ENV, block_layout, block_rows, moe_layers
+from llm.models.moe import DISPATCH_ENV, moe_layers
+from llm.models.moe.kernels import block_layout, block_rows
 
 DISPATCHES = ["loop", "grouped_mm", "padded"]
 

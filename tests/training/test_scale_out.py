@@ -37,7 +37,7 @@ PLUGIN = textwrap.dedent('''
     import signal
 
     from llm.training.core.callbacks import Callback
-    from llm.training.core.registry import register_callback
+    from llm.registry import register_callback
 
 
     @register_callback("RaiseOnRank1")
@@ -186,7 +186,7 @@ def test_killed_worker_restarts_from_its_sharded_fsdp_checkpoint(workdir, refere
     last = run / "checkpoints" / "step-00000006"
     assert (last / "sharded" / ".metadata").is_file() and not (last / "model.safetensors").exists()
     out = tmp_path / "exported.safetensors"
-    export = run_cli([str(last), str(out)], workdir, module="llm.training.core.consolidate", env=env(workdir))
+    export = run_cli([str(last), str(out)], workdir, module="llm.artifacts.consolidate", env=env(workdir))
     assert export.returncode == 0, export.stderr
     exported, final = load_file(out), load_file(run / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

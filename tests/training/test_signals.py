@@ -20,7 +20,7 @@ import torch
 from helpers import REPO, TINY_REGRESSION
 from safetensors.torch import load_file
 
-from llm.training.core.checkpoint import list_checkpoints, verify_checkpoint
+from llm.artifacts.checkpoint import list_checkpoints, verify_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
 

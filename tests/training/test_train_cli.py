@@ -87,7 +87,7 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, args, needle):
 def test_plugins_register_tasks_and_callbacks_without_editing_the_framework(tmp_path):
     (tmp_path / "my_plugin.py").write_text(textwrap.dedent('''
         from llm.training.core.callbacks import Callback
-        from llm.training.core.registry import register_callback, register_task
+        from llm.registry import register_callback, register_task
         from llm.training.tasks.regression_task import RegressionTask
 
         @register_task("my_regression")
@@ -153,7 +153,7 @@ def test_config_error_under_torchrun_is_printed_once(tmp_path):
 
 def test_a_plugin_overriding_a_builtin_task_is_the_task_that_runs(tmp_path):
     (tmp_path / "my_override.py").write_text(textwrap.dedent('''
-        from llm.training.core.registry import register_task
+        from llm.registry import register_task
         from llm.training.tasks.regression_task import RegressionTask
 
         @register_task("regression", override=True)

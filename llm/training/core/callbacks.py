@@ -18,11 +18,10 @@ from typing import Any
 
 from llm.errors import ConfigError
 from llm.registry import CALLBACKS, register_callback
-
-from .checkpointing import ModelCheckpoint
-from .hooks import HOOKS, Callback, CallbackList, misspelled_hooks
-from .loggers import ConsoleLogger, CSVLogger, MetricsLogger, TensorBoardLogger
-from .throughput import ThroughputMonitor
+from llm.training.checkpointer import ModelCheckpoint
+from llm.training.observers.hooks import HOOKS, Callback, CallbackList, misspelled_hooks
+from llm.training.observers.sinks import ConsoleLogger, CSVLogger, MetricsLogger, TensorBoardLogger
+from llm.training.observers.throughput import ThroughputMonitor
 
 __all__ = [
     "HOOKS", "Callback", "CallbackList", "CSVLogger", "EarlyStopping", "LRSchedulerCallback", "MetricsLogger",

@@ -24,8 +24,7 @@ import typing
 from typing import Any
 
 from llm.errors import ConfigError, did_you_mean, show
-
-from .config import SECTIONS, Config, append_or_replace, field_help, field_types, unwrap_optional
+from llm.training.core.config import SECTIONS, Config, append_or_replace, field_help, field_types, unwrap_optional
 
 # field name -> its section. Unique across sections (a test checks) and obvious without the prefix.
 BARE_ALIASES: dict[str, str] = {

@@ -27,8 +27,7 @@ from llm.errors import ConfigError, did_you_mean, invalid, shorten, show
 from llm.models.config import ModelConfig  # the model section is the model's own config
 from llm.models.lora import DEFAULT_TARGETS as LORA_TARGETS
 from llm.models.lora import require_peft
-
-from .precision import PRECISIONS
+from llm.training.optim.precision import PRECISIONS
 
 NAN_POLICIES = ("raise", "skip")
 INTERVALS = ("step", "epoch")
@@ -555,7 +554,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
     _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp or fsdp", STRATEGIES)
-    from .expert_parallel import check_expert_parallel
+    from llm.training.parallel.expert import check_expert_parallel
 
     check_expert_parallel(dist.expert_parallel, None, m, dist.strategy)
     _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
@@ -567,11 +566,11 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         raise ConfigError(f"training.callbacks: duplicate callbacks {repeated}")
 
     if check_names:
-        from . import registry
-        from .callbacks import resolve_callback
-        from .loggers import check_logger_names
-        from .optimizers import OPTIMIZERS  # noqa: F401  (registers the built-ins)
-        from .schedulers import SCHEDULERS  # noqa: F401
+        from llm import registry
+        from llm.training.core.callbacks import resolve_callback
+        from llm.training.observers.sinks import check_logger_names
+        from llm.training.optim.optimizers import OPTIMIZERS  # noqa: F401  (registers the built-ins)
+        from llm.training.optim.schedulers import SCHEDULERS  # noqa: F401
 
         for name in t.callbacks:
             resolve_callback(name)

@@ -27,24 +27,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from llm.artifacts.runs import ENCODER_TASKS, load_init_from
 from llm.errors import UserError
 from llm.models import moe
 from llm.models.lora import exportable
-
-from .callbacks import build_callbacks
-from .checkpointing import Checkpointer, ModelCheckpoint, write_failure
-from .distributed import all_agree, all_reduce_sum, barrier, resolve_device
-from .expert_parallel import ExpertParallel, check_expert_parallel
-from .fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
-from .hooks import Callback, CallbackList
-from .loggers import MetricSink, build_sinks, close_quietly
-from .metrics import MetricAccumulator
-from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
-from .parallel import parallelize
-from .precision import apply_auto_precision, autocast
-from .run_summary import announce_run
-from .runs import ENCODER_TASKS, load_init_from
-from .schedulers import LRSchedule
+from llm.training.checkpointer import Checkpointer, ModelCheckpoint, write_failure
+from llm.training.core.callbacks import build_callbacks
+from llm.training.observers.hooks import Callback, CallbackList
+from llm.training.observers.metrics import MetricAccumulator
+from llm.training.observers.run_summary import announce_run
+from llm.training.observers.sinks import MetricSink, build_sinks, close_quietly
+from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
+from llm.training.optim.precision import apply_auto_precision, autocast
+from llm.training.optim.schedulers import LRSchedule
+from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
+from llm.training.parallel.expert import ExpertParallel, check_expert_parallel
+from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
+from llm.training.parallel.plan import parallelize
 
 
 @dataclass
@@ -326,7 +325,7 @@ class TrainingEngine:
         """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""
         if not self.is_global_zero:
             return
-        from .checkpoint import write_bytes
+        from llm.artifacts.checkpoint import write_bytes
 
         tmp = self.run_dir / "config.yaml.tmp"
         try:
@@ -531,8 +530,8 @@ class TrainingEngine:
     # -- state ----------------------------------------------------------------------------------
     def _save_final(self) -> None:
         """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
-        from .checkpoint import CheckpointError, save_weights, step_dir_name
-        from .checkpointing import is_write_error, write_failure
+        from llm.artifacts.checkpoint import CheckpointError, save_weights, step_dir_name
+        from llm.training.checkpointer import is_write_error, write_failure
 
         self.finite.raise_pending()
         self.checkpointer.finish()
@@ -562,7 +561,7 @@ class TrainingEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights needed to continue exactly (per rank)."""
-        from .checkpoint import rng_state
+        from llm.artifacts.checkpoint import rng_state
 
         self.finite.raise_pending()  # a checkpoint must not hold a run that has refused updates
         return {
@@ -582,7 +581,7 @@ class TrainingEngine:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from .checkpoint import set_rng_state
+        from llm.artifacts.checkpoint import set_rng_state
 
         self.state = TrainState(**state["state"])
         optimizer_state = state["optimizer"]

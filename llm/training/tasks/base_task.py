@@ -24,8 +24,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from llm.data.datamodule import DataModule
 from llm.models.lora import apply_lora, is_adapted
 from llm.registry import DATA_MODULES
-from llm.training.core.optimizers import build_optimizer
-from llm.training.core.schedulers import build_scheduler
+from llm.training.optim.optimizers import build_optimizer
+from llm.training.optim.schedulers import build_scheduler
 
 
 class TrainingTask:

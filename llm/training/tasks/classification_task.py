@@ -9,9 +9,8 @@ from torch import nn
 
 from llm.data.digits import NUM_CLASSES, NUM_PATCHES, PATCH_FEATURES, DigitsDataModule
 from llm.errors import ConfigError
-
-from .base_task import TrainingTask
-from .encoders import SequenceEncoder
+from llm.training.tasks.base_task import TrainingTask
+from llm.training.tasks.encoders import SequenceEncoder
 
 
 class ClassificationTask(TrainingTask):

@@ -37,8 +37,7 @@ from llm.models.presets import get_preset
 from llm.registry import register_callback, register_task
 from llm.training.core.callbacks import Callback
 from llm.training.core.config import ModelConfig
-
-from .base_task import TrainingTask
+from llm.training.tasks.base_task import TrainingTask
 
 _DEFAULT_VOCAB = ModelConfig.vocab_size
 

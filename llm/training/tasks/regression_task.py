@@ -21,9 +21,8 @@ from torch import nn
 
 from llm.data.regression import NUM_FEATURES, RegressionDataModule, csv_columns
 from llm.errors import ConfigError
-
-from .base_task import TrainingTask
-from .encoders import SequenceEncoder
+from llm.training.tasks.base_task import TrainingTask
+from llm.training.tasks.encoders import SequenceEncoder
 
 
 class StandardizedTarget(nn.Module):

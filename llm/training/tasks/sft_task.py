@@ -27,8 +27,7 @@ from torch import nn
 from llm.data.sft import IGNORE_INDEX, SFTDataModule
 from llm.errors import ConfigError
 from llm.registry import register_task
-
-from .lm_task import LMTask
+from llm.training.tasks.lm_task import LMTask
 
 # Sums of a validation batch, divided by its size (see the module docstring); `reduce_metrics` turns them into ratios.
 _NLL, _TOKENS, _CORRECT = "answer_nll", "answer_tokens", "answer_correct"

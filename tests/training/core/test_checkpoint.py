@@ -15,9 +15,9 @@ import torch
 from helpers import make_config
 from torch import nn
 
-from llm.training.core import checkpoint as ckpt
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.checkpoint import CheckpointError
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.checkpoint import CheckpointError
 from llm.training.core.engine import TrainingEngine
 from llm.training.train import prepare_run_dir
 

@@ -9,9 +9,9 @@ import typing
 import pytest
 import yaml
 
+from llm.errors import ConfigError
 from llm.training.core.cli import BARE_ALIASES, build_parser
 from llm.training.core.config import SECTIONS, Config, TrainingConfig, field_help, validate_config
-from llm.training.core.errors import ConfigError
 from llm.training.train import parse_config
 
 

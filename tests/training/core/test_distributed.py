@@ -14,11 +14,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, load_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from llm.artifacts import consolidate
+from llm.artifacts.checkpoint import SHARDED_DIR
+from llm.artifacts.sharded import tied_groups, write_safetensors
+from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
-from llm.training.core import consolidate, fsdp, parallel
-from llm.training.core import distributed as D
-from llm.training.core.checkpoint import SHARDED_DIR
-from llm.training.core.errors import ConfigError, UserError
+from llm.training.parallel import distributed as D
+from llm.training.parallel import fsdp
+from llm.training.parallel import plan as parallel
 
 GLOO_PEER_ERROR = (
     "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:19121. "
@@ -110,10 +113,10 @@ def test_spawned_cpu_workers_share_the_cores(monkeypatch):
 
 def test_tied_weights_are_written_once_and_load_strictly(tmp_path):
     model = DecoderModel.tiny(tie_embeddings=True)
-    groups = fsdp.tied_groups(model)
+    groups = tied_groups(model)
     assert groups == [["embed_tokens.weight", "lm_head.weight"]]
     state = {k: v.clone() for k, v in model.state_dict().items()}  # unshared copies, as a gathered dict has
-    fsdp.write_safetensors(state, tmp_path / "w.safetensors", groups)
+    write_safetensors(state, tmp_path / "w.safetensors", groups)
     assert len(load_file(tmp_path / "w.safetensors")) == len(state) - 1
     fresh = DecoderModel.tiny(tie_embeddings=True)
     load_model(fresh, tmp_path / "w.safetensors", strict=True)

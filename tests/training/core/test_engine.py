@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import make_config, read_metrics
 
-from llm.training.core.checkpoint import load_weights
+from llm.artifacts.checkpoint import load_weights
 from llm.training.core.engine import MetricAccumulator, TrainingEngine
 from llm.training.train import train_worker
 

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from llm.errors import ConfigError
 from llm.models.config import ModelConfig
 from llm.models.moe import MoELayer, begin_step, end_step, routing_metrics, set_balance_group
-from llm.training.core import distributed as D
-from llm.training.core.expert_parallel import ExpertParallel, check_expert_parallel
+from llm.training.parallel import distributed as D
+from llm.training.parallel.expert import ExpertParallel, check_expert_parallel
 
 H, E, K, INTER, N = 16, 4, 2, 8, 12  # hidden, experts, top-k, expert width, tokens of the whole batch
 

@@ -20,9 +20,9 @@ import torch
 from helpers import REPO, TINY_REGRESSION, make_config, read_metrics
 from safetensors.torch import load_file
 
-from llm.training.core import checkpoint as ckpt
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine
 from llm.training.tasks.regression_task import RegressionTask
 from llm.training.train import prepare_run_dir
@@ -185,7 +185,7 @@ def test_sigterm_to_a_real_process_saves_and_exits_cleanly(tmp_path):
 
 SLOW_SAVE_PLUGIN = """
 import os, time
-from llm.training.core import checkpoint
+from llm.artifacts import checkpoint
 
 _write_manifest = checkpoint.write_manifest
 
@@ -319,7 +319,7 @@ def test_disk_full_inside_torch_save_names_the_file_and_the_cause(tmp_path, monk
 
 
 def test_write_failure_reason_finds_the_os_error():
-    from llm.training.core.checkpointing import write_failure, write_failure_reason
+    from llm.training.checkpointer import write_failure, write_failure_reason
 
     try:
         try:
@@ -357,7 +357,7 @@ def test_metrics_jsonl_never_ends_in_a_partial_line(tmp_path):
     import logging
 
     from llm.errors import UserError
-    from llm.training.core.loggers import MetricsLogger
+    from llm.training.observers.sinks import MetricsLogger
 
     engine = type("E", (), {"run_dir": tmp_path, "logger": logging.getLogger("llm")})()
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')  # killed mid-write

@@ -15,7 +15,7 @@ from helpers import make_config, read_metrics
 from llm.errors import ConfigError
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.loggers import ConsoleLogger, MetricSink, build_sinks, check_logger_names
+from llm.training.observers.sinks import ConsoleLogger, MetricSink, build_sinks, check_logger_names
 from llm.training.train import prepare_run_dir, setup_logging
 
 

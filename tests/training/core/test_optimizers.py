@@ -11,9 +11,9 @@ from torch import nn
 
 from llm.errors import ConfigError
 from llm.models.decoder import DecoderModel
-from llm.training.core.composite_optimizer import CompositeOptimizer
-from llm.training.core.optimizers import build_optimizer, split_muon_params
-from llm.training.core.schedulers import LRSchedule, build_scheduler
+from llm.training.optim.composite import CompositeOptimizer
+from llm.training.optim.optimizers import build_optimizer, split_muon_params
+from llm.training.optim.schedulers import LRSchedule, build_scheduler
 
 
 def opt_cfg(**overrides) -> SimpleNamespace:

@@ -8,9 +8,9 @@ import yaml
 from helpers import TINY_REGRESSION, make_config, run_cli
 
 from llm.errors import ConfigError
-from llm.training.core import precision as P
-from llm.training.core.distributed import check_processes_fit_devices
 from llm.training.core.engine import TrainingEngine
+from llm.training.optim import precision as P
+from llm.training.parallel.distributed import check_processes_fit_devices
 
 
 def test_auto_is_bf16_on_a_cpu_with_bf16_instructions_else_fp32(monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llm.training.core.errors import ConfigError
-from llm.training.core.registry import Registry, import_object
+from llm.errors import ConfigError
+from llm.registry import Registry, import_object
 
 
 def test_register_and_duplicate():
@@ -47,8 +47,8 @@ def test_builtin_registries_are_populated():
     from llm.registry import CALLBACKS
     from llm.training.core import callbacks
     from llm.training.core.callbacks import resolve_callback
-    from llm.training.core.optimizers import OPTIMIZERS
-    from llm.training.core.schedulers import SCHEDULERS
+    from llm.training.optim.optimizers import OPTIMIZERS
+    from llm.training.optim.schedulers import SCHEDULERS
 
     assert {"cosine", "step", "plateau", "exponential", "linear", "constant", "wsd"} <= set(SCHEDULERS.names())
     assert {"adamw", "adam", "sgd"} <= set(OPTIMIZERS.names())
@@ -64,8 +64,8 @@ def test_old_import_paths_are_the_base_layer_objects():
     # The guide imports from llm.training.core.*; registering there must fill the registries llm.data uses.
     import llm.errors
     import llm.registry
-    from llm.training.core import errors as old_errors
-    from llm.training.core import registry as old_registry
+    from llm import errors as old_errors
+    from llm import registry as old_registry
 
     for name in old_registry.__all__:
         assert getattr(old_registry, name) is getattr(llm.registry, name), name
@@ -172,7 +172,7 @@ def test_a_plugin_taking_a_builtin_name_is_refused_unless_it_overrides(tmp_path,
     monkeypatch.setattr(CALLBACKS, "_items", dict(CALLBACKS._items))
     for builtin in ("regression", "lm"):
         name = _plugin(tmp_path, monkeypatch, f"dup_{builtin}_h2", (
-            "from llm.training.core.registry import register_task\n"
+            "from llm.registry import register_task\n"
             "from llm.training.tasks.regression_task import RegressionTask\n"
             f"@register_task({builtin!r})\n"
             "class Mine(RegressionTask):\n    pass\n"))
@@ -183,13 +183,13 @@ def test_a_plugin_taking_a_builtin_name_is_refused_unless_it_overrides(tmp_path,
             "llm.training.tasks.")
     name = _plugin(tmp_path, monkeypatch, "dup_callback_h2", (
         "from llm.training.core.callbacks import Callback\n"
-        "from llm.training.core.registry import register_callback\n"
+        "from llm.registry import register_callback\n"
         "register_callback('MetricsLogger', type('Mine', (Callback,), {}))\n"))
     with pytest.raises(ConfigError, match="registers callback 'MetricsLogger', which is already registered"):
         import_plugins([name])
 
     name = _plugin(tmp_path, monkeypatch, "override_h2", (
-        "from llm.training.core.registry import register_task\n"
+        "from llm.registry import register_task\n"
         "from llm.training.tasks.regression_task import RegressionTask\n"
         "@register_task('regression', override=True)\n"
         "class Mine(RegressionTask):\n    pass\n"))

@@ -16,8 +16,8 @@ import torch
 from helpers import make_config, read_metrics
 from safetensors.torch import load_file
 
+from llm.artifacts.checkpoint import MANIFEST, CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.checkpoint import MANIFEST, CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.engine import TrainingEngine
 from llm.training.train import prepare_run_dir
 
@@ -343,7 +343,7 @@ def test_a_runs_config_yaml_starts_a_new_run(tmp_path):
 
 def test_config_fields_newer_than_the_checkpoint_are_not_reported_as_changes():
     """A checkpoint written before a field existed: the field at its default is no change; set otherwise, it is."""
-    from llm.training.core.checkpointing import config_changes
+    from llm.training.checkpointer import config_changes
 
     saved = {"training": {"lr": 0.1}}
     defaults = {"training": {"lr": 0.001, "lora_rank": 0}}

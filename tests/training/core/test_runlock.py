@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY_REGRESSION, make_config, read_metrics
 
+from llm.artifacts import lock as runlock
+from llm.artifacts.lock import LOCK_NAME, LockHolder, RunDirInUse, RunLock, live_holder, stale_reason
 from llm.errors import UserError
-from llm.training.core import runlock
-from llm.training.core.runlock import LOCK_NAME, LockHolder, RunDirInUse, RunLock, live_holder, stale_reason
 from llm.training.train import train_worker
 
 # Callbacks the runs below load by `module:Class`: one pauses at step 2 until told to go on, one fails at step 2.

@@ -15,16 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.checkpoint import CheckpointError
+from llm.artifacts.consolidate import export_sharded
+from llm.artifacts.consolidate import main as consolidate_main
+from llm.artifacts.runs import final_weights_step, load_run, read_run_config, resolve_run
 from llm.export import main as export_main
 from llm.generate import main as generate_main
 from llm.models.decoder import DecoderModel
 from llm.models.hf import load_hf
-from llm.training.core import checkpoint as ckpt
-from llm.training.core.checkpoint import CheckpointError
 from llm.training.core.config import Config
-from llm.training.core.consolidate import export_sharded
-from llm.training.core.consolidate import main as consolidate_main
-from llm.training.core.runs import final_weights_step, load_run, read_run_config, resolve_run
 
 MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, max_seq_len=64)
 

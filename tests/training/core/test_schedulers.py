@@ -10,7 +10,7 @@ from torch import optim
 
 from llm.errors import ConfigError
 from llm.training.core.config import TrainingConfig
-from llm.training.core.schedulers import LRSchedule, build_scheduler
+from llm.training.optim.schedulers import LRSchedule, build_scheduler
 
 
 def _lrs(scheduler_type: str, steps: int, warmup: int = 0, **cfg_kwargs) -> list[float]:

@@ -15,9 +15,9 @@ import torch
 from helpers import TINY_REGRESSION, make_config, read_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llm.artifacts.checkpoint import list_checkpoints
 from llm.models.decoder import DecoderModel, TransformerBlock
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.checkpoint import list_checkpoints
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine, compile_backend
 from llm.training.tasks.lm_task import LMTask
 from llm.training.tasks.regression_task import RegressionTask

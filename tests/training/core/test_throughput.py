@@ -13,10 +13,10 @@ from helpers import REPO, make_config, read_metrics
 
 from llm.models.decoder import DecoderModel
 from llm.models.flops import active_parameters, attention_width, flops_per_token
-from llm.training.core import throughput
 from llm.training.core.callbacks import build_callbacks
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.throughput import (
+from llm.training.observers import throughput
+from llm.training.observers.throughput import (
     ThroughputMonitor,
     device_peak_flops,
     gpu_peak_flops,

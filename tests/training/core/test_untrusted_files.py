@@ -23,13 +23,13 @@ import torch
 import yaml
 from helpers import make_config
 
-from llm.training.core import checkpoint as ckpt
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.checkpoint import CheckpointError, UnsafeCheckpointError
+from llm.artifacts.consolidate import main as consolidate_main
+from llm.artifacts.runs import load_sharded_weights
+from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.checkpoint import CheckpointError, UnsafeCheckpointError
-from llm.training.core.consolidate import main as consolidate_main
 from llm.training.core.engine import TrainingEngine
-from llm.training.core.fsdp import plain_errors, safe_load_planner, shard_reader
-from llm.training.core.runs import load_sharded_weights
 from llm.training.train import prepare_run_dir
 
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from llm.errors import ConfigError
 from llm.training.core.config import Config
-from llm.training.core.errors import ConfigError
 from llm.training.tasks.lm_task import LMTask, TextSampler, resolve_model_vocab
 from llm.training.train import main as train_main
 

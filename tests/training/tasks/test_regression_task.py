@@ -10,8 +10,8 @@ import torch
 from helpers import read_metrics
 from safetensors.torch import load_file
 
+from llm.artifacts.checkpoint import load_weights
 from llm.data.regression import RegressionDataModule
-from llm.training.core.checkpoint import load_weights
 from llm.training.tasks.regression_task import RegressionTask, StandardizedTarget
 from llm.training.train import main as train_main
 from llm.training.train import parse_config

@@ -14,7 +14,7 @@ from llm.data.tokenizers import ByteTokenizer
 from llm.errors import ConfigError
 from llm.models.decoder import DecoderModel
 from llm.training.core.config import Config, validate_config
-from llm.training.core.metrics import MetricAccumulator
+from llm.training.observers.metrics import MetricAccumulator
 from llm.training.tasks.sft_task import SFTTask
 from llm.training.train import main as train_main
 
@@ -128,7 +128,7 @@ def test_lora_run_freezes_the_base_and_resumes_exactly(tmp_path):
 
 
 def test_final_weights_of_a_lora_run_are_the_merged_plain_model(tmp_path):
-    from llm.training.core.runs import load_run
+    from llm.artifacts.runs import load_run
 
     run = tmp_path / "run"
     assert train_main([*TINY_SFT, "--training-lora-rank", "4", "--training-max-steps", "6",
@@ -178,7 +178,7 @@ def test_lora_on_an_init_from_base_checkpoints_only_the_adapters_and_resumes_exa
     again = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "model.safetensors")
     assert again.keys() == end.keys() and all(torch.equal(again[k], end[k]) for k in end)
     # Tools rebuild the base from model.init_from and merge the adapters: the run's own final weights.
-    from llm.training.core.runs import load_run
+    from llm.artifacts.runs import load_run
 
     merged = load_run(ckpts / "step-00000008").model.state_dict()
     final = load_file(tmp_path / "a" / "model.safetensors")

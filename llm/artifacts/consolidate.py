@@ -1,6 +1,6 @@
 """Consolidate a sharded (FSDP) checkpoint into one safetensors file, in one process, without a GPU:
 
-    python -m llm.training.core.consolidate RUN/checkpoints/step-00000100 model.safetensors
+    python -m llm.artifacts.consolidate RUN/checkpoints/step-00000100 model.safetensors
 
 The source is resolved like every other reader of a run (`runs.resolve_run`): a checkpoint directory
 (verified against its manifest first), its `sharded/` folder, or a run directory (its newest complete
@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from llm.artifacts.checkpoint import CheckpointError, make_readable
+from llm.artifacts.runs import load_sharded_weights, resolve_run
+from llm.artifacts.sharded import TIED_FILE, write_safetensors
 from llm.errors import UserError
-
-from .checkpoint import CheckpointError, make_readable
-from .fsdp import TIED_FILE, write_safetensors
-from .runs import load_sharded_weights, resolve_run
 
 __all__ = ["export_sharded", "load_sharded_weights", "main"]
 
@@ -63,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m llm.training.core.consolidate",
+        prog="python -m llm.artifacts.consolidate",
         description="Export a sharded (FSDP) checkpoint to one safetensors file, in one process.",
     )
     parser.add_argument("checkpoint", help="checkpoint directory (RUN/checkpoints/step-N), its sharded/ folder, "

@@ -30,8 +30,7 @@ from torch import nn
 from llm.errors import ConfigError
 from llm.models.moe import MoELayer
 from llm.registry import OPTIMIZERS, register_optimizer
-
-from .composite_optimizer import CompositeOptimizer
+from llm.training.optim.composite import CompositeOptimizer
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "param_groups", "split_muon_params"]
 

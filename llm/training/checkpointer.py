@@ -48,13 +48,12 @@ from typing import Any
 
 import torch
 
+from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.lock import live_holder
 from llm.errors import ConfigError
-
-from . import checkpoint as ckpt
-from .distributed import all_agree, any_rank, broadcast_object
-from .fsdp import is_fsdp, load_sharded, save_sharded
-from .hooks import Callback
-from .runlock import live_holder
+from llm.training.observers.hooks import Callback
+from llm.training.parallel.distributed import all_agree, any_rank, broadcast_object
+from llm.training.parallel.fsdp import is_fsdp, load_sharded, save_sharded
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated within this many seconds is the same request delivered twice (to the process group and

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .distributed import all_gather_object, all_reduce_sum, is_distributed
+from llm.training.parallel.distributed import all_gather_object, all_reduce_sum, is_distributed
 
 
 class MetricAccumulator:

@@ -36,7 +36,7 @@ Notable choices:
   a per-expert bias added to the router scores for the top-k choice only (not the gates, not the gradient) moves by
   ``bias_update_rate`` after each optimizer step against the step's global load (DeepSeek-V3's auxiliary-loss-free
   balancing, Wang et al. 2024).
-- Expert parallelism: with :attr:`MoELayer.ep` set (see ``llm.models.moe_parallel``) the layer holds only its
+- Expert parallelism: with :attr:`MoELayer.ep` set (see ``llm.models.moe.exchange``) the layer holds only its
   rank's experts and exchanges token rows with all-to-all.
 """
 
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from llm.errors import invalid
 from llm.models.config import ModelConfig
 from llm.models.layers import MLP
-from llm.models.moe_kernels import (  # noqa: F401  (block_layout, block_rows, grouped_mm_supported: re-exported)
+from llm.models.moe.kernels import (  # noqa: F401  (block_layout, block_rows, grouped_mm_supported: re-exported)
     _BlockMatmul,
     _DispatchRows,
     _PermuteRows,
@@ -129,7 +129,7 @@ class MoELayer(nn.Module):
         # Aux-loss-free routing bias: part of the model (saved, resumed) only where it is used.
         self.register_buffer("routing_bias", torch.zeros(num_experts), persistent=balance == "aux_free")
         self.balance_group: Any = None  # process group whose ranks' batches form one global batch (set_balance_group)
-        self.ep: Any = None  # this rank's share of the experts under expert parallelism (llm.models.moe_parallel)
+        self.ep: Any = None  # this rank's share of the experts under expert parallelism (llm.models.moe.exchange)
         self.balance_loss: Tensor | None = None  # the last forward's unscaled losses, detached, for logging
         self.z_loss: Tensor | None = None
         self._step_counts: Tensor | None = None  # global copies per expert in the open optimizer step
@@ -313,7 +313,7 @@ class MoELayer(nn.Module):
             if self.training:
                 window = self._window_counts
                 self._window_counts = counts.detach() if window is None else window + counts.detach()
-        if self.ep is not None:  # expert parallelism (llm.models.moe_parallel)
+        if self.ep is not None:  # expert parallelism (llm.models.moe.exchange)
             out = self.ep.experts_forward(self, x, gates, experts, counts)  # (N, H)
         else:
             out = self.experts_forward(x, gates, experts, counts)  # (N, H)

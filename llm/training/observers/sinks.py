@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from llm.errors import ConfigError, UserError
 from llm.registry import Registry
-
-from .checkpointing import write_failure
-from .hooks import Callback
+from llm.training.checkpointer import write_failure
+from llm.training.observers.hooks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import TrainingEngine
+    from llm.training.core.engine import TrainingEngine
 
 LOGGERS: Registry[Any] = Registry("logger", "logging.loggers")
 

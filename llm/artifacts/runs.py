@@ -22,13 +22,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from llm.errors import ConfigError, UserError
-from llm.models.decoder import DecoderModel
-from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
-from llm.models.lora import is_adapter_key
-
-from .checkpoint import (
+from llm.artifacts.checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG,
     FINAL_STEP_KEY,
@@ -45,8 +39,13 @@ from .checkpoint import (
     summarize_mismatches,
     verify_checkpoint,
 )
-from .config import Config, config_from_dict
-from .fsdp import plain_errors, safe_load_planner, shard_reader
+from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
+from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from llm.errors import ConfigError, UserError
+from llm.models.decoder import DecoderModel
+from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
+from llm.models.lora import is_adapter_key
+from llm.training.core.config import Config, config_from_dict
 
 # ---------------------------------------------------------------------------------------------
 # Reading a run back: the one loader behind llm.generate, llm.export and the FSDP consolidation

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from llm.models.flops import flops_per_token
-
-from .hooks import Callback
-from .precision import compute_dtype
+from llm.training.observers.hooks import Callback
+from llm.training.optim.precision import compute_dtype
 
 # Dense bf16 tensor-core peaks in TFLOP/s (datasheets, without 2:4 sparsity). Matched as substrings of the
 # upper-cased device name, longest key first, so "L40S" wins over "L40" and "L4", "H100 PCIE" over "H100".

@@ -2,7 +2,7 @@
 
 The world of W ranks is cut into W/S expert-parallel groups of S consecutive ranks ({0..S-1}, {S..2S-1}, ...). In a
 group, rank i holds experts i*E/S .. (i+1)*E/S - 1 of every MoE layer and tokens travel to their experts' ranks and
-back by all-to-all (`llm.models.moe_parallel`). Everything else is data parallel over all W ranks as before (DDP;
+back by all-to-all (`llm.models.moe.exchange`). Everything else is data parallel over all W ranks as before (DDP;
 the expert weights are excluded from DDP's reduction).
 
 Gradients: rank r's expert gradient is the sum over its group's ranks s of d(loss_s)/d(expert), since the tokens of
@@ -31,7 +31,7 @@ from torch import nn
 
 from llm.errors import ConfigError
 from llm.models.moe import MoELayer, moe_layers
-from llm.models.moe_parallel import ExpertShard
+from llm.models.moe.exchange import ExpertShard
 
 EXPERT_WEIGHTS = ("w_gate_up", "w_down")
 

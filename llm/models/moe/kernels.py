@@ -1,7 +1,7 @@
 """The MoE layer's kernels: grouped matmuls (grouped_mm, a per-group loop, padded blocks) and the row movements
 around them, each an autograd function that gathers in both directions instead of scattering.
 
-``llm.models.moe`` (the layer) and ``llm.models.moe_parallel`` (expert parallelism) build on these; the notes on
+``llm.models.moe`` (the layer) and ``llm.models.moe.exchange`` (expert parallelism) build on these; the notes on
 each dispatch path are in ``llm.models.moe``'s docstring.
 """
 

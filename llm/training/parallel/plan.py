@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fsdp import shard_model
+from llm.training.parallel.fsdp import shard_model
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,

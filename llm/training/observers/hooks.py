@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from llm.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import TrainingEngine
+    from llm.training.core.engine import TrainingEngine
 
 HOOKS = (
     "on_train_start",

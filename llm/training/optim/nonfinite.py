@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from llm.errors import UserError
-
-from .distributed import all_agree, all_reduce_sum, is_distributed
-from .fsdp import is_fsdp
+from llm.training.parallel.distributed import all_agree, all_reduce_sum, is_distributed
+from llm.training.parallel.fsdp import is_fsdp
 
 
 class NonFiniteLossError(UserError):
