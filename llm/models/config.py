@@ -24,7 +24,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llm.errors import invalid
 from llm.models.presets import get_preset
+
+# How the MoE layers count the expert load their balance loss is taken over (`llm.models.moe.layer`).
+BALANCES: tuple[str, ...] = ("global", "micro", "aux_free")
 
 
 def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
@@ -66,6 +70,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def check_moe(self, section: str = "model") -> None:
+        """Refuse MoE field values the layers cannot take: a ConfigError naming ``section.field``."""
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise invalid(f"{section}.{name}", getattr(self, name), "must be >= 0")
+        if self.moe_balance not in BALANCES:
+            raise invalid(f"{section}.moe_balance", self.moe_balance, f"one of {', '.join(BALANCES)}", BALANCES)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

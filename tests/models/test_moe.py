@@ -19,8 +19,9 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.errors import ConfigError
-from llm.models import DecoderModel, MoELayer
-from llm.models.moe import DISPATCH_ENV, moe_layers
+from llm.models import DecoderModel, MoELayer, hooks
+from llm.models.config import ModelConfig
+from llm.models.moe import DISPATCH_ENV, collect_aux_loss, moe_layers, routing_metrics
 from llm.models.moe.kernels import block_layout, block_rows
 
 DISPATCHES = ["loop", "grouped_mm", "padded"]
@@ -304,6 +305,48 @@ def test_engine_compiles_moe_with_the_fallback_forced(tmp_path, monkeypatch, dis
     assert len(compiled) == len(eager) == 3
     assert compiled == pytest.approx(eager, rel=1e-5)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------- model hooks
+def test_model_hooks_dispatch_to_the_moe_layers_and_are_no_ops_on_a_dense_model():
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(use_moe=True, num_experts=4, top_k=2)
+    layers = moe_layers(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 6))
+    hooks.begin_step(model)
+    model(x)
+    assert all(layer._step_counts is not None for layer in layers)  # the step is open in every layer
+    torch.testing.assert_close(hooks.aux_loss(model), collect_aux_loss(model), rtol=0, atol=0)
+    parts = hooks.step_metrics(model)
+    assert torch.equal(parts["moe_balance_loss"], torch.stack([m.balance_loss for m in layers]).mean())
+    assert torch.equal(parts["moe_z_loss"], torch.stack([m.z_loss for m in layers]).mean())
+    hooks.end_step(model, applied=True)
+    assert all(layer._step_counts is None for layer in layers)
+    counts = torch.stack([m.tokens_per_expert for m in layers])  # one forward: the window is its counts
+    reduced = []
+    logs = hooks.window_metrics(model, lambda t: reduced.append(t) or t * 2)  # one reduction for all layers
+    assert len(reduced) == 1 and logs == routing_metrics(counts * 2)
+    assert hooks.window_metrics(model, lambda t: t)["moe/layer0/max_over_mean"] == 0.0  # a fresh window
+    hooks.set_data_parallel_group(model, "group")
+    assert {layer.balance_group for layer in layers} == {"group"}
+    assert [id(p) for p in hooks.router_parameters(model)] == [id(m.gate.weight) for m in layers]
+
+    dense = DecoderModel.tiny()
+    hooks.begin_step(dense)
+    dense(x)
+    hooks.end_step(dense)
+    assert hooks.aux_loss(dense) is None and hooks.step_metrics(dense) == {}
+    assert hooks.window_metrics(dense, lambda t: pytest.fail("no statistics to reduce")) == {}
+    assert hooks.router_parameters(dense) == []
+
+
+def test_model_config_checks_its_moe_fields():
+    ModelConfig().check_moe()
+    with pytest.raises(ConfigError, match=r"^model\.moe_balance: invalid value 'globl'; one of global, micro, "
+                                          r"aux_free \(did you mean 'global'\?\)"):
+        ModelConfig(moe_balance="globl").check_moe()
+    with pytest.raises(ConfigError, match=r"^model\.moe_z_loss_coef: invalid value -1\.0; must be >= 0"):
+        ModelConfig(moe_z_loss_coef=-1.0).check_moe()
 
 
 def test_invalid_top_k():

@@ -1,23 +1,19 @@
-"""Mixture-of-Experts: the layer and its balance objective (`layer`), the expert matmul kernels (`kernels`) and
-the expert-parallel token exchange (`exchange`). The names a model or a trainer uses are re-exported here."""
+"""Mixture-of-Experts: the layer and its balance objective (`layer`), the expert matmul kernels (`kernels`), the
+expert-parallel token exchange (`exchange`) and the sharding of a model's experts over ranks (`parallel`). The names a
+model uses are re-exported here; a trainer reaches the layers only through `llm.models.hooks`."""
 
 from llm.models.moe.layer import (
     BALANCES,
     DISPATCH_ENV,
     DISPATCHES,
     MoELayer,
-    begin_step,
     collect_aux_loss,
     default_dispatch,
-    end_step,
     moe_layers,
-    router_losses,
     routing_metrics,
-    routing_window,
-    set_balance_group,
 )
 
 __all__ = [
-    "BALANCES", "DISPATCHES", "DISPATCH_ENV", "MoELayer", "begin_step", "collect_aux_loss", "default_dispatch",
-    "end_step", "moe_layers", "router_losses", "routing_metrics", "routing_window", "set_balance_group",
+    "BALANCES", "DISPATCHES", "DISPATCH_ENV", "MoELayer", "collect_aux_loss", "default_dispatch", "moe_layers",
+    "routing_metrics",
 ]

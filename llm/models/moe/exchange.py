@@ -1,6 +1,6 @@
 """Expert parallelism inside an MoE layer: each rank of an expert-parallel group holds E/S of the experts.
 
-A layer with ``layer.ep`` set (an :class:`ExpertShard`, installed by ``llm.training.parallel.expert``) keeps
+A layer with ``layer.ep`` set (an :class:`ExpertShard`, installed by ``llm.models.moe.parallel``) keeps
 routing over all E experts, but its ``w_gate_up``/``w_down`` hold only the experts ``first .. first + E/S - 1``.
 One forward, for this rank's N tokens:
 

@@ -26,18 +26,18 @@ Notable choices:
   ``aux_loss_coef * balance + z_loss_coef * z`` of its last forward in ``aux_loss``; ``collect_aux_loss`` sums
   them over any module tree.
 - Balance statistics (``balance``): ``"global"`` (default) counts f_e over the whole global batch: the counts are
-  summed over the data-parallel group set by :func:`set_balance_group` and, inside an optimizer step that the
-  engine opens with :func:`begin_step`, over the micro-batches so far. N processes then optimize the same objective
-  as one process with their global batch (P_e's gradient is averaged by DDP/FSDP like the loss's), and the looser
-  constraint lets experts specialise by domain instead of balancing every micro-batch (Qiu et al. 2025, "Demons in
-  the Detail: On Implementing Load Balancing Loss for Training Specialized Mixture-of-Expert Models"). The counts
-  of micro-batches still to come in a step are not known yet, so with gradient accumulation micro-batch m uses
-  micro-batches 1..m. ``"micro"``: each forward's own counts (Switch, Mixtral). ``"aux_free"``: no balance loss;
-  a per-expert bias added to the router scores for the top-k choice only (not the gates, not the gradient) moves by
-  ``bias_update_rate`` after each optimizer step against the step's global load (DeepSeek-V3's auxiliary-loss-free
-  balancing, Wang et al. 2024).
-- Expert parallelism: with :attr:`MoELayer.ep` set (see ``llm.models.moe.exchange``) the layer holds only its
-  rank's experts and exchanges token rows with all-to-all.
+  summed over the data-parallel group (:meth:`MoELayer.set_data_parallel_group`) and, inside an optimizer step that
+  the engine opens with :meth:`MoELayer.begin_step` (through ``llm.models.hooks``), over the micro-batches so far.
+  N processes then optimize the same objective as one process with their global batch (P_e's gradient is averaged
+  by DDP/FSDP like the loss's), and the looser constraint lets experts specialise by domain instead of balancing
+  every micro-batch (Qiu et al. 2025, "Demons in the Detail: On Implementing Load Balancing Loss for Training
+  Specialized Mixture-of-Expert Models"). The counts of micro-batches still to come in a step are not known yet, so
+  with gradient accumulation micro-batch m uses micro-batches 1..m. ``"micro"``: each forward's own counts (Switch,
+  Mixtral). ``"aux_free"``: no balance loss; a per-expert bias added to the router scores for the top-k choice only
+  (not the gates, not the gradient) moves by ``bias_update_rate`` after each optimizer step against the step's
+  global load (DeepSeek-V3's auxiliary-loss-free balancing, Wang et al. 2024).
+- Expert parallelism: with :attr:`MoELayer.ep` set (see ``llm.models.moe.exchange``; ``llm.models.moe.parallel``
+  shards the layers) the layer holds only its rank's experts and exchanges token rows with all-to-all.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.errors import invalid
-from llm.models.config import ModelConfig
+from llm.models.config import BALANCES, ModelConfig
 from llm.models.layers import MLP
 from llm.models.moe.kernels import (  # noqa: F401  (block_layout, block_rows, grouped_mm_supported: re-exported)
     _BlockMatmul,
@@ -66,7 +66,6 @@ from llm.models.moe.kernels import (  # noqa: F401  (block_layout, block_rows, g
 
 Dispatch = Literal["auto", "grouped_mm", "loop", "padded"]
 DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "loop", "padded")
-BALANCES: tuple[str, ...] = ("global", "micro", "aux_free")
 # Sets the dispatch of every MoE layer built without an explicit one (the engine's models included): a way to
 # force a path for tests, benchmarks and workarounds without a code change.
 DISPATCH_ENV = "LLM_MOE_DISPATCH"
@@ -128,7 +127,7 @@ class MoELayer(nn.Module):
         self.tokens_per_expert: Tensor = torch.zeros(num_experts, dtype=torch.long)
         # Aux-loss-free routing bias: part of the model (saved, resumed) only where it is used.
         self.register_buffer("routing_bias", torch.zeros(num_experts), persistent=balance == "aux_free")
-        self.balance_group: Any = None  # process group whose ranks' batches form one global batch (set_balance_group)
+        self.balance_group: Any = None  # process group whose ranks' batches form one global batch
         self.ep: Any = None  # this rank's share of the experts under expert parallelism (llm.models.moe.exchange)
         self.balance_loss: Tensor | None = None  # the last forward's unscaled losses, detached, for logging
         self.z_loss: Tensor | None = None
@@ -216,7 +215,31 @@ class MoELayer(nn.Module):
             load = load.float()
             self.routing_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 
-    def take_window_counts(self) -> Tensor:
+    # -------------------------------------------------------------------- model hooks (llm.models.hooks)
+    def step_aux_loss(self) -> Tensor | None:
+        """The last forward's auxiliary loss (coefficients applied), for the trainer to add to the objective."""
+        return self.aux_loss
+
+    def step_metrics(self) -> dict[str, Tensor]:
+        """The last forward's unscaled balance and z losses (detached); averaged over the layers by the hooks."""
+        if self.balance_loss is None:
+            return {}
+        return {"moe_balance_loss": self.balance_loss, "moe_z_loss": self.z_loss}
+
+    def set_data_parallel_group(self, group: Any) -> None:
+        """The ranks of ``group`` make one global batch for the balance statistics (None: this process alone)."""
+        self.balance_group = group
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The router's weights: logits over experts, not a hidden map (optimizers keep them off Muon)."""
+        return list(self.gate.parameters())
+
+    @staticmethod
+    def window_metrics(counts: Tensor) -> dict[str, float]:
+        """Routing metrics from the layers' windows stacked (layers, E) and summed over ranks (`routing_metrics`)."""
+        return routing_metrics(counts)
+
+    def take_window(self) -> Tensor:
         """This rank's routed copies per expert since the last call (E,), and a fresh window."""
         counts = self._window_counts
         self._window_counts = None
@@ -352,41 +375,6 @@ def collect_aux_loss(module: nn.Module) -> Tensor | None:
     for loss in losses[1:]:
         total = total + loss
     return total
-
-
-def set_balance_group(module: nn.Module, group: Any) -> None:
-    """Make the ranks of ``group`` (a process group; None: this process alone) one batch for the balance losses."""
-    for layer in moe_layers(module):
-        layer.balance_group = group
-
-
-def begin_step(module: nn.Module) -> None:
-    """Open an optimizer step in every MoE layer of ``module`` (see :meth:`MoELayer.begin_step`)."""
-    for layer in moe_layers(module):
-        layer.begin_step()
-
-
-def end_step(module: nn.Module, applied: bool = True) -> None:
-    """Close the optimizer step in every MoE layer of ``module`` (see :meth:`MoELayer.end_step`)."""
-    for layer in moe_layers(module):
-        layer.end_step(applied)
-
-
-def router_losses(module: nn.Module) -> dict[str, Tensor]:
-    """The last forward's unscaled balance and z losses, averaged over the MoE layers of ``module`` (detached)."""
-    layers = [m for m in moe_layers(module) if m.balance_loss is not None]
-    if not layers:
-        return {}
-    return {
-        "moe_balance_loss": torch.stack([m.balance_loss for m in layers]).mean(),
-        "moe_z_loss": torch.stack([m.z_loss for m in layers]).mean(),
-    }
-
-
-def routing_window(module: nn.Module) -> Tensor | None:
-    """This rank's routed copies per expert of every MoE layer since the last call, (layers, E); None without MoE."""
-    layers = moe_layers(module)
-    return torch.stack([m.take_window_counts() for m in layers]) if layers else None
 
 
 def routing_metrics(counts: Tensor) -> dict[str, float]:

@@ -451,11 +451,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
-        _check(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
-    from llm.models.moe import BALANCES
-
-    _check(m.moe_balance in BALANCES, "model.moe_balance", m.moe_balance, f"one of {', '.join(BALANCES)}", BALANCES)
+    m.check_moe("model")  # the MoE fields (coefficients, balance) are the model config's to check
 
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be >= 1")
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "must be in (0, 1)")

@@ -1,7 +1,7 @@
 """`TrainingEngine`: turns a task, a data module and callbacks into a training run.
 
 The step loop (`_fit`, `_train_epoch`, `_optimizer_step`) is deliberately short; everything else is a helper
-with one job. The engine owns what a run cannot do without: the model wrapping (device, DDP/FSDP, compile,
+with one job. The engine owns what a run cannot do without: the model wrapping (device, the parallel plan, compile,
 precision), the optimizer step (accumulation, clipping, non-finite policy), the learning-rate schedule (stepped
 per optimizer step or per epoch, plateau after validation), checkpoints, resume and signals (`Checkpointer`),
 and the metrics channel (`log`, fanned out to the sinks of loggers.py once per step). Tasks own what a batch
@@ -25,12 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from llm.artifacts.runs import ENCODER_TASKS, load_init_from
 from llm.errors import UserError
-from llm.models import moe
-from llm.models.lora import exportable
+from llm.models import hooks
 from llm.training.checkpointer import Checkpointer, ModelCheckpoint, write_failure
 from llm.training.core.callbacks import build_callbacks
 from llm.training.observers.hooks import Callback, CallbackList
@@ -41,9 +39,7 @@ from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # n
 from llm.training.optim.precision import apply_auto_precision, autocast
 from llm.training.optim.schedulers import LRSchedule
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
-from llm.training.parallel.expert import ExpertParallel, check_expert_parallel
-from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights
-from llm.training.parallel.plan import parallelize
+from llm.training.parallel.plan import ParallelPlan
 
 
 @dataclass
@@ -134,7 +130,7 @@ class TrainingEngine:
         self.should_stop = False  # the control field callbacks set to end the run
         self.model: nn.Module | None = None
         self.unwrapped_model: nn.Module | None = None
-        self.expert_parallel: ExpertParallel | None = None  # set up with the model under expert parallelism
+        self.plan = ParallelPlan.from_config(config, rank, world_size, self.device)  # applied to the model in setup
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_schedule: LRSchedule | None = None
         self.criterion: Any = None
@@ -172,13 +168,9 @@ class TrainingEngine:
         if cfg.activation_checkpointing:
             self._enable_activation_checkpointing(model)
         self.unwrapped_model = model
-        # Data parallelism: DDP replicas or FSDP shards (distributed.parallelize, fsdp.py). FSDP converts the
-        # module in place, so there `unwrapped_model` holds the DTensor shards and the optimizer is built on them.
-        dist_cfg = getattr(self.config, "distributed", None)
-        strategy = getattr(dist_cfg, "strategy", "ddp")
-        self.expert_parallel = self._setup_experts(model, getattr(dist_cfg, "expert_parallel", 1))
-        keep_local = ExpertParallel.expert_parameter_names(model) if self.expert_parallel else []
-        model = parallelize(model, strategy, self.world_size, self.device, cfg.precision, keep_local=keep_local)
+        # The parallel layout (parallel/plan.py) may convert the module in place (sharded weights), so the
+        # optimizer is built on `unwrapped_model` after it.
+        model = self.plan.apply(model)
         if cfg.compile:
             model = torch.compile(model, backend=compile_backend())
         self.model = model
@@ -203,21 +195,10 @@ class TrainingEngine:
         self.task.engine = self  # tasks publish through `self.log` too
         self.callbacks.set_engine(self)
 
-    def _setup_experts(self, model: nn.Module, expert_parallel: int) -> ExpertParallel | None:
-        """MoE across processes: the balance losses see the global batch; experts split over ranks if asked."""
-        if self.world_size > 1:
-            moe.set_balance_group(model, torch.distributed.group.WORLD)
-        if expert_parallel <= 1:
-            return None
-        check_expert_parallel(expert_parallel, self.world_size, self.config.model, self.config.distributed.strategy)
-        plan = ExpertParallel(expert_parallel, self.rank, self.world_size)
-        plan.shard(model)
-        return plan
-
     def full_weights(self, load: bool = False) -> contextlib.AbstractContextManager:
-        """A block in which the model holds all its weights (expert parallelism gathers the experts; a collective):
-        around every write or read of whole-model weights."""
-        return self.expert_parallel.full_experts(load) if self.expert_parallel else contextlib.nullcontext()
+        """A block in which the model holds all its weights (the plan gathers what its layout split; a collective):
+        around every write or read of whole-model weights; with `load`, each rank keeps its share of what loads."""
+        return self.plan.full_weights(load)
 
     def _setup_data(self) -> None:
         dm = self.data_module
@@ -378,13 +359,12 @@ class TrainingEngine:
 
     def _optimizer_step(self, micro: list[Any]) -> dict[str, Any]:
         """Forward/backward over the micro-batches, then clip, check and step the optimizer."""
-        moe.begin_step(self.unwrapped_model)  # MoE balance statistics span the step's micro-batches
+        hooks.begin_step(self.unwrapped_model)  # the model's per-step statistics span the step's micro-batches
         loss_sum = self._forward_backward(micro)
-        if self.expert_parallel is not None:
-            self.expert_parallel.finish_gradients()
+        self.plan.finish_gradients()
         grad_norm = self._clip_gradients()
         skipped = not self.finite.step(loss_sum, grad_norm)  # the optimizer step, unless nan_policy refuses it
-        moe.end_step(self.unwrapped_model, applied=not skipped)
+        hooks.end_step(self.unwrapped_model, applied=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "skipped": skipped}
@@ -402,23 +382,20 @@ class TrainingEngine:
         return bool(interval) and self.state.step % interval == 0
 
     def _forward_backward(self, micro: list[Any]) -> torch.Tensor:
-        model, accum = self.model, len(micro)
+        model, accum, unwrapped = self.model, len(micro), self.unwrapped_model
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             batch = move_to_device(batch, self.device)
             samples, tokens = batch_size_and_tokens(batch)
-            sync = contextlib.nullcontext()
-            if isinstance(model, DistributedDataParallel) and i < accum - 1:
-                sync = model.no_sync()  # gradients all-reduce once, on the last micro-batch
-            with sync:
+            with self.plan.no_sync(model, last=i == accum - 1):  # gradients are reduced on the last micro-batch
                 with autocast(self.config.training.precision, self.device):
                     loss, metrics = self.task.train_step(batch, model, self.criterion)
-                    aux = moe.collect_aux_loss(self.unwrapped_model)
+                    aux = hooks.aux_loss(unwrapped)  # the model's own objective terms (its hooks)
                     total = loss + aux if aux is not None else loss
                 scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             extra = {"loss": loss} if aux is None else {"loss": loss, "aux_loss": aux,
-                                                         **moe.router_losses(self.unwrapped_model)}
+                                                         **hooks.step_metrics(unwrapped)}
             self._meter.add({**metrics, **extra}, weight=1.0 / accum)
             loss_sum = loss_sum + total.detach().float()
             self.data_module.advance(1)
@@ -435,9 +412,7 @@ class TrainingEngine:
         params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
         if not params:
             return None
-        if self.expert_parallel is not None:  # the experts' norm spans the expert-parallel group
-            return self.expert_parallel.clip_grad_norm(params, clip if clip > 0 else math.inf)
-        return clip_grad_norm(params, clip if clip > 0 else math.inf)  # FSDP's DTensor grads too
+        return self.plan.clip_grad_norm(params, clip if clip > 0 else math.inf)  # the norm spans the layout
 
     def _collect_train_logs(self) -> dict[str, Any]:
         """The log step: one host sync and one collective for every metric of the window."""
@@ -450,9 +425,7 @@ class TrainingEngine:
         if self._window["tokens"]:
             logs["train/tokens_per_s"] = self._window["tokens"] * self.world_size / elapsed
         logs["train/skipped_steps"] = self.state.skipped_steps
-        routed = moe.routing_window(self.unwrapped_model)  # (layers, E) copies per expert on this rank
-        if routed is not None:
-            logs.update(moe.routing_metrics(all_reduce_sum(routed)))
+        logs.update(hooks.window_metrics(self.unwrapped_model, all_reduce_sum))  # summed over the ranks
         self._window_start, self._window = time.perf_counter(), {"samples": 0, "tokens": 0}
         return logs
 
@@ -468,10 +441,9 @@ class TrainingEngine:
         model, meter, limit = self.unwrapped_model, MetricAccumulator(), self.config.training.val_max_batches
         model.eval()
         batches = islice(loader, limit or None)
-        # FSDP's forward all-gathers weights and expert parallelism exchanges tokens, so a forward is a collective:
-        # a rank with fewer batches runs throw-away forwards (real=False).
-        lockstep = is_fsdp(model) or self.expert_parallel is not None
-        paired = lockstep_batches(batches, self.device) if lockstep else ((b, True) for b in batches)
+        # Where the layout makes a forward a collective, a rank with fewer batches runs throw-away forwards
+        # (real=False).
+        paired = self.plan.lockstep_batches(batches)
         with torch.no_grad(), autocast(self.config.training.precision, self.device):
             for batch, real in paired:
                 batch = move_to_device(batch, self.device)
@@ -530,7 +502,7 @@ class TrainingEngine:
     # -- state ----------------------------------------------------------------------------------
     def _save_final(self) -> None:
         """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
-        from llm.artifacts.checkpoint import CheckpointError, save_weights, step_dir_name
+        from llm.artifacts.checkpoint import CheckpointError, step_dir_name
         from llm.training.checkpointer import is_write_error, write_failure
 
         self.finite.raise_pending()
@@ -539,12 +511,7 @@ class TrainingEngine:
         error: Exception | None = None
         try:
             # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
-            if is_fsdp(self.unwrapped_model):  # a collective: every rank's shards, gathered on rank 0
-                save_full_weights(self.unwrapped_model, path, self.state.step)
-            else:
-                with self.full_weights():
-                    if self.is_global_zero:
-                        save_weights(exportable(self.unwrapped_model), path, self.state.step)  # LoRA merged
+            self.plan.save_final_weights(self.unwrapped_model, path, self.state.step)  # a collective; LoRA merged
         except Exception as exc:  # noqa: BLE001  (a failed write, in whatever type its writer reports it)
             if not is_write_error(exc):
                 raise
@@ -566,9 +533,8 @@ class TrainingEngine:
         self.finite.raise_pending()  # a checkpoint must not hold a run that has refused updates
         return {
             "state": asdict(self.state),
-            # Under expert parallelism every expert's state (a collective): resumable on any degree.
-            "optimizer": self.expert_parallel.full_optimizer_state(self.optimizer) if self.expert_parallel
-            else self.optimizer.state_dict(),
+            # In the layout-independent form (a collective where the layout splits it): resumable on any layout.
+            "optimizer": self.plan.optimizer_state_dict(self.optimizer),
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.data_module.state_dict(),
@@ -584,10 +550,7 @@ class TrainingEngine:
         from llm.artifacts.checkpoint import set_rng_state
 
         self.state = TrainState(**state["state"])
-        optimizer_state = state["optimizer"]
-        if self.expert_parallel is not None:
-            optimizer_state = self.expert_parallel.local_optimizer_state(self.optimizer, optimizer_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        self.plan.load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -9,8 +9,8 @@ optimizer. Which parameters are "hidden" (`split_muon_params`): those of the blo
 (every model of this package has it; for another model, every module between its first and last `nn.Linear`),
 minus what Muon is not made for:
 - embeddings and the output head (AdamW, as in the Muon paper: they are lookups / a classifier, not hidden maps);
-- 1-D parameters (norm weights, biases) and the MoE router (`MoELayer.gate`: a tiny E x H matrix whose softmax
-  scale orthogonalisation would reset);
+- 1-D parameters (norm weights, biases) and routers (what a module names in `router_parameters()`, read through
+  `llm.models.hooks`: the MoE router is a tiny E x H matrix whose softmax scale orthogonalisation would reset);
 - the MoE experts' stacked 3-D weights: `torch.optim.Muon` orthogonalises 2-D matrices only, and a per-expert
   Newton-Schulz would be a hand-written Muon, so they train with AdamW (the dense MLP's matrices get Muon).
 Muon's lr is `training.lr * training.muon_lr_scale` with torch's `adjust_lr_fn="match_rms_adamw"` (the update's RMS
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llm.errors import ConfigError
-from llm.models.moe import MoELayer
+from llm.models.hooks import router_parameters
 from llm.registry import OPTIMIZERS, register_optimizer
 from llm.training.optim.composite import CompositeOptimizer
 
@@ -81,7 +81,7 @@ def split_muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 
     The rest is returned in `model.parameters()` order; a parameter shared by both (tied weights) counts once."""
     excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    excluded |= {id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.gate.parameters()}
+    excluded |= {id(p) for p in router_parameters(model)}  # logits over choices: like a head, not a hidden map
     hidden = _hidden_param_ids(model)
     muon, rest, seen = [], [], set()
     for param in model.parameters():

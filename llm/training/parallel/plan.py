@@ -1,15 +1,32 @@
-"""Wrapping the model for data parallelism: DDP replicas or FSDP2 shards, chosen by `distributed.strategy`.
+"""The parallel plan: how one run spreads its model over the processes, and everything that depends on it.
 
-It sits above both `distributed.py` (process group, collectives) and `fsdp.py` (sharding), which therefore need
-not import each other's callers: the engine imports `parallelize` from here.
+`ParallelPlan.from_config` reads the run's layout (`distributed.strategy` ddp/fsdp, `distributed.expert_parallel`,
+the world size, the device, `training.precision`); `plan.apply(model)` lays the model out (the global batch for the
+model's balance statistics, its experts sharded over expert-parallel groups, then DDP replicas or FSDP2 shards) and
+returns the module the training step calls. From then on the engine asks the plan for whatever the layout changes:
+which micro-batch synchronises gradients (`no_sync`), how they are finished and clipped (`finish_gradients`,
+`clip_grad_norm`), when the model holds its full weights (`full_weights`), the optimizer state in its
+layout-independent form (`optimizer_state_dict` / `load_optimizer_state_dict`), whether validation forwards are
+collectives (`lockstep`, `lockstep_batches`) and how the final weights are written (`save_final_weights`).
+
+The plan sits above `distributed.py` (process group, collectives), `fsdp.py` (sharding) and `expert.py` (the
+degree's checks); the model-side expert machinery is the model's own (`llm.models.hooks.shard_experts`). A later
+layout (tensor parallelism on a device mesh) extends this object, not the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
-from llm.training.parallel.fsdp import shard_model
+from llm.models import hooks
+from llm.training.parallel.expert import check_expert_parallel
+from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights, shard_model
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,
@@ -17,7 +34,7 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
     """Wrap `model` for data parallelism: DDP (a replica per rank) or FSDP2 (sharded in place, see fsdp.py).
 
     `keep_local` names parameters that differ between ranks by design (expert-parallel experts): DDP neither
-    broadcasts nor reduces them (expert_parallel.py does).
+    broadcasts nor reduces them (the model's expert machinery does).
 
     Returns the module the training step calls. With FSDP that is `model` itself, converted in place, so
     `engine.unwrapped_model` and `engine.model` are the same object and hold DTensor parameters.
@@ -32,3 +49,116 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
     if keep_local:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, keep_local)
     return DistributedDataParallel(model, device_ids=ids)
+
+
+class ParallelPlan:
+    """One run's layout over `world_size` processes (this is process `rank`), applied to its model by `apply`."""
+
+    def __init__(
+        self,
+        strategy: str = "ddp",
+        world_size: int = 1,
+        rank: int = 0,
+        device: torch.device | None = None,
+        precision: str = "fp32",
+        expert_parallel: int = 1,
+        model_config: Any = None,
+    ) -> None:
+        self.strategy, self.world_size, self.rank = strategy, world_size, rank
+        self.device = device if device is not None else torch.device("cpu")
+        self.precision, self.expert_parallel, self.model_config = precision, expert_parallel, model_config
+        self.experts: Any = None  # the model's expert sharding (llm.models.hooks.shard_experts), when applied
+        self.sharded = False  # the model's weights are FSDP shards
+
+    @classmethod
+    def from_config(cls, config: Any, rank: int, world_size: int, device: torch.device) -> ParallelPlan:
+        """The plan of a run's config (a task without a `distributed` section runs DDP replicas)."""
+        dist_cfg = getattr(config, "distributed", None)
+        return cls(
+            strategy=getattr(dist_cfg, "strategy", "ddp"), world_size=world_size, rank=rank, device=device,
+            precision=config.training.precision, expert_parallel=getattr(dist_cfg, "expert_parallel", 1),
+            model_config=getattr(config, "model", None),
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Lay `model` out (a collective when `world_size` > 1) and return the module the training step calls.
+
+        FSDP converts `model` in place (it then holds DTensor shards, and its optimizer is built on them); expert
+        parallelism replaces the expert weights of `model` by this rank's share.
+        """
+        if self.world_size > 1:  # the balance statistics of the model see the global batch
+            hooks.set_data_parallel_group(model, torch.distributed.group.WORLD)
+        keep_local: list[str] = []
+        if self.expert_parallel > 1:
+            check_expert_parallel(self.expert_parallel, self.world_size, self.model_config, self.strategy)
+            self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size)
+            keep_local = self.experts.expert_parameter_names(model)
+        wrapped = parallelize(model, self.strategy, self.world_size, self.device, self.precision, keep_local)
+        self.sharded = is_fsdp(model)
+        return wrapped
+
+    # -- the step -------------------------------------------------------------------------------
+    def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel) and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def finish_gradients(self) -> None:
+        """After the backward: gradients the wrapper does not reduce (sharded experts) become the global batch's."""
+        if self.experts is not None:
+            self.experts.finish_gradients()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip `params`' gradients to the global norm `max_norm` (inf: measure only); returns the norm, the same
+        plain scalar on every rank (sharded experts' norms span their group; FSDP's DTensor grads are combined)."""
+        if self.experts is not None:
+            return self.experts.clip_grad_norm(params, max_norm)
+        return clip_grad_norm(params, max_norm)
+
+    # -- weights and state ----------------------------------------------------------------------
+    def full_weights(self, load: bool = False) -> contextlib.AbstractContextManager:
+        """A block in which the model holds all its weights (sharded experts are gathered; a collective): around
+        every write or read of whole-model weights; with `load`, each rank keeps its share of what was loaded."""
+        return self.experts.full_experts(load) if self.experts is not None else contextlib.nullcontext()
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """`optimizer.state_dict()` in the layout-independent form (every expert's state; a collective)."""
+        if self.experts is not None:
+            return self.experts.full_optimizer_state(optimizer)
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what `optimizer_state_dict` wrote (on any layout) into this rank's `optimizer`."""
+        if self.experts is not None:
+            state = self.experts.local_optimizer_state(optimizer, state)
+        optimizer.load_state_dict(state)
+
+    def save_final_weights(self, model: nn.Module, path: str | os.PathLike, step: int) -> None:
+        """Write the whole model's weights (LoRA adapters merged) as one safetensors file, recording `step`: a
+        collective (every rank calls it), rank 0 writes."""
+        from llm.artifacts.checkpoint import save_weights
+        from llm.models.lora import exportable
+
+        if self.sharded:  # every rank's shards, gathered on rank 0
+            save_full_weights(model, path, step)
+            return
+        with self.full_weights():
+            if self.rank == 0:
+                save_weights(exportable(model), path, step)
+
+    # -- validation -----------------------------------------------------------------------------
+    @property
+    def lockstep(self) -> bool:
+        """Whether a forward is a collective (FSDP gathers weights, sharded experts exchange tokens), so that every
+        rank must run as many as the others."""
+        return self.sharded or self.experts is not None
+
+    def lockstep_batches(self, batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+        """`(batch, real)` pairs: in lockstep, a rank out of batches runs throw-away forwards (real=False)."""
+        if self.lockstep:
+            return lockstep_batches(batches, self.device)
+        return ((batch, True) for batch in batches)

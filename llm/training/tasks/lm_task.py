@@ -214,8 +214,7 @@ class TextSampler(Callback):
         # An FSDP model's forward gathers weights from every rank, and an expert-parallel one exchanges tokens with
         # every rank of its group, so every rank must generate (same seed, same tokens); a DDP model's unwrapped
         # module is whole on rank 0, which generates alone.
-        return self.engine.world_size > 1 and (self.engine.config.distributed.strategy == "fsdp"
-                                               or self.engine.expert_parallel is not None)
+        return self.engine.plan.lockstep
 
     def _maybe_publish(self, step: int) -> None:
         self._last_step = step

@@ -18,6 +18,7 @@ from llm.artifacts import consolidate
 from llm.artifacts.checkpoint import SHARDED_DIR
 from llm.artifacts.sharded import tied_groups, write_safetensors
 from llm.errors import ConfigError, UserError
+from llm.models.config import ModelConfig
 from llm.models.decoder import DecoderModel
 from llm.training.parallel import distributed as D
 from llm.training.parallel import fsdp
@@ -44,6 +45,33 @@ def test_single_process_needs_no_group_and_no_wrapper():
     assert parallel.parallelize(model, "fsdp", 1, torch.device("cpu"), "fp32") is model
     assert D.all_reduce_max(3, torch.device("cpu")) == 3
     assert list(fsdp.lockstep_batches(iter([1, 2]), torch.device("cpu"))) == [(1, True), (2, True)]
+
+
+def test_single_process_plan_leaves_the_model_and_its_state_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    plan = parallel.ParallelPlan(strategy="fsdp", world_size=1)
+    assert plan.apply(model) is model and plan.experts is None and not plan.lockstep
+    assert list(plan.lockstep_batches(iter([1, 2]))) == [(1, True), (2, True)]
+    with plan.full_weights(), plan.no_sync(model, last=False):
+        model(torch.randn(4, 3)).square().sum().backward()
+    plan.finish_gradients()  # nothing of this layout to finish
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = plan.clip_grad_norm(list(model.parameters()), 0.5)
+    assert norm == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item())
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() == pytest.approx(0.5, rel=1e-4)
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    state = plan.optimizer_state_dict(opt)
+    fresh = torch.optim.AdamW(model.parameters())
+    plan.load_optimizer_state_dict(fresh, state)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_plan_keeps_the_expert_parallel_checks():
+    plan = parallel.ParallelPlan(world_size=2, expert_parallel=2, model_config=ModelConfig(use_moe=False))
+    with pytest.raises(ConfigError, match=r"distributed\.expert_parallel: 2 needs an MoE model"):
+        plan.apply(torch.nn.Linear(2, 2))
 
 
 def test_fsdp_units_come_from_the_model():

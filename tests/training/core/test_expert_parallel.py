@@ -15,10 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llm.errors import ConfigError
+from llm.models import hooks
 from llm.models.config import ModelConfig
-from llm.models.moe import MoELayer, begin_step, end_step, routing_metrics, set_balance_group
+from llm.models.moe import MoELayer, routing_metrics
+from llm.models.moe.parallel import ExpertParallel
 from llm.training.parallel import distributed as D
-from llm.training.parallel.expert import ExpertParallel, check_expert_parallel
+from llm.training.parallel.expert import check_expert_parallel
 
 H, E, K, INTER, N = 16, 4, 2, 8, 12  # hidden, experts, top-k, expert width, tokens of the whole batch
 
@@ -49,9 +51,9 @@ def _check_rank(rank: int, port: int) -> None:
             ref_loss.backward()
 
             layer = _layer(skew)
-            plan = ExpertParallel(2, rank, 2)
-            plan.shard(layer)
-            set_balance_group(layer, dist.group.WORLD)
+            plan = hooks.shard_experts(layer, 2, rank, 2)
+            assert isinstance(plan, ExpertParallel) and plan.expert_parameter_names(layer) == ["w_gate_up", "w_down"]
+            hooks.set_data_parallel_group(layer, dist.group.WORLD)
             mine = x[rank * N // 2:(rank + 1) * N // 2]
             out = layer(mine)
             torch.testing.assert_close(out, ref(mine), rtol=0, atol=1e-6)
@@ -82,14 +84,14 @@ def test_global_balance_spans_the_step_micro_batches():
     """Inside an open step, micro-batch m's balance fractions count micro-batches 1..m; outside one, its own."""
     layer = _layer(False)
     x1, x2 = torch.randn(6, H), torch.randn(6, H)
-    begin_step(layer)
+    hooks.begin_step(layer)
     layer(x1)
     first = layer.tokens_per_expert.clone()
     layer(x2)
     both = first + layer.tokens_per_expert
     probs = layer.route(x2)[0].softmax(-1).mean(0)
     assert layer.balance_loss.item() == pytest.approx(E * (both / both.sum() * probs).sum().item(), rel=1e-6)
-    end_step(layer)
+    hooks.end_step(layer)
     layer(x2)
     own = layer.tokens_per_expert
     assert layer.balance_loss.item() == pytest.approx(E * (own / own.sum() * probs).sum().item(), rel=1e-6)
@@ -103,9 +105,9 @@ def test_aux_free_bias_evens_a_skewed_load_without_gradient():
     layer(x)
     skewed = routing_metrics(layer.tokens_per_expert[None])["moe/layer0/max_over_mean"]
     for _ in range(60):
-        begin_step(layer)
+        hooks.begin_step(layer)
         layer(x).sum().backward()
-        end_step(layer)
+        hooks.end_step(layer)
     assert layer.gate.weight.grad is not None and "routing_bias" in layer.state_dict()
     balanced = routing_metrics(layer.tokens_per_expert[None])["moe/layer0/max_over_mean"]
     assert skewed > 1.5 and balanced < 1.15, (skewed, balanced)
