@@ -1,6 +1,7 @@
 """Model zoo: the decoder-only transformer, its MoE layer, generation, fused LM loss, Hugging Face interchange.
 
-Layering inside: config -> layers -> moe -> flops -> generation -> decoder -> hf; none imports `llm.training`.
+Layering inside: config -> layers -> moe -> flops -> generation -> decoder -> hf; `hooks` is what a trainer calls
+on any model (it reaches the MoE layers through their methods). None imports `llm.training`.
 """
 
 from llm.models.config import ModelConfig

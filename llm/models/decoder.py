@@ -10,7 +10,8 @@ Both take a :class:`~llm.models.config.ModelConfig` or its fields as keywords (`
 ``DecoderModel(**asdict(config))``); ``model.config`` is the resolved ModelConfig. The model returns plain logits;
 the loss belongs to the task. MoE auxiliary losses of the last forward are available as ``model.aux_loss`` (or
 :func:`~llm.models.moe.collect_aux_loss` on any module). What a training engine needs without knowing this class:
-``fsdp_units()``, ``flops_per_token(seq_len)``, ``num_parameters()``.
+``fsdp_units()``, ``flops_per_token(seq_len)``, ``num_parameters()``, and the per-step hooks its layers implement
+(:mod:`llm.models.hooks`).
 """
 
 from __future__ import annotations

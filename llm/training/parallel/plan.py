@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from llm.models import hooks
 from llm.training.parallel.expert import check_expert_parallel
@@ -43,8 +44,6 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
         return model
     if strategy == "fsdp":
         return shard_model(model, device, precision)
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     if keep_local:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, keep_local)
@@ -101,8 +100,6 @@ class ParallelPlan:
     # -- the step -------------------------------------------------------------------------------
     def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only."""
-        from torch.nn.parallel import DistributedDataParallel
-
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
         return contextlib.nullcontext()
