@@ -19,8 +19,8 @@ Per-step protocol, in the order an optimizer step calls it:
 - `set_data_parallel_group(model, group)`: once, before training, the process group whose ranks' batches make one
   global batch (``set_data_parallel_group(group)``).
 
-Parameter roles: `router_parameters(model)` are the weights whose outputs are logits over choices (``router_
-parameters()``, e.g. an MoE router); optimizers treat them like embeddings and heads, not as hidden maps.
+Parameter roles: `router_parameters(model)` are the weights whose outputs are logits over choices (module method
+``router_parameters()``, e.g. an MoE router); optimizers treat them like embeddings and heads, not as hidden maps.
 
 Expert parallelism: `shard_experts(model, ...)` keeps this rank's share of every expert layer's experts and returns
 the object that keeps them consistent (gradients, norms, full weights, optimizer state), see
@@ -33,10 +33,13 @@ lookup and a loop over the participants; swapping submodules after the first cal
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from llm.models.moe.parallel import ExpertParallel
 
 _CACHE_ATTR = "_llm_model_hooks"
 
@@ -121,7 +124,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------------------- expert layout
-def shard_experts(model: nn.Module, size: int, rank: int, world_size: int) -> Any:
+def shard_experts(model: nn.Module, size: int, rank: int, world_size: int) -> ExpertParallel:
     """Split the experts of every expert layer of `model` over groups of `size` consecutive ranks (collective:
     every rank calls it) and return the `ExpertParallel` that keeps them consistent (see its module)."""
     from llm.models.moe.parallel import ExpertParallel
