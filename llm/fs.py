@@ -136,7 +136,8 @@ def atomic_write(path: PathLike, data: bytes | memoryview | str, *, tmp: PathLik
 
 def replace_dir(tmp: PathLike, final: PathLike, aside: PathLike) -> None:
     """Rename the finished directory `tmp` to `final`; an existing `final` is first renamed to `aside` and removed
-    after, so at every moment `final` is either the old directory or the new one, never a half-deleted one."""
+    after. `final` is never a half-written or half-deleted directory: a crash between the two renames leaves it
+    absent, with the old one at `aside` (a temp name the caller's cleanup of leftovers knows)."""
     tmp, final, aside = Path(tmp), Path(final), Path(aside)
     moved = False
     if final.exists():
