@@ -34,10 +34,11 @@ from typing import Any, NoReturn
 
 import torch
 
-from llm.artifacts.checkpoint import CHECKPOINTS_DIR, make_readable
+from llm.artifacts.checkpoint import CHECKPOINTS_DIR
 from llm.artifacts.runs import RunFiles, load_run, resolve_run
 from llm.data.tokenizers import EOS_TOKEN, ByteTokenizer, Tokenizer
 from llm.errors import UserError
+from llm.fs import make_readable
 from llm.models.decoder import DecoderModel
 from llm.models.hf import INDEX_NAME, save_hf
 

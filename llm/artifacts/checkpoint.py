@@ -29,8 +29,8 @@ pickle (which torch itself reads with plain `pickle`) goes through a restricted 
 DCP's metadata classes. `inspect_checkpoint` checks all of that cheaply, so `resume=auto` can skip a bad checkpoint
 instead of failing on it after choosing it.
 
-Files are written readable like any other file the user creates (mode 0666 minus the umask): safetensors
-creates its files 0600, which would hide a run's weights from the rest of a team sharing a machine.
+Files are written by the package's one file rule (`llm.fs`): readable like any other file the user creates (mode
+0666 minus the umask; safetensors alone creates its files 0600), fsynced, and renamed into place.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from llm import fs
 from llm.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -89,13 +90,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike, step: int | None = N
     `step` (a run's final weights) is recorded in the file's metadata, so that `resolve_run` can tell a final
     file from before a resume apart from the newer checkpoints the resumed run has written since.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata=None if step is None else {FINAL_STEP_KEY: str(step)})
-    make_readable(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with fs.atomic_path(path) as tmp:  # `model.safetensors.tmp` beside it
+        save_model(model, str(tmp), metadata=None if step is None else {FINAL_STEP_KEY: str(step)})
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
@@ -143,49 +139,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Durable file writes
+# Checkpoint files (written into the temp directory that `commit_checkpoint` renames into place)
 # ---------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    try:  # Linux reports it without changing it (os.umask can only read by setting, racing other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(path: str | os.PathLike) -> None:
-    """Give a file the mode an ordinary `open()` would (0666 minus the umask, e.g. 0644).
-
-    safetensors creates its files 0600; the rest of a run (config, metrics, trainer states) follows the umask.
-    """
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes(path: Path, data: bytes | memoryview) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_trainer_state(state: dict[str, Any], path: Path) -> None:
@@ -198,9 +153,8 @@ def save_trainer_state(state: dict[str, Any], path: Path) -> None:
 
 def save_checkpoint_weights(model: nn.Module, path: Path) -> None:
     save_model(model, str(path))
-    make_readable(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fs.make_readable(path)
+    fs.fsync_file(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -247,10 +201,7 @@ def write_manifest(ckpt_dir: Path, step: int, world_size: int, extra: dict[str, 
         "files": files,
         **(extra or {}),
     }
-    tmp = ckpt_dir / (MANIFEST + ".tmp")
-    write_bytes(tmp, json.dumps(manifest, indent=1).encode())
-    os.replace(tmp, ckpt_dir / MANIFEST)
-    fsync_dir(ckpt_dir)
+    fs.atomic_write(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))  # via `manifest.json.tmp`
 
 
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
@@ -405,20 +356,16 @@ def find_latest_checkpoint(
 
 def commit_checkpoint(tmp: Path, final: Path) -> None:
     """Rename the finished temp directory into place; an existing `final` (an older save of the same
-    step, e.g. a corrupt one that resume skipped) is moved aside first and removed after."""
-    trash = None
-    if final.exists():
-        trash = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    step, e.g. a corrupt one that resume skipped) is moved aside first (to a temp name, so a crash leaves it to
+    `remove_stale_temps`) and removed after."""
+    fs.replace_dir(tmp, final, aside=final.with_name(f"{TMP_PREFIX}old-{final.name}"))
 
 
 def remove_stale_temps(root: Path) -> list[Path]:
-    """Delete temp directories left by a crash during a save; returns what was removed."""
+    """Delete temp directories left by a crash during a save; returns what was removed.
+
+    Only for a caller that knows their writer is gone: the checkpointer calls it when the run directory's lock has
+    no other live holder (the lock is the owner record of every temp in the run; see `llm.fs.is_abandoned`)."""
     removed = []
     if root.is_dir():
         for path in root.iterdir():

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from llm.artifacts.checkpoint import CheckpointError, make_readable
+from llm.artifacts.checkpoint import CheckpointError
 from llm.artifacts.runs import load_sharded_weights, resolve_run
 from llm.artifacts.sharded import TIED_FILE, write_safetensors
 from llm.errors import UserError
@@ -46,8 +46,7 @@ def export_sharded(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ver
         raise CheckpointError(f"checkpoint: {tied} is not a list of groups of weight names")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(state, out, groups)
-    make_readable(out)
+    write_safetensors(state, out, groups)  # readable: the one file rule (llm.fs)
     return out
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import ConfigError
+from llm.fs import pid_running
 
 LOCK_NAME = ".lock"
 HEARTBEAT_SECONDS = 30.0
@@ -63,19 +64,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return fields[0], int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, run by another user
-    except OSError:
-        return False
-    stat = _proc_stat(pid)
-    return not (stat and stat[0] in ("Z", "X"))  # exited but not yet reaped by its parent
 
 
 @dataclass(frozen=True)
@@ -123,7 +111,7 @@ def stale_reason(holder: LockHolder, path: Path, now: float | None = None) -> st
         return "the machine has rebooted since"
     if holder.pid == os.getpid():
         return None if path.resolve() in _HELD else "it names this process's pid but was left by an earlier one"
-    if not _pid_alive(holder.pid):
+    if not pid_running(holder.pid):
         return f"pid {holder.pid} is not running"
     stat = _proc_stat(holder.pid)
     if holder.proc_start is not None and stat is not None and stat[1] != holder.proc_start:

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm import fs
 from llm.artifacts.checkpoint import (
     FINAL_STEP_KEY,
     CheckpointError,
     load_shard_metadata,
-    make_readable,
     safe_torch_load,
 )
 from llm.errors import UserError
@@ -72,13 +72,8 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, groups: list[l
     state = {k: v for k, v in state.items() if k not in metadata}
     if step is not None:
         metadata[FINAL_STEP_KEY] = str(step)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
-    make_readable(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+    with fs.atomic_path(path) as tmp:  # `<name>.tmp` beside it
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from llm import fs
 from llm.data.encode import Progress, batches_of, default_workers, encode_stream
 from llm.data.readers import Part, ReadOptions, iter_pieces, read_part
 from llm.data.shards import (
@@ -225,11 +227,13 @@ def _save_tokenizer(tokenizer: HFTokenizer, out: Path) -> None:
     target = out / TOKENIZER_FILE
     if target.is_file() and HFTokenizer.from_file(target).fingerprint == tokenizer.fingerprint:
         return
-    tmp = out / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
+    tmp = out / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"  # `save` takes a directory: the temp file is inside it
     tmp.mkdir(exist_ok=True)
-    tokenizer.save(tmp)
-    os.replace(tmp / TOKENIZER_FILE, target)
-    tmp.rmdir()
+    try:
+        with fs.atomic_path(target, tmp=tmp / TOKENIZER_FILE, durable=False):  # not durable, like the shards
+            tokenizer.save(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_options(options: PrepareOptions) -> None:

@@ -10,12 +10,12 @@ A prepared directory holds, per slice `I` of `N` (one slice per machine that pre
   truncation at several times the speed of SHA-256, which would cost the byte path a third of its throughput);
   plus `tokenizer.json` for a Hugging Face tokenizer.
 
-Crash safety: a shard is written under a temporary name (`.tmp-<pid>` suffix) and renamed when complete; the
-index is written last, the same way. A run reads only what an index lists, and only when every slice's index is
+Crash safety: a shard is written under a temporary name (`.tmp-<pid>` suffix) and renamed when complete (`llm.fs`);
+the index is written last, the same way. A run reads only what an index lists, and only when every slice's index is
 present, so a killed preparation leaves nothing a run would use; its temporary files are removed by the next
-preparation of that slice. On opening, every listed file must exist with the size the index gives and every
-segment table must match its shard (cheap); `verify_checksums` re-reads the tokens (`python -m llm.data.prepare
---verify`).
+preparation of that slice once their writer is gone (`llm.fs.is_abandoned`). On opening, every listed file must exist
+with the size the index gives and every segment table must match its shard (cheap); `verify_checksums` re-reads the
+tokens (`python -m llm.data.prepare --verify`).
 
 `TokenStore` presents the shards as one array: global token positions, segment ends and document boundaries, and
 `gather` reads any positions (a window crossing a shard boundary reads from both), so batches, the train/val split
@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+import socket
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from llm import fs
 from llm.data.sources import check_regular
 from llm.errors import ConfigError
 
@@ -198,8 +200,9 @@ class ShardWriter:
 
     def _finish_shard(self) -> None:
         self._row(closed=False)  # a document the shard ends inside continues in the next one
-        # No fsync: the rename after a complete write is what protects against a killed process; durability
-        # against a power cut would cost the byte path most of its throughput (a disk flush per shard).
+        # Not durable (llm.fs, `durable=False`): the rename after a complete write is what protects against a killed
+        # process; durability against a power cut would cost the byte path most of its throughput (a disk flush per
+        # shard).
         self._file.close()
         self._file = None
         if self._cur.tokens == 0:  # nothing was written since the last shard
@@ -211,8 +214,8 @@ class ShardWriter:
         with open(self._tmp(docs_name), "wb") as f:
             np.save(f, rows, allow_pickle=False)
         docs_crc = zlib.crc32(self._tmp(docs_name).read_bytes())
-        os.replace(self._tmp(docs_name), self.directory / docs_name)
-        os.replace(self._tmp(tokens_name), self.directory / tokens_name)
+        fs.publish(self._tmp(docs_name), self.directory / docs_name, durable=False)
+        fs.publish(self._tmp(tokens_name), self.directory / tokens_name, durable=False)
         self.done.append({"file": tokens_name, "docs_file": docs_name, "tokens": self._cur.tokens,
                           "segments": len(rows), "docs": self._cur.docs, "bytes": self._cur.bytes,
                           "crc32": self._crc, "docs_crc32": docs_crc})
@@ -235,7 +238,8 @@ class ShardWriter:
 
 def write_index(directory: Path, slice_index: int, num_slices: int, meta: dict[str, Any],
                 shards: list[dict[str, Any]]) -> Path:
-    """Write a slice's index atomically (temporary name, then rename): the step that makes the slice usable."""
+    """Write a slice's index atomically (temporary name, then rename): the step that makes the slice usable. Not
+    durable, like the shards it lists (see `ShardWriter._finish_shard`)."""
     index = {
         "format": FORMAT, "version": FORMAT_VERSION, **meta, "slice": slice_index, "num_slices": num_slices,
         "num_tokens": sum(s["tokens"] for s in shards), "num_docs": sum(s["docs"] for s in shards),
@@ -243,18 +247,27 @@ def write_index(directory: Path, slice_index: int, num_slices: int, meta: dict[s
     }
     target = directory / index_name(slice_index, num_slices)
     tmp = directory / f"{target.name}{TMP_SUFFIX}{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    os.replace(tmp, target)
+    fs.atomic_write(target, json.dumps(index, indent=1), tmp=tmp, durable=False)
     return target
 
 
 def remove_leftovers(directory: Path, slice_index: int | None = None) -> list[Path]:
-    """Temporary shard and index files of killed preparations (of one slice, or all) in `directory`."""
+    """Temporary shard and index files of killed preparations (of one slice, or all) in `directory`, by the one
+    rule for leftovers (`llm.fs.is_abandoned`); returns what was removed.
+
+    A temp name records its writer's pid (`.tmp-<pid>`) but not its host. A slice is prepared by one process at a
+    time, so the pid is checked on this host: a leftover of a killed preparation elsewhere is removed unless its pid
+    happens to run here (then it waits for the age bound; no index lists it, so no run reads it meanwhile).
+    """
     pattern = "*" if slice_index is None else f"*-{slice_index:05d}-*"
-    removed = []
-    for path in glob.glob(str(directory / f"{pattern}{TMP_SUFFIX}*")):
-        Path(path).unlink(missing_ok=True)
-        removed.append(Path(path))
+    removed, host = [], socket.gethostname()
+    for name in glob.glob(str(directory / f"{pattern}{TMP_SUFFIX}*")):
+        path = Path(name)
+        pid = path.name.rpartition(TMP_SUFFIX)[2]
+        owner = fs.Owner(host, int(pid)) if pid.isdigit() else None
+        if path.is_file() and fs.is_abandoned(path, owner):
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 

@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -54,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from llm import fs
 from llm.data.datamodule import DataModule
 from llm.data.prepare import PrepareOptions, prepare
 from llm.data.readers import ReadOptions
@@ -79,8 +79,6 @@ CACHE_VERSION = 3  # 2: meta.json records the cache key; 3: sharded (index + sha
 SAMPLING_MODES = ("random", "sequential")
 _TMP_MARK = ".tmp-"  # temporary cache directories: `.<key>.tmp-<hex>` next to the caches
 _STALE_MARK = ".stale-"  # a rejected cache moved aside before removal: `.<key>.stale-<hex>`
-_OWNER_FILE = "owner.json"  # inside a temporary directory: the host and pid writing it
-_STALE_AFTER_S = 24 * 3600  # a temporary directory unchanged this long is abandoned whoever owns it
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -93,12 +91,11 @@ def _write_cache(files: list[SourceFile], target: Path, options: PrepareOptions,
     tmp = target.parent / f".{target.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        owner = {"host": socket.gethostname(), "pid": os.getpid()}
-        (tmp / _OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+        fs.write_owner(tmp)  # what tells a later preparation whether this one is still at work (`_abandoned`)
         prepare(files, tmp, options, tokenizer)
-        os.remove(tmp / _OWNER_FILE)
+        os.remove(tmp / fs.OWNER_FILE)
         try:
-            os.rename(tmp, target)
+            fs.publish(tmp, target, durable=False)  # not durable, like the shards (see shards.py)
         except OSError:
             if not index_files(target):  # not a concurrent winner: a real failure
                 raise
@@ -127,29 +124,9 @@ def _discard(directory: Path) -> None:
 
 
 def _abandoned(tmp: Path, now: float) -> bool:
-    """Whether a temporary cache directory belongs to no live preparation."""
-    if _STALE_MARK in tmp.name:
-        return True
-    try:
-        newest = max([tmp.stat().st_mtime, *(p.stat().st_mtime for p in tmp.iterdir())])
-    except OSError:
-        return False  # it is changing under us: someone is at work there
-    if now - newest > _STALE_AFTER_S:
-        return True
-    try:
-        owner = json.loads((tmp / _OWNER_FILE).read_text(encoding="utf-8"))
-        host, pid = owner["host"], int(owner["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # not written yet (or another layout): only age can tell
-    if host != socket.gethostname():
-        return False  # a shared cache directory: a pid of another host says nothing here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # alive, under another user
-    return False
+    """Whether a temporary cache directory belongs to no live preparation: one moved aside to be discarded, or
+    one the package's rule for leftovers (`llm.fs.is_abandoned`) finds without a live writer."""
+    return _STALE_MARK in tmp.name or fs.is_abandoned(tmp, fs.read_owner(tmp), now=now)
 
 
 def clean_stale_temporaries(parent: Path) -> list[Path]:

@@ -26,17 +26,15 @@ checkpoints.
 In a multi-process run every rank writes its own trainer state into the shared temp directory; rank 0
 writes the weights and config and, once all ranks report success, the manifest and the rename. A write
 error on any rank (disk full, permissions) fails the save on every rank with one clear error naming the file
-(`write_failure`: "No space left on device" where that is the cause) and leaves the previous checkpoint untouched.
+(`llm.fs.write_failure_reason`: "No space left on device" where that is the cause) and leaves the previous
+checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno as errno_codes
 import json
 import math
-import os
-import re
 import shutil
 import signal
 import threading
@@ -51,6 +49,7 @@ import torch
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.lock import live_holder
 from llm.errors import ConfigError
+from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
 from llm.training.observers.hooks import Callback
 from llm.training.parallel.distributed import all_agree, any_rank, broadcast_object
 from llm.training.parallel.fsdp import is_fsdp, load_sharded, save_sharded
@@ -59,7 +58,6 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated within this many seconds is the same request delivered twice (to the process group and
 # again by a launcher that forwards it), not a user insisting.
 DUPLICATE_SIGNAL_S = 2.0
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # Config fields whose change on resume is expected (run length, logging, checkpointing itself).
 _EXPECTED_CHANGES = ("training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
                      "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins", "training.lr")
@@ -94,42 +92,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
-
-
-def write_failure_reason(exc: BaseException) -> str:
-    """Why a write failed, in the operating system's words where it gave any.
-
-    The OSError is searched along the exception's chain (torch.save reports a full disk as a RuntimeError about
-    stream positions, with the OSError as its context) and in the text of safetensors' errors ("(os error 28)").
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "errno", None)
-        if isinstance(current, OSError) and code:
-            return os.strerror(code)
-        match = _RUST_OS_ERROR.search(str(current))
-        if match:
-            return os.strerror(int(match.group(1)))
-        current = current.__cause__ or current.__context__
-    lines = str(exc).strip().splitlines()
-    return lines[-1] if lines else type(exc).__name__
-
-
-def write_failure(exc: BaseException, path: str | os.PathLike) -> str:
-    """'cannot write PATH: REASON' for a failed write (one line; REASON as `write_failure_reason`)."""
-    return f"cannot write {os.fspath(path)}: {write_failure_reason(exc)}"
-
-
-def is_write_error(exc: BaseException) -> bool:
-    """Whether `exc` is how a failed write surfaces: an OSError, a RuntimeError (torch.save), or safetensors'
-    own error type."""
-    return isinstance(exc, (OSError, RuntimeError)) or "safetensor" in type(exc).__module__.lower()
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return write_failure_reason(exc) == os.strerror(errno_codes.ENOSPC)
 
 
 class _WriteFailed(Exception):
@@ -329,9 +291,7 @@ class Checkpointer:
         name = ckpt.step_dir_name(self.best_step)
         info = {"step": self.best_step, "dir": name, "monitor": self.monitor, "mode": self.mode,
                 "value": self.best_value}
-        tmp = self.root / "best.json.tmp"
-        ckpt.write_bytes(tmp, json.dumps(info, indent=1).encode())
-        tmp.replace(self.root / "best.json")
+        atomic_write(self.root / "best.json", json.dumps(info, indent=1))  # via best.json.tmp
         link, tmp_link = self.root / "best", self.root / ".best.tmp"
         try:
             tmp_link.unlink(missing_ok=True)
@@ -412,7 +372,7 @@ class Checkpointer:
             ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
         if engine.is_global_zero:
             with _writing(tmp / ckpt.CONFIG):
-                ckpt.write_bytes(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
+                write_durable(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
 
     def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
         if not self.engine.is_global_zero:

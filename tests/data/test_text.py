@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -351,9 +353,9 @@ def _leave_temporary(parent, name, pid, host=None, age_s=0.0):
     tmp = parent / name
     tmp.mkdir(parents=True)
     (tmp / "tokens.bin").write_bytes(b"\0" * 8)
-    (tmp / "owner.json").write_text(json.dumps({"host": host or text_mod.socket.gethostname(), "pid": pid}))
+    (tmp / "owner.json").write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid}))
     if age_s:
-        old = text_mod.time.time() - age_s
+        old = time.time() - age_s
         for path in (tmp / "tokens.bin", tmp / "owner.json", tmp):
             os.utime(path, (old, old))
     return tmp

@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file, save_model
 
+from llm import fs
 from llm.artifacts import checkpoint as ckpt
 from llm.export import main
 from llm.models import DecoderModel
@@ -259,7 +260,7 @@ def test_the_export_is_complete_for_transformers(tmp_path):
                   "--logging-log-dir", str(tmp_path / "run")]) == 0
     out = tmp_path / "hf"
     assert main([str(tmp_path / "run"), "--to", "hf", str(out)]) == 0
-    mode = 0o666 & ~ckpt._umask()  # what an ordinary open() gives: 0644 under umask 022, not safetensors' 0600
+    mode = 0o666 & ~fs.umask()  # what an ordinary open() gives: 0644 under umask 022, not safetensors' 0600
     for path in out.iterdir():
         assert path.stat().st_mode & 0o777 == mode, path
     config = json.loads((out / "config.json").read_text())

@@ -28,8 +28,9 @@ from torch import nn
 
 from llm.artifacts.runs import ENCODER_TASKS, load_init_from
 from llm.errors import UserError
+from llm.fs import atomic_write, is_write_error, write_failure
 from llm.models import hooks
-from llm.training.checkpointer import Checkpointer, ModelCheckpoint, write_failure
+from llm.training.checkpointer import Checkpointer, ModelCheckpoint
 from llm.training.core.callbacks import build_callbacks
 from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.observers.metrics import MetricAccumulator
@@ -306,15 +307,10 @@ class TrainingEngine:
         """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""
         if not self.is_global_zero:
             return
-        from llm.artifacts.checkpoint import write_bytes
-
-        tmp = self.run_dir / "config.yaml.tmp"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes(tmp, self.config.to_yaml().encode())
-            os.replace(tmp, self.run_dir / "config.yaml")
+            atomic_write(self.run_dir / "config.yaml", self.config.to_yaml())  # via config.yaml.tmp
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"logging: {write_failure(exc, self.run_dir / 'config.yaml')}") from None
 
     def _fit(self) -> None:
@@ -503,7 +499,6 @@ class TrainingEngine:
     def _save_final(self) -> None:
         """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
         from llm.artifacts.checkpoint import CheckpointError, step_dir_name
-        from llm.training.checkpointer import is_write_error, write_failure
 
         self.finite.raise_pending()
         self.checkpointer.finish()

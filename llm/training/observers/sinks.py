@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llm.errors import ConfigError, UserError
+from llm.fs import write_failure
 from llm.registry import Registry
-from llm.training.checkpointer import write_failure
 from llm.training.observers.hooks import Callback
 
 if TYPE_CHECKING:  # pragma: no cover

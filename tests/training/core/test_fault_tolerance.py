@@ -319,7 +319,7 @@ def test_disk_full_inside_torch_save_names_the_file_and_the_cause(tmp_path, monk
 
 
 def test_write_failure_reason_finds_the_os_error():
-    from llm.training.checkpointer import write_failure, write_failure_reason
+    from llm.fs import write_failure, write_failure_reason
 
     try:
         try:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm import fs
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.checkpoint import CheckpointError
 from llm.artifacts.consolidate import export_sharded
@@ -49,7 +50,7 @@ def write_checkpoint(run: Path, step: int, model: DecoderModel, config: Config, 
     tmp.mkdir(parents=True)
     ckpt.save_checkpoint_weights(model, tmp / ckpt.WEIGHTS)
     ckpt.save_trainer_state({"state": {"step": step}}, tmp / ckpt.trainer_state_name(0))
-    ckpt.write_bytes(tmp / ckpt.CONFIG, config.to_yaml().encode())
+    fs.write_durable(tmp / ckpt.CONFIG, config.to_yaml().encode())
     if not complete:
         return tmp
     ckpt.write_manifest(tmp, step, 1)
@@ -282,7 +283,7 @@ def write_sharded_checkpoint(run: Path, step: int, model: DecoderModel, config: 
     dcp.save({"model": model.state_dict(), "optimizer": {"step": torch.tensor(step)}},
              checkpoint_id=str(tmp / ckpt.SHARDED_DIR), no_dist=True)
     ckpt.save_trainer_state({"state": {"step": step}}, tmp / ckpt.trainer_state_name(0))
-    ckpt.write_bytes(tmp / ckpt.CONFIG, config.to_yaml().encode())
+    fs.write_durable(tmp / ckpt.CONFIG, config.to_yaml().encode())
     ckpt.write_manifest(tmp, step, 2)
     final = run / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step)
     ckpt.commit_checkpoint(tmp, final)
