@@ -48,6 +48,11 @@ class Callback:
         """The run as this callback sees it (`rank`, `logger`, `state`, `log(...)`, `should_stop`, ...)."""
         return self.context
 
+    @engine.setter
+    def engine(self, context: RunContext) -> None:
+        # Code written when this was the engine itself assigns it (`self.engine = engine` in a sink's `open`).
+        self.context = context
+
     @classmethod
     def from_config(cls, config: Any) -> Callback:
         """Build from the run config; override when the constructor needs arguments."""
