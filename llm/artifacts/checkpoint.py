@@ -434,12 +434,13 @@ def load_trainer_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-# The trainer state's layout (what `engine.state_dict()` returns): entry -> the types its value may have.
-_STATE_LAYOUT: dict[str, tuple[type, ...]] = {
+# The trainer state's layout, the one definition of its entries: entry -> the types its value may have. The
+# engine's `StatefulComponents` (llm/training/state.py) accepts exactly these names.
+TRAINER_STATE_LAYOUT: dict[str, tuple[type, ...]] = {
     "state": (dict,), "optimizer": (dict, type(None)), "lr_schedule": (dict,), "data": (dict,),
     "callbacks": (dict,), "rng": (dict,),
 }
-_STATE_OPTIONAL: dict[str, tuple[type, ...]] = {
+TRAINER_STATE_OPTIONAL: dict[str, tuple[type, ...]] = {
     "scaler": (dict, type(None)), "meter": (dict, type(None)), "checkpointer": (dict, type(None)),
 }
 
@@ -454,10 +455,10 @@ def check_trainer_state(state: Any, path: Path) -> None:
 
     if not isinstance(state, dict):
         raise bad(f"a {type(state).__name__}, not a mapping")
-    missing = [key for key in _STATE_LAYOUT if key not in state]
+    missing = [key for key in TRAINER_STATE_LAYOUT if key not in state]
     if missing:
         raise bad(f"no {', '.join(missing)}")
-    for key, types in {**_STATE_LAYOUT, **_STATE_OPTIONAL}.items():
+    for key, types in {**TRAINER_STATE_LAYOUT, **TRAINER_STATE_OPTIONAL}.items():
         if key in state and not isinstance(state[key], types):
             raise bad(f"{key} is a {type(state[key]).__name__}")
     counters = [k for k, v in state["state"].items() if not isinstance(k, str) or not _is_int(v)]

@@ -2,6 +2,9 @@
 
 Every run checkpoints and resumes, whatever its callback list: the engine builds a `Checkpointer` from
 `config.checkpoint` (or from a `ModelCheckpoint` given as a callback) and calls it at the step boundaries.
+The checkpointer never sees the engine: it is given the run's `RunContext` (place, counters, the stop field),
+the `StatefulComponents` whose states make up each rank's trainer state, a weights strategy (weights.py: one
+file, or FSDP shards) and the callback list it reports saves and loads to.
 
 When it saves:
 - every `checkpoint.interval` optimizer steps, at the boundary before the next step begins, so the
@@ -33,6 +36,7 @@ checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -40,9 +44,9 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -50,9 +54,13 @@ from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.lock import live_holder
 from llm.errors import ConfigError
 from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
-from llm.training.observers.hooks import Callback
+from llm.training.observers.context import RunContext
+from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.parallel.distributed import all_agree, any_rank, broadcast_object
-from llm.training.parallel.fsdp import is_fsdp, load_sharded, save_sharded
+from llm.training.state import StatefulComponents
+
+if TYPE_CHECKING:  # pragma: no cover  (config.py's validation imports the callbacks, and so this module)
+    from llm.training.core.config import CheckpointConfig
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated within this many seconds is the same request delivered twice (to the process group and
@@ -95,7 +103,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class _WriteFailed(Exception):
-    """A checkpoint file could not be written: carries the file's path and the reason (see `_writing`)."""
+    """A checkpoint file could not be written: carries the file's path and the reason (see `writing_to`)."""
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -103,7 +111,7 @@ class _WriteFailed(Exception):
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def writing_to(path: Path) -> Iterator[None]:
     """Name `path` in the error of a write that fails inside (the writers' own errors often name no file)."""
     try:
         yield
@@ -130,33 +138,59 @@ class ModelCheckpoint(Callback):
 
     Checkpointing is an engine service: every run has a `Checkpointer` configured from `config.checkpoint`.
     Listing `ModelCheckpoint` in `training.callbacks`, or passing an instance to the engine, is optional and only
-    sets these options (the instance's own values win over the config section).
+    sets these options: the instance's own values win over the config section. The options, their meaning and
+    their defaults are the fields of `CheckpointConfig` (`config.checkpoint`), written there once, e.g.
+    `ModelCheckpoint(interval=100, monitor="val/loss")`; the options not given are the config's.
     """
 
-    def __init__(self, interval: int = 0, keep_last: int = 3, resume: str = "auto", monitor: str = "",
-                 mode: str = "min") -> None:
-        if mode not in ("min", "max"):
-            raise ConfigError(f"checkpoint.mode: invalid value {mode!r}; min or max")
-        self.interval, self.keep_last, self.resume = interval, keep_last, resume
-        self.monitor, self.mode = monitor, mode
+    def __init__(self, **options: Any) -> None:
+        if options.get("mode", "min") not in ("min", "max"):
+            raise ConfigError(f"checkpoint.mode: invalid value {options['mode']!r}; min or max")
+        self.options = options
 
-    @classmethod
-    def from_config(cls, config: Any) -> ModelCheckpoint:
-        c = config.checkpoint
-        return cls(c.interval, c.keep_last, c.resume, c.monitor, c.mode)
+    def resolve(self, section: CheckpointConfig) -> CheckpointConfig:
+        """The config section with this instance's options applied."""
+        try:
+            return dataclasses.replace(section, **self.options)
+        except TypeError:
+            names = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ConfigError(f"ModelCheckpoint: unknown option among {sorted(self.options)}; the options are "
+                              f"{names}") from None
+
+
+class WeightsStrategy(Protocol):
+    """How the model's weights are written into and read from a checkpoint (weights.py has the strategies)."""
+
+    #: Whether the checkpoint holds shards of the weights and of the optimizer state (restored with them).
+    sharded: bool
+
+    def save(self, directory: Path) -> None:
+        """Write the weights into the checkpoint's (temporary) directory; every rank calls it."""
+
+    def load(self, directory: Path, sharded: bool) -> None:
+        """Load the weights of the checkpoint in `directory` (`sharded`: as its manifest says it was written)."""
+
+    def save_final(self, path: Path, step: int) -> None:
+        """Write the run's final weights file; every rank calls it."""
+
+
+def _nothing() -> None:
+    return None
 
 
 class Checkpointer:
     """The engine's checkpoint service: atomic saves of the whole run state, retention, best, signals, resume.
 
     The engine calls `start` once, `before_step` / `after_step` around every optimizer step, `after_validation`
-    after each validation, `finish` at the end (the final save) and `abort` when the run fails.
+    after each validation, `finish` at the end (the final save) and `abort` when the run fails. `before_save`
+    runs before a state is captured (the engine refuses there a run holding a refused update).
     """
 
-    def __init__(self, engine: Any, options: ModelCheckpoint) -> None:
-        self.engine, self.options = engine, options
-        self.interval, self.keep_last, self.resume = options.interval, options.keep_last, options.resume
-        self.monitor, self.mode = options.monitor, options.mode
+    def __init__(self, options: CheckpointConfig, context: RunContext, components: StatefulComponents,
+                 weights: WeightsStrategy, callbacks: CallbackList,
+                 before_save: Callable[[], None] = _nothing) -> None:
+        self.options, self.context, self.components, self.weights = options, context, components, weights
+        self.callbacks, self.before_save = callbacks, before_save
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.last_save_seconds = 0.0  # wall time of the latest save (the pause it added to training)
@@ -176,7 +210,7 @@ class Checkpointer:
 
     @property
     def root(self) -> Path:
-        return Path(self.engine.run_dir) / ckpt.CHECKPOINTS_DIR
+        return self.context.run_dir / ckpt.CHECKPOINTS_DIR
 
     @property
     def stop_signal(self) -> int | None:
@@ -194,13 +228,13 @@ class Checkpointer:
     def start(self) -> None:
         # A temp directory is only known to be stale when no other live run holds the run directory's lock (an
         # engine built without train_worker takes no lock, but must not delete a running save of one that did).
-        holder = live_holder(self.engine.run_dir) if self.engine.is_global_zero else None
+        holder = live_holder(self.context.run_dir) if self.context.is_global_zero else None
         if holder is not None:
-            self.engine.logger.warning("not removing temp checkpoints in %s: the run directory is in use by %s",
-                                       self.root, holder.describe())
-        elif self.engine.is_global_zero:
+            self.context.logger.warning("not removing temp checkpoints in %s: the run directory is in use by %s",
+                                        self.root, holder.describe())
+        elif self.context.is_global_zero:
             for path in ckpt.remove_stale_temps(self.root):
-                self.engine.logger.warning("removed %s, left by an interrupted save", path)
+                self.context.logger.warning("removed %s, left by an interrupted save", path)
         self._install_signal_handlers()
 
     def before_step(self) -> None:
@@ -213,57 +247,58 @@ class Checkpointer:
 
     def after_step(self) -> None:
         """Save and ask the engine to stop after a signal (all ranks agree); else note an interval save as due."""
-        engine = self.engine
-        step = engine.state.step
+        run = self.context
+        step = run.step
         stop = self._signal is not None
-        if engine.world_size > 1:
-            stop = any_rank(stop, engine.device)  # every rank stops at the same step
+        if run.world_size > 1:
+            stop = any_rank(stop, run.device)  # every rank stops at the same step
         if stop:
             name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
-            engine.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
+            run.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
             self._stopped_by = name
             self.save("signal")
-            engine.should_stop = True
-        elif self.interval and step % self.interval == 0:
+            run.should_stop = True  # the run's control field: the engine stops after this step
+        elif self.options.interval and step % self.options.interval == 0:
             self._pending = self._pending or "interval"
 
     def after_validation(self, logs: dict[str, Any]) -> None:
-        if not self.monitor or not logs:
+        if not self.options.monitor or not logs:
             return
-        if self.monitor not in logs:
-            if not self._warned_monitor and self.engine.is_global_zero:
+        if self.options.monitor not in logs:
+            if not self._warned_monitor and self.context.is_global_zero:
                 names = ", ".join(k for k in logs if k.startswith("val/"))
-                self.engine.logger.warning("checkpoint.monitor %r is not a validation metric (%s)", self.monitor, names)
+                self.context.logger.warning("checkpoint.monitor %r is not a validation metric (%s)",
+                                            self.options.monitor, names)
             self._warned_monitor = True
             return
-        value, step = float(logs[self.monitor]), int(logs.get("step", self.engine.state.step))
+        value, step = float(logs[self.options.monitor]), int(logs.get("step", self.context.step))
         if not self._improves(value):
             return
         self._candidate = (step, value)
         if step == self._last_saved_step:
             self._take_candidate(step)  # that checkpoint already holds these weights
-            if self.engine.is_global_zero:
+            if self.context.is_global_zero:
                 try:
                     self._write_best_marker()
                 except OSError as exc:
-                    self.engine.logger.warning("could not mark the best checkpoint: %s", exc)
+                    self.context.logger.warning("could not mark the best checkpoint: %s", exc)
         else:
             self._pending = "best"
 
     def finish(self) -> None:
         """The final save (unless this step is saved already); then restore the signal handlers."""
         try:
-            if self._last_saved_step != self.engine.state.step:
+            run = self.context
+            if self._last_saved_step != run.step:
                 self.save("final")
-            engine = self.engine
             name = self._stopped_by or (signal.Signals(self._signal).name if self._signal is not None else None)
-            if name is not None and engine.is_global_zero:
-                step, total = engine.state.step, engine.total_steps
+            if name is not None and run.is_global_zero:
+                step, total = run.step, run.total_steps
                 if step < total:
-                    engine.logger.info("stopped by %s at step %d of %d; resume with the same --logging-log-dir "
-                                       "(checkpoint.resume=auto)", name, step, total)
+                    run.logger.info("stopped by %s at step %d of %d; resume with the same --logging-log-dir "
+                                    "(checkpoint.resume=auto)", name, step, total)
                 else:  # the signal came during the last step's validation or the final save: nothing is left to do
-                    engine.logger.info("received %s after the last step; the run is complete", name)
+                    run.logger.info("received %s after the last step; the run is complete", name)
         finally:
             self.abort()
 
@@ -277,7 +312,7 @@ class Checkpointer:
             return False
         if self.best_value is None:
             return True
-        return value < self.best_value if self.mode == "min" else value > self.best_value
+        return value < self.best_value if self.options.mode == "min" else value > self.best_value
 
     def _take_candidate(self, step: int) -> bool:
         if self._candidate is None or self._candidate[0] != step:
@@ -289,7 +324,7 @@ class Checkpointer:
     def _write_best_marker(self) -> None:
         """`checkpoints/best.json` names the best checkpoint; `checkpoints/best` links to it where possible."""
         name = ckpt.step_dir_name(self.best_step)
-        info = {"step": self.best_step, "dir": name, "monitor": self.monitor, "mode": self.mode,
+        info = {"step": self.best_step, "dir": name, "monitor": self.options.monitor, "mode": self.options.mode,
                 "value": self.best_value}
         atomic_write(self.root / "best.json", json.dumps(info, indent=1))  # via best.json.tmp
         link, tmp_link = self.root / "best", self.root / ".best.tmp"
@@ -303,12 +338,13 @@ class Checkpointer:
     # -- saving ---------------------------------------------------------------------------------
     def save(self, reason: str = "manual") -> Path:
         """Write the checkpoint of the current step (every rank must call this). Returns its path."""
-        engine, start = self.engine, time.perf_counter()
-        step = engine.state.step
+        run, start = self.context, time.perf_counter()
+        step = run.step
         self._pending = None
         is_best = self._take_candidate(step)
         # Captured before anything is written: the engine refuses here if a (lazily checked) step was non-finite.
-        state = engine.state_dict()
+        self.before_save()
+        state = self.components.state_dict()
         final, tmp = self.root / ckpt.step_dir_name(step), self.root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
         self._collective_io(lambda: self._prepare_temp(tmp), tmp, "create")
         unsafe = unsafe_entries(state)
@@ -321,9 +357,9 @@ class Checkpointer:
         self._collective_io(lambda: self._commit(tmp, final, step, is_best), tmp, "commit")
         self._last_saved_step = step
         self.last_save_seconds = time.perf_counter() - start
-        engine.logger.info("saved checkpoint %s (%s) in %.3f s", final, reason, self.last_save_seconds)
-        engine.callbacks.on_save_checkpoint({"step": step, "path": str(final), "reason": reason,
-                                             "seconds": self.last_save_seconds})
+        run.logger.info("saved checkpoint %s (%s) in %.3f s", final, reason, self.last_save_seconds)
+        self.callbacks.on_save_checkpoint({"step": step, "path": str(final), "reason": reason,
+                                           "seconds": self.last_save_seconds})
         return final
 
     def _collective_io(self, action: Any, tmp: Path, what: str, error: Exception | None = None) -> None:
@@ -335,9 +371,9 @@ class Checkpointer:
                 if not (isinstance(exc, _WriteFailed) or is_write_error(exc)):
                     raise
                 error = exc
-        if all_agree(error is None, self.engine.device):
+        if all_agree(error is None, self.context.device):
             return
-        if self.engine.is_global_zero:
+        if self.context.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = [p.name for _, p in ckpt.list_checkpoints(self.root) if (p / ckpt.MANIFEST).is_file()]
         kept = f"; the previous checkpoint {latest[-1]} is intact" if latest else ""
@@ -352,34 +388,28 @@ class Checkpointer:
         raise ckpt.CheckpointError(f"checkpoint: cannot {what} {where}: {detail}{kept}") from None
 
     def _prepare_temp(self, tmp: Path) -> None:
-        if self.engine.is_global_zero:
+        if self.context.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
             tmp.mkdir(parents=True)
 
     def _write_files(self, tmp: Path, state: dict[str, Any]) -> None:
-        engine = self.engine
-        sharded = is_fsdp(engine.unwrapped_model)
-        if sharded:  # FSDP: weights and optimizer state as every rank's shards (a collective); see fsdp.py
-            with _writing(tmp / ckpt.SHARDED_DIR):
-                save_sharded(engine.unwrapped_model, engine.optimizer, tmp / ckpt.SHARDED_DIR)
+        run = self.context
+        # First: a rank that fails a write below must not skip the weights' collectives (FSDP shards, a gather).
+        self.weights.save(tmp)
+        if self.weights.sharded:  # the optimizer state is in the shards
             state = {**state, "optimizer": None}
-        if not sharded:  # first: a rank that fails a write below must not skip the gather's collective
-            with engine.full_weights():  # expert parallelism: every expert, gathered
-                if engine.is_global_zero:
-                    with _writing(tmp / ckpt.WEIGHTS):
-                        ckpt.save_checkpoint_weights(engine.unwrapped_model, tmp / ckpt.WEIGHTS)
-        with _writing(tmp / ckpt.trainer_state_name(engine.rank)):
-            ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(engine.rank))
-        if engine.is_global_zero:
-            with _writing(tmp / ckpt.CONFIG):
-                write_durable(tmp / ckpt.CONFIG, engine.config.to_yaml().encode())
+        with writing_to(tmp / ckpt.trainer_state_name(run.rank)):
+            ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(run.rank))
+        if run.is_global_zero:
+            with writing_to(tmp / ckpt.CONFIG):
+                write_durable(tmp / ckpt.CONFIG, run.config.to_yaml().encode())
 
     def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
-        if not self.engine.is_global_zero:
+        if not self.context.is_global_zero:
             return
-        extra = {"task": self.engine.config.task, "reason": "best" if is_best else "checkpoint"}
-        with _writing(tmp / ckpt.MANIFEST):
-            ckpt.write_manifest(tmp, step, self.engine.world_size, extra)
+        extra = {"task": self.context.config.task, "reason": "best" if is_best else "checkpoint"}
+        with writing_to(tmp / ckpt.MANIFEST):
+            ckpt.write_manifest(tmp, step, self.context.world_size, extra)
         ckpt.commit_checkpoint(tmp, final)
         # The checkpoint is safe now: failures below cost tidiness, not the save.
         try:
@@ -387,11 +417,11 @@ class Checkpointer:
                 self._write_best_marker()
             protect = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
             self._foreign.discard(final.name)
-            for path in ckpt.prune_checkpoints(self.root, self.keep_last, step, protect, self._remove_later,
+            for path in ckpt.prune_checkpoints(self.root, self.options.keep_last, step, protect, self._remove_later,
                                                foreign=self._foreign):
-                self.engine.logger.debug("deleted old checkpoint %s", path)
+                self.context.logger.debug("deleted old checkpoint %s", path)
         except OSError as exc:
-            self.engine.logger.warning("checkpoint %s saved, but pruning or marking the best failed: %s", final, exc)
+            self.context.logger.warning("checkpoint %s saved, but pruning or marking the best failed: %s", final, exc)
 
     def _remove_later(self, path: Path) -> None:
         """Delete a renamed-away old checkpoint in the background: training need not wait for it."""
@@ -407,11 +437,11 @@ class Checkpointer:
     # -- resuming -------------------------------------------------------------------------------
     def maybe_resume(self) -> Path | None:
         """Load the checkpoint `checkpoint.resume` selects, if any (called by the engine after set-up)."""
-        engine = self.engine
+        run = self.context
         choice: Any = None
-        if engine.is_global_zero:
+        if run.is_global_zero:
             try:
-                choice = None if self.resume == "none" else self._select_checkpoint()
+                choice = None if self.options.resume == "none" else self._select_checkpoint()
                 self._check_branch(Path(choice) if choice else None)
                 if choice:
                     self._check_config(Path(choice))
@@ -421,10 +451,10 @@ class Checkpointer:
         if isinstance(choice, Exception):  # the same class on every rank (UnsafeCheckpointError stays one)
             raise (type(choice) if isinstance(choice, ckpt.CheckpointError) else ckpt.CheckpointError)(str(choice))
         if choice is None:
-            if self.resume == "none":
+            if self.options.resume == "none":
                 return None
-            if self.resume != "auto":
-                raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
+            if self.options.resume != "auto":
+                raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.options.resume}")
             return None
         path = Path(choice)
         error: Exception | None = None
@@ -432,29 +462,29 @@ class Checkpointer:
             self._load(path)
         except ckpt.CheckpointError as exc:
             error = exc
-        if not all_agree(error is None, engine.device):
+        if not all_agree(error is None, run.device):
             raise error or ckpt.CheckpointError(f"checkpoint: another rank failed to load {path}")
-        engine.logger.info("resumed from %s at step %d", path, engine.state.step)
-        engine.callbacks.on_load_checkpoint({"step": engine.state.step, "path": str(path)})
+        run.logger.info("resumed from %s at step %d", path, run.step)
+        self.callbacks.on_load_checkpoint({"step": run.step, "path": str(path)})
         return path
 
     def _select_checkpoint(self) -> str | None:
         """The checkpoint to resume from (rank 0 decides for all). Candidates are checked by `_check_candidate`:
         under `auto` each one that fails is skipped with a warning; a checkpoint named explicitly must pass."""
-        warn = self.engine.logger.warning
-        if self.resume == "auto":
+        warn = self.context.logger.warning
+        if self.options.resume == "auto":
             found = ckpt.find_latest_checkpoint(self.root, warn, check=self._check_candidate)
             if found is None and ckpt.list_checkpoints(self.root):
                 warn(f"no complete checkpoint in {self.root}; starting from step 0")
             return str(found) if found else None
-        path = Path(self.resume)
+        path = Path(self.options.resume)
         if (path / ckpt.MANIFEST).exists() or ckpt.checkpoint_step(path) is not None:
             self._check_candidate(path)  # an explicitly named checkpoint must be sound: no fallback
             return str(path)
         root = path / ckpt.CHECKPOINTS_DIR if (path / ckpt.CHECKPOINTS_DIR).is_dir() else path
         found = ckpt.find_latest_checkpoint(root, warn, check=self._check_candidate)
         if found is None:
-            raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.resume}")
+            raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.options.resume}")
         return str(found)
 
     def _check_candidate(self, path: Path) -> None:
@@ -462,69 +492,68 @@ class Checkpointer:
         weights header or shard metadata, config), without loading tensor data: a malformed checkpoint is
         skipped before it is chosen, not found broken halfway through loading it."""
         saved_world = ckpt.read_manifest(path)["world_size"]  # every saved rank's state, for a world-size change
-        ckpt.inspect_checkpoint(path, range(max(saved_world, self.engine.world_size)))
+        ckpt.inspect_checkpoint(path, range(max(saved_world, self.context.world_size)))
 
     def _load(self, path: Path) -> None:
-        engine = self.engine
+        run = self.context
         manifest = ckpt.read_manifest(path)
         saved_world = manifest["world_size"]
         # Elastic resume: a rank the checkpoint was not written with starts from rank 0's state (DDP replicas
         # share the optimizer state; FSDP's lives in the shards, which DCP reshards) with its own RNG.
-        source = engine.rank if engine.rank < saved_world else 0
+        source = run.rank if run.rank < saved_world else 0
         for rank in range(saved_world):  # only files the manifest vouches for are read
             name = ckpt.trainer_state_name(rank)
             if name not in manifest["files"]:
                 raise ckpt.CheckpointError(f"checkpoint: {path} has no {name} in its {ckpt.MANIFEST}")
         sharded = self._load_weights(path, manifest)
         state = ckpt.load_trainer_state(path / ckpt.trainer_state_name(source))
-        if saved_world != engine.world_size:
-            state = self._remap_world(path, state, saved_world, own=source == engine.rank)
-        if sharded:
-            state["optimizer"] = engine.optimizer.state_dict()  # already restored from the shards
+        if saved_world != run.world_size:
+            state = self._remap_world(path, state, saved_world, own=source == run.rank)
         try:
-            engine.load_state_dict(state)
+            # A sharded checkpoint's optimizer state was restored from the shards.
+            self.components.load_state_dict(state, skip=("optimizer",) if sharded else ())
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as exc:
             raise ckpt.CheckpointError(
                 f"checkpoint: cannot restore the trainer state from {path} ({type(exc).__name__}: {exc}); "
                 "was it written with a different optimizer or task?"
             ) from None
         self._resume_rng = state.get("rng")
-        self._last_saved_step = engine.state.step
+        self._last_saved_step = run.step
 
     def _remap_world(self, path: Path, state: dict[str, Any], saved_world: int, own: bool) -> dict[str, Any]:
         """A trainer state of `saved_world` processes, for this rank of a run with another world size."""
-        engine, data = self.engine, state["data"]
+        run, data = self.context, state["data"]
         if data.get("world_size") != saved_world or "batch_size" not in data:
             raise ckpt.CheckpointError(
-                f"checkpoint: {path} was written by {saved_world} processes and this run has {engine.world_size}, "
-                f"and the data position of {type(engine.data_module).__name__} cannot be remapped (it does not "
+                f"checkpoint: {path} was written by {saved_world} processes and this run has {run.world_size}, "
+                f"and the data position of {type(self.components['data']).__name__} cannot be remapped (it does not "
                 f"record the world size and batch size it was counted in); resume with "
                 f"--distributed-nproc-per-node {saved_world}"
             )
         state = dict(state)
         if not own:  # this rank did not exist: keep its own seeded RNG and start its metric window empty
             state["rng"], state["meter"] = ckpt.rng_state(), None
-        if engine.is_global_zero:
+        if run.is_global_zero:
             consumed = data.get("offset", 0) + data["batch"] * data["batch_size"] * saved_world
-            engine.logger.warning("resuming a checkpoint of %d process(es) on %d: the data position is remapped to "
-                                  "sample %d of epoch %d", saved_world, engine.world_size, consumed, data["epoch"])
+            run.logger.warning("resuming a checkpoint of %d process(es) on %d: the data position is remapped to "
+                               "sample %d of epoch %d", saved_world, run.world_size, consumed, data["epoch"])
         return state
 
     def _check_branch(self, choice: Path | None) -> None:
         """Refuse to start (`resume=none`) or branch (an older checkpoint, or another run's) into a run directory
         that holds later checkpoints, unless `checkpoint.overwrite`; with it, note the other trajectory's
         checkpoints so that pruning leaves them alone."""
-        if self.resume == "auto" or choice is None and self.resume != "none":
+        if self.options.resume == "auto" or choice is None and self.options.resume != "none":
             return
         start = -1 if choice is None else ckpt.read_manifest(choice)["step"]
         own = choice is not None and choice.parent.resolve() == self.root.resolve()
         existing = [(s, p) for s, p in ckpt.list_checkpoints(self.root) if (p / ckpt.MANIFEST).is_file()]
         later = [p.name for s, p in existing if s > start]
         foreign = {p.name for s, p in existing if s > start or not own}
-        if later and not getattr(self.engine.config.checkpoint, "overwrite", False):
+        if later and not self.options.overwrite:
             what = "starting from step 0" if choice is None else f"branching from {choice}"
             raise ckpt.CheckpointError(
-                f"checkpoint.resume: {what} into {self.engine.run_dir}, which holds later checkpoints "
+                f"checkpoint.resume: {what} into {self.context.run_dir}, which holds later checkpoints "
                 f"({', '.join(later[-3:])}), would overwrite them; use another --logging-log-dir, "
                 "--checkpoint-resume auto to continue them, or --checkpoint-overwrite"
             )
@@ -540,7 +569,7 @@ class Checkpointer:
             raise
         except ckpt.CheckpointError:  # checked by inspect_checkpoint before; nothing to compare against
             return
-        old, new = _flatten(saved), _flatten(self.engine.config.to_dict())
+        old, new = _flatten(saved), _flatten(self.context.config.to_dict())
         for key, flag in _REFUSED_CHANGES.items():
             if key in old and old[key] != new.get(key):
                 raise ckpt.CheckpointError(
@@ -550,8 +579,8 @@ class Checkpointer:
                 )
         for key, what in _APPLIED_CHANGES.items():
             if key in old and old[key] != new.get(key):
-                self.engine.logger.warning("resuming with %s: %r -> %r; applied to %s", key, old[key], new.get(key),
-                                           what)
+                self.context.logger.warning("resuming with %s: %r -> %r; applied to %s", key, old[key], new.get(key),
+                                            what)
         self._warn_config_changes(path)
 
     def _load_weights(self, path: Path, manifest: dict[str, Any]) -> bool:
@@ -559,41 +588,34 @@ class Checkpointer:
 
         The strategy check reads only the manifest, so every rank decides alike before the collective load.
         """
-        engine = self.engine
-        sharded, fsdp_run = ckpt.SHARDED_METADATA in manifest["files"], is_fsdp(engine.unwrapped_model)
+        run = self.context
+        sharded, fsdp_run = ckpt.SHARDED_METADATA in manifest["files"], self.weights.sharded
         # One process runs FSDP unsharded; DCP still reads the shards of any world size into its plain model.
-        if sharded != fsdp_run and not (sharded and engine.world_size == 1):
+        if sharded != fsdp_run and not (sharded and run.world_size == 1):
             written, needed = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
             raise ckpt.CheckpointError(
                 f"checkpoint: {path} was written with distributed.strategy={written} and this run uses {needed}; "
                 f"resume with --distributed-strategy {written}"
             )
-        if not sharded:
-            with engine.full_weights(load=True):  # expert parallelism: each rank keeps its share of what loads
-                ckpt.load_checkpoint_weights(engine.unwrapped_model, path / ckpt.WEIGHTS)
-            return False
-        try:
-            load_sharded(engine.unwrapped_model, engine.optimizer, path / ckpt.SHARDED_DIR)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint: cannot load the shards in {path}: {exc}") from None
-        return True
+        self.weights.load(path, sharded)
+        return sharded
 
     def _warn_config_changes(self, path: Path) -> None:
-        if not self.engine.is_global_zero or not (path / ckpt.CONFIG).is_file():
+        if not self.context.is_global_zero or not (path / ckpt.CONFIG).is_file():
             return
         try:
             saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
         except ckpt.CheckpointError:  # only a warning depends on it; the checkpoint's soundness was checked before
             return
-        config = self.engine.config
+        config = self.context.config
         try:  # the defaults of this run's config class: fields the saved config predates and this run leaves alone
             defaults = type(config)().to_dict()
         except (TypeError, AttributeError):
             defaults = {}
         changes = config_changes(saved, config.to_dict(), defaults)
         if changes:
-            self.engine.logger.warning("resuming with a changed config (the run may not match an uninterrupted "
-                                       "one): %s", "; ".join(changes))
+            self.context.logger.warning("resuming with a changed config (the run may not match an uninterrupted "
+                                        "one): %s", "; ".join(changes))
 
     # -- signals --------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

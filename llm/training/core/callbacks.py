@@ -40,19 +40,16 @@ class LRSchedulerCallback(Callback):
     def __init__(self) -> None:
         self._last: list[float] | None = None
 
-    def _lrs(self) -> list[float]:
-        return [float(group["lr"]) for group in self.engine.optimizer.param_groups]
-
     def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        lrs = self._lrs()
+        lrs = self.engine.lrs
         if logs and "train/loss" in logs and len(set(lrs)) > 1:
             self.engine.log({f"lr/group{i}": lr for i, lr in enumerate(lrs)}, int(logs["step"]))
 
     def on_validation_start(self, logs: dict[str, Any] | None = None) -> None:
-        self._last = self._lrs()
+        self._last = self.engine.lrs
 
     def on_validation_end(self, logs: dict[str, Any] | None = None) -> None:
-        schedule, now = self.engine.lr_schedule, self._lrs()
+        schedule, now = self.engine.lr_schedule, self.engine.lrs
         if schedule is not None and schedule.is_plateau and self._last and now[0] < self._last[0]:
             self.engine.logger.info("plateau: %s did not improve; lr %.3g -> %.3g at step %d", schedule.monitor,
                                     self._last[0], now[0], self.engine.state.step)

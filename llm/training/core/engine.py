@@ -4,8 +4,12 @@ The step loop (`_fit`, `_train_epoch`, `_optimizer_step`) is deliberately short;
 with one job. The engine owns what a run cannot do without: the model wrapping (device, the parallel plan, compile,
 precision), the optimizer step (accumulation, clipping, non-finite policy), the learning-rate schedule (stepped
 per optimizer step or per epoch, plateau after validation), checkpoints, resume and signals (`Checkpointer`),
-and the metrics channel (`log`, fanned out to the sinks of loggers.py once per step). Tasks own what a batch
+and the metrics channel (`log`, fanned out to the sinks of sinks.py once per step). Tasks own what a batch
 means; callbacks observe and add behaviour, and no callback list or order can remove a service.
+
+Collaborators never hold the engine: callbacks, sinks and the task see the run through its `RunContext`
+(`self.context`); the checkpointer gets that context, the `StatefulComponents` of the trainer state (state.py)
+and a weights strategy (weights.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm.artifacts.checkpoint import CheckpointError, rng_state, set_rng_state, step_dir_name
 from llm.artifacts.runs import ENCODER_TASKS, load_init_from
 from llm.errors import UserError
 from llm.fs import atomic_write, is_write_error, write_failure
 from llm.models import hooks
 from llm.training.checkpointer import Checkpointer, ModelCheckpoint
 from llm.training.core.callbacks import build_callbacks
+from llm.training.core.config import CheckpointConfig
+from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.observers.metrics import MetricAccumulator
 from llm.training.observers.run_summary import announce_run
@@ -41,19 +47,8 @@ from llm.training.optim.precision import apply_auto_precision, autocast
 from llm.training.optim.schedulers import LRSchedule
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
 from llm.training.parallel.plan import ParallelPlan
-
-
-@dataclass
-class TrainState:
-    """Counters that make up the run's position (saved in every checkpoint)."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    skipped_steps: int = 0  # total updates dropped by the non-finite policy
-    consecutive_skips: int = 0
-    last_val_step: int = -1
+from llm.training.state import StateFns, StatefulComponents, TrainState
+from llm.training.weights import build_weights
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -103,6 +98,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def checkpoint_options(config: Any, callbacks: list[Callback]) -> CheckpointConfig:
+    """`config.checkpoint`, with the options of a `ModelCheckpoint` in the callback list applied."""
+    listed = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+    return listed.resolve(config.checkpoint) if listed is not None else config.checkpoint
+
+
 class TrainingEngine:
     """Runs `task` with `data_module` and `callbacks` on process `rank` of `world_size`."""
 
@@ -124,11 +125,15 @@ class TrainingEngine:
         callbacks = list(callbacks) if callbacks is not None else build_callbacks(config)
         self.callbacks = CallbackList(callbacks)
         self.sinks: list[MetricSink] = build_sinks(config, callbacks) if self.is_global_zero else []
-        options = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
-        self.checkpointer = Checkpointer(self, options or ModelCheckpoint.from_config(config))
         self.run_dir = Path(config.logging.log_dir or ".")
         self.state = TrainState()
-        self.should_stop = False  # the control field callbacks set to end the run
+        # What callbacks, sinks, the task and the checkpointer see of the run; it holds the run length and the
+        # `should_stop` control field (engine.total_steps, engine.should_stop read and write it).
+        self.context = RunContext(config, rank=rank, world_size=world_size, device=self.device, run_dir=self.run_dir,
+                                  state=self.state, log=self.log, logger=self.logger)
+        self._checkpoint_options = checkpoint_options(config, callbacks)
+        self.components = StatefulComponents()  # the trainer state's parts, registered in set-up
+        self.checkpointer: Checkpointer | None = None  # built in set-up, with the model it saves
         self.model: nn.Module | None = None
         self.unwrapped_model: nn.Module | None = None
         self.plan = ParallelPlan.from_config(config, rank, world_size, self.device)  # applied to the model in setup
@@ -136,8 +141,6 @@ class TrainingEngine:
         self.lr_schedule: LRSchedule | None = None
         self.criterion: Any = None
         self.scaler: torch.amp.GradScaler | None = None
-        self.total_steps = 0
-        self.steps_per_epoch = 0
         self.last_val_logs: dict[str, Any] = {}
         self._meter = MetricAccumulator()
         self.finite: NonFiniteGuard | None = None  # the nan_policy, set up with the optimizer
@@ -151,6 +154,31 @@ class TrainingEngine:
     def is_global_zero(self) -> bool:
         return self.rank == 0
 
+    @property
+    def should_stop(self) -> bool:
+        """The control field: set (by a callback through the context, or a signal) to end the run after this step."""
+        return self.context.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self.context.should_stop = value
+
+    @property
+    def total_steps(self) -> int:
+        return self.context.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int) -> None:
+        self.context.total_steps = value
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.context.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int) -> None:
+        self.context.steps_per_epoch = value
+
     def find_callback(self, key: str | type) -> Callback | None:
         return self.callbacks.find(key)
 
@@ -162,6 +190,7 @@ class TrainingEngine:
     def setup(self) -> None:
         cfg = self.config.training
         seed_everything(self.config.seed + self.rank)
+        self.task.context = self.context  # tasks publish through it and read the run length from it
         self._setup_data()
         model = self.task.build_model().to(self.device)
         if getattr(getattr(self.config, "model", None), "init_from", ""):  # fresh run state; a resume replaces them
@@ -193,8 +222,33 @@ class TrainingEngine:
         if cfg.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.finite = NonFiniteGuard(self)
-        self.task.engine = self  # tasks publish through `self.log` too
-        self.callbacks.set_engine(self)
+        self._setup_services()
+
+    def _setup_services(self) -> None:
+        """Fill in the run context, then build the checkpointer and the trainer state it saves."""
+        ctx = self.context
+        ctx.model, ctx.data_module, ctx.lr_schedule = self.unwrapped_model, self.data_module, self.lr_schedule
+        ctx.forward_is_collective = self.plan.lockstep
+        weights = build_weights(self.unwrapped_model, self.optimizer, self.is_global_zero, self.full_weights)
+        self.checkpointer = Checkpointer(self._checkpoint_options, ctx, self.components, weights, self.callbacks,
+                                         before_save=self.finite.raise_pending)
+        self._register_state()
+        self.callbacks.set_engine(ctx)
+
+    def _register_state(self) -> None:
+        """The trainer state's components, in the order they are saved and restored."""
+        c = self.components
+        c.register("state", self.state)
+        c.register("optimizer", StateFns(self._optimizer_state, self._load_optimizer_state))
+        c.register("lr_schedule", self.lr_schedule)
+        c.register("scaler", self.scaler)
+        c.register("data", self.data_module)
+        c.register("callbacks", self.callbacks)
+        # The metrics of the steps since the last log line, so the first log after a resume averages the same steps
+        # as an uninterrupted run would.
+        c.register("meter", StateFns(self._meter.state_dict, lambda s: self._meter.load_state_dict(s, self.device)))
+        c.register("checkpointer", self.checkpointer)
+        c.register("rng", StateFns(rng_state, set_rng_state))
 
     def full_weights(self, load: bool = False) -> contextlib.AbstractContextManager:
         """A block in which the model holds all its weights (the plan gathers what its layout split; a collective):
@@ -226,7 +280,6 @@ class TrainingEngine:
         self.total_steps = min(s for s in (cfg.max_steps, by_epochs) if s) if (cfg.max_steps or by_epochs) else 0
         if not self.total_steps:
             raise UserError("training.max_steps: the data loader has no length; set --training-max-steps")
-        self.task.total_steps, self.task.steps_per_epoch = self.total_steps, self.steps_per_epoch
 
     def _enable_activation_checkpointing(self, model: nn.Module) -> None:
         flagged = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
@@ -254,7 +307,7 @@ class TrainingEngine:
                 return self.last_val_logs
             self._write_run_config()  # only now: a refused resume leaves the run's config.yaml as it was
             self._open_sinks()
-            announce_run(self)
+            announce_run(self.context)
             self.checkpointer.start()
             self.callbacks.on_train_start({"step": self.state.step, "total_steps": self.total_steps})
             self._fit()
@@ -274,7 +327,7 @@ class TrainingEngine:
     def _open_sinks(self) -> None:
         for sink in self.sinks:
             with self._sink_errors(sink):
-                sink.open(self)
+                sink.open(self.context)
         self._sinks_open = True
 
     def _done(self) -> bool:
@@ -374,7 +427,7 @@ class TrainingEngine:
         return logs
 
     def _checkpoint_due(self) -> bool:
-        interval = getattr(getattr(self.config, "checkpoint", None), "interval", 0)
+        interval = self.checkpointer.options.interval
         return bool(interval) and self.state.step % interval == 0
 
     def _forward_backward(self, micro: list[Any]) -> torch.Tensor:
@@ -498,7 +551,6 @@ class TrainingEngine:
     # -- state ----------------------------------------------------------------------------------
     def _save_final(self) -> None:
         """The resumable checkpoint first (it must survive a failure of what follows), then the final weights."""
-        from llm.artifacts.checkpoint import CheckpointError, step_dir_name
 
         self.finite.raise_pending()
         self.checkpointer.finish()
@@ -506,7 +558,7 @@ class TrainingEngine:
         error: Exception | None = None
         try:
             # The step is recorded in the file, so a reader can tell it from a newer checkpoint of a resumed run.
-            self.plan.save_final_weights(self.unwrapped_model, path, self.state.step)  # a collective; LoRA merged
+            self.checkpointer.weights.save_final(path, self.state.step)  # a collective; LoRA merged
         except Exception as exc:  # noqa: BLE001  (a failed write, in whatever type its writer reports it)
             if not is_write_error(exc):
                 raise
@@ -522,37 +574,16 @@ class TrainingEngine:
         barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights needed to continue exactly (per rank)."""
-        from llm.artifacts.checkpoint import rng_state
-
+        """Everything but the weights needed to continue exactly (per rank): the states of `self.components`."""
         self.finite.raise_pending()  # a checkpoint must not hold a run that has refused updates
-        return {
-            "state": asdict(self.state),
-            # In the layout-independent form (a collective where the layout splits it): resumable on any layout.
-            "optimizer": self.plan.optimizer_state_dict(self.optimizer),
-            "lr_schedule": self.lr_schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "data": self.data_module.state_dict(),
-            "callbacks": self.callbacks.state_dict(),
-            # The metrics of the steps since the last log line, so the first log after a resume averages the same
-            # steps as an uninterrupted run would.
-            "meter": self._meter.state_dict(),
-            "checkpointer": self.checkpointer.state_dict(),
-            "rng": rng_state(),
-        }
+        return self.components.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from llm.artifacts.checkpoint import set_rng_state
+        self.components.load_state_dict(state)
 
-        self.state = TrainState(**state["state"])
-        self.plan.load_optimizer_state_dict(self.optimizer, state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.data_module.load_state_dict(state["data"])
-        self.callbacks.load_state_dict(state["callbacks"])
-        # Checkpoints written before the checkpointer was an engine service kept these in its callback state.
-        legacy = state["callbacks"].get("ModelCheckpoint", {})
-        self._meter.load_state_dict(state.get("meter", legacy.get("meter")), self.device)
-        self.checkpointer.load_state_dict(state.get("checkpointer", legacy))
-        set_rng_state(state["rng"])
+    def _optimizer_state(self) -> dict[str, Any]:
+        # In the layout-independent form (a collective where the layout splits it): resumable on any layout.
+        return self.plan.optimizer_state_dict(self.optimizer)
+
+    def _load_optimizer_state(self, optimizer_state: dict[str, Any]) -> None:
+        self.plan.load_optimizer_state_dict(self.optimizer, optimizer_state)

@@ -4,22 +4,23 @@ Hooks follow one grid, `on_<scope>_<start|end>` for the scopes train, epoch, bat
 validation, plus `on_save_checkpoint`, `on_load_checkpoint` and `on_exception`; each takes
 `logs: dict[str, Any] | None`. Callbacks observe: the engine owns the schedule, checkpoints, signals and the
 metrics channel, so no callback list or order can break a run. A callback steers only through explicit control
-fields (`engine.should_stop = True`) and publishes values through `engine.log(...)`. A method that looks like a
-hook but is not one (`on_train_begin`) is reported at start-up rather than silently never called.
+fields (`self.engine.should_stop = True`) and publishes values through `self.engine.log(...)`. A method that
+looks like a hook but is not one (`on_train_begin`) is reported at start-up rather than silently never called.
 
-This module is the bottom of the callback layer: the built-in callbacks (callbacks.py, loggers.py,
-checkpointing.py, throughput.py) all build on it and never on each other.
+A callback sees the run through its `RunContext` (context.py), never the engine itself: `self.engine` is that
+context (the name is the one the user's guide and existing callbacks use).
+
+This module is the bottom of the callback layer: the built-in callbacks (core/callbacks.py, sinks.py,
+checkpointer.py, throughput.py) all build on it and never on each other.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llm.errors import ConfigError, did_you_mean
-
-if TYPE_CHECKING:  # pragma: no cover
-    from llm.training.core.engine import TrainingEngine
+from llm.training.observers.context import RunContext
 
 HOOKS = (
     "on_train_start",
@@ -37,17 +38,29 @@ HOOKS = (
 
 
 class Callback:
-    """Base class: override any hook of `HOOKS`. `self.engine` is set before `on_train_start`."""
+    """Base class: override any hook of `HOOKS`. `self.engine`, the run's `RunContext`, is set before
+    `on_train_start`."""
 
-    engine: TrainingEngine
+    context: RunContext
+
+    @property
+    def engine(self) -> RunContext:
+        """The run as this callback sees it (`rank`, `logger`, `state`, `log(...)`, `should_stop`, ...)."""
+        return self.context
+
+    @engine.setter
+    def engine(self, context: RunContext) -> None:
+        # Code written when this was the engine itself assigns it (`self.engine = engine` in a sink's `open`).
+        self.context = context
 
     @classmethod
     def from_config(cls, config: Any) -> Callback:
         """Build from the run config; override when the constructor needs arguments."""
         return cls()
 
-    def set_engine(self, engine: TrainingEngine) -> None:
-        self.engine = engine
+    def set_engine(self, context: RunContext) -> None:
+        """Attach the run's context (the name predates the context; it is what callers and tests call)."""
+        self.context = context
 
     @property
     def state_key(self) -> str:
@@ -101,11 +114,12 @@ class CallbackList:
         if duplicates:
             raise ConfigError(f"training.callbacks: duplicate callbacks {sorted(duplicates)}")
 
-    def set_engine(self, engine: TrainingEngine) -> None:
+    def set_engine(self, context: RunContext) -> None:
+        """Attach every callback to the run's context; report methods that look like hooks but are not."""
         for cb in self.callbacks:
-            cb.set_engine(engine)
+            cb.set_engine(context)
             for problem in misspelled_hooks(cb):
-                engine.logger.warning(problem)
+                context.logger.warning(problem)
 
     def find(self, key: str | type) -> Callback | None:
         for cb in self.callbacks:

@@ -5,11 +5,10 @@ Warnings name settings that cannot do what the user likely meant (warmup longer 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from llm.models.flops import active_parameters, num_parameters
+from llm.training.observers.context import RunContext
 
 
 def _count(n: float) -> str:
@@ -22,20 +21,20 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return num_parameters(model), int(active_parameters(model))
 
 
-def schedule_summary(engine: Any) -> str:
-    cfg = engine.config.training
-    kind = type(engine.lr_schedule.scheduler).__name__ if engine.lr_schedule.scheduler is not None else "constant"
+def schedule_summary(run: RunContext) -> str:
+    cfg = run.config.training
+    kind = type(run.lr_schedule.scheduler).__name__ if run.lr_schedule.scheduler is not None else "constant"
     interval = "per epoch" if cfg.scheduler_interval == "epoch" else "per step"
-    epochs = f" ({engine.total_steps / engine.steps_per_epoch:.3g} epochs)" if engine.steps_per_epoch else ""
+    epochs = f" ({run.total_steps / run.steps_per_epoch:.3g} epochs)" if run.steps_per_epoch else ""
     return (f"{cfg.scheduler_type} ({kind}, stepped {interval}), peak lr {cfg.lr:g}, warmup {cfg.warmup} steps, "
-            f"{engine.total_steps} steps{epochs}")
+            f"{run.total_steps} steps{epochs}")
 
 
-def data_summary(engine: Any) -> str:
-    cfg, dm = engine.config.training, engine.data_module
-    per_step = cfg.batch_size * cfg.grad_accum_steps * engine.world_size
-    parts = [f"{engine.steps_per_epoch} steps per epoch of {per_step} samples "
-             f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {engine.world_size} processes)"]
+def data_summary(run: RunContext) -> str:
+    cfg, dm = run.config.training, run.data_module
+    per_step = cfg.batch_size * cfg.grad_accum_steps * run.world_size
+    parts = [f"{run.steps_per_epoch} steps per epoch of {per_step} samples "
+             f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {run.world_size} processes)"]
     for split in ("train", "val"):
         dataset = getattr(dm, f"{split}_set", None)
         try:
@@ -45,24 +44,24 @@ def data_summary(engine: Any) -> str:
     return "; ".join(parts)
 
 
-def announce_run(engine: Any) -> None:
+def announce_run(run: RunContext) -> None:
     """Log the run's set-up on rank 0 (also into train.log), with warnings for settings that defeat themselves."""
-    if not engine.is_global_zero:
+    if not run.is_global_zero:
         return
-    log, cfg = engine.logger, engine.config.training
-    total, active = parameter_counts(engine.unwrapped_model)
+    log, cfg = run.logger, run.config.training
+    total, active = parameter_counts(run.model)
     active_text = f" ({_count(active)} active per token)"
-    log.info("run directory: %s", engine.run_dir)
-    log.info("device: %s x %d process(es), precision %s%s", engine.device, engine.world_size, cfg.precision,
+    log.info("run directory: %s", run.run_dir)
+    log.info("device: %s x %d process(es), precision %s%s", run.device, run.world_size, cfg.precision,
              ", compiled" if cfg.compile else "")
-    log.info("model: %s, %s parameters%s", type(engine.unwrapped_model).__name__, _count(total), active_text)
-    log.info("data: %s", data_summary(engine))
-    log.info("schedule: %s", schedule_summary(engine))
-    if cfg.warmup > engine.total_steps:
+    log.info("model: %s, %s parameters%s", type(run.model).__name__, _count(total), active_text)
+    log.info("data: %s", data_summary(run))
+    log.info("schedule: %s", schedule_summary(run))
+    if cfg.warmup > run.total_steps:
         log.warning("training.warmup: %d warmup steps exceed the run's %d steps, so the lr never reaches its peak "
-                    "%g (lower --training-warmup or raise --training-max-steps)", cfg.warmup, engine.total_steps,
+                    "%g (lower --training-warmup or raise --training-max-steps)", cfg.warmup, run.total_steps,
                     cfg.lr)
-    for note in getattr(engine.config, "notes", []):
+    for note in getattr(run.config, "notes", []):
         log.info("%s", note)
-    if engine.state.step:
-        log.info("continuing at step %d of %d", engine.state.step, engine.total_steps)
+    if run.state.step:
+        log.info("continuing at step %d of %d", run.state.step, run.total_steps)

@@ -1,12 +1,13 @@
 """The sinks of the engine's metrics channel: console (with progress), JSONL, TensorBoard, CSV, W&B, MLflow.
 
-Everything a run reports goes through one channel: `engine.log(metrics, step)`. The engine gathers what the
-step produced (its own train or validation metrics plus whatever callbacks and tasks logged for that step)
-into one record and hands the record to every sink once, on rank 0, so no sink depends on the order of the
-callback list. Sinks are chosen by name in `logging.loggers` (`console`, `jsonl`, `tensorboard`, `csv`,
-`wandb`, `mlflow`); the callback names `MetricsLogger`, `TensorBoardLogger` and `ProgressBar` are the same
-classes, so listing them in `training.callbacks` (as the user's guide does) selects or configures the same sink
-instead of adding a second one.
+Everything a run reports goes through one channel: `engine.log(metrics, step)` (`self.engine.log` in a
+callback, through its run context). The engine gathers what the step produced (its own train or validation
+metrics plus whatever callbacks and tasks logged for that step) into one record and hands the record to every
+sink once, on rank 0, so no sink depends on the order of the callback list. Sinks are chosen by name in
+`logging.loggers` (`console`, `jsonl`, `tensorboard`, `csv`, `wandb`, `mlflow`); the callback names
+`MetricsLogger`, `TensorBoardLogger` and `ProgressBar` are the same classes, so listing them in
+`training.callbacks` (as the user's guide does) selects or configures the same sink instead of adding a second
+one.
 
 A record is `{"step": int, key: value, ...}`: numbers are scalars; a string, or a list of `{"text": ...}`
 items (the lm task's samples), is text.
@@ -24,15 +25,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llm.errors import ConfigError, UserError
 from llm.fs import write_failure
 from llm.registry import Registry
+from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback
-
-if TYPE_CHECKING:  # pragma: no cover
-    from llm.training.core.engine import TrainingEngine
 
 LOGGERS: Registry[Any] = Registry("logger", "logging.loggers")
 
@@ -73,11 +72,12 @@ class MetricSink(Callback):
     """A destination of the metrics channel. The engine opens it on rank 0, writes records, closes it.
 
     A sink is also a `Callback` (so its name can appear in `training.callbacks`), but it needs no hook: the engine
-    calls `open`, `write` and `close` itself, exactly once per run, record and end, whatever the list order.
+    calls `open` (with the run's `RunContext`), `write` and `close` itself, exactly once per run, record and end,
+    whatever the list order.
     """
 
-    def open(self, engine: TrainingEngine) -> None:
-        self.engine = engine
+    def open(self, context: RunContext) -> None:
+        self.set_engine(context)
 
     def target(self, run_dir: Path) -> Path:
         """What this sink writes (named in its write errors)."""
@@ -103,12 +103,12 @@ class ConsoleLogger(MetricSink):
         self.bar: Any = None
         self._rate_start: tuple[float, int] | None = None
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
+    def open(self, context: RunContext) -> None:
+        super().open(context)
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=engine.total_steps, initial=engine.state.step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=context.total_steps, initial=context.state.step, unit="step", dynamic_ncols=True)
 
     def _progress(self, step: int) -> str:
         """'step N/total (pct, eta H:MM:SS)' from the rate since the first record of this process."""
@@ -157,9 +157,9 @@ class _FileSink(MetricSink):
     def target(self, run_dir: Path) -> Path:
         return Path(run_dir) / self.filename
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
-        self._file = open(self.target(engine.run_dir), "a", encoding="utf-8", newline="")  # noqa: SIM115
+    def open(self, context: RunContext) -> None:
+        super().open(context)
+        self._file = open(self.target(context.run_dir), "a", encoding="utf-8", newline="")  # noqa: SIM115
 
     def close(self) -> None:
         if self._file is not None:
@@ -179,9 +179,9 @@ class MetricsLogger(_FileSink):
         super().__init__(filename)
         self.path: Path | None = None
 
-    def open(self, engine: TrainingEngine) -> None:
-        MetricSink.open(self, engine)
-        self.path = Path(engine.run_dir) / self.filename
+    def open(self, context: RunContext) -> None:
+        MetricSink.open(self, context)
+        self.path = Path(context.run_dir) / self.filename
         try:
             self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115  (closed in close())
             cut = self._cut_partial_line()
@@ -189,7 +189,7 @@ class MetricsLogger(_FileSink):
             self.close()
             raise UserError(f"logging: {write_failure(exc, self.path)}") from None
         if cut:
-            engine.logger.warning("%s ended in a partial line (%d bytes, from an interrupted write); removed it",
+            context.logger.warning("%s ended in a partial line (%d bytes, from an interrupted write); removed it",
                                   self.path, cut)
 
     def _cut_partial_line(self) -> int:
@@ -242,11 +242,11 @@ class TensorBoardLogger(MetricSink):
     def from_config(cls, config: Any) -> TensorBoardLogger:
         return cls(log_dir=config.logging.log_dir)
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
+    def open(self, context: RunContext) -> None:
+        super().open(context)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=self.log_dir or str(engine.run_dir))
+        self.writer = SummaryWriter(log_dir=self.log_dir or str(context.run_dir))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.writer is None:
@@ -274,8 +274,8 @@ class CSVLogger(_FileSink):
     def __init__(self, filename: str = "metrics.csv") -> None:
         super().__init__(filename)
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
+    def open(self, context: RunContext) -> None:
+        super().open(context)
         if self._file.tell() == 0:  # a new file (append mode starts at its end)
             csv.writer(self._file).writerow(["step", "metric", "value"])
 
@@ -312,12 +312,12 @@ class WandbLogger(MetricSink):
     def from_config(cls, config: Any) -> WandbLogger:
         return cls(project=config.logging.project)
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
+    def open(self, context: RunContext) -> None:
+        super().open(context)
         wandb = _import_optional(self.package, "wandb")
-        run_dir = Path(engine.run_dir)
+        run_dir = Path(context.run_dir)
         self.run = wandb.init(project=self.project, name=run_dir.name, dir=str(run_dir),
-                              config=engine.config.to_dict(), resume="allow", id=run_dir.name)
+                              config=context.config.to_dict(), resume="allow", id=run_dir.name)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.run is None:
@@ -346,11 +346,11 @@ class MLflowLogger(MetricSink):
     def from_config(cls, config: Any) -> MLflowLogger:
         return cls(project=config.logging.project)
 
-    def open(self, engine: TrainingEngine) -> None:
-        super().open(engine)
+    def open(self, context: RunContext) -> None:
+        super().open(context)
         self.mlflow = _import_optional(self.package, "mlflow")
         self.mlflow.set_experiment(self.project)
-        self.mlflow.start_run(run_name=Path(engine.run_dir).name)
+        self.mlflow.start_run(run_name=Path(context.run_dir).name)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.mlflow is None:

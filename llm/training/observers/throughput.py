@@ -10,7 +10,7 @@ dtype, once per process (per dtype and thread count). ``LLM_PEAK_TFLOPS`` overri
 
 `ThroughputMonitor` publishes, at every log step (the logs that carry ``train/tokens_per_s``):
 ``perf/tokens_per_s_per_device``, ``perf/tflops_per_device`` and ``perf/mfu`` (in percent), through the engine's
-metrics channel (`engine.log`), so every logger records them once, whatever the callback order.
+metrics channel (`self.engine.log`), so every logger records them once, whatever the callback order.
 """
 
 from __future__ import annotations
@@ -107,8 +107,7 @@ class ThroughputMonitor(Callback):
 
     def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine
-        model = engine.unwrapped_model
-        self._model = model
+        self._model = engine.model
         dtype = compute_dtype(getattr(engine.config.training, "precision", "fp32"))
         if self.peak_tflops:
             self.peak_flops = self.peak_tflops * 1e12

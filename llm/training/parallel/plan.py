@@ -7,7 +7,7 @@ returns the module the training step calls. From then on the engine asks the pla
 which micro-batch synchronises gradients (`no_sync`), how they are finished and clipped (`finish_gradients`,
 `clip_grad_norm`), when the model holds its full weights (`full_weights`), the optimizer state in its
 layout-independent form (`optimizer_state_dict` / `load_optimizer_state_dict`), whether validation forwards are
-collectives (`lockstep`, `lockstep_batches`) and how the final weights are written (`save_final_weights`).
+collectives (`lockstep`, `lockstep_batches`); how weights are written is `llm.training.weights`' strategy.
 
 The plan sits above `distributed.py` (process group, collectives), `fsdp.py` (sharding) and `expert.py` (the
 degree's checks); the model-side expert machinery is the model's own (`llm.models.hooks.shard_experts`). A later
@@ -17,7 +17,6 @@ layout (tensor parallelism on a device mesh) extends this object, not the engine
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llm.models import hooks
 from llm.training.parallel.expert import check_expert_parallel
-from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, save_full_weights, shard_model
+from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, shard_model
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,
@@ -133,19 +132,6 @@ class ParallelPlan:
         if self.experts is not None:
             state = self.experts.local_optimizer_state(optimizer, state)
         optimizer.load_state_dict(state)
-
-    def save_final_weights(self, model: nn.Module, path: str | os.PathLike, step: int) -> None:
-        """Write the whole model's weights (LoRA adapters merged) as one safetensors file, recording `step`: a
-        collective (every rank calls it), rank 0 writes."""
-        from llm.artifacts.checkpoint import save_weights
-        from llm.models.lora import exportable
-
-        if self.sharded:  # every rank's shards, gathered on rank 0
-            save_full_weights(model, path, step)
-            return
-        with self.full_weights():
-            if self.rank == 0:
-                save_weights(exportable(model), path, step)
 
     # -- validation -----------------------------------------------------------------------------
     @property

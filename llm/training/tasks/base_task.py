@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from llm.data.datamodule import DataModule
 from llm.models.lora import apply_lora, is_adapted
 from llm.registry import DATA_MODULES
+from llm.training.observers.context import RunContext
 from llm.training.optim.optimizers import build_optimizer
 from llm.training.optim.schedulers import build_scheduler
 
@@ -49,15 +50,24 @@ class TrainingTask:
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        # Set by the engine before `build_scheduler`, so schedules can span the whole run.
-        self.total_steps = 0
-        self.steps_per_epoch = 0
-        self.engine: Any = None  # the engine running this task (set in its set-up)
+        # The run this task is part of (`RunContext`: rank, counters, `log`), set by the engine at the start of its
+        # set-up; None while the task is used on its own.
+        self.context: RunContext | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (known before `build_scheduler`, so schedules can span it); 0 until the
+        engine has planned the run."""
+        return self.context.total_steps if self.context is not None else 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.context.steps_per_epoch if self.context is not None else 0
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Publish extra values through the engine's metrics channel (see `TrainingEngine.log`)."""
-        if self.engine is not None:
-            self.engine.log(metrics, step)
+        if self.context is not None:
+            self.context.log(metrics, step)
 
     @classmethod
     def validate_config(cls, config: Any) -> None:

@@ -190,7 +190,7 @@ class TextSampler(Callback):
 
     def sample(self) -> list[dict[str, str]]:
         """One generation per prompt from the current weights."""
-        dm, model = self.engine.data_module, self.engine.unwrapped_model
+        dm, model = self.engine.data_module, self.engine.model
         tokenizer = dm.tokenizer
         stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
         samples = []
@@ -214,7 +214,7 @@ class TextSampler(Callback):
         # An FSDP model's forward gathers weights from every rank, and an expert-parallel one exchanges tokens with
         # every rank of its group, so every rank must generate (same seed, same tokens); a DDP model's unwrapped
         # module is whole on rank 0, which generates alone.
-        return self.engine.plan.lockstep
+        return self.engine.forward_is_collective
 
     def _maybe_publish(self, step: int) -> None:
         self._last_step = step

@@ -80,6 +80,34 @@ def test_early_stopping_sets_should_stop(tmp_path):
     assert stopper.state_dict() == {"best": stopper.best, "bad_validations": 2}
 
 
+class StopAtStepTwo(Callback):
+    """Written as the user's guide writes callbacks: `self.engine.rank`, `self.engine.logger`, `should_stop`."""
+
+    def on_batch_end(self, logs=None):
+        if self.engine.rank == 0:
+            self.engine.logger.info("stopper saw step %d", self.engine.state.step)
+        if self.engine.state.step == 2:
+            self.engine.should_stop = True
+
+
+def test_callback_sees_the_run_context_and_stops_the_run_through_it(tmp_path, caplog):
+    from llm.training.core.engine import TrainingEngine
+    from llm.training.observers.context import RunContext
+
+    config, task_class = make_config(tmp_path, "--training-max-steps", "10")
+    stopper = StopAtStepTwo()
+    logging.getLogger("llm").propagate = True
+    with caplog.at_level(logging.INFO, logger="llm"):
+        engine = _run(config, task_class, [stopper])
+    assert isinstance(stopper.engine, RunContext) and not isinstance(stopper.engine, TrainingEngine)
+    assert stopper.engine is engine.context and engine.task.context is engine.context
+    assert engine.state.step == 2 and engine.should_stop and engine.context.should_stop
+    assert "stopper saw step 1" in caplog.text and "stopper saw step 2" in caplog.text
+    assert engine.task.total_steps == engine.total_steps == 10
+    # No collaborator holds the engine: the checkpointer works from the context and the state's components.
+    assert all(value is not engine for value in vars(engine.checkpointer).values())
+
+
 def test_tensorboard_events_readable_with_scalars_at_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

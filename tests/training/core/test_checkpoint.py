@@ -166,3 +166,79 @@ def test_every_file_of_a_run_is_readable_like_other_files(tmp_path):
     assert {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in files} == {
         str(p.relative_to(run)): 0o644 for p in files
     }
+
+
+class Position:
+    """A data position: the smallest stateful component."""
+
+    def __init__(self) -> None:
+        self.batch = 0
+
+    def state_dict(self) -> dict:
+        return {"batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch = state["batch"]
+
+
+def checkpointer_without_engine(run_dir: Path, seed: int, resume: str = "auto"):
+    """A `Checkpointer` assembled from its parts: a run context, the trainer state's components, a weights
+    strategy. No engine exists anywhere."""
+    from llm.training.checkpointer import Checkpointer
+    from llm.training.core.config import CheckpointConfig, Config
+    from llm.training.observers.context import RunContext
+    from llm.training.observers.hooks import CallbackList
+    from llm.training.state import StateFns, StatefulComponents, TrainState
+    from llm.training.weights import FileWeights
+
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    counters, position, callbacks = TrainState(), Position(), CallbackList([])
+    context = RunContext(Config(), rank=0, world_size=1, device=torch.device("cpu"), run_dir=run_dir,
+                         state=counters, log=lambda metrics, step=None: None)
+    components = StatefulComponents()
+    components.register("state", counters)
+    components.register("optimizer", optimizer)
+    components.register("lr_schedule", StateFns(lambda: {"steps": counters.step}, lambda state: None))
+    components.register("data", position)
+    components.register("callbacks", callbacks)
+    components.register("rng", StateFns(ckpt.rng_state, ckpt.set_rng_state))
+    checkpointer = Checkpointer(CheckpointConfig(resume=resume), context, components,
+                                FileWeights(model, optimizer, is_writer=True), callbacks)
+    components.register("checkpointer", checkpointer)
+    return checkpointer, model, optimizer, counters, position
+
+
+def test_checkpointer_saves_and_restores_components_without_an_engine(tmp_path):
+    checkpointer, model, optimizer, counters, position = checkpointer_without_engine(tmp_path, seed=0)
+    for _ in range(3):
+        model(torch.randn(2, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    counters.step, counters.epoch, position.batch = 3, 1, 7
+    checkpointer.best_value, checkpointer.best_step = 0.5, 3
+    saved = checkpointer.save("manual")
+    assert saved == tmp_path / "checkpoints" / "step-00000003"
+    state = ckpt.load_trainer_state(saved / "trainer_state_rank0.pt")  # the format's own check passes
+    assert list(state) == ["state", "optimizer", "lr_schedule", "data", "callbacks", "rng", "checkpointer"]
+
+    fresh, model2, optimizer2, counters2, position2 = checkpointer_without_engine(tmp_path, seed=1)
+    assert not torch.equal(model2.weight, model.weight)
+    assert fresh.maybe_resume() == saved
+    assert torch.equal(model2.weight, model.weight) and torch.equal(model2.bias, model.bias)
+    moments = [optimizer2.state[p]["exp_avg"] for p in model2.parameters()]
+    assert all(torch.equal(a, optimizer.state[p]["exp_avg"]) for a, p in zip(moments, model.parameters()))
+    assert (counters2.step, counters2.epoch, position2.batch) == (3, 1, 7)
+    assert (fresh.best_value, fresh.best_step) == (0.5, 3)
+
+
+def test_trainer_state_entries_are_the_formats():
+    from llm.training.state import StatefulComponents
+
+    components = StatefulComponents()
+    with pytest.raises(ValueError, match="not an entry of the trainer state"):
+        components.register("schedule", Position())
+    components.register("data", Position())
+    with pytest.raises(RuntimeError, match="no component for state, optimizer"):
+        components.state_dict()  # a state the format would refuse is never written
