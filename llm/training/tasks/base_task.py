@@ -40,6 +40,9 @@ class TrainingTask:
     derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {}
     #: The data module used when `data.module` is not set.
     data_module_class: ClassVar[type[DataModule] | None] = None
+    #: What `build_model` returns: "decoder" (a `DecoderModel`, which `llm.generate`, `llm.export` and
+    #: `--model-init-from` read back) or "encoder" (a model with its own head, e.g. the regression task's).
+    model_kind: ClassVar[str] = "decoder"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -60,8 +63,17 @@ class TrainingTask:
             self.engine.log(metrics, step)
 
     @classmethod
+    def resolved_values(cls, config: Any) -> dict[str, Any]:
+        """Values this task decides from the config being resolved, whatever the user set: {"section.field": value}
+        (the lm task's `model.vocab_size` follows its tokenizer). The resolution applies them before
+        `validate_config`; this reads the config and never writes it. Unlike `derived_defaults`, a rule here may
+        refuse a user's value (raise `ConfigError`)."""
+        return {}
+
+    @classmethod
     def validate_config(cls, config: Any) -> None:
-        """Task-specific checks; raise `ConfigError` naming the field. Runs before any work."""
+        """Task-specific checks; raise `ConfigError` naming the field. Runs before any work, on the config with the
+        task's `resolved_values` applied; it reads the config (which is frozen once resolution ends)."""
 
     # -- builders -------------------------------------------------------------------------------
     def build_data_module(self) -> DataModule:
