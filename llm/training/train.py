@@ -20,7 +20,7 @@ from typing import Any
 
 from llm.artifacts.lock import RunLock
 from llm.artifacts.runs import read_init_source
-from llm.config import freeze, is_frozen, replace_values, thawed
+from llm.config import freeze, is_frozen, replace_values
 from llm.errors import ConfigError, UserError, did_you_mean, show
 from llm.models.config import ModelConfig
 from llm.models.presets import get_preset
@@ -111,10 +111,10 @@ def build_engine(
     `task`, `data_module` or `callbacks` to replace the configured ones.
 
     A config resolved by `parse_config` is frozen and used as it is. One built in code (tests, benchmarks) is
-    finished here, on a copy: the task's resolved values (the lm task's vocabulary) and the automatic precision, then
-    frozen; the caller's object is left as it was."""
+    finished here, in place (a `task` given was built with it): the task's resolved values (the lm task's
+    vocabulary) and the automatic precision; then it is frozen like any run's."""
     if not is_frozen(config):
-        config = finish_config(thawed(config), task_class or resolve_task(config.task))
+        finish_config(config, task_class or resolve_task(config.task))
     if task is None:
         task = (task_class or resolve_task(config.task))(config)
     if data_module is None:

@@ -85,7 +85,7 @@ def test_bpe_is_refused_and_the_vocabulary_follows_the_tokenizer():
         SFTTask.validate_config(config)
     config.data.tokenizer = "byte"
     SFTTask.validate_config(config)
-    config.model.vocab_size = 4096  # the lm default would be too: the resolution makes it follow the tokenizer
+    config.model.vocab_size = 4096  # a larger vocabulary set by the user is kept (spare rows)
     assert SFTTask.resolved_values(config)["model.vocab_size"] == 4096
     config.model.vocab_size = 256
     assert SFTTask.resolved_values(config)["model.vocab_size"] == 256
