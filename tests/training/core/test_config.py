@@ -520,3 +520,17 @@ def test_resolution_order_preset_yaml_flags_init_from_and_auto(tmp_path, monkeyp
     assert config.data.seq_len == 64  # lowered to the source's context
     assert m.vocab_size == 256  # the byte tokenizer's
     assert config.training.precision == "fp32"  # set: not touched
+
+
+def test_resume_policies_are_declared_beside_the_fields():
+    from llm.training import checkpointer
+    from llm.training.core.config import resume_policy, resume_tables
+
+    assert resume_policy("training.lr").kind == "applied" and "peak lr" in resume_policy("training.lr").note
+    assert resume_policy("training.scheduler_type").note == "--training-scheduler-type"
+    assert resume_policy("checkpoint.keep_last").kind == "expected"  # the whole section's policy
+    assert resume_policy("training.warmup").kind == resume_policy("no.such.field").kind == "warn"
+    # The checkpointer's tables, read from the fields (what it uses once it calls resume_tables()).
+    expected, applied, refused = resume_tables()
+    assert set(expected) == set(checkpointer._EXPECTED_CHANGES)
+    assert (applied, refused) == (checkpointer._APPLIED_CHANGES, checkpointer._REFUSED_CHANGES)
