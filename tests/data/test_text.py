@@ -46,7 +46,8 @@ def make_config(path, **data) -> Config:
 
 
 def setup_dm(config, rank=0, world_size=1) -> TextDataModule:
-    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
+    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed,
+                        run_dir=config.logging.log_dir)
     dm.rank, dm.world_size = rank, world_size
     dm.prepare_data()
     dm.setup()
