@@ -154,17 +154,20 @@ class DataModule:
 
     A data module receives the values it uses. The built-in ones (`takes_data_section`) are built from the run's
     `data` section and plain values: `cls(data, batch_size=..., seed=..., run_dir=...)`. A module that reads the
-    whole run config instead (`cls(config)`, as the user's guide's recipe 3 does with `self.config`) gets the
-    loader options `seed` and `num_workers` set by the task that builds it, as the engine sets `rank`.
+    whole run config instead (`cls(config)`, as the user's guide's recipe 3 does with `self.config`) takes its
+    loader options from it: `config.seed` and `config.data.num_workers`.
     """
 
     #: Built as `cls(data_section, batch_size=, seed=, run_dir=)` (True) or `cls(config)` (False).
     takes_data_section: ClassVar[bool] = False
 
-    def __init__(self, config: Any = None, *, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, config: Any = None, *, seed: int | None = None, num_workers: int | None = None) -> None:
         self.config = config  # the run's config, for a module built from it (None for the built-in ones)
-        self.seed = seed  # seeds the per-epoch permutation of the training loader
-        self.num_workers = num_workers  # DataLoader worker processes of `make_loader`
+        # Loader options: given, else those of the run config a module is built from (`config.seed`,
+        # `config.data.num_workers`), else none.
+        self.seed = seed if seed is not None else config.seed if config is not None else 0
+        self.num_workers = (num_workers if num_workers is not None
+                            else config.data.num_workers if config is not None else 0)
         self.rank = 0
         self.world_size = 1
         self.position = DataPosition()

@@ -79,16 +79,14 @@ class TrainingTask:
     def build_data_module(self) -> DataModule:
         """`data.module` when set, else `data_module_class`, given the values it uses: the built-in modules
         (`takes_data_section`) the data section, the per-rank batch size, the seed and the run directory; a module
-        that reads the whole config (the user's guide, recipe 3) the config, with its loaders' seed and workers."""
+        that reads the whole config (the user's guide, recipe 3) the config."""
         c = self.config
         cls = DATA_MODULES.get(c.data.module) if c.data.module else self.data_module_class
         if cls is None:
             raise NotImplementedError(f"{type(self).__name__} has no data_module_class; override build_data_module")
         if getattr(cls, "takes_data_section", False):
             return cls(c.data, batch_size=c.training.batch_size, seed=c.seed, run_dir=c.logging.log_dir)
-        data_module = cls(c)
-        data_module.seed, data_module.num_workers = c.seed, c.data.num_workers
-        return data_module
+        return cls(c)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
