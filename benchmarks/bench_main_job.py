@@ -148,7 +148,7 @@ def hf_worker(flags: list[str]) -> None:
     device = torch.device("cpu" if t.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda")
     apply_auto_precision(config, device)
     torch.manual_seed(config.seed)
-    data = TextDataModule(config)
+    data = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     data.rank, data.world_size = 0, 1
     data.prepare_data()
     data.setup("fit")

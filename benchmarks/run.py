@@ -93,9 +93,10 @@ def _switch_pair(label: str, off: dict[str, Any], on: dict[str, Any], rounds: in
 def bench_fused_adamw(steps: int) -> float:
     """Optimizer step time, fused vs foreach AdamW, on the default lm model's parameters (alternated per step)."""
     from benchmarks.bench_overhead import lm_config
+    from llm.config import replace_values
 
     config, task_class = lm_config(Path(tempfile.gettempdir()) / "llm-bench-unused", 1)
-    config.model.vocab_size = 256
+    config = replace_values(config, {"model.vocab_size": 256})  # the resolved config is frozen
     model = task_class(config).build_model()
     opts = {}
     for fused in (True, False):

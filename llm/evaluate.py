@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TextIO
 import torch
 
 from llm.artifacts.runs import read_init_source
+from llm.config import freeze, replace_values
 from llm.data.text import TokenWindows
 from llm.errors import UserError, run_tool
 from llm.models.decoder import DecoderModel
@@ -74,9 +75,10 @@ def eval_config(source: InitSource, args: argparse.Namespace) -> Config:
     default_len = source.seq_len or min(HF_DEFAULT_SEQ_LEN, config.model.max_seq_len)
     d.seq_len = args.data_seq_len if args.data_seq_len is not None else min(default_len, config.model.max_seq_len)
     t.batch_size, t.device, t.precision = args.training_batch_size, args.training_device, args.training_precision
-    LMTask.validate_config(config)  # seq_len within the context, tokenizer within the vocabulary
+    config = replace_values(config, LMTask.resolved_values(config))  # the tokenizer within the model's vocabulary
+    LMTask.validate_config(config)  # seq_len within the context
     validate_config(config, check_names=False)
-    return config
+    return freeze(config)
 
 
 def _windows(task: LMTask, split: str) -> tuple[int, int]:

@@ -10,6 +10,7 @@ llm.models.init_from) or one of our runs, resolved by the same rule.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import warnings
@@ -45,14 +46,25 @@ from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
 from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
 from llm.models.lora import is_adapter_key
+from llm.registry import TASKS
 from llm.training.core.config import Config, config_from_dict
+
+
+def _trains_encoder(task: str) -> bool:
+    """Whether a run's `task` trains an encoder with its own head, not a DecoderModel: the registered task class
+    says so (`TrainingTask.model_kind`). The built-in tasks are registered by importing their package, named as a
+    string: artifacts sit below training and need only this one fact of it. A task that is not registered here (a
+    plugin's, or a `module:Class` not imported) is taken for a decoder, which loading its weights then checks."""
+    importlib.import_module("llm.training.tasks")
+    if task not in TASKS.names():
+        return False
+    return getattr(TASKS.get(task), "model_kind", "decoder") == "encoder"
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading a run back: the one loader behind llm.generate, llm.export and the FSDP consolidation
 # ---------------------------------------------------------------------------------------------
 
-# Built-in tasks whose model is an encoder with a regression/classification head, not a DecoderModel.
-ENCODER_TASKS = ("regression", "classification")
 # Name parts a state dict picks up when saved from a wrapped model (torch.compile, activation checkpointing).
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 
@@ -313,7 +325,7 @@ def load_run(
     """
     files = resolve_run(path, verify=verify, warn=warn)
     config = _read_config(files)
-    if config.task in ENCODER_TASKS:
+    if _trains_encoder(config.task):
         raise CheckpointError(
             f"checkpoint: {files.config} is a {config.task!r} run, not a decoder language model "
             "(generate and export take lm runs)"
@@ -362,7 +374,7 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
     except CheckpointError as exc:
         raise init_error(path, f"is neither a Hugging Face Llama/Mixtral folder (no config.json) nor a usable run "
                                f"or checkpoint ({_first_line(exc)})") from None
-    if config.task in ENCODER_TASKS:
+    if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
     return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
                       lambda: read_weights(files), config.data.seq_len)

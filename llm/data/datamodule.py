@@ -27,7 +27,7 @@ import math
 import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -40,6 +40,10 @@ class DataPosition:
     epoch: int = 0
     batch: int = 0  # micro-batches of this epoch already consumed by this rank (counted from `offset`)
     offset: int = 0  # samples of the epoch's permutation consumed before `batch` counts (after an elastic resume)
+
+    def samples(self, batch_size: int, world_size: int) -> int:
+        """Samples of the epoch's permutation consumed by all ranks, each taking `batch_size` per micro-batch."""
+        return self.offset + self.batch * batch_size * world_size
 
 
 class ShardedBatchSampler:
@@ -147,10 +151,23 @@ class DataModule:
 
     `self.rank` / `self.world_size` are set by the engine before `setup`; subclasses that build
     loaders with `make_loader` get sharding and exact resume for free.
+
+    A data module receives the values it uses. The built-in ones (`takes_data_section`) are built from the run's
+    `data` section and plain values: `cls(data, batch_size=..., seed=..., run_dir=...)`. A module that reads the
+    whole run config instead (`cls(config)`, as the user's guide's recipe 3 does with `self.config`) takes its
+    loader options from it: `config.seed` and `config.data.num_workers`.
     """
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    #: Built as `cls(data_section, batch_size=, seed=, run_dir=)` (True) or `cls(config)` (False).
+    takes_data_section: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, *, seed: int | None = None, num_workers: int | None = None) -> None:
+        self.config = config  # the run's config, for a module built from it (None for the built-in ones)
+        # Loader options: given, else those of the run config a module is built from (`config.seed`,
+        # `config.data.num_workers`), else none.
+        self.seed = seed if seed is not None else config.seed if config is not None else 0
+        self.num_workers = (num_workers if num_workers is not None
+                            else config.data.num_workers if config is not None else 0)
         self.rank = 0
         self.world_size = 1
         self.position = DataPosition()
@@ -193,15 +210,9 @@ class DataModule:
             if batch_size is None:
                 raise ValueError(f"the data position was saved by {world} processes as batches of an unknown size, "
                                  f"so it cannot be remapped to {self.world_size}")
-            consumed = position.offset + position.batch * int(batch_size) * int(world)
+            consumed = position.samples(int(batch_size), int(world))
             position = DataPosition(epoch=position.epoch, batch=0, offset=consumed)
         self.position = position
-
-    def samples_consumed(self) -> int | None:
-        """Samples of the current epoch's permutation consumed by all ranks (None when the batch size is unknown)."""
-        if self._train_batch_size is None:
-            return None
-        return self.position.offset + self.position.batch * self._train_batch_size * self.world_size
 
     # -- helpers for subclasses -----------------------------------------------------------------
     def make_loader(
@@ -224,13 +235,13 @@ class DataModule:
             world_size=self.world_size,
             shuffle=train if shuffle is None else shuffle,
             drop_last=train,
-            seed=int(getattr(self.config, "seed", 0)),
+            seed=self.seed,
             epoch=self.position.epoch if train else 0,
             start_batch=self.position.batch if train else 0,
             start_sample=self.position.offset if train else 0,
         )
         if num_workers is None:
-            num_workers = int(getattr(getattr(self.config, "data", None), "num_workers", 0))
+            num_workers = self.num_workers
         return StopSignalSafeLoader(
             dataset,
             batch_sampler=sampler,
@@ -242,18 +253,30 @@ class DataModule:
         )
 
 
-class TensorDataModule(DataModule):
+class SectionDataModule(DataModule):
+    """A data module built from the run's `data` section (`data`: any object with its fields, e.g. `DataConfig`)
+    and the plain values it needs of the rest: the per-rank `batch_size`, the `seed`, and the `run_dir` it copies
+    its tokenizer into ("" = none)."""
+
+    takes_data_section = True
+
+    def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
+        super().__init__(seed=seed, num_workers=data.num_workers)
+        self.data, self.batch_size, self.run_dir = data, batch_size, run_dir
+
+
+class TensorDataModule(SectionDataModule):
     """A data module over in-memory tensors: `split(x, y)` in `setup` makes a seeded train/validation split
     (`data.val_fraction`, at least one validation sample); the loaders are the standard sharded ones."""
 
     def split(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        num_val = max(1, int(len(x) * self.config.data.val_fraction))
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.config.seed))
+        num_val = max(1, int(len(x) * self.data.val_fraction))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         val, train = order[:num_val], order[num_val:]
         self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
-        return self.make_loader(self.train_set, self.config.training.batch_size, train=True)
+        return self.make_loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.make_loader(self.val_set, self.config.training.batch_size, train=False)
+        return self.make_loader(self.val_set, self.batch_size, train=False)

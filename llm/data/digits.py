@@ -26,8 +26,8 @@ def to_patches(images: torch.Tensor) -> torch.Tensor:
 
 
 class DigitsDataModule(TensorDataModule):
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
+        super().__init__(data, batch_size=batch_size, seed=seed, run_dir=run_dir)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 

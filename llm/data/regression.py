@@ -138,23 +138,19 @@ class RegressionDataModule(TensorDataModule):
     """Train/validation split of the synthetic problem or a CSV; batches are (x, y), y in the target's units.
     After `setup`, `target_mean`/`target_std` are those of the training split (the task standardizes with them)."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
+        super().__init__(data, batch_size=batch_size, seed=seed, run_dir=run_dir)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.target_mean: float | None = None
         self.target_std: float | None = None
 
-    @property
-    def num_features(self) -> int:
-        return 1 if self.config.data.path else NUM_FEATURES
-
     def setup(self, stage: str = "fit") -> None:
-        data = self.config.data
+        data = self.data
         if data.path:
-            x, y = read_csv(data.path, int(getattr(data, "max_file_bytes", DEFAULT_MAX_FILE_BYTES)))
+            x, y = read_csv(data.path, data.max_file_bytes)
         else:
-            x, y = synthetic_regression(data.num_samples, data.seq_len, self.config.seed)
+            x, y = synthetic_regression(data.num_samples, data.seq_len, self.seed)
         self.split(x, y)
         assert self.train_set is not None
         self.target_mean, self.target_std = target_stats(self.train_set.tensors[1])  # never the validation split

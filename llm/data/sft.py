@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llm.data.datamodule import DataModule
+from llm.data.datamodule import SectionDataModule
 from llm.data.sources import read_regular, resolve_files
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, copy_tokenizer
 from llm.errors import ConfigError
@@ -276,41 +276,39 @@ def tokenize_records(
 
 # ------------------------------------------------------------------------------------------------ data module
 @register_data_module("sft")
-class SFTDataModule(DataModule):
+class SFTDataModule(SectionDataModule):
     """Instruction records -> padded (input_ids, labels) batches, labels `IGNORE_INDEX` outside the answers."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
+        super().__init__(data, batch_size=batch_size, seed=seed, run_dir=run_dir)
         self.tokenizer: Tokenizer = self._tokenizer()
         self.train_set: SFTExamples | None = None
         self.val_set: SFTExamples | None = None
 
     def _tokenizer(self) -> Tokenizer:
-        spec = self.config.data.tokenizer
+        spec = self.data.tokenizer
         if spec == "bpe":
             raise ConfigError("data.tokenizer: sft does not train a BPE tokenizer; use 'byte' or a tokenizer.json")
         return ByteTokenizer() if spec == "byte" else HFTokenizer.from_file(spec)
 
     def prepare_data(self) -> None:
-        run_dir = getattr(getattr(self.config, "logging", None), "log_dir", "")
-        if run_dir:  # the run directory rebuilds its tokenizer after the source file is gone
-            copy_tokenizer(self.tokenizer, run_dir)
+        if self.run_dir:  # the run directory rebuilds its tokenizer after the source file is gone
+            copy_tokenizer(self.tokenizer, self.run_dir)
 
     def save_tokenizer(self, directory: str) -> None:
         copy_tokenizer(self.tokenizer, directory)
 
     def records(self) -> list[list[Message]]:
         """The user's records (`data.path`), or the generated demo set."""
-        d = self.config.data
+        d = self.data
         if d.path:
-            return read_records(d.path, int(getattr(d, "max_file_bytes", 0)))
-        seed = int(getattr(self.config, "seed", 0))
-        return [parse_record(r, f"demo record {i}") for i, r in enumerate(demo_records(d.num_samples, seed))]
+            return read_records(d.path, d.max_file_bytes)
+        return [parse_record(r, f"demo record {i}") for i, r in enumerate(demo_records(d.num_samples, self.seed))]
 
     def setup(self, stage: str = "fit") -> None:
-        d, t = self.config.data, self.config.training
+        d = self.data
         records = self.records()
-        order = np.random.default_rng(int(getattr(self.config, "seed", 0))).permutation(len(records))
+        order = np.random.default_rng(self.seed).permutation(len(records))
         num_val = max(1, round(len(records) * d.val_fraction))
         if num_val >= len(records):
             raise ConfigError(f"data.val_fraction: {len(records)} records leave none for training at {d.val_fraction}")
@@ -322,7 +320,7 @@ class SFTDataModule(DataModule):
             log.warning("data: %d of %d records are longer than data.seq_len + 1 = %d tokens and were cut; %d of "
                         "them kept no answer token and were dropped", cut, len(records), d.seq_len + 1, dropped)
         self.train_set, self.val_set = SFTExamples(train_examples), SFTExamples(val_examples)
-        global_batch = t.batch_size * self.world_size
+        global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:
             raise ConfigError(
                 f"training.batch_size: {len(self.train_set)} training examples are fewer than one global batch "
@@ -336,8 +334,8 @@ class SFTDataModule(DataModule):
 
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"
-        return self.make_loader(self.train_set, self.config.training.batch_size, train=True, collate_fn=self._collate())
+        return self.make_loader(self.train_set, self.batch_size, train=True, collate_fn=self._collate())
 
     def val_dataloader(self) -> Iterable[Any] | None:
         assert self.val_set is not None, "call setup() first"
-        return self.make_loader(self.val_set, self.config.training.batch_size, train=False, collate_fn=self._collate())
+        return self.make_loader(self.val_set, self.batch_size, train=False, collate_fn=self._collate())

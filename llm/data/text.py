@@ -54,12 +54,12 @@ import torch
 from torch.utils.data import Dataset
 
 from llm import fs
-from llm.data.datamodule import DataModule
+from llm.data.datamodule import SectionDataModule
 from llm.data.prepare import PrepareOptions, prepare
 from llm.data.readers import ReadOptions
 from llm.data.shards import DTYPES as _DTYPES
 from llm.data.shards import CacheMismatch, TokenStore, has_shards, index_files, is_prepared, open_store
-from llm.data.sources import DEFAULT_MAX_FILE_BYTES, SourceFile, check_regular, read_regular, resolve_files
+from llm.data.sources import SourceFile, check_regular, read_regular, resolve_files
 from llm.data.tokenizers import (
     TOKENIZER_FILE,
     ByteTokenizer,
@@ -261,11 +261,11 @@ def split_point(store: TokenStore, val_fraction: float) -> int:
 
 # ---------------------------------------------------------------------------------------------------- data module
 @register_data_module("text")
-class TextDataModule(DataModule):
+class TextDataModule(SectionDataModule):
     """Token-cached text cut into `seq_len + 1` windows; batches are `(input_ids, targets)`, each (B, T) int64."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
+        super().__init__(data, batch_size=batch_size, seed=seed, run_dir=run_dir)
         self.tokenizer: Tokenizer | None = None
         self.store: TokenStore | None = None
         self.cache_path: Path | None = None  # the token cache directory (None for a .bin)
@@ -278,24 +278,22 @@ class TextDataModule(DataModule):
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         self._load()
-        run_dir = getattr(getattr(self.config, "logging", None), "log_dir", "")
-        if run_dir:
+        if self.run_dir:
             # The run directory must rebuild its tokenizer even after the cache or the source file is gone.
-            self.save_tokenizer(run_dir)
+            self.save_tokenizer(self.run_dir)
 
     def setup(self, stage: str = "fit") -> None:
         if self.store is None:
             self._load()
         assert self.store is not None
-        d, t = self.config.data, self.config.training
+        d = self.data
         split = split_point(self.store, d.val_fraction)
-        seed = int(getattr(self.config, "seed", 0))
-        random = getattr(d, "sampling", "random") == "random"
-        self.train_set = TokenWindows(self.store, 0, split, d.seq_len, phase_seed=seed if random else None)
+        random = d.sampling == "random"
+        self.train_set = TokenWindows(self.store, 0, split, d.seq_len, phase_seed=self.seed if random else None)
         self.val_set = TokenWindows(self.store, split, self.store.num_tokens, d.seq_len)
         self.train_tokens_per_byte = split / max(1e-9, self.store.bytes_between(0, split))
         self.val_tokens_per_byte = (self.store.num_tokens - split) / max(1e-9, self.store.bytes_between(split, 2**62))
-        global_batch = t.batch_size * self.world_size
+        global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:
             raise ConfigError(
                 f"data.seq_len: the training split ({split} tokens) gives {len(self.train_set)} windows of "
@@ -311,14 +309,14 @@ class TextDataModule(DataModule):
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"
         self.train_set.set_epoch(self.position.epoch)
-        shuffle = getattr(self.config.data, "sampling", "random") == "random"
+        shuffle = self.data.sampling == "random"
         return self.make_loader(
-            self.train_set, self.config.training.batch_size, train=True, shuffle=shuffle, collate_fn=collate_windows
+            self.train_set, self.batch_size, train=True, shuffle=shuffle, collate_fn=collate_windows
         )
 
     def val_dataloader(self) -> Iterable[Any] | None:
         assert self.val_set is not None, "call setup() first"
-        return self.make_loader(self.val_set, self.config.training.batch_size, train=False, collate_fn=collate_windows)
+        return self.make_loader(self.val_set, self.batch_size, train=False, collate_fn=collate_windows)
 
     def save_tokenizer(self, directory: str | os.PathLike) -> None:
         """Copy the tokenizer next to a run's weights (no-op for bytes), so the run is self-contained."""
@@ -329,7 +327,7 @@ class TextDataModule(DataModule):
 
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> None:
-        d = self.config.data
+        d = self.data
         if d.path.endswith(".bin") and not os.path.isdir(d.path):
             if d.tokenizer == "bpe":
                 raise ConfigError(
@@ -345,7 +343,7 @@ class TextDataModule(DataModule):
         if d.path and os.path.isdir(d.path) and has_shards(d.path):
             raise ConfigError(f"data.path: {d.path!r} holds token shards but no index-*.json: its preparation was "
                               "interrupted or is still running; run `python -m llm.data.prepare` for it again")
-        files = resolve_files(d.path, max_file_bytes=self._max_file_bytes())
+        files = resolve_files(d.path, max_file_bytes=d.max_file_bytes)
         key = self._cache_key(files)
         directory = cache_root(d.cache_dir) / "tokens" / key
         for stale in clean_stale_temporaries(directory.parent):
@@ -371,7 +369,7 @@ class TextDataModule(DataModule):
             store, index = open_store(path)
         except CacheMismatch as exc:
             raise ConfigError(f"data.path: the prepared directory {path!r} does not check out: {exc}") from None
-        spec = self.config.data.tokenizer
+        spec = self.data.tokenizer
         if index["tokenizer"] == ByteTokenizer.fingerprint:
             if spec != "byte":
                 raise ConfigError(f"data.tokenizer: {spec!r}, but {path!r} was prepared with the byte tokenizer; "
@@ -391,18 +389,12 @@ class TextDataModule(DataModule):
                  store.num_tokens)
         self.store, self.tokenizer, self.cache_path = store, tokenizer, Path(path)
 
-    def _max_file_bytes(self) -> int:
-        return int(getattr(self.config.data, "max_file_bytes", DEFAULT_MAX_FILE_BYTES))
-
-    def _text_field(self) -> str:
-        return str(getattr(self.config.data, "text_field", "text"))
-
     def _fixed_tokenizer(self) -> Tokenizer:
-        spec = self.config.data.tokenizer
+        spec = self.data.tokenizer
         return ByteTokenizer() if spec == "byte" else HFTokenizer.from_file(spec)
 
     def _cache_key(self, files: list[SourceFile]) -> str:
-        d = self.config.data
+        d = self.data
         if d.tokenizer == "bpe":
             tok: Any = ["bpe", d.vocab_size]
         else:
@@ -412,20 +404,19 @@ class TextDataModule(DataModule):
             "files": [f.key() for f in files],
             "max_bytes": d.max_bytes if not d.path else 0,
             "tokenizer": tok,
-            "text_field": self._text_field(),
+            "text_field": d.text_field,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
     def _build_cache(self, files: list[SourceFile], directory: Path) -> None:
-        d = self.config.data
+        d = self.data
         embedded = not d.path
         options = PrepareOptions(
-            tokenizer=d.tokenizer, vocab_size=d.vocab_size, workers=int(getattr(d, "prepare_workers", 0)),
-            bpe_sample_bytes=int(getattr(d, "bpe_sample_bytes", PrepareOptions.bpe_sample_bytes)),
+            tokenizer=d.tokenizer, vocab_size=d.vocab_size, workers=d.prepare_workers,
+            bpe_sample_bytes=d.bpe_sample_bytes,
             max_bytes=d.max_bytes if embedded else 0, source=d.path or "the Python standard library",
             key=directory.name,
-            read=ReadOptions(text_field=self._text_field(), strict=not embedded,
-                             max_file_bytes=self._max_file_bytes()),
+            read=ReadOptions(text_field=d.text_field, strict=not embedded, max_file_bytes=d.max_file_bytes),
         )
         directory.parent.mkdir(parents=True, exist_ok=True)
         tokenizer = None if d.tokenizer == "bpe" else self._fixed_tokenizer()

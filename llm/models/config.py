@@ -14,6 +14,8 @@ Presets (:mod:`llm.models.presets`) are applied where a config is made: `ModelCo
 ``DecoderModel(preset=NAME, **overrides)`` (the preset's fields are the defaults of the keywords not given) and the
 CLI (``--model-preset``). A finished config's ``preset`` is only the record of where its values came from:
 ``DecoderModel(config)`` takes ``config``'s values as they are.
+
+`Freezable` (from :mod:`llm.config`): the run's resolved config freezes its model section with the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llm.config.freeze import Freezable
 from llm.errors import invalid
 from llm.models.presets import get_preset
 
@@ -40,7 +43,7 @@ def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Freezable):
     """Model sizes; the field names are `DecoderModel`'s keyword arguments."""
 
     preset: str = ""  # named model shape (smollm2-135m, tinyllama-1.1b, tiny, ...); other model fields override it

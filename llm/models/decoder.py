@@ -30,6 +30,7 @@ from llm.models.config import ModelConfig, build_config, default_intermediate_si
 from llm.models.generation import GenerationMixin, KVCache, LayerKVCache
 from llm.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rotary, causal_mask, rotate_half
 from llm.models.moe import MoELayer, collect_aux_loss
+from llm.models.presets import TINY
 
 __all__ = [
     "MLP",
@@ -129,12 +130,7 @@ class DecoderModel(GenerationMixin, nn.Module):
     @classmethod
     def tiny(cls, **overrides: Any) -> DecoderModel:
         """The preset tests use: a few thousand parameters, GQA (4 heads, 2 KV heads), 2 layers."""
-        kwargs: dict[str, Any] = dict(
-            vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-            max_seq_len=128, num_experts=4, top_k=2, moe_intermediate_size=32,
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**{**TINY, **overrides})
 
     @classmethod
     def from_preset(cls, name: str, /, *, causal: bool = True, **overrides: Any) -> DecoderModel:

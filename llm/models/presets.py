@@ -28,18 +28,20 @@ class Preset:
     note: str = ""
 
 
+# The shape tests use (DecoderModel.tiny(), the `tiny` and `debug-moe` presets): the one definition of it.
+TINY: dict[str, Any] = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            intermediate_size=64, max_seq_len=128, num_experts=4, top_k=2, moe_intermediate_size=32)
+
 PRESETS: dict[str, Preset] = {
     # ------------------------------------------------------------------ small shapes for tests and smoke runs
     "tiny": Preset(
-        dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-             max_seq_len=128, num_experts=4, top_k=2, moe_intermediate_size=32),
+        dict(TINY),
         parameters=34_976, tokenizer="byte",
         note="the shape tests use (DecoderModel.tiny()): GQA 4 heads / 2 KV heads, 2 layers; its MoE fields are "
              "set for --model-use-moe",
     ),
     "debug-moe": Preset(
-        dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-             max_seq_len=128, use_moe=True, num_experts=4, top_k=2, moe_intermediate_size=32),
+        dict(TINY, use_moe=True),
         parameters=47_520, tokenizer="byte",
         note="tiny with a Mixture-of-Experts MLP in every block (4 experts of width 32, top-2)",
     ),

@@ -1,13 +1,14 @@
 """CLI entry point: `python -m llm.training.train --task regression|classification|lm [flags]`.
 
-argv/YAML -> validated `Config` -> task class -> launcher (one process, N spawned local processes,
-or torchrun) -> `train_worker(rank, world_size, config, task_class)` -> `TrainingEngine.run()`.
-User mistakes are reported as one line on stderr with exit status 2, before anything is written.
+argv/YAML -> the resolved, frozen `Config` (`parse_config`, the one resolution step) -> task class -> launcher (one
+process, N spawned local processes, or torchrun) -> `train_worker(rank, world_size, config, task_class)` ->
+`TrainingEngine.run()`. User mistakes are reported as one line on stderr with exit status 2, before anything is
+written. After `parse_config` nothing assigns to the config (it is frozen, `llm.config.freeze`): a worker that
+needs another value (rank 0's run directory name under torchrun) makes a changed copy.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -19,6 +20,7 @@ from typing import Any
 
 from llm.artifacts.lock import RunLock
 from llm.artifacts.runs import read_init_source
+from llm.config import freeze, is_frozen, replace_values
 from llm.errors import ConfigError, UserError, did_you_mean, show
 from llm.models.config import ModelConfig
 from llm.models.presets import get_preset
@@ -35,7 +37,7 @@ from llm.training.core.config import (
     validate_config,
 )
 from llm.training.core.engine import TrainingEngine
-from llm.training.optim.precision import apply_auto_precision
+from llm.training.optim.precision import resolve_precision
 from llm.training.parallel.distributed import (
     barrier,
     broadcast_object,
@@ -106,7 +108,13 @@ def build_engine(
 ) -> TrainingEngine:
     """The one assembly of a run: the task (`config.task` from the registry unless given), its data module, the
     configured callbacks and the engine. The CLI, the tests and the benchmarks all build engines here; pass
-    `task`, `data_module` or `callbacks` to replace the configured ones."""
+    `task`, `data_module` or `callbacks` to replace the configured ones.
+
+    A config resolved by `parse_config` is frozen and used as it is. One built in code (tests, benchmarks) is
+    finished here, in place (a `task` given was built with it): the task's resolved values (the lm task's
+    vocabulary) and the automatic precision; then it is frozen like any run's."""
+    if not is_frozen(config):
+        finish_config(config, task_class or resolve_task(config.task))
     if task is None:
         task = (task_class or resolve_task(config.task))(config)
     if data_module is None:
@@ -116,15 +124,31 @@ def build_engine(
     return TrainingEngine(config, task, rank, world_size, data_module=data_module, callbacks=callbacks)
 
 
-def _preset_flag(argv: list[str]) -> str | None:
-    """The --model-preset value of `argv` (None when absent): it decides the config the other flags apply to."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--model-preset")
-    try:
-        namespace, _ = pre.parse_known_args(argv)
-    except argparse.ArgumentError:  # e.g. no value: the full parser reports it as a one-line ConfigError
-        return None
-    return namespace.model_preset
+def _apply_values(config: Config, values: dict[str, Any]) -> None:
+    """Set {"section.field": value} on `config` (still being resolved)."""
+    for dest, value in values.items():
+        section, _, name = dest.rpartition(".")
+        setattr(getattr(config, section) if section else config, name, value)
+
+
+def resolve_auto_precision(config: Config) -> None:
+    """The last step of resolution: `training.precision: auto` becomes what this machine's device runs fast, with a
+    note for the run's start. The device is the one this process trains on (`LOCAL_RANK` under torchrun; spawned
+    workers share the launcher's kind of device)."""
+    if config.training.precision != "auto":
+        return
+    device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", 0)))
+    precision, why = resolve_precision("auto", device)
+    config.training.precision = precision
+    config.notes.append(f"precision {precision} ({why})")
+
+
+def finish_config(config: Config, task_class: type[TrainingTask]) -> Config:
+    """The steps of resolution that need no user input, on a config that is not frozen yet: the task's resolved
+    values (`TrainingTask.resolved_values`), then the automatic precision; returns `config`, frozen."""
+    _apply_values(config, task_class.resolved_values(config))
+    resolve_auto_precision(config)
+    return freeze(config)
 
 
 def _apply_derived(config: Config, task_class: type[TrainingTask], explicit: set[str]) -> dict[str, str]:
@@ -165,14 +189,17 @@ def _preset_note(config: Config, before_task: dict[str, Any], why: dict[str, str
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTask], bool]:
-    """Resolve defaults < task defaults < preset < YAML < flags; returns (config, task class, print_config).
+    """The one resolution of a run's config; returns (config, task class, print_config), the config frozen.
 
-    A model preset (`--model-preset` or the YAML's `model.preset`) replaces the task's model defaults; model fields
-    set in the YAML or by flags override it, and one line in `config.notes` (logged at the run's start) names each
-    preset value the run does not use and why. Then the task's `derived_defaults` fill the fields the user did not
-    set (e.g. the lm task raises `model.max_seq_len` to `data.seq_len`). `--help` prints the flags with the values
-    resolved before the flags (what the run would use for each unset flag), so the task and the YAML are resolved
-    first.
+    In order: defaults < task defaults < preset < YAML < flags < init-from < derived < the task's resolved values <
+    auto. A model preset (`--model-preset` or the YAML's `model.preset`) replaces the task's model defaults; model
+    fields set in the YAML or by flags override it, and one line in `config.notes` (logged at the run's start) names
+    each preset value the run does not use and why. `model.init_from` adopts the source's shape and tokenizer. The
+    task's `derived_defaults` fill the fields the user did not set (e.g. the lm task raises `model.max_seq_len` to
+    `data.seq_len`), and its `resolved_values` the ones it decides whatever was set (the lm task's vocabulary
+    follows the tokenizer). Then everything is validated, the run directory named (unless only printing) and
+    `training.precision: auto` resolved for this machine. `--help` prints the flags with the values resolved
+    before the flags (what the run would use for each unset flag), so the task and the YAML are resolved first.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = pre_parse(argv)
@@ -188,15 +215,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     config = Config()
     apply_dict(config, {"task": task_name, **task_class.config_defaults}, f"{task_class.__name__}.config_defaults")
     yaml_model = yaml_data.get("model") if isinstance(yaml_data.get("model"), dict) else {}
-    preset = _preset_flag(argv)
-    preset = str(yaml_model.get("preset") or "") if preset is None else preset
+    preset = str(yaml_model.get("preset") or "") if pre.model_preset is None else pre.model_preset
     if preset:
         config.model = ModelConfig.from_preset(preset)  # the preset replaces the task's model defaults
     apply_dict(config, yaml_data, pre.config or "config")
     # --help shows what the run would use for each unset flag, derived values included.
     shown = copy.deepcopy(config)
     _apply_derived(shown, task_class, {f"model.{name}" for name in yaml_model})
-    parser = build_parser(sorted(set(AVAILABLE_TASKS) | set(TASKS.names())), shown)
+    parser = build_parser(sorted(TASKS.names()), shown)
     if pre.help:
         parser.print_help()
         raise SystemExit(0)
@@ -208,6 +234,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
         sources.update(adopt_init_source(config, read_init_source(config.model.init_from), yaml_data, flags))
     derived = _apply_derived(config, task_class, set(sources))
     before_task = dataclasses.asdict(config.model)
+    _apply_values(config, task_class.resolved_values(config))
     task_class.validate_config(config)
     note = _preset_note(config, before_task, {**derived, **sources}) if config.model.preset else ""
     if note:
@@ -215,7 +242,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     # A task that builds its own scheduler may accept names the registry does not know.
     own_scheduler = task_class.build_scheduler is not TrainingTask.build_scheduler
     validate_config(config, check_scheduler=not own_scheduler)
-    return config, task_class, pre.print_config
+    if not pre.print_config:
+        if _saved_run_config(pre, config):
+            config.logging.log_dir = ""  # a new run from that run's settings (docs/checkpointing.md, Resume rules)
+        if not config.logging.log_dir:
+            config.logging.log_dir = default_run_dir(config.task)
+        check_log_dir(config.logging.log_dir)  # before a worker starts or anything is written
+    resolve_auto_precision(config)
+    return freeze(config), task_class, pre.print_config
 
 
 def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
@@ -272,33 +306,27 @@ def default_run_dir(task: str) -> str:
     return os.path.join("runs", safe)
 
 
-def _saved_run_config(argv: list[str] | None, config: Config) -> bool:
+def _saved_run_config(pre: Any, config: Config) -> bool:
     """Whether `--config` names a run's own config.yaml (its logging.log_dir is the directory the file is in) and
-    `--logging-log-dir` is not given: then the YAML is a template for a new run, not a way to write into that run."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--config")
-    pre.add_argument("--logging-log-dir", "--log-dir", dest="log_dir")
-    try:
-        namespace, _ = pre.parse_known_args(argv)
-    except argparse.ArgumentError:
+    `--logging-log-dir` is not given: then the YAML is a template for a new run, not a way to write into that run.
+    `pre` is the pre-parse of the command line (`cli.pre_parse`)."""
+    if not pre.config or pre.log_dir is not None or not config.logging.log_dir:
         return False
-    if not namespace.config or namespace.log_dir is not None or not config.logging.log_dir:
-        return False
-    return Path(config.logging.log_dir).resolve() == Path(namespace.config).resolve().parent
+    return Path(config.logging.log_dir).resolve() == Path(pre.config).resolve().parent
 
 
 def train_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> dict[str, Any]:
     """One training process: join the process group, build everything, run the engine."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config.training.device, local_rank)
-    apply_auto_precision(config, device)  # before config.yaml is written: it records the choice
     dist_cfg = config.distributed
     init_process_group(rank, world_size, dist_cfg.backend, device, dist_cfg.timeout_minutes)
     lock: RunLock | None = None
     try:
         # torchrun starts every process on its own; rank 0's run directory name is everyone's.
-        config.logging.log_dir = broadcast_object(config.logging.log_dir)
+        log_dir = broadcast_object(config.logging.log_dir)
+        if log_dir != config.logging.log_dir:
+            config = replace_values(config, {"logging.log_dir": log_dir})
         lock = _lock_run_dir(rank, Path(config.logging.log_dir))  # before anything is written into it
         if rank == 0:
             prepare_run_dir(config, write_config=False)  # the engine writes config.yaml once resume checks pass
@@ -435,11 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         if print_config:
             sys.stdout.write(config.to_yaml())
             return 0
-        if _saved_run_config(argv, config):
-            config.logging.log_dir = ""  # a new run from that run's settings (docs/checkpointing.md, Resume rules)
-        if not config.logging.log_dir:
-            config.logging.log_dir = default_run_dir(config.task)
-        check_log_dir(config.logging.log_dir)  # before a worker starts or anything is written
         launch(config, task_class)
     except UserError as exc:
         if _reports_errors():

@@ -43,7 +43,7 @@ def prepared(tmp_path, name, files, chunk=40, **kw):
 
 
 def batches(config, epochs=(0, 1), start=None):
-    dm = TextDataModule(config)
+    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     if start is not None:
         dm.load_state_dict(start)
     dm.prepare_data()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import TINY_REGRESSION
 
-from llm.data.regression import RegressionDataModule, csv_columns, read_csv, target_stats
+from llm.data.regression import NUM_FEATURES, RegressionDataModule, csv_columns, read_csv, target_stats
 from llm.errors import ConfigError
 from llm.training.train import parse_config
 
@@ -78,7 +78,7 @@ def test_files_it_cannot_use_are_refused_with_their_line(tmp_path, text, fragmen
 def test_the_target_is_standardized_with_the_training_split_only(tmp_path):
     rows = "\n".join(f"{i},{3 * i + 100}" for i in range(40))
     config, _, _ = parse("--data-path", write(tmp_path, "x,y\n" + rows + "\n"), "--data-val-fraction", "0.25")
-    data = RegressionDataModule(config)
+    data = RegressionDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     data.setup()
     y_train, y_val = data.train_set.tensors[1].double(), data.val_set.tensors[1].double()
     assert len(y_val) == 10
@@ -115,3 +115,19 @@ def test_classification_says_it_takes_no_data_path(tmp_path):
         parse_config(["--task", "classification", "--data-path", path])
     config, _, _ = parse_config(["--task", "classification"])
     assert config.data.path == ""
+
+
+def test_a_data_module_is_built_from_plain_values_without_a_run_config():
+    """Data knows nothing of training: the data section's values, a batch size and a seed are all it takes."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(path="", num_samples=40, seq_len=4, val_fraction=0.25, num_workers=0, max_file_bytes=0)
+    dm = RegressionDataModule(data, batch_size=6, seed=3)
+    dm.setup()
+    assert dm.config is None and (dm.seed, dm.batch_size) == (3, 6)
+    assert len(dm.train_set) == 30 and len(dm.val_set) == 10
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and all(x.shape == (6, 4, NUM_FEATURES) and y.shape == (6,) for x, y in batches)
+    again = RegressionDataModule(data, batch_size=6, seed=3)
+    again.setup()
+    assert torch.equal(next(iter(again.train_dataloader()))[0], batches[0][0])  # the seed given, not a config's

@@ -150,11 +150,11 @@ def test_data_module_splits_the_records_and_checks_the_global_batch(tmp_path):
     config = Config(task="sft")
     config.data.num_samples, config.data.val_fraction, config.data.seq_len = 200, 0.1, 160
     config.training.batch_size = 8
-    dm = SFTDataModule(config)
+    dm = SFTDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set)) == (180, 20)
     input_ids, labels = next(iter(dm.train_dataloader()))
     assert input_ids.shape[0] == 8 and (labels != IGNORE_INDEX).any(dim=1).all()
     config.training.batch_size = 500
     with pytest.raises(ConfigError, match="training.batch_size: 180 training examples"):
-        SFTDataModule(config).setup()
+        SFTDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed).setup()

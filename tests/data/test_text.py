@@ -48,7 +48,8 @@ def make_config(path, **data) -> Config:
 
 
 def setup_dm(config, rank=0, world_size=1) -> TextDataModule:
-    dm = TextDataModule(config)
+    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed,
+                        run_dir=config.logging.log_dir)
     dm.rank, dm.world_size = rank, world_size
     dm.prepare_data()
     dm.setup()
@@ -179,7 +180,7 @@ def test_loader_resumes_exactly_from_its_position(tmp_path):
     dm = setup_dm(make_config(write_corpus(tmp_path / "corpus"), seq_len=8))
     dm.set_epoch(2)
     full = [x for x, _ in dm.train_dataloader()]
-    resumed = TextDataModule(dm.config)
+    resumed = TextDataModule(dm.data, batch_size=dm.batch_size, seed=dm.seed)
     resumed.load_state_dict({"epoch": 2, "batch": 3})
     resumed.setup()
     rest = [x for x, _ in resumed.train_dataloader()]

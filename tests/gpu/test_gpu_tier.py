@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import make_config, read_metrics
 
+from llm.config import replace_values
 from llm.models import DecoderModel
 from llm.training.train import train_worker
 
@@ -66,7 +67,7 @@ def test_exact_resume_on_the_same_device(tmp_path):
     straight = [r["train/loss"] for r in train(tmp_path, *common, name="straight") if "train/loss" in r]
     # The same run, stopped after its step-4 checkpoint and resumed from it.
     config, task_class = make_config(tmp_path / "resumed", *lm_args(tmp_path, *common), base=[])
-    config.training.max_steps = 4
+    config = replace_values(config, {"training.max_steps": 4})  # the resolved config is frozen
     train_worker(0, 1, config, task_class)
     config, task_class = make_config(tmp_path / "resumed", *lm_args(tmp_path, *common), base=[])
     train_worker(0, 1, config, task_class)

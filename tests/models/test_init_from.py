@@ -71,7 +71,8 @@ def test_first_validation_loss_is_the_hf_models_own_loss(tmp_path, kind):
     [record] = read_metrics(tmp_path / "run")
     assert record["step"] == 0
 
-    dm = TextDataModule(config)  # the same validation windows, scored by transformers itself
+    # the same validation windows, scored by transformers itself
+    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     dm.prepare_data()
     dm.setup("fit")
     losses, weights = [], []

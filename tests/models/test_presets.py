@@ -95,7 +95,8 @@ def test_unknown_names_fail_clearly():
 def parse(*args: str):
     from llm.training.train import parse_config
 
-    return parse_config(["--task", "lm", "--training-device", "cpu", *args])[0]
+    # fp32: `auto` precision adds a note of its own (resolved with the config) that these tests do not look at
+    return parse_config(["--task", "lm", "--training-device", "cpu", "--training-precision", "fp32", *args])[0]
 
 
 def test_cli_preset_with_a_flag_override_notes_what_changed():

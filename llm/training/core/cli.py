@@ -200,12 +200,21 @@ def apply_flags(config: Config, values: dict[str, Any]) -> None:
 
 
 def pre_parse(argv: list[str]) -> argparse.Namespace:
-    """The flags that decide how to parse the rest: --task, --config, --plugins, --help, --print-config."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    """The one pre-parse: the flags that decide how the rest is parsed and resolved, read before the full parser
+    exists (it is built from the task's defaults, the preset and the YAML).
+
+    `task`, `config`, `plugins`, `help`, `print_config`; `model_preset` (the preset replaces the task's model
+    defaults before the YAML and the other flags apply) and `log_dir` (`--logging-log-dir` / `--log-dir`; whether
+    a run's own config.yaml is used as a template). Each is None (False for the switches) when absent. A flag
+    without its value is a `ConfigError`, as in the full parser.
+    """
+    pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task")
     pre.add_argument("--config")
     pre.add_argument("--plugins", nargs="*")
     pre.add_argument("-h", "--help", action="store_true")
     pre.add_argument("--print-config", action="store_true")
+    pre.add_argument("--model-preset")
+    pre.add_argument("--logging-log-dir", "--log-dir", dest="log_dir")
     namespace, _ = pre.parse_known_args(argv)
     return namespace

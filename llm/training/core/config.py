@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import inspect
 import logging
 import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
 
 import yaml
 
+from llm.config import Freezable, ResumePolicy, on_resume
+from llm.config import resume_policy as _resume_policy
+
+# The field machinery moved to llm.config; the CLI, the tests and user code read it through this module too.
+from llm.config.fields import (  # noqa: F401
+    append_or_replace,
+    coerce,
+    field_help,
+    field_types,
+    type_name,
+    unwrap_optional,
+)
+from llm.config.yaml_file import MAX_YAML_BYTES, load_yaml  # noqa: F401
 from llm.errors import ConfigError, did_you_mean, invalid, shorten, show
 from llm.models.config import ModelConfig  # the model section is the model's own config
 from llm.models.lora import DEFAULT_TARGETS as LORA_TARGETS
@@ -33,10 +43,11 @@ NAN_POLICIES = ("raise", "skip")
 INTERVALS = ("step", "epoch")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
+MODES = ("min", "max")  # whether a smaller or a larger monitored metric is better (early stopping, best checkpoint)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     """Where the data comes from and how it is cut into batches."""
 
     path: str = ""  # file, directory, glob, .jsonl, .csv or .bin; empty = the task's embedded default
@@ -57,22 +68,34 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Freezable):
     """Optimization, schedule, precision and the callbacks of a run."""
 
-    lr: float = 1e-3  # peak learning rate
-    epochs: int = 10  # passes over the training data (max_steps, when set, ends the run earlier)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    lr: float = field(
+        default=1e-3, metadata=on_resume("applied", "the schedule's peak lr (its position is kept)")
+    )  # peak learning rate
+    epochs: int = field(
+        default=10, metadata=on_resume("applied", "the schedule's horizon")
+    )  # passes over the training data (max_steps, when set, ends the run earlier)
+    max_steps: int = field(
+        default=0, metadata=on_resume("applied", "the schedule's horizon")
+    )  # stop after this many optimizer steps (0 = no limit)
     batch_size: int = 32  # samples per process per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    optimizer: str = "adamw"  # adamw | adam | muon (Muon for hidden matrices + AdamW) | sgd | package.module:Class
+    optimizer: str = field(
+        default="adamw", metadata=on_resume("refused", "--training-optimizer")
+    )  # adamw | adam | muon (Muon for hidden matrices + AdamW) | sgd | package.module:Class
     weight_decay: float = 0.0  # decoupled weight decay (never applied to norms, biases, embeddings)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
     momentum: float = 0.9  # SGD momentum
     muon_lr_scale: float = 8.0  # muon: hidden matrices' lr / lr (RMS-matched to AdamW; 8 measured best of 1-16)
-    scheduler_type: str = "cosine"  # cosine, step, plateau, exponential, linear, constant, wsd, none
-    scheduler_interval: str = "step"  # step the scheduler per optimizer 'step' or per 'epoch'
+    scheduler_type: str = field(
+        default="cosine", metadata=on_resume("refused", "--training-scheduler-type")
+    )  # cosine, step, plateau, exponential, linear, constant, wsd, none
+    scheduler_interval: str = field(
+        default="step", metadata=on_resume("refused", "--training-scheduler-interval")
+    )  # step the scheduler per optimizer 'step' or per 'epoch'
     step_size: int = 30  # StepLR period (in scheduler intervals)
     gamma: float = 0.1  # StepLR/ExponentialLR decay factor
     warmup: int = 0  # linear warmup length in optimizer steps, composed with any scheduler
@@ -82,11 +105,14 @@ class TrainingConfig:
     plateau_patience: int = 10  # plateau: validations without improvement before a cut
     plateau_factor: float = 0.1  # plateau: lr multiplier on a cut
     precision: str = "auto"  # auto (bf16 where the device runs it fast, else fp32) | fp32 | bf16 | fp16 (+ GradScaler)
-    val_interval: int = 0  # validate every N optimizer steps (0 = at epoch end only)
+    val_interval: int = field(
+        default=0, metadata=on_resume("expected")
+    )  # validate every N optimizer steps (0 = at epoch end only)
     val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
-    log_interval: int = 10  # optimizer steps between metric logs
+    log_interval: int = field(default=10, metadata=on_resume("expected"))  # optimizer steps between metric logs
     callbacks: List[str] = field(
-        default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback"]
+        default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback"],
+        metadata=on_resume("expected"),
     )  # extra observers by name or package.module:Class (+NAME appends); schedule, checkpoints, logging always run
     early_stopping_monitor: str = "val/loss"  # EarlyStopping: metric watched
     early_stopping_mode: str = "min"  # EarlyStopping: min | max
@@ -105,7 +131,7 @@ class TrainingConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Freezable):
     """Where a run writes its records."""
 
     log_dir: str = ""  # run directory (default: runs/<task>-<timestamp>)
@@ -117,7 +143,7 @@ class LoggingConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Freezable):
     """Checkpoints and resume."""
 
     interval: int = 0  # save every N optimizer steps (0 = only at the end)
@@ -129,7 +155,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(Freezable):
     """Multi-process training."""
 
     nproc_per_node: int = 1  # local worker processes to spawn (torchrun sets its own)
@@ -141,18 +167,22 @@ class DistributedConfig:
 
 
 @dataclass
-class Config:
+class Config(Freezable):
     """The whole run: one section per component, plus the task and seed."""
 
-    task: str = "regression"  # task name (see --help for the list) or package.module:Class
+    task: str = field(
+        default="regression", metadata=on_resume("refused", "--task")
+    )  # task name (see --help for the list) or package.module:Class
     seed: int = 42  # global seed; each rank derives its own
-    plugins: List[str] = field(default_factory=list)  # modules imported first, to register extensions
+    plugins: List[str] = field(
+        default_factory=list, metadata=on_resume("expected")
+    )  # modules imported first, to register extensions
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=on_resume("expected"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=on_resume("expected"))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata=on_resume("expected"))
 
     def __post_init__(self) -> None:
         # Lines for the run's start (e.g. what precision `auto` chose); not part of the saved config.
@@ -174,6 +204,36 @@ class Config:
             f.write(self.to_yaml())
 
 
+def resume_policy(field_path: str) -> ResumePolicy:
+    """What resuming a checkpoint does when `field_path` ("training.lr", "task") of the run's config changed: the
+    policy declared beside the field (`on_resume` metadata), see `llm.config.fields.ResumePolicy`."""
+    return _resume_policy(Config, field_path)
+
+
+def resume_tables() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
+    """The resume policies of every field of `Config` as the checkpointer's tables: (prefixes of the fields expected
+    to change, a section as "section."; {field: what an applied change does}; {field: the flag that restores a
+    refused one}). Read from the fields' `on_resume` metadata, in field order."""
+    expected: list[str] = []
+    applied: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for f in dataclasses.fields(Config):
+        section = SECTIONS.get(f.name)
+        if section is None or "resume" in f.metadata:  # a top-level field, or a section with one policy for all
+            entries = [(f.name if section is None else f"{f.name}.", f)]
+        else:
+            entries = [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(section)]
+        for path, owner in entries:
+            policy = owner.metadata.get("resume", ResumePolicy())
+            if policy.kind == "refused":
+                refused[path] = policy.note
+            elif policy.kind != "warn":
+                expected.append(path)
+                if policy.kind == "applied":
+                    applied[path] = policy.note
+    return tuple(expected), applied, refused
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -183,101 +243,6 @@ SECTIONS: dict[str, type] = {
     "distributed": DistributedConfig,
 }
 TOP_LEVEL = ("task", "seed", "plugins")
-
-
-# ---------------------------------------------------------------------------------------------
-# Field introspection: types and the help text taken from each field's trailing comment.
-# ---------------------------------------------------------------------------------------------
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def field_help(cls: type) -> dict[str, str]:
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    helps: dict[str, str] = {}
-    for match in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", source, flags=re.M):
-        helps.setdefault(match.group(1), match.group(2).strip())
-    # A field whose default spans lines carries its comment on the closing line.
-    for match in re.finditer(r"^\s+(\w+)\s*:[^\n]*\(\n(?:[^\n]*\n)*?\s*\)\s*#\s*(.+)$", source, flags=re.M):
-        helps.setdefault(match.group(1), match.group(2).strip())
-    return helps
-
-
-def unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def type_name(tp: Any) -> str:
-    base, optional = unwrap_optional(tp)
-    if typing.get_origin(base) in (list, List):
-        inner = typing.get_args(base)[0]
-        name = f"list of {getattr(inner, '__name__', inner)}"
-    else:
-        name = getattr(base, "__name__", str(base))
-    return f"{name} or null" if optional else name
-
-
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-
-
-def coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check a YAML value against a field type; ints widen to floats, nothing else is guessed."""
-    base, optional = unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{path}: expected {type_name(tp)}, got null")
-    if typing.get_origin(base) in (list, List):
-        inner = typing.get_args(base)[0]
-        if not isinstance(value, list):
-            value = [value]
-        return [coerce(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 (PyYAML) reads `1e-3` as text, YAML 1.2 and every user as a number: take what 1.2 would.
-        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
-            return float(value)
-    elif base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{path}: expected {type_name(tp)}, got {show(value)} ({type(value).__name__})")
-
-
-def append_or_replace(path: str, current: Any, value: Any) -> Any:
-    """A list of names whose items all start with `+` appends to `current`; any other value replaces it.
-
-    So `--training-callbacks +EarlyStopping` (or `callbacks: [+EarlyStopping]` in YAML) keeps the
-    task's callbacks instead of making the user retype them. Only lists of strings take part: in a
-    list of numbers `+0.9` is just a positive number.
-    """
-    if not isinstance(value, list) or not any(isinstance(v, str) and v.startswith("+") for v in value):
-        return value
-    if not all(isinstance(v, str) and v.startswith("+") for v in value):
-        raise ConfigError(
-            f"{path}: {value} mixes '+NAME' (append to the defaults) with plain names (replace them); "
-            "prefix every name with + or none"
-        )
-    added = [v[1:] for v in value]
-    if not all(added):
-        raise ConfigError(f"{path}: a lone '+' names nothing; write +NAME, e.g. +EarlyStopping")
-    return [*current, *added]
 
 
 def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
@@ -309,71 +274,6 @@ def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
                 f"valid: {', '.join(list(TOP_LEVEL) + list(SECTIONS))}"
             )
 
-
-MAX_YAML_BYTES = 8 * 2**20  # a config is a few kilobytes; this bounds what a wrong path can cost
-
-
-class _Refused(Exception):
-    """A construct the config loader refuses, with the line it is on."""
-
-    def __init__(self, what: str, mark: Any) -> None:
-        super().__init__(what)
-        self.what, self.line = what, mark.line + 1 if mark is not None else 0
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` without aliases and without duplicate keys.
-
-    An alias (`*name`) refers to a node by reference, so nine lines of aliases to aliases (a "billion laughs"
-    file) stand for a billion values: safe to load, but every walk over it (the config's own checks) takes
-    minutes and gigabytes. A config never needs one, so aliases are refused when the file is composed, before
-    anything is expanded. A repeated key would silently take the last value, so it is refused too.
-    """
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise _Refused(f"YAML aliases are not accepted (*{event.anchor}); write the value out",
-                                event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # an unhashable key is the constructor's error, reported as invalid YAML
-            if key in seen:
-                raise _Refused(f"duplicate key {show(key)}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a config file: a regular file of at most MAX_YAML_BYTES, plain YAML (see `_ConfigLoader`)."""
-    if not os.path.exists(path):
-        raise ConfigError(f"config: file not found: {show(path)}")
-    if not os.path.isfile(path):  # a directory, FIFO or device: reading it would fail, hang or never end
-        raise ConfigError(f"config: {show(path)} is not a regular file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_YAML_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {show(path)}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError(f"config: {show(path)} is larger than {MAX_YAML_BYTES:,} bytes; not a config file")
-    try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_ConfigLoader)  # noqa: S506  (a SafeLoader subclass)
-    except _Refused as exc:
-        raise ConfigError(f"config: {show(path)} line {exc.line}: {exc.what}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"config: {show(path)} is not valid YAML: {shorten(first)}") from None
-    except RecursionError:
-        raise ConfigError(f"config: {show(path)} is nested too deeply to be a config") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise ConfigError(f"config: {show(path)} holds a value that cannot be read: {show(str(exc))}") from None
-    return data or {}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -513,7 +413,8 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         t.scheduler_interval in INTERVALS, "training.scheduler_interval", t.scheduler_interval, "step or epoch",
         INTERVALS,
     )
-    _check(t.early_stopping_mode in ("min", "max"), "training.early_stopping_mode", t.early_stopping_mode, "min or max")
+    for name, mode in (("training.early_stopping_mode", t.early_stopping_mode), ("checkpoint.mode", c.mode)):
+        _check(mode in MODES, name, mode, "min or max", MODES)
     _check(t.log_interval >= 1, "training.log_interval", t.log_interval, "must be >= 1")
     _check(t.val_interval >= 0, "training.val_interval", t.val_interval, "must be >= 0")
     _check(t.val_max_batches >= 0, "training.val_max_batches", t.val_max_batches, "must be >= 0")
@@ -539,7 +440,6 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
 
     _check(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0 = only at the end)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
-    _check(c.mode in ("min", "max"), "checkpoint.mode", c.mode, "min or max")
     _check(
         not c.monitor or c.monitor.startswith("val/"), "checkpoint.monitor", c.monitor,
         "a validation metric such as val/loss, or empty",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from llm.artifacts.checkpoint import CheckpointError, rng_state, set_rng_state, step_dir_name
-from llm.artifacts.runs import ENCODER_TASKS, load_init_from
+from llm.artifacts.runs import load_init_from
 from llm.errors import UserError
 from llm.fs import atomic_write, is_write_error, write_failure
 from llm.models import hooks
@@ -43,7 +43,7 @@ from llm.training.observers.metrics import MetricAccumulator
 from llm.training.observers.run_summary import announce_run
 from llm.training.observers.sinks import MetricSink, build_sinks, close_quietly
 from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
-from llm.training.optim.precision import apply_auto_precision, autocast
+from llm.training.optim.precision import autocast
 from llm.training.optim.schedulers import LRSchedule
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
 from llm.training.parallel.plan import ParallelPlan
@@ -119,7 +119,6 @@ class TrainingEngine:
         self.config, self.task = config, task
         self.rank, self.world_size = rank, world_size
         self.device = resolve_device(config.training.device, int(os.environ.get("LOCAL_RANK", rank)))
-        apply_auto_precision(config, self.device)  # a no-op when train_worker resolved it already
         self.logger = logging.getLogger("llm")
         self.data_module = data_module if data_module is not None else task.build_data_module()
         callbacks = list(callbacks) if callbacks is not None else build_callbacks(config)
@@ -350,7 +349,7 @@ class TrainingEngine:
         else:
             return None
         # model.init_from takes decoder language models only (runs.read_init_source).
-        fresh = "" if self.config.task in ENCODER_TASKS else (
+        fresh = "" if self.task.model_kind == "encoder" else (
             f", or start a new run from its weights, with a fresh optimizer and schedule, in another --logging-log-dir "
             f"with --model-init-from {self.run_dir}")
         return (f"nothing to train: the checkpoint is at step {step} and {limit} ends the run there; nothing was "

@@ -41,6 +41,9 @@ class TrainingTask:
     derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {}
     #: The data module used when `data.module` is not set.
     data_module_class: ClassVar[type[DataModule] | None] = None
+    #: What `build_model` returns: "decoder" (a `DecoderModel`, which `llm.generate`, `llm.export` and
+    #: `--model-init-from` read back) or "encoder" (a model with its own head, e.g. the regression task's).
+    model_kind: ClassVar[str] = "decoder"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -70,16 +73,30 @@ class TrainingTask:
             self.context.log(metrics, step)
 
     @classmethod
+    def resolved_values(cls, config: Any) -> dict[str, Any]:
+        """Values this task decides from the config being resolved, whatever the user set: {"section.field": value}
+        (the lm task's `model.vocab_size` follows its tokenizer). The resolution applies them before
+        `validate_config`; this reads the config and never writes it. Unlike `derived_defaults`, a rule here may
+        refuse a user's value (raise `ConfigError`)."""
+        return {}
+
+    @classmethod
     def validate_config(cls, config: Any) -> None:
-        """Task-specific checks; raise `ConfigError` naming the field. Runs before any work."""
+        """Task-specific checks; raise `ConfigError` naming the field. Runs before any work, on the config with the
+        task's `resolved_values` applied; it reads the config (which is frozen once resolution ends)."""
 
     # -- builders -------------------------------------------------------------------------------
     def build_data_module(self) -> DataModule:
-        if self.config.data.module:
-            return DATA_MODULES.get(self.config.data.module)(self.config)
-        if self.data_module_class is None:
+        """`data.module` when set, else `data_module_class`, given the values it uses: the built-in modules
+        (`takes_data_section`) the data section, the per-rank batch size, the seed and the run directory; a module
+        that reads the whole config (the user's guide, recipe 3) the config."""
+        c = self.config
+        cls = DATA_MODULES.get(c.data.module) if c.data.module else self.data_module_class
+        if cls is None:
             raise NotImplementedError(f"{type(self).__name__} has no data_module_class; override build_data_module")
-        return self.data_module_class(self.config)
+        if getattr(cls, "takes_data_section", False):
+            return cls(c.data, batch_size=c.training.batch_size, seed=c.seed, run_dir=c.logging.log_dir)
+        return cls(c)
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

@@ -9,11 +9,14 @@ from torch import nn
 
 from llm.data.digits import NUM_CLASSES, NUM_PATCHES, PATCH_FEATURES, DigitsDataModule
 from llm.errors import ConfigError
+from llm.registry import register_task
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.encoders import SequenceEncoder
 
 
+@register_task("classification")
 class ClassificationTask(TrainingTask):
+    model_kind = "encoder"
     config_defaults = {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
         "data": {"val_fraction": 0.2},

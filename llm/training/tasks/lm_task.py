@@ -9,8 +9,8 @@ mean, and perplexity is exp of it. The MoE auxiliary loss is added by the engine
 `model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default (or,
 with `model.preset`, the preset's vocabulary, which the preset's own tokenizer reproduces) must be at least the
 tokenizer's vocabulary (larger pads the embedding, e.g. to a multiple of 64); smaller is a "tokenizer/vocab
-mismatch" `ConfigError`. `validate_config` writes the resolved size back into the config before the run
-directory's `config.yaml` is saved, so a run's config rebuilds its model. `model.max_seq_len` is raised to
+mismatch" `ConfigError`. The size is resolved once, with the config (`resolved_values`, before the run
+directory's `config.yaml` is saved), so a run's config rebuilds its model. `model.max_seq_len` is raised to
 `data.seq_len` unless the user set it (`derived_defaults`, applied by the train CLI).
 
 `TextSampler` (callback) generates from a few prompts at every validation on rank 0 and publishes them through the
@@ -92,26 +92,33 @@ class LMTask(TrainingTask):
     data_module_class = TextDataModule
 
     @classmethod
-    def validate_config(cls, config: Any) -> None:
+    def resolved_values(cls, config: Any) -> dict[str, Any]:
+        """The tokenizer of a prepared directory and the model's vocabulary, decided once, before the run's
+        config.yaml is written, so that the saved config rebuilds the model."""
         d, m = config.data, config.model
-        sampling = getattr(d, "sampling", "random")
-        if sampling not in SAMPLING_MODES:
-            raise invalid("data.sampling", sampling, "random or sequential", SAMPLING_MODES)
-        if d.seq_len > m.max_seq_len:
-            raise invalid("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-        if d.tokenizer == "bpe" and d.path.endswith(".bin"):
+        values: dict[str, Any] = {}
+        tokenizer = d.tokenizer
+        prepared_tokenizer = os.path.join(d.path, TOKENIZER_FILE) if d.path else ""
+        if tokenizer in ("byte", "bpe") and is_prepared(d.path) and os.path.isfile(prepared_tokenizer):
+            # A directory prepared with a tokenizer.json (python -m llm.data.prepare) holds that tokenizer's ids:
+            # the run takes it, as it would have to be told anyway.
+            tokenizer = values["data.tokenizer"] = prepared_tokenizer
+        if tokenizer == "bpe" and d.path.endswith(".bin"):
             raise ConfigError(
                 f"data.tokenizer: 'bpe' trains on text but data.path {d.path!r} is pre-tokenized; "
                 "use 'byte' or the tokenizer.json the .bin was made with"
             )
-        prepared_tokenizer = os.path.join(d.path, TOKENIZER_FILE) if d.path else ""
-        if d.tokenizer in ("byte", "bpe") and is_prepared(d.path) and os.path.isfile(prepared_tokenizer):
-            # A directory prepared with a tokenizer.json (python -m llm.data.prepare) holds that tokenizer's ids:
-            # the run takes it, as it would have to be told anyway.
-            d.tokenizer = prepared_tokenizer
-        # Resolved here, before the run's config.yaml is written, so the saved config rebuilds the model.
-        tokenizer_vocab = resolve_vocab_size(d.tokenizer, d.vocab_size)
-        m.vocab_size = resolve_model_vocab(m.vocab_size, tokenizer_vocab, vocab_to_follow(m))
+        tokenizer_vocab = resolve_vocab_size(tokenizer, d.vocab_size)
+        values["model.vocab_size"] = resolve_model_vocab(m.vocab_size, tokenizer_vocab, vocab_to_follow(m))
+        return values
+
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        d, m = config.data, config.model
+        if d.sampling not in SAMPLING_MODES:
+            raise invalid("data.sampling", d.sampling, "random or sequential", SAMPLING_MODES)
+        if d.seq_len > m.max_seq_len:
+            raise invalid("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
 
     def build_data_module(self) -> Any:
         self.data_module = super().build_data_module()
@@ -119,10 +126,8 @@ class LMTask(TrainingTask):
 
     # -- builders -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        tokenizer = getattr(getattr(self, "data_module", None), "tokenizer", None)
-        if tokenizer is not None:
-            m = self.config.model
-            m.vocab_size = resolve_model_vocab(m.vocab_size, tokenizer.vocab_size, vocab_to_follow(m))
+        # model.vocab_size was resolved with the config (`resolved_values`); a BPE tokenizer trained short of
+        # data.vocab_size on a small corpus leaves spare embedding rows, which are harmless.
         return DecoderModel(**dataclasses.asdict(self.config.model))
 
     def build_criterion(self) -> nn.Module:

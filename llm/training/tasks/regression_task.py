@@ -21,6 +21,7 @@ from torch import nn
 
 from llm.data.regression import NUM_FEATURES, RegressionDataModule, csv_columns
 from llm.errors import ConfigError
+from llm.registry import register_task
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.encoders import SequenceEncoder
 
@@ -60,7 +61,9 @@ def positions_for_seq_len(config: Any) -> int:
     return max(config.model.max_seq_len, config.data.seq_len + 1)
 
 
+@register_task("regression")
 class RegressionTask(TrainingTask):
+    model_kind = "encoder"
     config_defaults = {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_seq_len": 64},
         "data": {"seq_len": 16, "num_samples": 4096, "val_fraction": 0.1},

@@ -77,7 +77,7 @@ def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monk
     resolved, _, _ = parse_config([])  # exactly what a run without flags uses
     for section, cls in SECTIONS.items():
         derived = {name for name, doc in field_help(cls).items() if "(default:" in doc}  # checked below
-        for name, value in vars(getattr(resolved, section)).items():
+        for name, value in ((f.name, getattr(getattr(resolved, section), f.name)) for f in dataclasses.fields(cls)):
             shown = {True: "true", False: "false", None: None, "": "''"}.get(value, value) \
                 if isinstance(value, (bool, str, type(None))) else value
             if name not in derived:
@@ -444,9 +444,9 @@ def test_log_dir_must_be_creatable(tmp_path):
 
 
 def test_yaml_over_the_size_cap_is_refused_unread(tmp_path, monkeypatch):
-    from llm.training.core import config as config_module
+    from llm.config import yaml_file
 
-    monkeypatch.setattr(config_module, "MAX_YAML_BYTES", 64)
+    monkeypatch.setattr(yaml_file, "MAX_YAML_BYTES", 64)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("training:\n  lr: 0.1\n" + "# padding\n" * 10)
     with pytest.raises(ConfigError, match="is larger than 64 bytes; not a config file"):
@@ -457,3 +457,80 @@ def test_long_flag_values_are_shortened_in_parse_errors():
     with pytest.raises(ConfigError) as info:
         parse_config(["--task", "regression", "--training-lr", "9" * 100_000 + "x"])
     assert "--training-lr" in str(info.value) and len(str(info.value)) < 600
+
+
+# ------------------------------------------------------------------------------------------- resolved once, frozen
+def test_the_resolved_config_refuses_assignment_and_copies_are_explicit(tmp_path):
+    import pickle
+
+    from llm.config import FrozenConfigError, is_frozen, replace_values, thawed
+
+    config, _, _ = parse_config(["--task", "regression", "--logging-log-dir", str(tmp_path / "run")])
+    for owner, name, value in [(config.training, "lr", 0.5), (config.model, "hidden_size", 8), (config, "task", "lm"),
+                               (config.logging, "log_dir", "elsewhere")]:
+        with pytest.raises(FrozenConfigError, match=r"^config\.(\w+\.)?\w+: the run's config is resolved once"):
+            setattr(owner, name, value)
+    with pytest.raises(FrozenConfigError, match=r"^config\.training\.lr"):
+        config.training.lr = 0.5
+    assert config.training.lr != 0.5
+    # A spawned worker receives the config pickled: it arrives frozen.
+    assert is_frozen(pickle.loads(pickle.dumps(config)).training)
+    changed = replace_values(config, {"training.lr": 0.5})
+    assert changed.training.lr == 0.5 and config.training.lr != 0.5 and is_frozen(changed.model)
+    loose = thawed(config)
+    loose.training.lr = 0.25  # a thawed copy is a plain config again
+    assert not is_frozen(loose) and is_frozen(config)
+    with pytest.raises(AttributeError, match="no field 'lrr'"):
+        replace_values(config, {"training.lrr": 1.0})
+
+
+def test_resolution_order_preset_yaml_flags_init_from_and_auto(tmp_path, monkeypatch):
+    """defaults < task defaults < preset < YAML < flags, then init-from adopts the source's shape, the lm task's
+    vocabulary follows the tokenizer, and `auto` precision becomes what this machine runs."""
+    import torch
+
+    from llm.models.decoder import DecoderModel
+    from llm.models.hf import save_hf
+    from llm.models.presets import PRESETS
+    from llm.training.optim.precision import resolve_precision
+
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = PRESETS["tiny"].fields
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  num_layers: 3\n  hidden_size: 64\ntraining:\n  lr: 0.002\n")
+    run = ["--task", "lm", "--logging-log-dir", str(tmp_path / "run"), "--training-device", "cpu"]
+    config, _, _ = parse_config([*run, "--model-preset", "tiny", "--config", str(cfg), "--model-hidden-size", "48",
+                                 "--model-num-heads", "4", "--training-precision", "auto"])
+    m = config.model
+    assert m.num_kv_heads == tiny["num_kv_heads"]  # the preset's, over the task's default (None)
+    assert m.num_layers == 3 != tiny["num_layers"]  # the YAML's, over the preset's
+    assert m.hidden_size == 48  # the flag's, over the YAML's and the preset's
+    assert config.training.lr == 0.002  # the YAML's, over the lm task's default
+    assert m.max_seq_len == config.data.seq_len == 256  # derived: raised to data.seq_len (preset: 128)
+    assert config.training.precision == resolve_precision("auto", torch.device("cpu"))[0]  # auto, resolved
+    assert any(note.startswith("precision ") for note in config.notes)
+
+    source = tmp_path / "source"
+    torch.manual_seed(0)
+    save_hf(DecoderModel.tiny(hidden_size=64, num_layers=3, max_seq_len=64), source)
+    config, _, _ = parse_config([*run, "--model-init-from", str(source), "--data-tokenizer", "byte",
+                                 "--training-precision", "fp32"])
+    m = config.model
+    assert (m.hidden_size, m.num_layers, m.num_kv_heads, m.max_seq_len) == (64, 3, 2, 64)  # adopted from the source
+    assert config.data.seq_len == 64  # lowered to the source's context
+    assert m.vocab_size == 256  # the byte tokenizer's
+    assert config.training.precision == "fp32"  # set: not touched
+
+
+def test_resume_policies_are_declared_beside_the_fields():
+    from llm.training import checkpointer
+    from llm.training.core.config import resume_policy, resume_tables
+
+    assert resume_policy("training.lr").kind == "applied" and "peak lr" in resume_policy("training.lr").note
+    assert resume_policy("training.scheduler_type").note == "--training-scheduler-type"
+    assert resume_policy("checkpoint.keep_last").kind == "expected"  # the whole section's policy
+    assert resume_policy("training.warmup").kind == resume_policy("no.such.field").kind == "warn"
+    # The checkpointer's tables, read from the fields (what it uses once it calls resume_tables()).
+    expected, applied, refused = resume_tables()
+    assert set(expected) == set(checkpointer._EXPECTED_CHANGES)
+    assert (applied, refused) == (checkpointer._APPLIED_CHANGES, checkpointer._REFUSED_CHANGES)

@@ -69,7 +69,8 @@ def test_final_weights_saved_as_safetensors(tmp_path):
 
 def test_tensor_metrics_do_not_sync_between_log_steps(tmp_path, monkeypatch):
     """`.item()`/`.tolist()` on metrics happen only at log steps (plus the one-bool finite check)."""
-    config, task_class = make_config(tmp_path, "--training-max-steps", "8", "--training-log-interval", "4")
+    config, task_class = make_config(tmp_path, "--training-max-steps", "8", "--training-log-interval", "4",
+                                     "--training-val-interval", "0")  # the resolved config is frozen: set it here
     engine = _engine(config, task_class)
     calls = {"tolist": 0}
     original = MetricAccumulator.compute
@@ -79,7 +80,6 @@ def test_tensor_metrics_do_not_sync_between_log_steps(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(MetricAccumulator, "compute", counting)
-    engine.config.training.val_interval = 0
     engine.data_module.val_dataloader = lambda: None
     engine.run()
     assert calls["tolist"] == 2  # steps 4 and 8

@@ -12,6 +12,7 @@ import types
 import pytest
 from helpers import make_config, read_metrics
 
+from llm.config import replace_values
 from llm.errors import ConfigError
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import TrainingEngine
@@ -75,7 +76,7 @@ def test_listed_logger_callbacks_are_the_configured_sinks_not_copies(tmp_path):
     sinks = build_sinks(config, callbacks)
     assert [type(s).__name__ for s in sinks] == ["MetricsLogger", "ConsoleLogger", "TensorBoardLogger"]
     assert all(any(s is cb for cb in callbacks) for s in sinks)
-    config.logging.loggers = ["console", "csv"]
+    config = replace_values(config, {"logging.loggers": ["console", "csv"]})  # the resolved config is frozen
     assert [type(s).__name__ for s in build_sinks(config, [])] == ["ConsoleLogger", "CSVLogger"]
 
 

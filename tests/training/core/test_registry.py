@@ -60,20 +60,6 @@ def test_builtin_registries_are_populated():
     assert "WelcomeMessage" not in CALLBACKS.names() and not hasattr(callbacks, "WelcomeMessage")
 
 
-def test_old_import_paths_are_the_base_layer_objects():
-    # The guide imports from llm.training.core.*; registering there must fill the registries llm.data uses.
-    import llm.errors
-    import llm.registry
-    from llm import errors as old_errors
-    from llm import registry as old_registry
-
-    for name in old_registry.__all__:
-        assert getattr(old_registry, name) is getattr(llm.registry, name), name
-    for name in old_errors.__all__:
-        assert getattr(old_errors, name) is getattr(llm.errors, name), name
-    assert issubclass(old_errors.ConfigError, llm.errors.UserError)
-
-
 # ---------------------------------------------------------------------------------------------
 # Issue 12, item 9: a taken name is an error unless the plugin asks to override; plugin names are checked.
 # ---------------------------------------------------------------------------------------------

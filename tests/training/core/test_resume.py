@@ -17,6 +17,7 @@ from helpers import make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import MANIFEST, CheckpointError, list_checkpoints, verify_checkpoint
+from llm.config import replace_values
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import TrainingEngine
 from llm.training.train import prepare_run_dir
@@ -48,7 +49,7 @@ def train(tmp_path: Path, run: str, *args: str, extra: tuple[Callback, ...] = ()
           overwrite: bool = False) -> TrainingEngine:
     config, task_class = make_config(tmp_path, *CKPT, *args, "--logging-log-dir", str(tmp_path / run))
     if overwrite:  # --checkpoint-overwrite
-        config.checkpoint.overwrite = True
+        config = replace_values(config, {"checkpoint.overwrite": True})  # the resolved config is frozen
     prepare_run_dir(config)
     task = task_class(config)
     callbacks = build_callbacks(config) + list(extra)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from llm.config import replace_values
 from llm.errors import ConfigError
 from llm.training.core.config import Config
 from llm.training.tasks.lm_task import LMTask, TextSampler, resolve_model_vocab
@@ -104,15 +105,15 @@ def test_regression_context_covers_its_window_and_summary_token():
     assert parse_config(["--task", "regression"])[0].model.max_seq_len == 64  # the tuned default, unchanged
 
 
-def test_validate_config_resolves_vocab_and_rejects_bad_values(tmp_path):
+def test_resolution_decides_vocab_and_validation_rejects_bad_values(tmp_path):
     config = Config(task="lm")
     config.data.tokenizer = "bpe"
-    LMTask.validate_config(config)
-    assert config.model.vocab_size == config.data.vocab_size
+    assert LMTask.resolved_values(config) == {"model.vocab_size": config.data.vocab_size}
+    assert config.model.vocab_size == Config().model.vocab_size  # read, not written: the resolution applies it
     config = Config(task="lm")
     config.model.vocab_size = 100
     with pytest.raises(ConfigError, match=r"^model.vocab_size: tokenizer/vocab mismatch"):
-        LMTask.validate_config(config)
+        LMTask.resolved_values(config)
     config = Config(task="lm")
     config.data.sampling = "shuffled"
     with pytest.raises(ConfigError, match="data.sampling"):
@@ -157,8 +158,10 @@ def test_perplexity_is_exp_of_the_mean_loss_not_a_mean_of_perplexities(tmp_path)
 def test_bpb_uses_the_tokens_per_byte_of_the_split(tmp_path):
     config = tiny_config(tmp_path, text=TEXT * 12)
     config.data.tokenizer, config.data.vocab_size = "bpe", 300
+    config = replace_values(config, LMTask.resolved_values(config))  # what the resolution does
     task, dm, model, criterion = build(config)
-    assert model.embed_tokens.num_embeddings == dm.tokenizer.vocab_size
+    # The vocabulary is decided with the config (data.vocab_size); a BPE stopping short leaves spare rows.
+    assert model.embed_tokens.num_embeddings == 300 >= dm.tokenizer.vocab_size
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         loss, _ = task.validation_step(batch, model, criterion)
@@ -310,6 +313,6 @@ def test_a_prepared_directory_brings_its_tokenizer(tmp_path):
                          "--vocab-size", "300"]) == 0
     config = Config(task="lm")
     config.data.path = str(tmp_path / "out")
-    LMTask.validate_config(config)
-    assert config.data.tokenizer == str(tmp_path / "out" / "tokenizer.json")
-    assert 257 <= config.model.vocab_size <= 300
+    values = LMTask.resolved_values(config)
+    assert values["data.tokenizer"] == str(tmp_path / "out" / "tokenizer.json")
+    assert 257 <= values["model.vocab_size"] <= 300

@@ -46,7 +46,7 @@ def house_run(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     config, _, _ = parse_config(argv)
-    data = RegressionDataModule(config)
+    data = RegressionDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     data.setup()
     return config, data, root / "run"
 

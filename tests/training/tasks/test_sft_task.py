@@ -85,7 +85,10 @@ def test_bpe_is_refused_and_the_vocabulary_follows_the_tokenizer():
         SFTTask.validate_config(config)
     config.data.tokenizer = "byte"
     SFTTask.validate_config(config)
-    assert config.model.vocab_size == 256
+    config.model.vocab_size = 4096  # a larger vocabulary set by the user is kept (spare rows)
+    assert SFTTask.resolved_values(config)["model.vocab_size"] == 4096
+    config.model.vocab_size = 256
+    assert SFTTask.resolved_values(config)["model.vocab_size"] == 256
 
 
 def test_lora_fields_are_validated():
