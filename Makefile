@@ -17,7 +17,7 @@ export OMP_NUM_THREADS
 # 10.5 min for the suite); raise it on a machine with more cores.
 TEST_WORKERS ?= 2
 
-.PHONY: train test lint clean
+.PHONY: train test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ train: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/ruff check llm tests benchmarks
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The fast tier: everything but the tests marked `slow` (multi-process jobs, signal loops, torch.compile, whole
+# training runs through real processes); the edit-test loop, a few minutes.
+test-fast: $(VENV)/.dev
+	$(BIN)/ruff check llm tests benchmarks
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check llm tests benchmarks

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import make_config, tiny_engine
+from tiers import SLOW_TESTS, TESTS_DIR
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine running subprocess tests
 # side by side, thread oversubscription made tiny runs ~25x slower. Subprocesses inherit the env var.
@@ -39,6 +40,23 @@ def _llm_logger_restored():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests listed in SLOW_TESTS `slow`; then put the modules that hold slow tests first, so that with
+    `--dist loadfile` the long modules start early and the two workers finish together (longest first)."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        try:
+            names = SLOW_TESTS.get(path.relative_to(TESTS_DIR).as_posix(), ())
+        except ValueError:
+            continue
+        if "*" in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)
+    slow_modules = {str(item.fspath) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: str(item.fspath) not in slow_modules)  # stable: order within a module is kept
 
 
 TinyConfig = Callable[..., tuple[Any, type]]

@@ -196,6 +196,7 @@ MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 
 # moe-fp32 guards MoELayer's dispatch under compile: torch's meta kernel of _grouped_mm accepts bf16 only, while
 # its CPU kernel also takes fp32, so a compiled fp32 MoE must take the loop path.
+@pytest.mark.slow  # torch.compile (inductor) takes 10-20 s per model on a CPU
 @pytest.mark.parametrize(
     ("model_args", "precision", "rel"),
     [([], "fp32", 1e-4), (MOE, "bf16", 2e-2), (MOE, "fp32", 1e-4)],
