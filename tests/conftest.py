@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ def _llm_logger_restored():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests listed in SLOW_TESTS `slow`; then put the modules that hold slow tests first, so that with
-    `--dist loadfile` the long modules start early and the two workers finish together (longest first)."""
+    """Mark the tests listed in tiers.SLOW_TESTS `slow`; then order the modules longest first (most slow tests, then
+    most tests), so that with `--dist loadfile --no-loadscope-reorder` (the Makefile) the long modules start early
+    and the two workers finish together. The order of the tests within a module is kept."""
     for item in items:
         path = Path(str(item.fspath)).resolve()
         try:
@@ -55,8 +57,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if "*" in names or getattr(item, "originalname", item.name) in names:
             item.add_marker(pytest.mark.slow)
-    slow_modules = {str(item.fspath) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: str(item.fspath) not in slow_modules)  # stable: order within a module is kept
+    slow: Counter[str] = Counter(str(item.fspath) for item in items if item.get_closest_marker("slow"))
+    count: Counter[str] = Counter(str(item.fspath) for item in items)
+    items.sort(key=lambda item: (-slow[str(item.fspath)], -count[str(item.fspath)]))  # a stable sort
 
 
 TinyConfig = Callable[..., tuple[Any, type]]
