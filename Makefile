@@ -13,11 +13,13 @@ TRAIN_ARGS ?=
 OMP_NUM_THREADS ?= 1
 export OMP_NUM_THREADS
 # Test processes (pytest-xdist; each test file stays in one process, so module fixtures run once). Most tests are
-# single-threaded or wait on subprocesses, so two workers keep both cores of the 2-core CI machine busy (measured:
-# 10.5 min for the suite); raise it on a machine with more cores.
+# single-threaded or wait on subprocesses, so two workers keep both cores of the 2-core CI machine busy; raise it
+# on a machine with more cores. The files go out longest first (the order tests/conftest.py sets, which
+# --no-loadscope-reorder keeps), so that no long file starts last.
 TEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: train test lint clean
+.PHONY: train test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +39,13 @@ train: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check llm tests benchmarks
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest $(PYTEST_XDIST)
+
+# The fast tier: everything but the tests marked `slow` (multi-process jobs, signal loops, torch.compile, whole
+# training runs through real processes); the edit-test loop, a few minutes.
+test-fast: $(VENV)/.dev
+	$(BIN)/ruff check llm tests benchmarks
+	$(BIN)/python -m pytest $(PYTEST_XDIST) -m "not slow"
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check llm tests benchmarks

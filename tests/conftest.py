@@ -1,11 +1,19 @@
-"""Shared fixtures: one intra-op thread everywhere, and an isolated token cache for the session."""
+"""Shared fixtures: one intra-op thread everywhere, an isolated token cache for the session, and the tiny configs
+and engines the training tests build (`tiny_config`, `make_engine`)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from helpers import make_config, tiny_engine
+from tiers import SLOW_TESTS, TESTS_DIR
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine running subprocess tests
 # side by side, thread oversubscription made tiny runs ~25x slower. Subprocesses inherit the env var.
@@ -18,3 +26,61 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Token caches of the whole session go to one temporary directory (shared between tests)."""
     os.environ.setdefault("LLM_CACHE_DIR", str(tmp_path_factory.mktemp("llm-cache")))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _llm_logger_restored():
+    """An in-process run sets up the "llm" logger (no propagation, a file handler into its run directory); put it
+    back after each test, so that the next test's caplog sees its records and no run's train.log stays open."""
+    logger = logging.getLogger("llm")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for handler in logger.handlers:
+        if handler not in handlers:
+            handler.close()
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests listed in tiers.SLOW_TESTS `slow`; then order the modules longest first (most slow tests, then
+    most tests), so that with `--dist loadfile --no-loadscope-reorder` (the Makefile) the long modules start early
+    and the two workers finish together. The order of the tests within a module is kept."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        try:
+            names = SLOW_TESTS.get(path.relative_to(TESTS_DIR).as_posix(), ())
+        except ValueError:
+            continue
+        if "*" in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.slow)
+    slow: Counter[str] = Counter(str(item.fspath) for item in items if item.get_closest_marker("slow"))
+    count: Counter[str] = Counter(str(item.fspath) for item in items)
+    items.sort(key=lambda item: (-slow[str(item.fspath)], -count[str(item.fspath)]))  # a stable sort
+
+
+TinyConfig = Callable[..., tuple[Any, type]]
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> TinyConfig:
+    """`tiny_config(*flags, base=None)`: (config, task_class) parsed as the CLI would from the tiny regression run's
+    flags (`helpers.TINY_REGRESSION`, or `base`) plus `flags`, with the run directory `tmp_path/run`."""
+
+    def make(*flags: str, base: list[str] | None = None) -> tuple[Any, type]:
+        return make_config(tmp_path, *flags, base=base)
+
+    return make
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Callable[..., Any]:
+    """`make_engine(*flags, ...)`: `helpers.tiny_engine` working under this test's tmp_path (or `workdir=`)."""
+
+    def make(*flags: str, workdir: Path | None = None, **options: Any) -> Any:
+        return tiny_engine(workdir or tmp_path, *flags, **options)
+
+    return make

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +39,51 @@ def run_cli(args: list[str], cwd: Path, module: str = "llm.training.train", time
     )
 
 
+def call_main(main: Callable[[list[str]], int | None], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Call a CLI's `main(argv)` in this process as `python -m <module> args` would run it in `cwd`.
+
+    Returns what `run_cli` returns: the exit status and the text of stdout and stderr, where stderr also holds what
+    the real process would have printed there: the warnings Python shows by default (every one of them, so a check
+    for "one line and nothing else" stays as strict) and the traceback of an exception that escapes `main`. Saves
+    the ~2 s of interpreter and torch start-up a subprocess pays. Things only a real process shows (C++ warnings
+    written to fd 2, a crash at exit, `python -m` putting `cwd` on sys.path for plugins) need `run_cli`.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    llm_logger = logging.getLogger("llm")
+    saved_logger = (list(llm_logger.handlers), llm_logger.level, llm_logger.propagate)
+    old_cwd = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            # The interpreter's default filters (what `python -m` shows), but every occurrence rather than once.
+            warnings.resetwarnings()
+            warnings.simplefilter("always")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            try:
+                status = main(list(args))
+            except SystemExit as exc:
+                status = exc.code
+                if status is not None and not isinstance(status, int):
+                    print(status, file=sys.stderr)  # what the interpreter does with sys.exit("message")
+                    status = 1
+            except Exception:  # noqa: BLE001  (the real process would die with this traceback)
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(old_cwd)
+        # A run sets up the "llm" logger (a file handler into the run directory); leave it as it was.
+        for handler in llm_logger.handlers:
+            if handler not in saved_logger[0]:
+                handler.close()
+        llm_logger.handlers[:] = saved_logger[0]
+        llm_logger.setLevel(saved_logger[1])
+        llm_logger.propagate = saved_logger[2]
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    return subprocess.CompletedProcess(["main", *args], status or 0, out.getvalue(), shown + err.getvalue())
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -44,3 +96,27 @@ def make_config(tmp_path: Path, *args: str, base: list[str] | None = None):
     argv = [*(TINY_REGRESSION if base is None else base), "--logging-log-dir", str(tmp_path / "run"), *args]
     config, task_class, _ = parse_config(argv)
     return config, task_class
+
+
+def tiny_engine(workdir: Path, *flags: str, base: list[str] | None = None, task_class: type | None = None,
+                callbacks: Iterable[Any] | None = None, extra_callbacks: Iterable[Any] = (), prepare: bool = True,
+                run: bool = False) -> Any:
+    """A `TrainingEngine` built the way `train_worker` builds one (`llm.training.train.build_engine`), from the tiny
+    run's flags (`TINY_REGRESSION`, or `base`) plus `flags`; the run directory is `workdir/run` unless the flags
+    name another (`--logging-log-dir`).
+
+    task_class replaces the configured task; callbacks replace the configured callbacks and extra_callbacks come
+    after them; prepare creates the run directory first, as the CLI does; run also runs the engine. Tests get it
+    bound to their tmp_path as the `make_engine` fixture (conftest.py); module fixtures call it directly.
+    """
+    from llm.training.core.callbacks import build_callbacks
+    from llm.training.train import build_engine, prepare_run_dir
+
+    config, configured_task = make_config(workdir, *flags, base=base)
+    if prepare:
+        prepare_run_dir(config)
+    chosen = build_callbacks(config) if callbacks is None else list(callbacks)
+    engine = build_engine(config, task_class or configured_task, callbacks=[*chosen, *extra_callbacks])
+    if run:
+        engine.run()
+    return engine

@@ -1,8 +1,12 @@
-"""A battery of bad invocations, each run as a user would: `python -m llm.training.train ...`.
+"""A battery of bad invocations of `python -m llm.training.train ...`.
 
 Every one must exit with status 2, print one `error: ...` line naming the problem (no traceback),
 and leave nothing half-made behind: no run directory for a config error, no checkpoint change for a
-checkpoint error. The subprocesses run concurrently (each pays ~2 s of imports), so the module stays fast.
+checkpoint error. Most cases call the CLI's `main(argv)` in this process (`helpers.call_main`: same exit status,
+same stderr, warnings included), which saves a process start (~2 s of imports) per case; a case marked `process`
+runs as a real process: one of each kind (so the real CLI is held to the same rules), the plugins that live in
+the case's directory (`python -m` imports them from there, and they must not stay registered in this process),
+and the run directory locked by this test process.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import REPO, TINY_REGRESSION, make_config
+from helpers import REPO, TINY_REGRESSION, call_main, make_config
 
 from llm.artifacts.lock import LockHolder
 
@@ -85,12 +89,17 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)
     spoil: Callable[[Path], None] | None = None  # checkpoint cases: how the copied run is damaged
     raw: bool = False  # args are the whole command line (otherwise they follow the tiny run's flags)
+    process: bool = False  # run as a real `python -m` process (see the module docstring); plugin files imply it
+
+    def __post_init__(self) -> None:
+        self.process = self.process or any(name.endswith(".py") for name in self.files)
 
 
 RESUME = [*CKPT_FLAGS, "--logging-log-dir", "run"]
 CASES = [
     # Command line
-    Case("unknown-flag", ["--training-lrr", "0.1"], "'--training-lrr' (did you mean '--training-lr'?)"),
+    Case("unknown-flag", ["--training-lrr", "0.1"], "'--training-lrr' (did you mean '--training-lr'?)",
+         process=True),
     Case("not-a-float", ["--training-lr", "abc"], "--training-lr"),
     Case("stray-argument", ["regression", *TINY_REGRESSION], "unexpected argument 'regression'", raw=True),
     Case("unknown-logger", ["--logging-loggers", "console", "tensorbord"], "did you mean 'tensorboard'"),
@@ -124,7 +133,7 @@ CASES = [
     Case("data-path-missing", ["--data-path", "missing.csv"], "data.path"),
     Case("data-not-csv", ["--data-path", "d.txt"], "data.path", files={"d.txt": "1,2\n3,4\n"}),
     Case("csv-non-numeric", ["--data-path", "d.csv"], "line 3 has a non-numeric value", kind="data",
-         files={"d.csv": "a,b,y\n1,2,3\n4,x,6\n7,8,9\n"}),
+         files={"d.csv": "a,b,y\n1,2,3\n4,x,6\n7,8,9\n"}, process=True),
     Case("batch-larger-than-data", ["--training-batch-size", "1000"], "training.batch_size", kind="data"),
     # Checkpoints
     Case("resume-not-a-checkpoint", [*RESUME, "--checkpoint-resume", "empty"], "no complete checkpoint in empty",
@@ -132,7 +141,7 @@ CASES = [
     Case("resume-corrupt", [*RESUME, "--checkpoint-resume", "run/checkpoints/step-00000002"], "fails its checksum",
          kind="checkpoint", spoil=_flip_byte),
     Case("resume-other-shape", [*RESUME, "--model-hidden-size", "16"], "the model does not match", kind="checkpoint"),
-    Case("resume-malicious-pickle", RESUME, "refusing to load", kind="checkpoint", spoil=_malicious),
+    Case("resume-malicious-pickle", RESUME, "refusing to load", kind="checkpoint", spoil=_malicious, process=True),
     Case("resume-garbage-manifest", [*RESUME, "--checkpoint-resume", "run/checkpoints/step-00000002"],
          "manifest.json is unreadable", kind="checkpoint", spoil=_garbage_manifest),
     # Another world size resumes (elastic); a manifest claiming 2 processes must hold both trainer states.
@@ -140,7 +149,7 @@ CASES = [
          "has no trainer_state_rank1.pt", kind="checkpoint", spoil=_edit_manifest(world_size=2)),
     # The run directory is held by a live run (the lock names this test process, alive while the case runs).
     Case("run-dir-in-use", ["--logging-log-dir", "run"], "run is in use by pid",
-         files={"run/.lock": LockHolder.this_process().to_json()}),
+         files={"run/.lock": LockHolder.this_process().to_json()}, process=True),
 ]
 
 
@@ -338,7 +347,7 @@ CASES += [
     Case("yaml-plugins-empty", ["--config", "c.yaml"], "plugins: '' is not a module name",
          files=_yaml("plugins: ['']\n")),
     Case("yaml-1mb-value", ["--config", "c.yaml"], "training.optimizer: unknown optimizer 'xxx",
-         files=_yaml(f"training:\n  optimizer: {LONG_VALUE}\n")),
+         files=_yaml(f"training:\n  optimizer: {LONG_VALUE}\n"), process=True),
     # Plugins: names checked, failures named, a taken name refused.
     Case("plugin-empty-name", ["--plugins", ""], "plugins: '' is not a module name"),
     Case("plugin-name-with-space", ["--plugins", "a b"], "plugins: 'a b' is not a module name"),
@@ -368,15 +377,19 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 def _launch(case: Case, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = case.args if case.raw else [*TINY_REGRESSION, *case.args]
+    if not case.process:
+        from llm.training.train import main
+
+        return call_main(main, args, cwd)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "llm.training.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, dict[str, bytes]]]:
-    """Prepare every case's working directory, run all cases at once, return (result, cwd, files before)."""
+    """Prepare every case's working directory, run all cases, return (result, cwd, files before)."""
     from llm.training.train import train_worker
 
     base = tmp_path_factory.mktemp("bad-inputs")
@@ -386,28 +399,33 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
     torch.set_num_threads(1)
     try:
         train_worker(0, 1, config, task_class)
+        shutil.rmtree(base / "run" / "checkpoints" / "step-00000004")  # resume from step 2 to step 4
+        prepared = {}
+        for case in CASES:
+            cwd = base / case.id
+            cwd.mkdir()
+            if case.kind == "checkpoint" and case.id != "resume-not-a-checkpoint":
+                shutil.copytree(base / "run", cwd / "run")
+                if case.spoil is not None:
+                    case.spoil(cwd)
+            for name, text in case.files.items():
+                (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+                (cwd / name).write_text(text)
+            prepared[case.id] = (cwd, _snapshot(cwd))
+        # The real processes run in the background while this thread calls main() for the other cases in turn.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {case.id: pool.submit(_launch, case, prepared[case.id][0]) for case in CASES if case.process}
+            results = {case.id: _launch(case, prepared[case.id][0]) for case in CASES if not case.process}
+            results.update({cid: future.result() for cid, future in futures.items()})
     finally:
         torch.set_num_threads(threads)
-    shutil.rmtree(base / "run" / "checkpoints" / "step-00000004")  # resume from step 2 to step 4
-    prepared = {}
-    for case in CASES:
-        cwd = base / case.id
-        cwd.mkdir()
-        if case.kind == "checkpoint" and case.id != "resume-not-a-checkpoint":
-            shutil.copytree(base / "run", cwd / "run")
-            if case.spoil is not None:
-                case.spoil(cwd)
-        for name, text in case.files.items():
-            (cwd / name).parent.mkdir(parents=True, exist_ok=True)
-            (cwd / name).write_text(text)
-        prepared[case.id] = (cwd, _snapshot(cwd))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {case.id: pool.submit(_launch, case, prepared[case.id][0]) for case in CASES}
-        return {cid: (future.result(), *prepared[cid]) for cid, future in futures.items()}
+    return {case.id: (results[case.id], *prepared[case.id]) for case in CASES}
 
 
 def test_there_are_at_least_25_distinct_cases():
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+    # Each kind of failure is also met by the real CLI process, not only by main() in this one.
+    assert {c.kind for c in CASES if c.process} == {"config", "data", "checkpoint"}
     assert len({tuple(c.args) + tuple(c.files.items()) + (c.spoil,) for c in CASES}) == len(CASES)
 
 

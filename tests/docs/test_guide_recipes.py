@@ -61,7 +61,10 @@ def run_guide_command(workspace, command: str, name: str, *extra: str) -> subpro
     root, work, _ = workspace
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "llm.training.train"], command
-    env = {"PYTHONPATH": f"{root}:{work}", "PATH": "/usr/bin:/bin", "LLM_CACHE_DIR": str(root / "cache")}
+    # One intra-op thread, as everywhere in the suite: these tiny runs gain nothing from more, and several of them
+    # beside the other tests' processes oversubscribed a 2-core machine until they hit the timeout.
+    env = {"PYTHONPATH": f"{root}:{work}", "PATH": "/usr/bin:/bin", "LLM_CACHE_DIR": str(root / "cache"),
+           "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, *argv[1:], "--logging-log-dir", name, *extra], cwd=work, capture_output=True, text=True,
         timeout=300, env=env,
@@ -98,6 +101,7 @@ def test_recipe_1_exponential_scheduler_keeps_warmup(workspace):
     assert logged_lrs(workspace[1] / "r1") == pytest.approx(expected)
 
 
+@pytest.mark.slow  # a whole training run (60-120 steps) in a real process
 def test_recipe_1_literal_command_learns(workspace):
     proc = run_guide_command(workspace, command(workspace, "--scheduler-type exponential"), "r1lit", *FAST,
                              "--training-max-steps", "120")
@@ -124,6 +128,7 @@ def test_recipe_1_registered_scheduler_from_a_plugin(workspace):
     assert logged_lrs(workspace[1] / "r1p")[2:] == pytest.approx([base, base / math.sqrt(2)])
 
 
+@pytest.mark.slow  # a whole training run (60-120 steps) in a real process
 def test_recipe_2_welcome_callback_and_the_configured_schedule(workspace):
     # The literal command lists no LRSchedulerCallback, ProgressBar or ModelCheckpoint: the engine owns those.
     proc = run_guide_command(workspace, command(workspace, "WelcomeMessage"), "r2", *FAST, "--training-max-steps",
@@ -140,6 +145,7 @@ def test_recipe_2_welcome_callback_and_the_configured_schedule(workspace):
     assert_learned(workspace[1] / "r2")
 
 
+@pytest.mark.slow  # a whole training run (60-120 steps) in a real process
 def test_recipe_2_pasted_callback_default_keeps_the_services(workspace):
     # Recipe 2 replaced TrainingConfig.callbacks' default (no ProgressBar, no ModelCheckpoint): a run with the
     # defaults still follows its schedule, checkpoints and reports progress.
@@ -152,6 +158,7 @@ def test_recipe_2_pasted_callback_default_keeps_the_services(workspace):
     assert_learned(workspace[1] / "r2d")
 
 
+@pytest.mark.slow  # a whole training run (60-120 steps) in a real process
 def test_recipe_3_new_task_trains(workspace):
     proc = run_guide_command(workspace, command(workspace, "--task majority"), "r3", "--training-max-steps", "60",
                              "--training-val-interval", "60")
@@ -161,6 +168,7 @@ def test_recipe_3_new_task_trains(workspace):
     assert_learned(workspace[1] / "r3")
 
 
+@pytest.mark.slow  # a whole training run (120 steps) in a real process
 @pytest.mark.parametrize("needle", ["--config config.yaml", "--model-use-moe"])
 def test_recipe_4_moe_layers_present(workspace, needle):
     name = "r4" + str(len(needle))

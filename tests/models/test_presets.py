@@ -152,12 +152,14 @@ def test_cli_preset_shorter_context_than_the_window_is_raised_unless_set():
 
 
 def test_cli_unknown_preset_is_one_line_exit_2(tmp_path):
-    from helpers import run_cli
+    from helpers import call_main
+
+    from llm.training.train import main
 
     with pytest.raises(ConfigError, match="did you mean 'smollm2-135m'"):
         parse("--model-preset", "smollm-135m")
-    proc = run_cli(["--task", "lm", "--model-preset", "mixtral-8x7", "--logging-log-dir", str(tmp_path / "run")],
-                   cwd=tmp_path)
+    proc = call_main(main, ["--task", "lm", "--model-preset", "mixtral-8x7", "--logging-log-dir",
+                            str(tmp_path / "run")], cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: model.preset: unknown preset 'mixtral-8x7'; valid: " + ", ".join(PRESETS)

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import list_checkpoints, verify_checkpoint
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+# Each test runs several real training processes (two-process jobs among them) to their end: the slow tier.
+pytestmark = [pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX"), pytest.mark.slow]
 
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 WORKERS = ["--data-num-workers", "2"]

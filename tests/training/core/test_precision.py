@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from helpers import TINY_REGRESSION, make_config, run_cli
+from helpers import TINY_REGRESSION, call_main
 
 from llm.errors import ConfigError
-from llm.training.core.engine import TrainingEngine
 from llm.training.optim import precision as P
 from llm.training.parallel.distributed import check_processes_fit_devices
+from llm.training.train import build_engine, main
 
 
 def test_auto_is_bf16_on_a_cpu_with_bf16_instructions_else_fp32(monkeypatch):
@@ -37,7 +37,7 @@ def test_cpu_detection_matches_torch_capabilities():
 
 def test_the_choice_is_logged_and_written_into_config_yaml(tmp_path):
     args = [*TINY_REGRESSION, "--training-precision", "auto", "--training-max-steps", "2", "--logging-log-dir", "run"]
-    proc = run_cli(args, cwd=tmp_path)
+    proc = call_main(main, args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     chosen, why = P.resolve_precision("auto", torch.device("cpu"))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -45,10 +45,9 @@ def test_the_choice_is_logged_and_written_into_config_yaml(tmp_path):
     assert f"precision {chosen} ({why})" in proc.stderr
 
 
-def test_engine_resolves_auto_without_the_cli(tmp_path):
-    config, task_class = make_config(tmp_path, "--training-precision", "auto")
-    task = task_class(config)
-    TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=[])
+def test_engine_resolves_auto_without_the_cli(tiny_config):
+    config, task_class = tiny_config("--training-precision", "auto")
+    build_engine(config, task_class, callbacks=[])
     assert config.training.precision == P.resolve_precision("auto", torch.device("cpu"))[0]
 
 
@@ -87,7 +86,7 @@ def test_processes_that_fit_are_accepted(monkeypatch):
 
 def test_spawn_onto_too_few_gpus_is_one_line_before_anything_starts(tmp_path):
     # A CUDA device this machine does not have: refused at validation, exit 2, nothing written.
-    proc = run_cli([*TINY_REGRESSION, "--training-device", "cuda:99", "--distributed-nproc-per-node", "2",
-                    "--logging-log-dir", "run"], cwd=tmp_path)
+    proc = call_main(main, [*TINY_REGRESSION, "--training-device", "cuda:99", "--distributed-nproc-per-node", "2",
+                            "--logging-log-dir", "run"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: training.device: invalid value 'cuda:99'")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -155,6 +155,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
     assert (tmp_path / "run2").is_dir() and not (tmp_path / "run2" / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # two real training processes, one paused until the other has been refused
 def test_a_second_run_on_a_live_run_dir_exits_2_and_leaves_the_first_alone(tmp_path):
     """Run A pauses at step 2 holding the lock; run B on the same directory is refused (exit 2, one line naming
     A's pid) and writes nothing; A then gets SIGTERM, saves, stops cleanly and releases the lock."""

@@ -12,16 +12,15 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_REGRESSION, make_config, read_metrics
+from helpers import TINY_REGRESSION, read_metrics, tiny_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.artifacts.checkpoint import list_checkpoints
 from llm.models.decoder import DecoderModel, TransformerBlock
-from llm.training.core.callbacks import Callback, build_callbacks
+from llm.training.core.callbacks import Callback
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine, compile_backend
 from llm.training.tasks.lm_task import LMTask
 from llm.training.tasks.regression_task import RegressionTask
-from llm.training.train import prepare_run_dir
 
 HAS_CKPT_SWITCH = hasattr(TransformerBlock, "activation_checkpointing")
 
@@ -48,11 +47,7 @@ def lm_args(tmp_path, *extra: str) -> list[str]:
 
 
 def build_engine(tmp_path, args: list[str], task_class=None, extra_callbacks=()) -> TrainingEngine:
-    config, default_task = make_config(tmp_path, *args, base=[])
-    prepare_run_dir(config)
-    task = (task_class or default_task)(config)
-    callbacks = build_callbacks(config) + list(extra_callbacks)
-    return TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
+    return tiny_engine(tmp_path, *args, base=[], task_class=task_class, extra_callbacks=extra_callbacks)
 
 
 # -- host syncs ------------------------------------------------------------------------------------
@@ -201,6 +196,7 @@ MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 
 # moe-fp32 guards MoELayer's dispatch under compile: torch's meta kernel of _grouped_mm accepts bf16 only, while
 # its CPU kernel also takes fp32, so a compiled fp32 MoE must take the loop path.
+@pytest.mark.slow  # torch.compile (inductor) takes 10-20 s per model on a CPU
 @pytest.mark.parametrize(
     ("model_args", "precision", "rel"),
     [([], "fp32", 1e-4), (MOE, "bf16", 2e-2), (MOE, "fp32", 1e-4)],

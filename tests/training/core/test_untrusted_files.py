@@ -21,16 +21,15 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import make_config
+from helpers import tiny_engine
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.checkpoint import CheckpointError, UnsafeCheckpointError
 from llm.artifacts.consolidate import main as consolidate_main
 from llm.artifacts.runs import load_sharded_weights
 from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
-from llm.training.core.callbacks import Callback, build_callbacks
+from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
-from llm.training.train import prepare_run_dir
 
 CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 STEP2, STEP4 = "step-00000002", "step-00000004"
@@ -55,14 +54,8 @@ class RecordLoad(Callback):
 
 
 def train(workdir: Path, max_steps: int, extra: tuple[Callback, ...] = (), *args: str) -> TrainingEngine:
-    config, task_class = make_config(workdir, *CKPT, "--training-max-steps", str(max_steps),
-                                     "--checkpoint-interval", "2", "--checkpoint-keep-last", "5", *args)
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
-                            callbacks=build_callbacks(config) + list(extra))
-    engine.run()
-    return engine
+    return tiny_engine(workdir, *CKPT, "--training-max-steps", str(max_steps), "--checkpoint-interval", "2",
+                       "--checkpoint-keep-last", "5", *args, extra_callbacks=extra, run=True)
 
 
 @pytest.fixture(scope="module")
