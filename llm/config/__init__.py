@@ -14,6 +14,7 @@ from llm.config.fields import (
     field_types,
     on_resume,
     resume_policy,
+    resume_tables,
     type_name,
     unwrap_optional,
 )
@@ -22,6 +23,6 @@ from llm.config.yaml_file import MAX_YAML_BYTES, load_yaml
 
 __all__ = [
     "MAX_YAML_BYTES", "Freezable", "FrozenConfigError", "ResumePolicy", "append_or_replace", "coerce", "field_help",
-    "field_types", "freeze", "is_frozen", "load_yaml", "on_resume", "replace_values", "resume_policy", "thawed",
-    "type_name", "unwrap_optional",
+    "field_types", "freeze", "is_frozen", "load_yaml", "on_resume", "replace_values", "resume_policy", "resume_tables",
+    "thawed", "type_name", "unwrap_optional",
 ]

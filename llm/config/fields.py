@@ -53,6 +53,31 @@ def on_resume(kind: str, note: str = "") -> dict[str, ResumePolicy]:
     return {"resume": ResumePolicy(kind, note)}
 
 
+def resume_tables(root: type) -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
+    """The resume policies of every field under the dataclass `root` as a checkpointer reads them: (prefixes of the
+    fields expected to change, a section as "section."; {field: what an applied change does}; {field: the flag that
+    restores a refused one}). A section field with a policy of its own gives it to its whole section."""
+    expected: list[str] = []
+    applied: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    types_ = field_types(root)
+    for f in dataclasses.fields(root):
+        section = types_.get(f.name)
+        if not (isinstance(section, type) and dataclasses.is_dataclass(section)) or "resume" in f.metadata:
+            entries = [(f"{f.name}." if dataclasses.is_dataclass(section) else f.name, f)]
+        else:
+            entries = [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(section)]
+        for path, owner in entries:
+            policy = owner.metadata.get("resume", ResumePolicy())
+            if policy.kind == "refused":
+                refused[path] = policy.note
+            elif policy.kind != "warn":
+                expected.append(path)
+                if policy.kind == "applied":
+                    applied[path] = policy.note
+    return tuple(expected), applied, refused
+
+
 def resume_policy(root: type, field_path: str) -> ResumePolicy:
     """The resume policy of `field_path` ("training.lr", "task") under the dataclass `root`.
 

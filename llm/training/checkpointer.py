@@ -52,6 +52,7 @@ import torch
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.lock import live_holder
+from llm.config import resume_tables
 from llm.errors import ConfigError
 from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
 from llm.training.observers.context import RunContext
@@ -66,16 +67,6 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated within this many seconds is the same request delivered twice (to the process group and
 # again by a launcher that forwards it), not a user insisting.
 DUPLICATE_SIGNAL_S = 2.0
-# Config fields whose change on resume is expected (run length, logging, checkpointing itself).
-_EXPECTED_CHANGES = ("training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
-                     "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins", "training.lr")
-# Changes a resume applies (logged): the schedule keeps its position and takes the new peak or horizon.
-_APPLIED_CHANGES = {"training.lr": "the schedule's peak lr (its position is kept)",
-                    "training.max_steps": "the schedule's horizon", "training.epochs": "the schedule's horizon"}
-# Changes a resume refuses: the saved state does not fit the new setting (flag to restore it).
-_REFUSED_CHANGES = {"task": "--task", "training.optimizer": "--training-optimizer",
-                    "training.scheduler_type": "--training-scheduler-type",
-                    "training.scheduler_interval": "--training-scheduler-interval"}
 _PLAIN = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
 
 
@@ -121,14 +112,15 @@ def writing_to(path: Path) -> Iterator[None]:
         raise _WriteFailed(path, write_failure_reason(exc)) from exc
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """'key: old -> new' for every config value that differs, except those expected to change on resume, and
-    fields that the saved config predates and this run leaves at their `defaults` (nothing changed there)."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
+                   expected: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for every config value that differs, except those `expected` to change on resume (keys or
+    "section." prefixes), and fields that the saved config predates and this run leaves at their `defaults`."""
     old, new, default = _flatten(saved), _flatten(current), _flatten(defaults or {})
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and not key.startswith(_EXPECTED_CHANGES)
+        if old.get(key) != new.get(key) and not (expected and key.startswith(expected))
         and not (key not in old and key in default and new.get(key) == default[key])
     ]
 
@@ -570,18 +562,21 @@ class Checkpointer:
         except ckpt.CheckpointError:  # checked by inspect_checkpoint before; nothing to compare against
             return
         old, new = _flatten(saved), _flatten(self.context.config.to_dict())
-        for key, flag in _REFUSED_CHANGES.items():
+        # The policies are declared beside the config's fields (`on_resume`); a saved state that cannot carry over
+        # is also refused by its own component (e.g. the schedule records its scheduler class).
+        expected, applied, refused = resume_tables(type(self.context.config))
+        for key, flag in refused.items():
             if key in old and old[key] != new.get(key):
                 raise ckpt.CheckpointError(
                     f"checkpoint: {path} was written with {key}={old[key]!r} and this run has {new.get(key)!r}; its "
                     f"saved state does not carry over: resume with {flag} {old[key]}, or start a new run in another "
                     "--logging-log-dir"
                 )
-        for key, what in _APPLIED_CHANGES.items():
+        for key, what in applied.items():
             if key in old and old[key] != new.get(key):
                 self.context.logger.warning("resuming with %s: %r -> %r; applied to %s", key, old[key], new.get(key),
                                             what)
-        self._warn_config_changes(path)
+        self._warn_config_changes(path, expected)
 
     def _load_weights(self, path: Path, manifest: dict[str, Any]) -> bool:
         """Load the weights (and, for FSDP, the optimizer shards); returns whether the checkpoint is sharded.
@@ -600,7 +595,7 @@ class Checkpointer:
         self.weights.load(path, sharded)
         return sharded
 
-    def _warn_config_changes(self, path: Path) -> None:
+    def _warn_config_changes(self, path: Path, expected: tuple[str, ...]) -> None:
         if not self.context.is_global_zero or not (path / ckpt.CONFIG).is_file():
             return
         try:
@@ -612,7 +607,7 @@ class Checkpointer:
             defaults = type(config)().to_dict()
         except (TypeError, AttributeError):
             defaults = {}
-        changes = config_changes(saved, config.to_dict(), defaults)
+        changes = config_changes(saved, config.to_dict(), defaults, expected)
         if changes:
             self.context.logger.warning("resuming with a changed config (the run may not match an uninterrupted "
                                         "one): %s", "; ".join(changes))

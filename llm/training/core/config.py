@@ -22,6 +22,7 @@ import yaml
 
 from llm.config import Freezable, ResumePolicy, on_resume
 from llm.config import resume_policy as _resume_policy
+from llm.config import resume_tables as _resume_tables
 
 # The field machinery moved to llm.config; the CLI, the tests and user code read it through this module too.
 from llm.config.fields import (  # noqa: F401
@@ -211,27 +212,8 @@ def resume_policy(field_path: str) -> ResumePolicy:
 
 
 def resume_tables() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
-    """The resume policies of every field of `Config` as the checkpointer's tables: (prefixes of the fields expected
-    to change, a section as "section."; {field: what an applied change does}; {field: the flag that restores a
-    refused one}). Read from the fields' `on_resume` metadata, in field order."""
-    expected: list[str] = []
-    applied: dict[str, str] = {}
-    refused: dict[str, str] = {}
-    for f in dataclasses.fields(Config):
-        section = SECTIONS.get(f.name)
-        if section is None or "resume" in f.metadata:  # a top-level field, or a section with one policy for all
-            entries = [(f.name if section is None else f"{f.name}.", f)]
-        else:
-            entries = [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(section)]
-        for path, owner in entries:
-            policy = owner.metadata.get("resume", ResumePolicy())
-            if policy.kind == "refused":
-                refused[path] = policy.note
-            elif policy.kind != "warn":
-                expected.append(path)
-                if policy.kind == "applied":
-                    applied[path] = policy.note
-    return tuple(expected), applied, refused
+    """The resume policies of every field of `Config` as the checkpointer reads them (`llm.config.resume_tables`)."""
+    return _resume_tables(Config)
 
 
 SECTIONS: dict[str, type] = {

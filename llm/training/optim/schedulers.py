@@ -170,7 +170,10 @@ class LRSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         inner = self.scheduler.state_dict() if self.scheduler is not None else None
-        return {"steps": self.steps, "target_lrs": list(self.target_lrs), "scheduler": inner}
+        # The class is recorded so that a resume under another scheduler is refused by the state itself, whatever
+        # the config's resume policy says (a field pasted from the user's guide carries no policy).
+        kind = type(self.scheduler).__name__ if self.scheduler is not None else None
+        return {"steps": self.steps, "target_lrs": list(self.target_lrs), "scheduler": inner, "scheduler_class": kind}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position (steps taken, the inner scheduler's counters and plateau record) of a saved
@@ -183,6 +186,9 @@ class LRSchedule:
         the saved lr scaled by new peak / old peak.
         """
         fresh, saved = list(self.target_lrs), [float(lr) for lr in state["target_lrs"]]
+        kind = type(self.scheduler).__name__ if self.scheduler is not None else None
+        if "scheduler_class" in state and state["scheduler_class"] != kind:  # older checkpoints did not record it
+            raise ValueError(f"the saved schedule is a {state['scheduler_class']} and this run's a {kind}")
         if len(saved) != len(fresh):
             raise ValueError(f"the saved schedule has {len(saved)} parameter groups and this optimizer {len(fresh)}")
         self.steps = state["steps"]

@@ -530,7 +530,14 @@ def test_resume_policies_are_declared_beside_the_fields():
     assert resume_policy("training.scheduler_type").note == "--training-scheduler-type"
     assert resume_policy("checkpoint.keep_last").kind == "expected"  # the whole section's policy
     assert resume_policy("training.warmup").kind == resume_policy("no.such.field").kind == "warn"
-    # The checkpointer's tables, read from the fields (what it uses once it calls resume_tables()).
+    # The checkpointer's tables, read from the fields.
     expected, applied, refused = resume_tables()
-    assert set(expected) == set(checkpointer._EXPECTED_CHANGES)
-    assert (applied, refused) == (checkpointer._APPLIED_CHANGES, checkpointer._REFUSED_CHANGES)
+    assert set(expected) == {"training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
+                             "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins",
+                             "training.lr"}
+    assert applied == {"training.lr": "the schedule's peak lr (its position is kept)",
+                       "training.max_steps": "the schedule's horizon", "training.epochs": "the schedule's horizon"}
+    assert refused == {"task": "--task", "training.optimizer": "--training-optimizer",
+                       "training.scheduler_type": "--training-scheduler-type",
+                       "training.scheduler_interval": "--training-scheduler-interval"}
+    assert checkpointer.config_changes({"training": {"lr": 1.0}}, {"training": {"lr": 2.0}}, expected=expected) == []
