@@ -7,11 +7,13 @@ of `llm.training`: the run's dataclasses live in `llm/training/core/config.py` a
 """
 
 from llm.config.fields import (
+    MODES,
     ResumePolicy,
     append_or_replace,
     coerce,
     field_help,
     field_types,
+    is_better,
     on_resume,
     resume_policy,
     resume_tables,
@@ -22,7 +24,7 @@ from llm.config.freeze import Freezable, FrozenConfigError, freeze, is_frozen, r
 from llm.config.yaml_file import MAX_YAML_BYTES, load_yaml
 
 __all__ = [
-    "MAX_YAML_BYTES", "Freezable", "FrozenConfigError", "ResumePolicy", "append_or_replace", "coerce", "field_help",
-    "field_types", "freeze", "is_frozen", "load_yaml", "on_resume", "replace_values", "resume_policy", "resume_tables",
-    "thawed", "type_name", "unwrap_optional",
+    "MAX_YAML_BYTES", "MODES", "is_better", "Freezable", "FrozenConfigError", "ResumePolicy", "append_or_replace",
+    "coerce", "field_help", "field_types", "freeze", "is_frozen", "load_yaml", "on_resume", "replace_values",
+    "resume_policy", "resume_tables", "thawed", "type_name", "unwrap_optional",
 ]

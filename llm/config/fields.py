@@ -29,6 +29,16 @@ from llm.errors import ConfigError, show
 
 RESUME_KINDS = ("warn", "expected", "applied", "refused")
 
+# Whether a smaller or a larger monitored metric is better (early stopping, the best checkpoint, plateau).
+MODES = ("min", "max")
+
+
+def is_better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` improves on `best` (None: nothing yet) by more than `min_delta` in direction `mode`."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
 
 @dataclass(frozen=True)
 class ResumePolicy:

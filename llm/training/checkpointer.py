@@ -52,7 +52,7 @@ import torch
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.lock import live_holder
-from llm.config import resume_tables
+from llm.config import MODES, is_better, resume_tables
 from llm.errors import ConfigError
 from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
 from llm.training.observers.context import RunContext
@@ -136,7 +136,7 @@ class ModelCheckpoint(Callback):
     """
 
     def __init__(self, **options: Any) -> None:
-        if options.get("mode", "min") not in ("min", "max"):
+        if options.get("mode", "min") not in MODES:
             raise ConfigError(f"checkpoint.mode: invalid value {options['mode']!r}; min or max")
         self.options = options
 
@@ -302,9 +302,7 @@ class Checkpointer:
     def _improves(self, value: float) -> bool:
         if math.isnan(value):
             return False
-        if self.best_value is None:
-            return True
-        return value < self.best_value if self.options.mode == "min" else value > self.best_value
+        return is_better(value, self.best_value, self.options.mode)
 
     def _take_candidate(self, step: int) -> bool:
         if self._candidate is None or self._candidate[0] != step:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm.config import MODES, is_better
 from llm.errors import ConfigError
 from llm.registry import CALLBACKS, register_callback
 from llm.training.checkpointer import ModelCheckpoint
@@ -59,7 +60,7 @@ class EarlyStopping(Callback):
     """Stops the run when a validation metric has not improved for `patience` validations."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0):
-        if mode not in ("min", "max"):
+        if mode not in MODES:
             raise ConfigError(f"training.early_stopping_mode: invalid value {mode!r}; min or max")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best: float | None = None
@@ -73,11 +74,7 @@ class EarlyStopping(Callback):
         )
 
     def _improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+        return is_better(value, self.best, self.mode, self.min_delta)
 
     def on_validation_end(self, logs: dict[str, Any] | None = None) -> None:
         if not logs or self.monitor not in logs:

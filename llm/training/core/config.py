@@ -20,7 +20,7 @@ from typing import Any, List
 
 import yaml
 
-from llm.config import Freezable, ResumePolicy, on_resume
+from llm.config import MODES, Freezable, ResumePolicy, on_resume
 from llm.config import resume_policy as _resume_policy
 from llm.config import resume_tables as _resume_tables
 
@@ -44,7 +44,6 @@ NAN_POLICIES = ("raise", "skip")
 INTERVALS = ("step", "epoch")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
-MODES = ("min", "max")  # whether a smaller or a larger monitored metric is better (early stopping, best checkpoint)
 
 
 @dataclass
