@@ -19,13 +19,9 @@ does. ``on_slide`` tells the caller when that starts, so a CLI can say so.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from llm.models.decoder import DecoderModel
+from torch import Tensor, nn
 
 
 # -------------------------------------------------------------------------------------------------------- cache
@@ -74,7 +70,7 @@ class KVCache:
             layer.reset()
 
     @classmethod
-    def for_model(cls, model: DecoderModel, batch_size: int, max_len: int) -> KVCache:
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
         p = model.embed_tokens.weight
         return cls([
             LayerKVCache(batch_size, b.self_attn.num_kv_heads, b.self_attn.head_dim, max_len, p.device, p.dtype)
@@ -108,9 +104,10 @@ def sample_next(
 
 # --------------------------------------------------------------------------------------------------------- mixin
 class GenerationMixin:
-    """``generate`` / ``generate_stream`` for DecoderModel (kept here so decoder.py stays about the network)."""
+    """``generate`` / ``generate_stream`` for DecoderModel (kept here so decoder.py stays about the network). The
+    methods' `self` is the decoder; it is typed as a module because decoder.py imports this one, not the reverse."""
 
-    def _forward_no_grad(self: DecoderModel, ids: Tensor, cache: KVCache | None) -> Tensor:
+    def _forward_no_grad(self: nn.Module, ids: Tensor, cache: KVCache | None) -> Tensor:
         was_training = self.training
         self.eval()
         try:
@@ -119,7 +116,7 @@ class GenerationMixin:
         finally:
             self.train(was_training)
 
-    def _prefill(self: DecoderModel, ids: Tensor, cache: KVCache, chunk: int | None) -> Tensor:
+    def _prefill(self: nn.Module, ids: Tensor, cache: KVCache, chunk: int | None) -> Tensor:
         """Feed ``ids`` (B, T) to an empty ``cache`` in blocks of ``chunk`` tokens; the last position's logits."""
         chunk = chunk or ids.shape[1]
         logits = None
@@ -129,7 +126,7 @@ class GenerationMixin:
         return logits
 
     def generate_stream(
-        self: DecoderModel,
+        self: nn.Module,
         input_ids: Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
@@ -205,7 +202,7 @@ class GenerationMixin:
             else:
                 logits = self._forward_no_grad(nxt[:, None], cache)  # (B, V)
 
-    def generate(self: DecoderModel, input_ids: Tensor, max_new_tokens: int, **kwargs: object) -> Tensor:
+    def generate(self: nn.Module, input_ids: Tensor, max_new_tokens: int, **kwargs: object) -> Tensor:
         """Prompt plus generated tokens: (T + n,) for a 1-D prompt, (B, T + n) for a batch. Same keywords as
         :meth:`generate_stream`; ``temperature=0`` is greedy."""
         new = list(self.generate_stream(input_ids, max_new_tokens, **kwargs))  # type: ignore[arg-type]

@@ -46,7 +46,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -60,8 +60,9 @@ from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.parallel.distributed import all_agree, any_rank, broadcast_object
 from llm.training.state import StatefulComponents
 
-if TYPE_CHECKING:  # pragma: no cover  (config.py's validation imports the callbacks, and so this module)
-    from llm.training.core.config import CheckpointConfig
+# The options are a `CheckpointConfig` (llm/training/core/config.py), typed `Any` here: config.py's validation imports
+# the callbacks, and so this module, which therefore does not import config.py back, not even for the type checker.
+CheckpointConfig = Any
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop signal repeated within this many seconds is the same request delivered twice (to the process group and
