@@ -15,7 +15,7 @@ trainer states hold no optimizer; the shard files are listed in the manifest lik
 
 Files are written into `checkpoints/.tmp-step-XXXXXXXX/`, fsynced, and the directory is renamed into place,
 so a crash leaves either the previous state or a complete checkpoint, never a half-written one that looks
-complete. This module holds the file-level pieces; the `ModelCheckpoint` callback (checkpointing.py)
+complete. This module holds the file-level pieces; the `Checkpointer` service (llm/training/checkpointer.py)
 decides when to save and what to resume from.
 
 Reading a run back is here too, next to the format: `load_run` (used by `llm.generate`, `llm.export` and the
