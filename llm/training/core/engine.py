@@ -220,7 +220,10 @@ class TrainingEngine:
             self.criterion = self.criterion.to(self.device)
         if cfg.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self.finite = NonFiniteGuard(self)
+        self.finite = NonFiniteGuard(
+            self.optimizer, self.scaler, self.state, nan_policy=cfg.nan_policy, max_skipped_steps=cfg.max_skipped_steps,
+            sharded=self.plan.sharded, device=self.device, logger=self.logger,
+        )
         self._setup_services()
 
     def _setup_services(self) -> None:

@@ -7,13 +7,13 @@ NaN or infinite, agreed by every rank.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from llm.errors import UserError
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, is_distributed
-from llm.training.parallel.fsdp import is_fsdp
 
 
 class NonFiniteLossError(UserError):
@@ -21,9 +21,24 @@ class NonFiniteLossError(UserError):
 
 
 class NonFiniteGuard:
-    """Steps the engine's optimizer unless `nan_policy` refuses the update."""
+    """Steps the optimizer unless `nan_policy` refuses the update.
 
-    def __init__(self, engine: Any) -> None:
+    It is given what it uses: the optimizer and GradScaler (None without fp16), the run's counters (`state`: step,
+    skipped_steps, consecutive_skips), the policy (`nan_policy`, `max_skipped_steps`), whether the parameters are
+    FSDP shards, the device and the logger."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        state: Any,
+        *,
+        nan_policy: str,
+        max_skipped_steps: int,
+        sharded: bool,
+        device: torch.device,
+        logger: logging.Logger,
+    ) -> None:
         """Choose how the policy is applied.
 
         Deferred, with no host sync per step: the `raise` policy with an optimizer that can refuse an update on
@@ -33,28 +48,29 @@ class NonFiniteGuard:
         steps, a warning per step), a non-fused optimizer cannot skip on the device, and FSDP's DTensor
         parameters are kept on the proven path.
         """
-        self.engine = engine
+        self.optimizer, self.scaler, self.state = optimizer, scaler, state
+        self.nan_policy, self.max_skipped_steps = nan_policy, max_skipped_steps
+        self.device, self.logger = device, logger
         self.deferred = (
-            engine.scaler is None
-            and engine.config.training.nan_policy == "raise"
-            and bool(getattr(engine.optimizer, "_step_supports_amp_scaling", False))
-            and not is_fsdp(engine.unwrapped_model)
+            scaler is None
+            and nan_policy == "raise"
+            and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and not sharded
         )
-        self._first_bad_step = torch.zeros((), dtype=torch.long, device=engine.device)
+        self._first_bad_step = torch.zeros((), dtype=torch.long, device=device)
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """Apply the policy and step the optimizer (or the GradScaler); returns False when the update is skipped."""
-        engine = self.engine
         if self.deferred:
             self._step_unless_nonfinite(loss, grad_norm)  # no host sync
             return True
         if not self._check(loss, grad_norm):
             return False
-        if engine.scaler is not None:
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            engine.optimizer.step()
+            self.optimizer.step()
         return True
 
     def _step_unless_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
@@ -66,12 +82,12 @@ class NonFiniteGuard:
         optimizer state stay those from before the bad step, and every log step, checkpoint, validation and the
         final save check first, so the outcome is the eager check's: no non-finite update applied, its step named.
         """
-        optimizer = self.engine.optimizer
+        optimizer = self.optimizer
         finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
         if is_distributed():
             finite = all_reduce_sum((~finite).float()) == 0  # every rank refuses alike (a collective, no sync)
         first = self._first_bad_step
-        self._first_bad_step = torch.where(finite | (first > 0), first, self.engine.state.step + 1)
+        self._first_bad_step = torch.where(finite | (first > 0), first, self.state.step + 1)
         optimizer.found_inf = (self._first_bad_step > 0).float()  # read by the fused step, as from GradScaler
         try:
             optimizer.step()
@@ -84,7 +100,7 @@ class NonFiniteGuard:
             return
         bad = int(self._first_bad_step)
         if bad:
-            step = self.engine.state.step
+            step = self.state.step
             later = f" (nor those of steps {bad + 1}-{step}, run before the check)" if step > bad else ""
             raise NonFiniteLossError(
                 f"training.nan_policy=raise: non-finite loss or gradient norm at step {bad}; the update was not "
@@ -93,24 +109,23 @@ class NonFiniteGuard:
 
     def _check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """The eager check; every rank reaches the same verdict. Returns False to skip the update."""
-        engine = self.engine
-        state = engine.state
-        if engine.scaler is not None:
+        state = self.state
+        if self.scaler is not None:
             return True  # fp16: the GradScaler skips non-finite steps itself
         finite = torch.isfinite(loss) if grad_norm is None else torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if all_agree(bool(finite), engine.device):
+        if all_agree(bool(finite), self.device):
             state.consecutive_skips = 0
             return True
-        step, cfg = state.step + 1, engine.config.training
-        if cfg.nan_policy == "raise":
+        step = state.step + 1
+        if self.nan_policy == "raise":
             raise NonFiniteLossError(
                 f"training.nan_policy=raise: non-finite loss or gradient norm at step {step}; "
                 "the update was not applied (use --training-nan-policy skip to drop such steps)"
             )
         state.skipped_steps += 1
         state.consecutive_skips += 1
-        engine.logger.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-        if state.consecutive_skips >= cfg.max_skipped_steps:
+        self.logger.warning("step %d: non-finite loss or gradient norm; update skipped", step)
+        if state.consecutive_skips >= self.max_skipped_steps:
             raise NonFiniteLossError(
                 f"training.max_skipped_steps: {state.consecutive_skips} consecutive non-finite steps "
                 f"(last at step {step}); stopping"
