@@ -140,13 +140,11 @@ def hf_worker(flags: list[str]) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from llm.data.text import TextDataModule, bits_per_byte
-    from llm.training.optim.precision import apply_auto_precision
     from llm.training.train import parse_config
 
     config = parse_config(["--task", "lm", *flags])[0]
     t, m = config.training, config.model.resolved()
     device = torch.device("cpu" if t.device in ("auto", "cpu") and not torch.cuda.is_available() else "cuda")
-    apply_auto_precision(config, device)
     torch.manual_seed(config.seed)
     data = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
     data.rank, data.world_size = 0, 1

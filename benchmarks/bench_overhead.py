@@ -44,12 +44,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from llm.models.flops import flops_per_token
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.engine import TrainingEngine, compile_backend
+from llm.training.core.engine import compile_backend
 from llm.training.observers.sinks import MetricSink
 from llm.training.observers.throughput import device_peak_flops
-from llm.training.optim.precision import apply_auto_precision, compute_dtype
+from llm.training.optim.precision import compute_dtype
 from llm.training.parallel.distributed import resolve_device
-from llm.training.train import parse_config, prepare_run_dir, setup_logging
+from llm.training.train import build_engine, parse_config, prepare_run_dir, setup_logging
 
 
 def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any, type]:
@@ -58,7 +58,6 @@ def lm_config(run_dir: Path, steps: int, extra: Sequence[str] = ()) -> tuple[Any
     argv = ["--task", "lm", "--training-max-steps", str(steps), "--training-optimizer", "adamw",
             "--logging-log-dir", str(run_dir), *extra]
     config, task_class, _ = parse_config(argv)
-    apply_auto_precision(config, resolve_device(config.training.device))  # both sides use the resolved precision
     return config, task_class
 
 
@@ -152,9 +151,7 @@ def one_round(warmup: int, steps: int, extra: Sequence[str] = ()) -> dict[str, f
         prepare_run_dir(config)
         quiet_cli_logging(run_dir)
         timer = Interleave(HandLoop(config, task_class))
-        task = task_class(config)
-        engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
-                                callbacks=[*build_callbacks(config), timer])
+        engine = build_engine(config, task_class, callbacks=[*build_callbacks(config), timer])
         engine.run()
         logging.getLogger("llm").handlers.clear()  # close train.log before the directory goes
     tokens = config.training.batch_size * config.data.seq_len * steps
@@ -238,9 +235,8 @@ def engine_throughput(preset: str = "default", device: str = "cpu", precision: s
         config, task_class, _ = parse_config(["--task", "lm", "--training-max-steps", str(steps),
                                               "--logging-log-dir", str(Path(tmp) / "run"), *flags])
         prepare_run_dir(config)
-        task, perf = task_class(config), _PerfLog()
-        engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
-                                callbacks=[*build_callbacks(config), perf])
+        perf = _PerfLog()
+        engine = build_engine(config, task_class, callbacks=[*build_callbacks(config), perf])
         began = time.perf_counter()
         engine.run()
         wall = time.perf_counter() - began

@@ -10,7 +10,6 @@ config.yaml records, and the run's first lines say why it was chosen.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
@@ -36,16 +35,6 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16", "auto: this CPU has AVX512-BF16/AMX bf16 matmul instructions"
     return "fp32", f"auto: no fast bf16 on this {device.type}"
-
-
-def apply_auto_precision(config: Any, device: torch.device) -> None:
-    """Resolve `config.training.precision` for `device` in place and note the choice for the run's start."""
-    precision, why = resolve_precision(config.training.precision, device)
-    if config.training.precision == "auto":
-        config.training.precision = precision
-        notes = getattr(config, "notes", None)
-        if notes is not None:
-            notes.append(f"precision {precision} ({why})")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
