@@ -191,7 +191,7 @@ class TrainingEngine:
         seed_everything(self.config.seed + self.rank)
         self.task.context = self.context  # tasks publish through it and read the run length from it
         self._setup_data()
-        model = self.task.build_model().to(self.device)
+        model = self.task.adapt_model(self.task.build_model()).to(self.device)  # LoRA adapters when configured
         if getattr(getattr(self.config, "model", None), "init_from", ""):  # fresh run state; a resume replaces them
             load_init_from(model, self.config.model.init_from)
         if cfg.activation_checkpointing:

@@ -6,14 +6,13 @@ sensible for most tasks: AdamW without decay on norms, biases and embeddings, an
 scheduler. Warmup is not the task's business: the engine composes it with whatever
 `build_scheduler` returns, so an override (as in recipe 1) keeps it.
 
-LoRA is not a task's business either: every task's `build_model` ends with `adapt_model`, which injects LoRA
-adapters (`llm.models.lora`) when `training.lora_rank > 0`, so any task that builds a `DecoderModel` fine-tunes
-with adapters without code of its own.
+LoRA is not a task's business either: the engine passes what `build_model` returns through `adapt_model`, which
+injects LoRA adapters (`llm.models.lora`) when `training.lora_rank > 0`, so any task that builds a `DecoderModel`
+fine-tunes with adapters without code of its own.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -44,12 +43,6 @@ class TrainingTask:
     #: What `build_model` returns: "decoder" (a `DecoderModel`, which `llm.generate`, `llm.export` and
     #: `--model-init-from` read back) or "encoder" (a model with its own head, e.g. the regression task's).
     model_kind: ClassVar[str] = "decoder"
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        build = cls.__dict__.get("build_model")
-        if build is not None and not getattr(build, "_adapts", False):
-            cls.build_model = _adapting(build)  # type: ignore[method-assign]
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -102,8 +95,8 @@ class TrainingTask:
         raise NotImplementedError
 
     def adapt_model(self, model: nn.Module) -> nn.Module:
-        """The last step of every `build_model`: LoRA adapters when `training.lora_rank > 0` (a model adapted
-        already, by a `build_model` that called its parent's, is returned as it is). Checkpoints then hold only the
+        """Called by the engine on what `build_model` returns: LoRA adapters when `training.lora_rank > 0` (a model
+        adapted already is returned as it is). Checkpoints then hold only the
         adapters when the base is rebuilt from `model.init_from`, and every tensor otherwise."""
         t = self.config.training
         if getattr(t, "lora_rank", 0) <= 0 or is_adapted(model):
@@ -144,14 +137,3 @@ class TrainingTask:
         """Add metrics derived from the means the engine reduced over a log window or a validation (`split` is
         'train' or 'val'): e.g. perplexity is exp of the mean loss, not the mean of per-batch perplexities."""
         return metrics
-
-
-def _adapting(build: Callable[[TrainingTask], nn.Module]) -> Callable[[TrainingTask], nn.Module]:
-    """`build` followed by `adapt_model` (applied to each subclass's own `build_model`)."""
-
-    @functools.wraps(build)
-    def build_model(self: TrainingTask) -> nn.Module:
-        return self.adapt_model(build(self))
-
-    build_model._adapts = True  # type: ignore[attr-defined]
-    return build_model
