@@ -165,8 +165,31 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
     return parser
 
 
+# The Hugging Face Trainer's names for what users most often set, and ours: a user coming from `TrainingArguments`
+# gets the flag that does the same thing, not the closest spelling (`--save-steps` is nothing like `--max-steps`).
+HF_TRAINER_FLAGS = {
+    "--save-steps": "--checkpoint-interval",
+    "--save-total-limit": "--checkpoint-keep-last",
+    "--eval-steps": "--training-val-interval",
+    "--logging-steps": "--training-log-interval",
+    "--resume-from-checkpoint": "--checkpoint-resume",
+    "--learning-rate": "--training-lr",
+    "--num-train-epochs": "--training-epochs",
+    "--per-device-train-batch-size": "--training-batch-size",
+    "--gradient-accumulation-steps": "--training-grad-accum-steps",
+    "--warmup-steps": "--training-warmup",
+    "--lr-scheduler-type": "--training-scheduler-type",
+    "--output-dir": "--logging-log-dir",
+    "--max-grad-norm": "--training-grad-clip",
+}
+
+
 def _unknown_flag_hint(flag: str, options: list[str]) -> str:
-    """Point a bare field name (`--mode`) at its full flag(s); otherwise suggest the closest flag."""
+    """Point a Hugging Face Trainer name or a bare field name (`--mode`) at our flag(s); otherwise suggest the
+    closest flag."""
+    hf = HF_TRAINER_FLAGS.get(flag.replace("_", "-"))
+    if hf is not None and hf in options:
+        return f" (the Hugging Face Trainer's name; here it is {hf!r})"
     negated = flag.startswith("--no-")
     name = (flag[5:] if negated else flag[2:]).replace("-", "_")
     full = [f"--{'no-' if negated else ''}{section}-{kebab(name)}"

@@ -310,6 +310,12 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
         f"must be divisible by model.num_heads={m.num_heads}",
     )
+    if m.hidden_size % m.num_heads == 0:  # rotary embeddings rotate pairs of a head's dimensions
+        _check(
+            (m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size", m.hidden_size,
+            f"gives an odd head dimension {m.hidden_size // m.num_heads} with model.num_heads={m.num_heads} "
+            "(rotary embeddings need an even one)",
+        )
     if m.num_kv_heads is not None:
         _check(
             m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
