@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from helpers import make_config, tiny_engine
-from tiers import SLOW_TESTS, TESTS_DIR
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine running subprocess tests
 # side by side, thread oversubscription made tiny runs ~25x slower. Subprocesses inherit the env var.
@@ -43,20 +42,10 @@ def _llm_logger_restored():
     logger.propagate = propagate
 
 
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests listed in tiers.SLOW_TESTS `slow`; then order the modules longest first (most slow tests, then
-    most tests), so that with `--dist loadfile --no-loadscope-reorder` (the Makefile) the long modules start early
-    and the two workers finish together. The order of the tests within a module is kept."""
-    for item in items:
-        path = Path(str(item.fspath)).resolve()
-        try:
-            names = SLOW_TESTS.get(path.relative_to(TESTS_DIR).as_posix(), ())
-        except ValueError:
-            continue
-        if "*" in names or getattr(item, "originalname", item.name) in names:
-            item.add_marker(pytest.mark.slow)
+    """Order the modules longest first (most `slow` tests, then most tests), so that with `--dist loadfile
+    --no-loadscope-reorder` (the Makefile) the long modules start early and the two workers finish together. The
+    order of the tests within a module is kept."""
     slow: Counter[str] = Counter(str(item.fspath) for item in items if item.get_closest_marker("slow"))
     count: Counter[str] = Counter(str(item.fspath) for item in items)
     items.sort(key=lambda item: (-slow[str(item.fspath)], -count[str(item.fspath)]))  # a stable sort

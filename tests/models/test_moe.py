@@ -241,6 +241,7 @@ def _compiled_matches_eager(dispatch: str, fullgraph: bool, device: str = "cpu")
 # fp32 is where grouped_mm cannot run on CUDA (and cannot be traced on a CPU: its fake kernel is bf16-only). The
 # padded path compiles as one graph (fullgraph=True fails on any graph break, so no host read is inside); the loop
 # compiles too, its host reads behind deliberate graph breaks, and is what "auto" takes on a CPU.
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 @pytest.mark.parametrize(("dispatch", "fullgraph"), [("padded", True), ("padded", False), ("loop", False),
                                                      ("auto", False)])
 def test_compiled_fallback_matches_eager_forward_and_grad(dispatch, fullgraph):
@@ -248,6 +249,7 @@ def test_compiled_fallback_matches_eager_forward_and_grad(dispatch, fullgraph):
     assert breaks == 0 if dispatch == "padded" else breaks > 0
 
 
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 def test_padded_layer_compiles_as_one_graph_with_dynamic_shapes():
     torch.manual_seed(0)
     layer = MoELayer(16, num_experts=4, top_k=2, intermediate_size=8, dispatch="padded")
@@ -290,6 +292,7 @@ def _engine_losses(run_dir, *args: str) -> tuple[object, list[float]]:
     return engine, [r["train/loss"] + r.get("train/aux_loss", 0.0) for r in records]
 
 
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 @pytest.mark.parametrize("dispatch", ["padded", "loop"])
 def test_engine_compiles_moe_with_the_fallback_forced(tmp_path, monkeypatch, dispatch):
     monkeypatch.setenv("LLM_COMPILE_BACKEND", "aot_eager")
@@ -395,6 +398,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow  # a two-process job
 def test_ddp_step_with_starved_expert_keeps_ranks_in_sync(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok").exists()

@@ -10,6 +10,7 @@ import yaml
 from helpers import TINY_REGRESSION, read_metrics, run_cli
 
 
+@pytest.mark.slow  # a whole training run in a real process
 def test_guide_moe_command_trains_and_writes_the_run_dir(tmp_path):
     proc = run_cli(
         ["--task", "regression", "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
@@ -25,6 +26,7 @@ def test_guide_moe_command_trains_and_writes_the_run_dir(tmp_path):
     assert len(vals) == 2
 
 
+@pytest.mark.slow  # a whole training run in a real process
 def test_regression_validation_loss_decreases(tmp_path):
     proc = run_cli(["--task", "regression", "--training-epochs", "3", "--data-num-samples", "1024",
                     "--logging-log-dir", "run"], cwd=tmp_path)
@@ -114,6 +116,7 @@ def test_plugins_register_tasks_and_callbacks_without_editing_the_framework(tmp_
     assert (tmp_path / "marker.txt").read_text() == "2" and (tmp_path / "unregistered.txt").exists()
 
 
+@pytest.mark.slow  # a whole training run in a real process
 def test_classification_task_learns(tmp_path):
     proc = run_cli(["--task", "classification", "--training-epochs", "3", "--logging-log-dir", "run",
                     "--training-callbacks", "MetricsLogger", "LRSchedulerCallback"], cwd=tmp_path)
@@ -122,6 +125,7 @@ def test_classification_task_learns(tmp_path):
     assert vals[-1]["val/accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_gloo_processes_match_one_process(tmp_path):
     common = [*TINY_REGRESSION, "--training-max-steps", "5", "--training-val-interval", "5", "--seed", "3"]
     single = run_cli([*common, "--training-batch-size", "16", "--logging-log-dir", "one"], cwd=tmp_path)
@@ -140,6 +144,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_config_error_under_torchrun_is_printed_once(tmp_path):
     # Every torchrun worker parses the same flags and meets the same mistake; one of them says so.
     proc = run_cli(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "llm.training.train",

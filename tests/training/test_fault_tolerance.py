@@ -165,6 +165,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a training run in a real process
 def test_sigterm_to_a_real_process_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     args = [*TINY_REGRESSION, *CKPT, "--training-max-steps", "5000", "--training-epochs", "1000",
@@ -200,6 +201,7 @@ checkpoint.write_manifest = write_manifest
 """
 
 
+@pytest.mark.slow  # a training run in a real process
 def test_kill_9_during_a_save_leaves_a_resumable_run(tmp_path):
     (tmp_path / "slow_save.py").write_text(textwrap.dedent(SLOW_SAVE_PLUGIN))
     common = ["--training-max-steps", "12", "--checkpoint-interval", "4"]
