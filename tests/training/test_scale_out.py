@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_REGRESSION, make_config, read_metrics, run_cli
+from helpers import CKPT, REPO, TINY_REGRESSION, make_config, read_metrics, run_cli
 from safetensors.torch import load_file, load_model
 
 from llm.training.tasks.regression_task import RegressionTask
@@ -29,7 +29,6 @@ COMMON = [*TINY_REGRESSION, "--data-num-samples", "330", "--training-max-steps",
 # With the default coefficients: the load-balancing loss counts expert loads over the global batch (all ranks),
 # so N ranks optimize what one process does with their global batch.
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 BOOM = "RuntimeError: boom at step 3 on rank 1"
 
 PLUGIN = textwrap.dedent('''
