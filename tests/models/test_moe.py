@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import make_config, read_metrics
+from helpers import read_metrics, tiny_engine
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -269,25 +269,17 @@ def test_cuda_fp32_compiles_auto_dispatch_as_one_graph():
 
 
 def _engine_losses(run_dir, *args: str) -> tuple[object, list[float]]:
-    from llm.training.core.callbacks import build_callbacks
-    from llm.training.core.engine import TrainingEngine
-    from llm.training.train import prepare_run_dir
-
     corpus = run_dir.parent / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(600)))
-    config, task_class = make_config(
+    engine = tiny_engine(
         run_dir, "--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(run_dir.parent / "cache"),
         "--data-seq-len", "32", "--model-max-seq-len", "32", "--model-hidden-size", "32", "--model-num-layers", "2",
         "--model-num-heads", "2", "--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2",
         "--training-batch-size", "4", "--training-val-max-batches", "1", "--training-callbacks", "MetricsLogger",
         "--training-max-steps", "3", "--training-log-interval", "1", "--training-precision", "fp32",
-        "--training-device", "cpu", *args, base=[],
+        "--training-device", "cpu", *args, base=[], run=True,
     )
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=build_callbacks(config))
-    engine.run()
     records = [r for r in read_metrics(run_dir / "run") if "train/loss" in r]
     return engine, [r["train/loss"] + r.get("train/aux_loss", 0.0) for r in records]
 
