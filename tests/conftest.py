@@ -20,6 +20,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Every test starts on one intra-op thread, whatever the one before it left (an in-process run without
+    OMP_NUM_THREADS takes its share of the cores), so no tiny model runs oversubscribed."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A token cache of this test's own (`tmp_path/cache`) rather than the session's shared one: for tests that
+    look at what gets written there. Modules use it with `pytest.mark.usefixtures("own_cache")`."""
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     """Token caches of the whole session go to one temporary directory (shared between tests)."""
