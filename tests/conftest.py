@@ -13,12 +13,28 @@ from typing import Any
 import pytest
 import torch
 from helpers import make_config, tiny_engine
-from tiers import SLOW_TESTS, TESTS_DIR
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine running subprocess tests
 # side by side, thread oversubscription made tiny runs ~25x slower. Subprocesses inherit the env var.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Every test starts on one intra-op thread, whatever the one before it left (an in-process run without
+    OMP_NUM_THREADS takes its share of the cores), so no tiny model runs oversubscribed."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A token cache of this test's own (`tmp_path/cache`) rather than the session's shared one: for tests that
+    look at what gets written there. Modules use it with `pytest.mark.usefixtures("own_cache")`."""
+    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,20 +59,10 @@ def _llm_logger_restored():
     logger.propagate = propagate
 
 
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests listed in tiers.SLOW_TESTS `slow`; then order the modules longest first (most slow tests, then
-    most tests), so that with `--dist loadfile --no-loadscope-reorder` (the Makefile) the long modules start early
-    and the two workers finish together. The order of the tests within a module is kept."""
-    for item in items:
-        path = Path(str(item.fspath)).resolve()
-        try:
-            names = SLOW_TESTS.get(path.relative_to(TESTS_DIR).as_posix(), ())
-        except ValueError:
-            continue
-        if "*" in names or getattr(item, "originalname", item.name) in names:
-            item.add_marker(pytest.mark.slow)
+    """Order the modules longest first (most `slow` tests, then most tests), so that with `--dist loadfile
+    --no-loadscope-reorder` (the Makefile) the long modules start early and the two workers finish together. The
+    order of the tests within a module is kept."""
     slow: Counter[str] = Counter(str(item.fspath) for item in items if item.get_closest_marker("slow"))
     count: Counter[str] = Counter(str(item.fspath) for item in items)
     items.sort(key=lambda item: (-slow[str(item.fspath)], -count[str(item.fspath)]))  # a stable sort

@@ -27,6 +27,8 @@ TINY_REGRESSION = [
     # The suite's numerical comparisons mean the CPU (one device for both sides); the GPU tier is tests/gpu.
     "--training-device", "cpu",
 ]
+# The tiny run's callbacks plus checkpoints, as flags (a later --training-callbacks replaces the whole list).
+CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
 

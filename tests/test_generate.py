@@ -21,17 +21,8 @@ from llm.training.train import main as train_main
 TEXT = "def square(x):\n    return x * x\n\n\ndef cube(x):\n    return x * x * x\n\n" * 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, _one_thread):
+def run_dir(tmp_path_factory):
     """A tiny lm run trained for a few steps (about a second)."""
     root = tmp_path_factory.mktemp("gen")
     (root / "corpus.txt").write_text(TEXT, encoding="utf-8")

@@ -21,10 +21,7 @@ from llm.data.text import TextDataModule
 from llm.errors import ConfigError
 from tests.data.test_text import CORPUS, make_config, setup_dm, write_corpus
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # each test its own token cache (tmp_path/cache)
 
 
 def corpus_files(tmp_path):

@@ -24,9 +24,7 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")  # each test its own token cache (tmp_path/cache)
 
 
 def write_corpus(root, docs=CORPUS):

@@ -1,7 +1,7 @@
 """``python -m llm.export``: run/checkpoint resolution, HF output that loads back, one-line errors.
 
 Which weights a path names is `runs.resolve_run`'s rule, tested in depth in
-tests/training/core/test_run_loader.py; these tests drive it through the export CLI."""
+tests/artifacts/test_runs.py; these tests drive it through the export CLI."""
 
 from __future__ import annotations
 

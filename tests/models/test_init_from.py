@@ -22,14 +22,6 @@ SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key
              max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_hf_folder(path, kind: str = "llama"):
     """A tiny random HF model saved with save_pretrained, plus a BPE tokenizer.json built with `tokenizers`."""
     tok = HFTokenizer.train_bpe([TEXT], 300)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import make_config, read_metrics
+from helpers import read_metrics, tiny_engine
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -241,6 +241,7 @@ def _compiled_matches_eager(dispatch: str, fullgraph: bool, device: str = "cpu")
 # fp32 is where grouped_mm cannot run on CUDA (and cannot be traced on a CPU: its fake kernel is bf16-only). The
 # padded path compiles as one graph (fullgraph=True fails on any graph break, so no host read is inside); the loop
 # compiles too, its host reads behind deliberate graph breaks, and is what "auto" takes on a CPU.
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 @pytest.mark.parametrize(("dispatch", "fullgraph"), [("padded", True), ("padded", False), ("loop", False),
                                                      ("auto", False)])
 def test_compiled_fallback_matches_eager_forward_and_grad(dispatch, fullgraph):
@@ -248,6 +249,7 @@ def test_compiled_fallback_matches_eager_forward_and_grad(dispatch, fullgraph):
     assert breaks == 0 if dispatch == "padded" else breaks > 0
 
 
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 def test_padded_layer_compiles_as_one_graph_with_dynamic_shapes():
     torch.manual_seed(0)
     layer = MoELayer(16, num_experts=4, top_k=2, intermediate_size=8, dispatch="padded")
@@ -267,29 +269,22 @@ def test_cuda_fp32_compiles_auto_dispatch_as_one_graph():
 
 
 def _engine_losses(run_dir, *args: str) -> tuple[object, list[float]]:
-    from llm.training.core.callbacks import build_callbacks
-    from llm.training.core.engine import TrainingEngine
-    from llm.training.train import prepare_run_dir
-
     corpus = run_dir.parent / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(600)))
-    config, task_class = make_config(
+    engine = tiny_engine(
         run_dir, "--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(run_dir.parent / "cache"),
         "--data-seq-len", "32", "--model-max-seq-len", "32", "--model-hidden-size", "32", "--model-num-layers", "2",
         "--model-num-heads", "2", "--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2",
         "--training-batch-size", "4", "--training-val-max-batches", "1", "--training-callbacks", "MetricsLogger",
         "--training-max-steps", "3", "--training-log-interval", "1", "--training-precision", "fp32",
-        "--training-device", "cpu", *args, base=[],
+        "--training-device", "cpu", *args, base=[], run=True,
     )
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=build_callbacks(config))
-    engine.run()
     records = [r for r in read_metrics(run_dir / "run") if "train/loss" in r]
     return engine, [r["train/loss"] + r.get("train/aux_loss", 0.0) for r in records]
 
 
+@pytest.mark.slow  # torch.compile (inductor) takes 10-30 s per case on a CPU
 @pytest.mark.parametrize("dispatch", ["padded", "loop"])
 def test_engine_compiles_moe_with_the_fallback_forced(tmp_path, monkeypatch, dispatch):
     monkeypatch.setenv("LLM_COMPILE_BACKEND", "aot_eager")
@@ -395,6 +390,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow  # a two-process job
 def test_ddp_step_with_starved_expert_keeps_ranks_in_sync(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok").exists()

@@ -13,22 +13,22 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_REGRESSION, make_config, read_metrics, run_cli
+from helpers import CKPT, REPO, TINY_REGRESSION, make_config, read_metrics, run_cli
 from safetensors.torch import load_file, load_model
 
 from llm.training.tasks.regression_task import RegressionTask
+
+pytestmark = pytest.mark.slow  # every test launches two-process jobs (spawn, torchrun)
 
 COMMON = [*TINY_REGRESSION, "--data-num-samples", "330", "--training-max-steps", "6", "--training-val-interval", "3",
           "--seed", "3", "--plugins", "scaleout_plugin"]
 # With the default coefficients: the load-balancing loss counts expert loads over the global batch (all ranks),
 # so N ranks optimize what one process does with their global batch.
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 BOOM = "RuntimeError: boom at step 3 on rank 1"
 
 PLUGIN = textwrap.dedent('''
@@ -231,10 +231,10 @@ def test_two_nodes_on_loopback_train_and_resume(workdir, reference):
 def test_one_failing_rank_ends_the_job_promptly_reported_once(workdir, launcher):
     args = [*COMMON, "--training-callbacks", "MetricsLogger", "RaiseOnRank1", "--training-batch-size", "8",
             "--logging-log-dir", f"boom-{launcher}"]
-    start = time.monotonic()
+    # Promptly: well within the timeout (which fails the test), where a rank left waiting on a collective would
+    # hang for the process group's timeout (30 min).
     proc = train(workdir, args, launcher, timeout=120)
-    elapsed = time.monotonic() - start
-    assert proc.returncode != 0 and elapsed < 60, (proc.returncode, elapsed, proc.stderr)
+    assert proc.returncode != 0, (proc.returncode, proc.stderr)
     assert proc.stderr.count(BOOM) == 1, proc.stderr  # by rank 1 only; rank 0 merely lost its peer
     assert "lost contact" not in proc.stderr  # rank 0 was ended by the launcher while it waited
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_REGRESSION
+from helpers import CKPT, REPO, TINY_REGRESSION
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import list_checkpoints, verify_checkpoint
@@ -25,7 +25,6 @@ from llm.artifacts.checkpoint import list_checkpoints, verify_checkpoint
 # Each test runs several real training processes (two-process jobs among them) to their end: the slow tier.
 pytestmark = [pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX"), pytest.mark.slow]
 
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 WORKERS = ["--data-num-workers", "2"]
 
 

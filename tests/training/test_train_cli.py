@@ -1,4 +1,7 @@
-"""The CLI end to end, as a user runs it: the guide's commands, bad input, plugins, two processes."""
+"""The CLI end to end, as a user runs it: the guide's commands, bad input, plugins, two processes.
+
+`main(argv)` runs in this process (`helpers.call_main`) unless a real process is the point: plugins imported
+from the working directory (`python -m` puts it on sys.path) and registered for that process only, torchrun."""
 
 from __future__ import annotations
 
@@ -7,11 +10,15 @@ import textwrap
 
 import pytest
 import yaml
-from helpers import TINY_REGRESSION, read_metrics, run_cli
+from helpers import TINY_REGRESSION, call_main, read_metrics, run_cli
+
+from llm.training.train import main
 
 
+@pytest.mark.slow  # a whole training run
 def test_guide_moe_command_trains_and_writes_the_run_dir(tmp_path):
-    proc = run_cli(
+    proc = call_main(
+        main,
         ["--task", "regression", "--model-use-moe", "--model-num-experts", "8", "--model-top-k", "2",
          "--training-max-steps", "6", "--logging-log-dir", "run", "--training-val-interval", "3"],
         cwd=tmp_path,
@@ -25,26 +32,28 @@ def test_guide_moe_command_trains_and_writes_the_run_dir(tmp_path):
     assert len(vals) == 2
 
 
+@pytest.mark.slow  # a whole training run
 def test_regression_validation_loss_decreases(tmp_path):
-    proc = run_cli(["--task", "regression", "--training-epochs", "3", "--data-num-samples", "1024",
-                    "--logging-log-dir", "run"], cwd=tmp_path)
+    proc = call_main(main, ["--task", "regression", "--training-epochs", "3", "--data-num-samples", "1024",
+                            "--logging-log-dir", "run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     vals = [m["val/loss"] for m in read_metrics(tmp_path / "run") if "val/loss" in m]
     assert len(vals) == 3 and vals[-1] < vals[0] < 1.2
 
 
 def test_print_config_and_help(tmp_path):
-    proc = run_cli(["--task", "classification", "--print-config", "--training-lr", "0.5"], cwd=tmp_path)
+    proc = call_main(main, ["--task", "classification", "--print-config", "--training-lr", "0.5"], cwd=tmp_path)
     assert proc.returncode == 0
     printed = yaml.safe_load(proc.stdout)
     assert printed["task"] == "classification" and printed["training"]["lr"] == 0.5
     assert not (tmp_path / "runs").exists()
-    proc = run_cli(["--help"], cwd=tmp_path)
+    proc = call_main(main, ["--help"], cwd=tmp_path)
     assert proc.returncode == 0 and "--[no-]model-use-moe" in proc.stdout and "--scheduler-type" in proc.stdout
 
 
-def test_task_help_is_short_grouped_and_shows_the_task_defaults(tmp_path):
-    proc = run_cli(["--task", "lm", "--help"], cwd=tmp_path, env={"COLUMNS": "120"})
+def test_task_help_is_short_grouped_and_shows_the_task_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # argparse's line width
+    proc = call_main(main, ["--task", "lm", "--help"], cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("usage: python -m llm.training.train --task NAME") and len(lines) < 180
@@ -57,8 +66,8 @@ def test_task_help_is_short_grouped_and_shows_the_task_defaults(tmp_path):
 
 
 def test_plus_appends_a_callback_to_the_task_defaults(tmp_path):
-    plain = yaml.safe_load(run_cli(["--task", "lm", "--print-config"], cwd=tmp_path).stdout)
-    proc = run_cli(["--task", "lm", "--training-callbacks", "+EarlyStopping", "--print-config"], cwd=tmp_path)
+    plain = yaml.safe_load(call_main(main, ["--task", "lm", "--print-config"], cwd=tmp_path).stdout)
+    proc = call_main(main, ["--task", "lm", "--training-callbacks", "+EarlyStopping", "--print-config"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     callbacks = yaml.safe_load(proc.stdout)["training"]["callbacks"]
     assert callbacks == [*plain["training"]["callbacks"], "EarlyStopping"] and "TextSampler" in callbacks
@@ -77,7 +86,7 @@ def test_plus_appends_a_callback_to_the_task_defaults(tmp_path):
     ],
 )
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, args, needle):
-    proc = run_cli(["--task", "regression", *args], cwd=tmp_path)
+    proc = call_main(main, ["--task", "regression", *args], cwd=tmp_path)
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -114,14 +123,16 @@ def test_plugins_register_tasks_and_callbacks_without_editing_the_framework(tmp_
     assert (tmp_path / "marker.txt").read_text() == "2" and (tmp_path / "unregistered.txt").exists()
 
 
+@pytest.mark.slow  # a whole training run
 def test_classification_task_learns(tmp_path):
-    proc = run_cli(["--task", "classification", "--training-epochs", "3", "--logging-log-dir", "run",
-                    "--training-callbacks", "MetricsLogger", "LRSchedulerCallback"], cwd=tmp_path)
+    proc = call_main(main, ["--task", "classification", "--training-epochs", "3", "--logging-log-dir", "run",
+                            "--training-callbacks", "MetricsLogger", "LRSchedulerCallback"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     vals = [m for m in read_metrics(tmp_path / "run") if "val/accuracy" in m]
     assert vals[-1]["val/accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_two_gloo_processes_match_one_process(tmp_path):
     common = [*TINY_REGRESSION, "--training-max-steps", "5", "--training-val-interval", "5", "--seed", "3"]
     single = run_cli([*common, "--training-batch-size", "16", "--logging-log-dir", "one"], cwd=tmp_path)
@@ -140,6 +151,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
+@pytest.mark.slow  # two processes under torchrun
 def test_config_error_under_torchrun_is_printed_once(tmp_path):
     # Every torchrun worker parses the same flags and meets the same mistake; one of them says so.
     proc = run_cli(["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "-m", "llm.training.train",

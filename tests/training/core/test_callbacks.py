@@ -22,24 +22,11 @@ class Recorder(Callback):
         return object.__getattribute__(self, name)
 
 
-def _run(config, task_class, callbacks):
-    task = task_class(config)
-    from llm.training.core.engine import TrainingEngine
-
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
-    config.logging.log_dir and __import__("os").makedirs(config.logging.log_dir, exist_ok=True)
-    engine.run()
-    return engine
-
-
-def test_exact_hook_order_with_validation(tmp_path):
+def test_exact_hook_order_with_validation(make_engine):
     # 80 samples, 10% validation -> 72 train = 3 batches of 24 per epoch; 4 steps; validate every 2.
-    config, task_class = make_config(
-        tmp_path, "--data-num-samples", "80", "--training-batch-size", "24", "--training-max-steps", "4",
-        "--training-val-interval", "2",
-    )
     recorder = Recorder()
-    _run(config, task_class, [recorder])
+    make_engine("--data-num-samples", "80", "--training-batch-size", "24", "--training-max-steps", "4",
+                "--training-val-interval", "2", callbacks=[recorder], run=True)
     b, v = ["on_batch_start", "on_batch_end"], ["on_validation_start", "on_validation_end"]
     expected = (
         ["on_train_start", "on_epoch_start"] + b + b + v + b + v + ["on_epoch_end"]
@@ -48,16 +35,15 @@ def test_exact_hook_order_with_validation(tmp_path):
     assert recorder.events == expected
 
 
-def test_misspelled_hook_is_reported(tmp_path, caplog):
+def test_misspelled_hook_is_reported(make_engine, caplog):
     class Typo(Callback):
         def on_train_begin(self, logs=None):
             pass
 
     assert misspelled_hooks(Typo()) == ["Typo.on_train_begin is not a hook (did you mean 'on_train_start'?)"]
-    config, task_class = make_config(tmp_path, "--training-max-steps", "1")
     logging.getLogger("llm").propagate = True
     with caplog.at_level(logging.WARNING, logger="llm"):
-        _run(config, task_class, [Typo()])
+        make_engine("--training-max-steps", "1", callbacks=[Typo()], run=True)
     assert "on_train_begin is not a hook" in caplog.text
 
 
@@ -69,13 +55,10 @@ def test_class_pasted_into_callbacks_module_is_found_by_name(monkeypatch):
     assert resolve_callback("PastedHere") is PastedHere
 
 
-def test_early_stopping_sets_should_stop(tmp_path):
-    config, task_class = make_config(
-        tmp_path, "--training-max-steps", "200", "--training-val-interval", "1", "--training-lr", "1e-9",
-        "--training-scheduler-type", "constant",
-    )
+def test_early_stopping_sets_should_stop(make_engine):
     stopper = EarlyStopping(monitor="val/loss", mode="min", patience=2, min_delta=1.0)
-    engine = _run(config, task_class, [stopper])
+    engine = make_engine("--training-max-steps", "200", "--training-val-interval", "1", "--training-lr", "1e-9",
+                         "--training-scheduler-type", "constant", callbacks=[stopper], run=True)
     assert engine.should_stop and engine.state.step == 3  # first validation sets best, two more fail
     assert stopper.state_dict() == {"best": stopper.best, "bad_validations": 2}
 
@@ -90,15 +73,14 @@ class StopAtStepTwo(Callback):
             self.engine.should_stop = True
 
 
-def test_callback_sees_the_run_context_and_stops_the_run_through_it(tmp_path, caplog):
+def test_callback_sees_the_run_context_and_stops_the_run_through_it(make_engine, caplog):
     from llm.training.core.engine import TrainingEngine
     from llm.training.observers.context import RunContext
 
-    config, task_class = make_config(tmp_path, "--training-max-steps", "10")
     stopper = StopAtStepTwo()
     logging.getLogger("llm").propagate = True
     with caplog.at_level(logging.INFO, logger="llm"):
-        engine = _run(config, task_class, [stopper])
+        engine = make_engine("--training-max-steps", "10", callbacks=[stopper], run=True)
     assert isinstance(stopper.engine, RunContext) and not isinstance(stopper.engine, TrainingEngine)
     assert stopper.engine is engine.context and engine.task.context is engine.context
     assert engine.state.step == 2 and engine.should_stop and engine.context.should_stop

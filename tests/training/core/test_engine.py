@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from helpers import make_config, read_metrics
 
 from llm.artifacts.checkpoint import load_weights
-from llm.training.core.engine import MetricAccumulator, TrainingEngine
+from llm.training.core.engine import MetricAccumulator
 from llm.training.train import train_worker
-
-
-def _engine(config, task_class, callbacks=None):
-    os.makedirs(config.logging.log_dir, exist_ok=True)
-    task = task_class(config)
-    return TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks or [])
 
 
 def test_overfits_one_batch(tmp_path):
@@ -31,11 +23,10 @@ def test_overfits_one_batch(tmp_path):
     assert losses[0] > 0.3 and losses[-1] < 0.02 * losses[0]
 
 
-def test_gradient_accumulation_matches_bigger_batch(tmp_path):
+def test_gradient_accumulation_matches_bigger_batch(tmp_path, make_engine):
     def final_weights(*args):
-        config, task_class = make_config(tmp_path / str(len(args)), "--training-max-steps", "3", *args)
-        engine = _engine(config, task_class)
-        engine.run()
+        engine = make_engine("--training-max-steps", "3", *args, workdir=tmp_path / str(len(args)), callbacks=[],
+                             run=True)
         return {k: v.clone() for k, v in engine.unwrapped_model.state_dict().items()}
 
     big = final_weights("--training-batch-size", "16")
@@ -44,10 +35,9 @@ def test_gradient_accumulation_matches_bigger_batch(tmp_path):
         torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
 
 
-def test_validation_is_sample_weighted_over_uneven_batches(tmp_path):
+def test_validation_is_sample_weighted_over_uneven_batches(make_engine):
     # 10% of 250 = 25 validation samples in batches of 16 and 9: the mean must weight by size.
-    config, task_class = make_config(tmp_path, "--data-num-samples", "250", "--training-max-steps", "1")
-    engine = _engine(config, task_class)
+    engine = make_engine("--data-num-samples", "250", "--training-max-steps", "1", callbacks=[])
     engine.setup()
     logs = engine.validate()
     model, crit = engine.unwrapped_model.eval(), torch.nn.MSELoss(reduction="sum")
@@ -57,21 +47,18 @@ def test_validation_is_sample_weighted_over_uneven_batches(tmp_path):
     assert logs["val/mse"] == pytest.approx(expected, rel=1e-5)  # in target units (val/loss: standardized)
 
 
-def test_final_weights_saved_as_safetensors(tmp_path):
-    config, task_class = make_config(tmp_path, "--training-max-steps", "2")
-    engine = _engine(config, task_class)
-    engine.run()
-    fresh = task_class(config).build_model()
+def test_final_weights_saved_as_safetensors(tmp_path, make_engine):
+    engine = make_engine("--training-max-steps", "2", callbacks=[], run=True)
+    fresh = type(engine.task)(engine.config).build_model()
     load_weights(fresh, tmp_path / "run" / "model.safetensors")
     for a, b in zip(fresh.state_dict().values(), engine.unwrapped_model.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_tensor_metrics_do_not_sync_between_log_steps(tmp_path, monkeypatch):
+def test_tensor_metrics_do_not_sync_between_log_steps(make_engine, monkeypatch):
     """`.item()`/`.tolist()` on metrics happen only at log steps (plus the one-bool finite check)."""
-    config, task_class = make_config(tmp_path, "--training-max-steps", "8", "--training-log-interval", "4",
-                                     "--training-val-interval", "0")  # the resolved config is frozen: set it here
-    engine = _engine(config, task_class)
+    engine = make_engine("--training-max-steps", "8", "--training-log-interval", "4", "--training-val-interval", "0",
+                         callbacks=[])
     calls = {"tolist": 0}
     original = MetricAccumulator.compute
 

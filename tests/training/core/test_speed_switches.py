@@ -25,14 +25,6 @@ from llm.training.tasks.regression_task import RegressionTask
 HAS_CKPT_SWITCH = hasattr(TransformerBlock, "activation_checkpointing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def lm_args(tmp_path, *extra: str) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():

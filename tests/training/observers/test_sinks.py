@@ -10,14 +10,13 @@ import sys
 import types
 
 import pytest
-from helpers import make_config, read_metrics
+from helpers import make_config, read_metrics, tiny_engine
 
 from llm.config import replace_values
 from llm.errors import ConfigError
 from llm.training.core.callbacks import Callback, build_callbacks
-from llm.training.core.engine import TrainingEngine
 from llm.training.observers.sinks import ConsoleLogger, MetricSink, build_sinks, check_logger_names
-from llm.training.train import prepare_run_dir, setup_logging
+from llm.training.train import setup_logging
 
 
 class Recording(MetricSink):
@@ -45,13 +44,7 @@ class Publisher(Callback):
 
 
 def run_engine(tmp_path, *args, callbacks=None):
-    config, task_class = make_config(tmp_path, *args)
-    prepare_run_dir(config)
-    task = task_class(config)
-    cbs = build_callbacks(config) if callbacks is None else callbacks
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=cbs)
-    engine.run()
-    return engine
+    return tiny_engine(tmp_path, *args, callbacks=callbacks, run=True)
 
 
 @pytest.mark.parametrize("publisher_first", [True, False])
@@ -140,12 +133,9 @@ def test_logger_names_are_checked(monkeypatch):
 
 def test_with_a_progress_bar_train_lines_reach_train_log_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    config, task_class = make_config(tmp_path, "--training-max-steps", "4", "--training-log-interval", "2")
-    prepare_run_dir(config)
+    engine = tiny_engine(tmp_path, "--training-max-steps", "4", "--training-log-interval", "2", callbacks=[])
     setup_logging(0, "INFO", tmp_path / "run")
     try:
-        task = task_class(config)
-        engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=[])
         assert any(isinstance(s, ConsoleLogger) for s in engine.sinks)
         engine.run()
     finally:

@@ -9,12 +9,10 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, make_config, read_metrics
+from helpers import REPO, read_metrics, tiny_engine
 
 from llm.models.decoder import DecoderModel
 from llm.models.flops import active_parameters, attention_width, flops_per_token
-from llm.training.core.callbacks import build_callbacks
-from llm.training.core.engine import TrainingEngine
 from llm.training.observers import throughput
 from llm.training.observers.throughput import (
     ThroughputMonitor,
@@ -22,7 +20,6 @@ from llm.training.observers.throughput import (
     gpu_peak_flops,
     measured_cpu_peak_flops,
 )
-from llm.training.train import prepare_run_dir
 
 # DecoderModel.tiny(): vocab 256, hidden 32, 2 layers, 4 heads of 8 (2 KV heads), SwiGLU 64, MoE 4 experts of 32.
 ATTN = 32 * 32 + 2 * (32 * 16) + 32 * 32  # q, k, v (2 KV heads x 8), o
@@ -99,11 +96,7 @@ def test_monitor_values_reach_every_logger_once(tmp_path, monkeypatch, order):
     monkeypatch.setenv("LLM_PEAK_TFLOPS", "0.01")  # a fixed peak: MFU is then exactly checkable
     loggers = ["MetricsLogger", "TensorBoardLogger"]
     callbacks = ["ThroughputMonitor", *loggers] if order == "monitor-first" else [*loggers, "ThroughputMonitor"]
-    config, task_class = make_config(tmp_path, *lm_args(tmp_path, *callbacks), base=[])
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=build_callbacks(config))
-    engine.run()
+    engine = tiny_engine(tmp_path, *lm_args(tmp_path, *callbacks), base=[], run=True)
     perf = [r for r in read_metrics(tmp_path / "run") if "perf/mfu" in r]
     assert [r["step"] for r in perf] == [2, 4]  # each log step once
     flops = flops_per_token(engine.unwrapped_model, 32)
@@ -119,12 +112,8 @@ def test_monitor_values_reach_every_logger_once(tmp_path, monkeypatch, order):
 def test_monitor_stays_quiet_without_tokens(tmp_path, monkeypatch):
     # Regression batches are float features: no tokens/s, hence no MFU (rather than a made-up one).
     monkeypatch.setenv("LLM_PEAK_TFLOPS", "1")
-    config, task_class = make_config(tmp_path, "--training-max-steps", "2", "--training-callbacks", "MetricsLogger",
-                                     "ThroughputMonitor")
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=build_callbacks(config))
-    engine.run()
+    tiny_engine(tmp_path, "--training-max-steps", "2", "--training-callbacks", "MetricsLogger", "ThroughputMonitor",
+                run=True)
     assert not any(k.startswith("perf/") for r in read_metrics(tmp_path / "run") for k in r)
 
 
@@ -176,10 +165,6 @@ def test_mfu_on_a_known_gpu_uses_the_table(tmp_path):
         pytest.skip(f"{torch.cuda.get_device_name()} is not in GPU_PEAK_TFLOPS")
     args = [*lm_args(tmp_path, "MetricsLogger", "ThroughputMonitor"), "--training-device", "cuda",
             "--training-precision", "bf16"]
-    config, task_class = make_config(tmp_path, *args, base=[])
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=build_callbacks(config))
-    engine.run()
+    engine = tiny_engine(tmp_path, *args, base=[], run=True)
     assert engine.find_callback(ThroughputMonitor).peak_flops == monitor_peak
     assert 0 < engine.find_callback(ThroughputMonitor).last["perf/mfu"] < 100

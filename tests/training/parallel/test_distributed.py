@@ -222,6 +222,7 @@ def _two_rank_checks(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # a two-process job
 def test_two_processes_lockstep_failure_claims_and_fsdp_round_trip(tmp_path):
     mp.spawn(_two_rank_checks, args=(D.free_port(), str(tmp_path)), nprocs=2, join=True)
     full = load_file(tmp_path / "full.safetensors")

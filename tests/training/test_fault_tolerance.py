@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_REGRESSION, make_config, read_metrics
+from helpers import CKPT, REPO, TINY_REGRESSION, make_config, read_metrics, tiny_engine
 from safetensors.torch import load_file
 
 from llm.artifacts import checkpoint as ckpt
@@ -25,9 +25,7 @@ from llm.artifacts.checkpoint import CheckpointError, list_checkpoints, verify_c
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine
 from llm.training.tasks.regression_task import RegressionTask
-from llm.training.train import prepare_run_dir
-
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
+from llm.training.train import build_engine, prepare_run_dir
 
 
 class NaNTask(RegressionTask):
@@ -52,14 +50,9 @@ def nan_task(*steps: int) -> type[NaNTask]:
 
 
 def train(tmp_path: Path, run: str, *args: str, task_class=None, extra=(), start: bool = True) -> TrainingEngine:
-    config, default_task = make_config(tmp_path, *CKPT, *args, "--logging-log-dir", str(tmp_path / run))
-    prepare_run_dir(config)
-    task = (task_class or default_task)(config)
-    callbacks = build_callbacks(config) + list(extra)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
-    if start:
-        engine.run()
-    return engine
+    """The tiny run with checkpoints in `tmp_path/run`, run to its end unless start=False."""
+    flags = [*CKPT, *args, "--logging-log-dir", str(tmp_path / run)]
+    return tiny_engine(tmp_path, *flags, task_class=task_class, extra_callbacks=extra, run=start)
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -124,10 +117,9 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path, signum):
     # SendSignal runs before ModelCheckpoint's on_batch_end, so the stop lands at the same step.
     config, task_class = make_config(tmp_path, *CKPT, *common, "--logging-log-dir", str(tmp_path / "stopped"))
     prepare_run_dir(config)
-    task = task_class(config)
     callbacks = build_callbacks(config)
     callbacks.insert(-1, SendSignal(4, signum))
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
+    engine = build_engine(config, task_class, callbacks=callbacks)
     engine.run()
     assert engine.state.step == 4 and engine.should_stop
     assert signal.getsignal(signum) is handler  # previous handler restored
@@ -165,6 +157,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a training run in a real process
 def test_sigterm_to_a_real_process_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     args = [*TINY_REGRESSION, *CKPT, "--training-max-steps", "5000", "--training-epochs", "1000",
@@ -200,6 +193,7 @@ checkpoint.write_manifest = write_manifest
 """
 
 
+@pytest.mark.slow  # a training run in a real process
 def test_kill_9_during_a_save_leaves_a_resumable_run(tmp_path):
     (tmp_path / "slow_save.py").write_text(textwrap.dedent(SLOW_SAVE_PLUGIN))
     common = ["--training-max-steps", "12", "--checkpoint-interval", "4"]

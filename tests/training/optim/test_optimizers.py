@@ -173,23 +173,14 @@ def test_a_state_dict_of_another_layout_is_refused():
 
 # --------------------------------------------------------------------------------------------------- it trains
 def test_muon_trains_a_tiny_lm_through_the_engine(tmp_path):
-    from helpers import make_config, read_metrics
-
-    from llm.training.core.callbacks import build_callbacks
-    from llm.training.core.engine import TrainingEngine
-    from llm.training.train import prepare_run_dir
+    from helpers import read_metrics, tiny_engine
 
     base = ["--task", "lm", "--data-seq-len", "32", "--model-hidden-size", "32", "--model-num-layers", "1",
             "--model-num-heads", "2", "--model-max-seq-len", "32", "--training-batch-size", "8",
             "--training-log-interval", "1", "--training-device", "cpu", "--training-callbacks", "MetricsLogger",
             "--logging-loggers", "jsonl", "--data-max-bytes", "300000", "--training-val-max-batches", "2"]
-    config, task_class = make_config(tmp_path, "--training-optimizer", "muon", "--training-max-steps", "30",
-                                     "--training-lr", "3e-3", "--training-warmup", "5", base=base)
-    prepare_run_dir(config)
-    task = task_class(config)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(),
-                            callbacks=build_callbacks(config))
-    engine.run()
+    engine = tiny_engine(tmp_path, "--training-optimizer", "muon", "--training-max-steps", "30",
+                         "--training-lr", "3e-3", "--training-warmup", "5", base=base, run=True)
     assert isinstance(engine.optimizer, CompositeOptimizer)
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert len(losses) == 30 and max(losses[-5:]) < losses[0] - 1.0, losses

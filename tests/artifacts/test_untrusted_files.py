@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import tiny_engine
+from helpers import CKPT, tiny_engine
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.checkpoint import CheckpointError, UnsafeCheckpointError
@@ -31,7 +31,6 @@ from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
 from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
 
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 STEP2, STEP4 = "step-00000002", "step-00000004"
 
 

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_config, read_metrics
+from helpers import CKPT, make_config, read_metrics, tiny_engine
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import MANIFEST, CheckpointError, list_checkpoints, verify_checkpoint
-from llm.config import replace_values
-from llm.training.core.callbacks import Callback, build_callbacks
+from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
-from llm.training.train import prepare_run_dir
-
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
 class Crash(Callback):
@@ -46,16 +42,10 @@ class LogCapture(logging.Handler):
 
 
 def train(tmp_path: Path, run: str, *args: str, extra: tuple[Callback, ...] = (),
-          overwrite: bool = False) -> TrainingEngine:
-    config, task_class = make_config(tmp_path, *CKPT, *args, "--logging-log-dir", str(tmp_path / run))
-    if overwrite:  # --checkpoint-overwrite
-        config = replace_values(config, {"checkpoint.overwrite": True})  # the resolved config is frozen
-    prepare_run_dir(config)
-    task = task_class(config)
-    callbacks = build_callbacks(config) + list(extra)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
-    engine.run()
-    return engine
+          overwrite: bool = False, prepare: bool = True, start: bool = True) -> TrainingEngine:
+    """The tiny run with checkpoints in `tmp_path/run`, run to its end unless start=False."""
+    flags = [*CKPT, *args, "--logging-log-dir", str(tmp_path / run), *(["--checkpoint-overwrite"] if overwrite else [])]
+    return tiny_engine(tmp_path, *flags, extra_callbacks=extra, prepare=prepare, run=start)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -267,7 +257,7 @@ def test_a_finished_run_says_why_it_trains_nothing(tmp_path):
     capture = LogCapture()
     logging.getLogger("llm").addHandler(capture)
     try:
-        engine = TrainingEngine(*_engine_args(tmp_path, "run", "--training-max-steps", "4"))
+        engine = train(tmp_path, "run", "--training-max-steps", "4", prepare=False, start=False)
         engine.run()
     finally:
         logging.getLogger("llm").removeHandler(capture)
@@ -275,12 +265,6 @@ def test_a_finished_run_says_why_it_trains_nothing(tmp_path):
                capture.messages), capture.messages
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "train.log"}
     assert after == before
-
-
-def _engine_args(tmp_path: Path, run: str, *args: str) -> tuple:
-    config, task_class = make_config(tmp_path, *CKPT, *args, "--logging-log-dir", str(tmp_path / run))
-    task = task_class(config)
-    return config, task, 0, 1, task.build_data_module(), build_callbacks(config)
 
 
 def _consume(world: int, batches: int, state: dict | None, batch_size: int = 8) -> tuple[list[int], dict]:

@@ -12,27 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_config
+from helpers import CKPT, tiny_engine
 from torch import nn
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.checkpoint import CheckpointError
-from llm.training.core.callbacks import Callback, build_callbacks
+from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
-from llm.training.train import prepare_run_dir
-
-CKPT = ["--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "ModelCheckpoint"]
 
 
 def train(tmp_path: Path, *args: str, extra: tuple[Callback, ...] = (), run: bool = True) -> TrainingEngine:
-    config, task_class = make_config(tmp_path, *CKPT, *args)
-    prepare_run_dir(config)
-    task = task_class(config)
-    callbacks = build_callbacks(config) + list(extra)
-    engine = TrainingEngine(config, task, 0, 1, data_module=task.build_data_module(), callbacks=callbacks)
-    if run:
-        engine.run()
-    return engine
+    """The tiny run with checkpoints in `tmp_path/run`, run to its end unless run=False."""
+    return tiny_engine(tmp_path, *CKPT, *args, extra_callbacks=extra, run=run)
 
 
 class Payload:
