@@ -111,6 +111,8 @@ CASES = [
     Case("negative-lr", ["--training-lr", "-1"], "training.lr"),
     Case("top-k-over-experts", ["--model-use-moe", "--model-num-experts", "2", "--model-top-k", "3"], "model.top_k"),
     Case("heads-do-not-divide", ["--model-hidden-size", "30", "--model-num-heads", "4"], "model.hidden_size"),
+    Case("odd-head-dim", ["--model-hidden-size", "20", "--model-num-heads", "4"], "odd head dimension 5"),
+    Case("hf-trainer-flag", ["--save-steps", "10"], "here it is '--checkpoint-interval'"),
     Case("unknown-callback", ["--training-callbacks", "ModelCheckpoints"], "did you mean 'ModelCheckpoint'"),
     Case("unknown-optimizer", ["--training-optimizer", "adamx"], "training.optimizer"),
     Case("bad-precision", ["--training-precision", "fp8"], "training.precision"),

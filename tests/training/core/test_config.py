@@ -539,3 +539,22 @@ def test_resume_policies_are_declared_beside_the_fields():
                        "training.scheduler_type": "--training-scheduler-type",
                        "training.scheduler_interval": "--training-scheduler-interval"}
     assert checkpointer.config_changes({"training": {"lr": 1.0}}, {"training": {"lr": 2.0}}, expected=expected) == []
+
+
+@pytest.mark.parametrize("hf, ours", [
+    ("--save-steps", "--checkpoint-interval"), ("--eval-steps", "--training-val-interval"),
+    ("--learning_rate", "--training-lr"), ("--num-train-epochs", "--training-epochs"),
+    ("--resume-from-checkpoint", "--checkpoint-resume"),
+])
+def test_hugging_face_trainer_flag_names_point_at_ours(hf, ours):
+    hint = f"unknown flag '{hf}' \\(the Hugging Face Trainer's name; here it is '{ours}'\\)"
+    with pytest.raises(ConfigError, match=hint):
+        parse_config(["--task", "regression", hf, "1"])
+
+
+def test_every_hugging_face_name_maps_to_a_flag_that_exists():
+    from llm.training.core.cli import HF_TRAINER_FLAGS, build_parser
+
+    options = {s for action in build_parser()._actions for s in action.option_strings}
+    assert set(HF_TRAINER_FLAGS.values()) <= options
+    assert not set(HF_TRAINER_FLAGS) & options  # a name we accept needs no pointer

@@ -84,3 +84,22 @@ def test_state_dict_round_trip_continues_identically():
         sched2.step_batch()
         got.append(opt2.param_groups[0]["lr"])
     assert got == expected
+
+
+def test_a_saved_schedule_refuses_another_scheduler_class():
+    # The refusal lives in the state itself, so it holds even where the config's resume policy was lost (a field
+    # pasted from the user's guide without its metadata).
+    from torch.optim.lr_scheduler import ExponentialLR, StepLR
+
+    def schedule(inner):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return LRSchedule(opt, inner(opt), warmup=0)
+
+    saved = schedule(lambda o: StepLR(o, step_size=2)).state_dict()
+    assert saved["scheduler_class"] == "StepLR"
+    with pytest.raises(ValueError, match="the saved schedule is a StepLR and this run's a ExponentialLR"):
+        schedule(lambda o: ExponentialLR(o, gamma=0.9)).load_state_dict(saved)
+    same = schedule(lambda o: StepLR(o, step_size=2))
+    same.load_state_dict(saved)  # the same class resumes
+    older = {k: v for k, v in saved.items() if k != "scheduler_class"}  # checkpoints written before the record
+    schedule(lambda o: ExponentialLR(o, gamma=0.9)).load_state_dict(older)
