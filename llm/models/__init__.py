@@ -9,8 +9,9 @@ from llm.models.decoder import MLP, DecoderModel, RMSNorm, RotaryEmbedding, Tran
 from llm.models.flops import active_parameters, flops_per_token, num_parameters
 from llm.models.generation import KVCache
 from llm.models.hf import load_hf, save_hf
+from llm.models.hooks import aux_loss as collect_aux_loss
 from llm.models.loss import linear_cross_entropy
-from llm.models.moe import MoELayer, collect_aux_loss
+from llm.models.moe import MoELayer
 
 __all__ = [
     "MLP",

@@ -9,7 +9,7 @@ conversion in :mod:`llm.models.hf` is a key map. With ``use_moe`` every block's 
 Both take a :class:`~llm.models.config.ModelConfig` or its fields as keywords (``DecoderModel(config)`` ==
 ``DecoderModel(**asdict(config))``); ``model.config`` is the resolved ModelConfig. The model returns plain logits;
 the loss belongs to the task. MoE auxiliary losses of the last forward are available as ``model.aux_loss`` (or
-:func:`~llm.models.moe.collect_aux_loss` on any module). What a training engine needs without knowing this class:
+:func:`~llm.models.hooks.aux_loss` on any module). What a training engine needs without knowing this class:
 ``fsdp_units()``, ``flops_per_token(seq_len)``, ``num_parameters()``, and the per-step hooks its layers implement
 (:mod:`llm.models.hooks`).
 """
@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llm.models import flops
+from llm.models import flops, hooks
 from llm.models.config import ModelConfig, build_config, default_intermediate_size
 from llm.models.generation import GenerationMixin, KVCache, LayerKVCache
 from llm.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rotary, causal_mask, rotate_half
-from llm.models.moe import MoELayer, collect_aux_loss
+from llm.models.moe import MoELayer
 from llm.models.presets import TINY
 
 __all__ = [
@@ -172,7 +172,7 @@ class DecoderModel(GenerationMixin, nn.Module):
     @property
     def aux_loss(self) -> Tensor | None:
         """Sum of the last forward's MoE auxiliary losses (already times their coefficients); None if dense."""
-        return collect_aux_loss(self)
+        return hooks.aux_loss(self)
 
     def forward(
         self,

@@ -7,13 +7,12 @@ from llm.models.moe.layer import (
     DISPATCH_ENV,
     DISPATCHES,
     MoELayer,
-    collect_aux_loss,
     default_dispatch,
     moe_layers,
     routing_metrics,
 )
 
 __all__ = [
-    "BALANCES", "DISPATCHES", "DISPATCH_ENV", "MoELayer", "collect_aux_loss", "default_dispatch", "moe_layers",
+    "BALANCES", "DISPATCHES", "DISPATCH_ENV", "MoELayer", "default_dispatch", "moe_layers",
     "routing_metrics",
 ]

@@ -23,7 +23,7 @@ Notable choices:
 - Losses: the Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (f_e = share of the N*k routed
   token copies that go to expert e, P_e = mean router probability; 1.0 when perfectly balanced; Mixtral's form
   is this times top_k) and the router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE). Each layer stores
-  ``aux_loss_coef * balance + z_loss_coef * z`` of its last forward in ``aux_loss``; ``collect_aux_loss`` sums
+  ``aux_loss_coef * balance + z_loss_coef * z`` of its last forward in ``aux_loss``; ``llm.models.hooks.aux_loss`` sums
   them over any module tree.
 - Balance statistics (``balance``): ``"global"`` (default) counts f_e over the whole global batch: the counts are
   summed over the data-parallel group (:meth:`MoELayer.set_data_parallel_group`) and, inside an optimizer step that
@@ -364,17 +364,6 @@ def moe_layers(module: nn.Module, refresh: bool = False) -> list[MoELayer]:
         cached = [m for m in module.modules() if isinstance(m, MoELayer)]
         module.__dict__[_CACHE_ATTR] = cached  # bypass nn.Module.__setattr__: not a submodule list
     return cached
-
-
-def collect_aux_loss(module: nn.Module) -> Tensor | None:
-    """Sum of the last forward's auxiliary losses of every MoE layer in ``module``; None if it has none."""
-    losses = [m.aux_loss for m in moe_layers(module) if m.aux_loss is not None]
-    if not losses:
-        return None
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
-    return total
 
 
 def routing_metrics(counts: Tensor) -> dict[str, float]:
