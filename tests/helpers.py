@@ -122,3 +122,22 @@ def tiny_engine(workdir: Path, *flags: str, base: list[str] | None = None, task_
     if run:
         engine.run()
     return engine
+
+
+def nan_task(*steps: int) -> type:
+    """A regression task whose loss is NaN at the optimizer steps `steps` (1-based; no accumulation)."""
+    from llm.training.tasks.regression_task import RegressionTask
+
+    class NaNTask(RegressionTask):
+        nan_steps = frozenset(steps)
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.calls = 0
+
+        def train_step(self, batch: Any, model: Any, criterion: Any) -> Any:
+            loss, metrics = super().train_step(batch, model, criterion)
+            self.calls += 1
+            return (loss * float("nan") if self.calls in self.nan_steps else loss), metrics
+
+    return NaNTask

@@ -21,7 +21,7 @@ from torch import nn
 from llm.artifacts import checkpoint as ckpt
 from llm.models.lora import exportable
 from llm.training.checkpointer import writing_to
-from llm.training.parallel.fsdp import is_fsdp, load_sharded, save_full_weights, save_sharded
+from llm.training.parallel.fsdp import load_sharded, save_full_weights, save_sharded
 
 FullWeights = Callable[..., contextlib.AbstractContextManager]
 
@@ -88,9 +88,10 @@ class ShardedWeights:
         save_full_weights(self.model, path, step)  # a collective: every rank's shards, gathered on rank 0
 
 
-def build_weights(model: nn.Module, optimizer: torch.optim.Optimizer, is_writer: bool,
+def build_weights(model: nn.Module, optimizer: torch.optim.Optimizer, is_writer: bool, sharded: bool,
                   full_weights: FullWeights = _whole) -> FileWeights | ShardedWeights:
-    """The strategy for `model` as it is trained (FSDP's DTensor shards, or a whole model on each rank)."""
-    if is_fsdp(model):
+    """The strategy for `model` as the parallel plan laid it out: `sharded` (FSDP's DTensor shards) or a whole model
+    on each rank, whose `full_weights` block gathers what the layout split."""
+    if sharded:
         return ShardedWeights(model, optimizer)
     return FileWeights(model, optimizer, is_writer, full_weights)

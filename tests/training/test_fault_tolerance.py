@@ -17,36 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CKPT, REPO, TINY_REGRESSION, make_config, read_metrics, tiny_engine
+from helpers import CKPT, REPO, TINY_REGRESSION, make_config, nan_task, read_metrics, tiny_engine
 from safetensors.torch import load_file
 
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.callbacks import Callback, build_callbacks
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine
-from llm.training.tasks.regression_task import RegressionTask
 from llm.training.train import build_engine, prepare_run_dir
-
-
-class NaNTask(RegressionTask):
-    """Regression whose loss is NaN at the optimizer steps in `nan_steps` (1-based; no accumulation)."""
-
-    nan_steps: frozenset[int] = frozenset()
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.calls = 0
-
-    def train_step(self, batch, model, criterion):
-        loss, metrics = super().train_step(batch, model, criterion)
-        self.calls += 1
-        if self.calls in self.nan_steps:
-            loss = loss * float("nan")
-        return loss, metrics
-
-
-def nan_task(*steps: int) -> type[NaNTask]:
-    return type("NaNTask", (NaNTask,), {"nan_steps": frozenset(steps)})
 
 
 def train(tmp_path: Path, run: str, *args: str, task_class=None, extra=(), start: bool = True) -> TrainingEngine:

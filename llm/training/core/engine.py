@@ -231,7 +231,8 @@ class TrainingEngine:
         ctx = self.context
         ctx.model, ctx.data_module, ctx.lr_schedule = self.unwrapped_model, self.data_module, self.lr_schedule
         ctx.forward_is_collective = self.plan.lockstep
-        weights = build_weights(self.unwrapped_model, self.optimizer, self.is_global_zero, self.full_weights)
+        weights = build_weights(self.unwrapped_model, self.optimizer, self.is_global_zero, self.plan.sharded,
+                                self.plan.full_weights)
         self.checkpointer = Checkpointer(self._checkpoint_options, ctx, self.components, weights, self.callbacks,
                                          before_save=self.finite.raise_pending)
         self._register_state()

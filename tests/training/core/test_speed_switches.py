@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_REGRESSION, read_metrics, tiny_engine
+from helpers import TINY_REGRESSION, nan_task, read_metrics, tiny_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.artifacts.checkpoint import list_checkpoints
@@ -20,7 +20,6 @@ from llm.models.decoder import DecoderModel, TransformerBlock
 from llm.training.core.callbacks import Callback
 from llm.training.core.engine import NonFiniteLossError, TrainingEngine, compile_backend
 from llm.training.tasks.lm_task import LMTask
-from llm.training.tasks.regression_task import RegressionTask
 
 HAS_CKPT_SWITCH = hasattr(TransformerBlock, "activation_checkpointing")
 
@@ -108,17 +107,7 @@ def test_skip_policy_pays_one_sync_per_step(tmp_path, monkeypatch):
 
 
 # -- the deferred non-finite check -----------------------------------------------------------------
-class NaNAt(RegressionTask):
-    nan_steps = frozenset({3})
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.calls = 0
-
-    def train_step(self, batch, model, criterion):
-        loss, metrics = super().train_step(batch, model, criterion)
-        self.calls += 1
-        return (loss * float("nan") if self.calls in self.nan_steps else loss), metrics
+NaNAt = nan_task(3)
 
 
 def regression_args(*extra: str) -> list[str]:
