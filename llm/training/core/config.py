@@ -440,6 +440,9 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     from llm.training.parallel.expert import check_expert_parallel
 
     check_expert_parallel(dist.expert_parallel, None, m, dist.strategy)
+    from llm.training.optim.optimizers import check_strategy
+
+    check_strategy(t.optimizer, dist.strategy)  # muon + fsdp: refused here, before anything is written
     _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
            f"must be > 0 and at most {MAX_TIMEOUT_MINUTES:g} (a year)")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")

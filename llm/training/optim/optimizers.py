@@ -32,7 +32,19 @@ from llm.models.hooks import router_parameters
 from llm.registry import OPTIMIZERS, register_optimizer
 from llm.training.optim.composite import CompositeOptimizer
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "param_groups", "split_muon_params"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "param_groups", "split_muon_params"]
+
+# One line that names the fix: FSDP shards every matrix, and Muon orthogonalises whole ones. The lm task defaults to
+# muon, so a newcomer who only adds --distributed-strategy fsdp meets this first.
+MUON_FSDP = ("training.optimizer: 'muon' (the lm task's default) needs whole matrices and distributed.strategy=fsdp "
+             "shards them; add --training-optimizer adamw (or keep muon with --distributed-strategy ddp)")
+
+
+def check_strategy(optimizer: str, strategy: str) -> None:
+    """Refuse an optimizer the parallel strategy would silently change (run by config validation, before any
+    process starts or anything is written)."""
+    if optimizer == "muon" and strategy == "fsdp":
+        raise ConfigError(MUON_FSDP)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -98,7 +110,7 @@ def _muon(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     muon_params, rest = split_muon_params(model)
     if any(type(p).__name__ == "DTensor" for p in muon_params):
         # Orthogonalising a shard is not orthogonalising the matrix: FSDP would silently change the algorithm.
-        raise ConfigError("training.optimizer: 'muon' needs whole matrices; use distributed.strategy=ddp, not fsdp")
+        raise ConfigError(MUON_FSDP)
     if not muon_params:
         raise ConfigError(f"training.optimizer: 'muon' found no 2-D hidden-layer matrices in {type(model).__name__}")
     children = [torch.optim.Muon(muon_params, lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
