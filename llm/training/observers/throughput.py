@@ -104,6 +104,7 @@ class ThroughputMonitor(Callback):
         self.peak_flops: float | None = None
         self._model: nn.Module | None = None
         self.last: dict[str, float] = {}
+        self._said_no_tokens = False
 
     def on_train_start(self, logs: dict[str, Any] | None = None) -> None:
         engine = self.engine
@@ -137,3 +138,17 @@ class ThroughputMonitor(Callback):
         if perf:
             self.last = perf
             self.engine.log(perf, int(logs.get("step", self.engine.state.step)))
+        elif logs and "train/samples_per_s" in logs:
+            self._say_no_tokens()
+
+    def _say_no_tokens(self) -> None:
+        """Say once why nothing is logged: the engine counts tokens only where a batch's first tensor holds integer
+        ids, which is only known once a window of batches has been seen (the first log step)."""
+        if self._said_no_tokens or not self.engine.is_global_zero:
+            return
+        self._said_no_tokens = True
+        self.engine.logger.warning(
+            "ThroughputMonitor: the %r task's batches hold no token ids (the first tensor of a batch is not "
+            "integer), so it logs no tokens/s, TFLOP/s or MFU; train/samples_per_s is this run's throughput",
+            getattr(self.engine.config, "task", "?"),
+        )

@@ -112,9 +112,15 @@ def test_monitor_values_reach_every_logger_once(tmp_path, monkeypatch, order):
 def test_monitor_stays_quiet_without_tokens(tmp_path, monkeypatch):
     # Regression batches are float features: no tokens/s, hence no MFU (rather than a made-up one).
     monkeypatch.setenv("LLM_PEAK_TFLOPS", "1")
-    tiny_engine(tmp_path, "--training-max-steps", "2", "--training-callbacks", "MetricsLogger", "ThroughputMonitor",
-                run=True)
+    engine = tiny_engine(tmp_path, "--training-max-steps", "3", "--training-callbacks", "MetricsLogger",
+                         "ThroughputMonitor")
+    said: list[str] = []
+    monkeypatch.setattr(engine.logger, "warning", lambda msg, *args: said.append(msg % args))
+    engine.run()
     assert not any(k.startswith("perf/") for r in read_metrics(tmp_path / "run") for k in r)
+    # ... and says so, once (not at each of the 3 log steps), naming the task and why.
+    quiet = [line for line in said if line.startswith("ThroughputMonitor:")]
+    assert len(quiet) == 1 and "'regression' task" in quiet[0] and "no token ids" in quiet[0], said
 
 
 def test_gpu_check_script_is_valid_bash():
