@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from llm.config import MODES, is_better
 from llm.errors import ConfigError
 from llm.registry import CALLBACKS, register_callback
@@ -23,6 +25,7 @@ from llm.training.checkpointer import ModelCheckpoint
 from llm.training.observers.hooks import HOOKS, Callback, CallbackList, misspelled_hooks
 from llm.training.observers.sinks import ConsoleLogger, CSVLogger, MetricsLogger, TensorBoardLogger
 from llm.training.observers.throughput import ThroughputMonitor
+from llm.training.optim.optimizers import group_lrs
 
 __all__ = [
     "HOOKS", "Callback", "CallbackList", "CSVLogger", "EarlyStopping", "LRSchedulerCallback", "MetricsLogger",
@@ -36,15 +39,27 @@ ProgressBar = ConsoleLogger
 
 class LRSchedulerCallback(Callback):
     """Observes the learning-rate schedule (the engine steps it): the lr of each parameter group at every log step
-    when the groups differ, and a log line whenever a plateau schedule cuts the lr."""
+    when the groups differ (`lr/muon`, `lr/adamw`, ...: `optim.optimizers.group_lrs` names them), and a log line
+    whenever a plateau schedule cuts the lr."""
 
     def __init__(self) -> None:
         self._last: list[float] | None = None
+        self._step_lrs: list[Any] = []
+
+    def on_batch_start(self, logs: dict[str, Any] | None = None) -> None:
+        # The lrs this step's update uses, read where the engine reads `lr` (before the schedule steps), so `lr` and
+        # `lr/<group>` on one record agree. A tensor lr is copied, not read: no host sync on steps that do not log.
+        schedule = self.engine.lr_schedule
+        groups = schedule.optimizer.param_groups if schedule is not None else []
+        self._step_lrs = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups]
 
     def on_batch_end(self, logs: dict[str, Any] | None = None) -> None:
-        lrs = self.engine.lrs
-        if logs and "train/loss" in logs and len(set(lrs)) > 1:
-            self.engine.log({f"lr/group{i}": lr for i, lr in enumerate(lrs)}, int(logs["step"]))
+        if not (logs and "train/loss" in logs and self._step_lrs):
+            return
+        lrs = [float(lr) for lr in self._step_lrs]
+        if len(set(lrs)) > 1:
+            named = group_lrs(self.engine.lr_schedule.optimizer, lrs)
+            self.engine.log({f"lr/{name}": lr for name, lr in named.items()}, int(logs["step"]))
 
     def on_validation_start(self, logs: dict[str, Any] | None = None) -> None:
         self._last = self.engine.lrs

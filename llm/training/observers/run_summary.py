@@ -9,6 +9,7 @@ import torch
 
 from llm.models.flops import active_parameters, num_parameters
 from llm.training.observers.context import RunContext
+from llm.training.optim.optimizers import describe_optimizer
 
 
 def _count(n: float) -> str:
@@ -56,6 +57,7 @@ def announce_run(run: RunContext) -> None:
              ", compiled" if cfg.compile else "")
     log.info("model: %s, %s parameters%s", type(run.model).__name__, _count(total), active_text)
     log.info("data: %s", data_summary(run))
+    log.info("optimizer: %s", describe_optimizer(run.lr_schedule.optimizer))
     log.info("schedule: %s", schedule_summary(run))
     if cfg.warmup > run.total_steps:
         log.warning("training.warmup: %d warmup steps exceed the run's %d steps, so the lr never reaches its peak "

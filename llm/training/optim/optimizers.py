@@ -32,7 +32,8 @@ from llm.models.hooks import router_parameters
 from llm.registry import OPTIMIZERS, register_optimizer
 from llm.training.optim.composite import CompositeOptimizer
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "param_groups", "split_muon_params"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "describe_optimizer", "group_lrs", "param_groups",
+           "split_muon_params"]
 
 # One line that names the fix: FSDP shards every matrix, and Muon orthogonalises whole ones. The lm task defaults to
 # muon, so a newcomer who only adds --distributed-strategy fsdp meets this first.
@@ -148,3 +149,50 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     if isinstance(factory, type) and issubclass(factory, torch.optim.Optimizer):
         return factory(groups, lr=cfg.lr)
     return factory(groups, cfg)
+
+
+# -- what the logs call the optimizer and its groups ------------------------------------------------------------------
+# What a child of a composite optimizer is for, when the split is ours (the muon factory above); any other child
+# holds "the rest".
+_ROLES = {"muon": "hidden matrices"}
+
+
+def _parts(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    return list(optimizer.optimizers) if isinstance(optimizer, CompositeOptimizer) else [optimizer]
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str:
+    return type(optimizer).__name__.lower()  # adamw, muon, sgd, ... (a user's class: its own name)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    """One line for the run's start: `muon (hidden matrices, 1,024 params) + adamw (rest, 96 params)`."""
+    parts = _parts(optimizer)
+    # The composite keeps AdamW first (the logged `lr` is its first group's); the line names the split's owner first.
+    parts.sort(key=lambda part: _kind(part) not in _ROLES)
+    text = []
+    for part in parts:
+        count = sum(p.numel() for group in part.param_groups for p in group["params"])
+        role = _ROLES.get(_kind(part), "rest") + ", " if len(parts) > 1 else ""
+        text.append(f"{_kind(part)} ({role}{count:,} params)")
+    return " + ".join(text)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, lrs: list[float] | None = None) -> dict[str, float]:
+    """The lr of each parameter group (`lrs`, in `optimizer.param_groups` order; default: the current ones), keyed
+    by optimizer kind (`adamw`, `muon`, ...).
+
+    The groups of one kind share their key while they share their lr (AdamW's decayed and undecayed groups do);
+    where they differ each gets its own, `adamw.0`, `adamw.1` (the group's index within that kind), so no value is
+    ever a stand-in for another."""
+    values = iter([float(g["lr"]) for g in optimizer.param_groups] if lrs is None else lrs)
+    by_kind: dict[str, list[float]] = {}
+    for part in _parts(optimizer):
+        by_kind.setdefault(_kind(part), []).extend(next(values) for _ in part.param_groups)
+    named: dict[str, float] = {}
+    for kind, kind_lrs in by_kind.items():
+        if len(set(kind_lrs)) == 1:
+            named[kind] = kind_lrs[0]
+        else:
+            named.update({f"{kind}.{i}": lr for i, lr in enumerate(kind_lrs)})
+    return named
