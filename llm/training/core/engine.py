@@ -42,6 +42,7 @@ from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.observers.metrics import MetricAccumulator
 from llm.training.observers.run_summary import announce_run
 from llm.training.observers.sinks import MetricSink, build_sinks, close_quietly
+from llm.training.observers.val_progress import validation_progress
 from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
 from llm.training.optim.precision import autocast
 from llm.training.optim.schedulers import LRSchedule
@@ -493,6 +494,8 @@ class TrainingEngine:
         model, meter, limit = self.unwrapped_model, MetricAccumulator(), self.config.training.val_max_batches
         model.eval()
         batches = islice(loader, limit or None)
+        batches = validation_progress(batches, loader=loader, limit=limit, step=self.state.step, logger=self.logger,
+                                      show=self.is_global_zero)  # a line every 30 s in a long one
         # Where the layout makes a forward a collective, a rank with fewer batches runs throw-away forwards
         # (real=False).
         paired = self.plan.lockstep_batches(batches)
