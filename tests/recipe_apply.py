@@ -1,9 +1,9 @@
 """Put a guide's code block where the guide says, the way a user would edit the file.
 
-Rules, applied with `ast` on the target file: imports go after the file's last top-level import; a
-class that exists already receives the block's methods and fields (replacing same-named ones, the
-`# ...` lines standing for the rest of the class); an assignment to an existing top-level name
-replaces it; anything else is appended. A target that does not exist is created from the block.
+Rules, applied with `ast` on the target file: imports go after the file's last top-level import (one the file
+has already is left out, as a user would leave it); a class that exists already receives the block's methods and
+fields (replacing same-named ones, the `# ...` lines standing for the rest of the class); an assignment to an
+existing top-level name replaces it; anything else is appended. A target that does not exist is created from the block.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def _lines(lines: list[str], node: ast.stmt) -> list[str]:
     return [line if line.endswith("\n") else line + "\n" for line in lines[start:end]]
 
 
+def _imported(*nodes: ast.stmt) -> set[tuple[str | None, str, str | None]]:
+    """(module, name, alias) of each name the import statements bind."""
+    return {(getattr(n, "module", None), a.name, a.asname) for n in nodes for a in getattr(n, "names", [])}
+
+
 def merge(source: str, snippet: str) -> str:
     src_tree, snip_tree = ast.parse(source), ast.parse(snippet)
     src_lines, snip_lines = source.splitlines(keepends=True), snippet.splitlines(keepends=True)
@@ -53,7 +58,8 @@ def merge(source: str, snippet: str) -> str:
     for node in snip_tree.body:
         names = _names(node)
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            edits.append((import_at, import_at, _lines(snip_lines, node)))
+            if not _imported(node) <= _imported(*imports):  # an import the file has already is not pasted twice
+                edits.append((import_at, import_at, _lines(snip_lines, node)))
         elif isinstance(node, ast.ClassDef) and node.name in existing:
             edits.extend(_merge_class(existing[node.name], node, src_lines, snip_lines))
         elif names and names[0] in existing and not isinstance(node, ast.ClassDef):

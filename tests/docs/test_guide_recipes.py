@@ -111,13 +111,34 @@ def test_recipe_1_literal_command_learns(workspace):
     assert lrs[-1] == pytest.approx(2e-3 * 0.998 ** (120 - 20 - 1))  # 20 warmup steps, the peak, then gamma
 
 
-def test_recipe_1_override_is_the_scheduler_used(workspace):
-    # The guide's cosine is CosineAnnealingLR(T_max=epochs) stepped per step; the built-in one spans the run.
-    proc = run_guide_command(workspace, "python -m llm.training.train --task regression --scheduler-type cosine",
-                             "r1cos", *FAST, "--training-max-steps", "4", "--training-warmup", "2")
+def cosine(peak: float, floor: float, total: int, steps: int) -> list[float]:
+    """The built-in cosine's lrs after warmup: from `peak` to `floor * peak` over `total` scheduler steps."""
+    return [peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))) for t in range(steps)]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "constant"])
+def test_recipe_1_pasted_override_keeps_every_schedule_over_the_run(workspace, kind):
+    # The pasted RegressionTask.build_scheduler builds `exponential` itself and hands every other name to the
+    # framework, whose schedules span the run's steps (the original guide's CosineAnnealingLR(T_max=epochs),
+    # stepped per optimizer step, swung with a 20-step period; its `else: None` left linear/wsd/constant flat).
+    name = f"r1{kind}"
+    proc = run_guide_command(workspace, f"python -m llm.training.train --task regression --scheduler-type {kind}",
+                             name, *FAST, "--training-max-steps", "12", "--training-warmup", "2")
     assert proc.returncode == 0, proc.stderr
-    lrs = logged_lrs(workspace[1] / "r1cos")
-    assert lrs[3] == pytest.approx(2e-3 * (1 + math.cos(math.pi / 10)) / 2)
+    assert "returned no scheduler" not in proc.stderr
+    lrs, peak = logged_lrs(workspace[1] / name), 2e-3  # the regression task's default lr
+    assert len(lrs) == 12 and lrs[:2] == pytest.approx([peak / 2, peak])  # warmup, then the peak
+    after = lrs[2:]  # the schedule's 10 steps after warmup
+    assert all(b <= a for a, b in zip(lrs[1:], lrs[2:])), lrs  # never climbs back
+    if kind == "constant":
+        assert after == pytest.approx([peak] * 10)
+    else:  # it decays over the run, not over 10 "epochs" of steps
+        assert after[-1] <= 0.5 * peak, lrs
+    if kind in ("cosine", "linear"):
+        assert all(b < a for a, b in zip(after, after[1:])), lrs
+    if kind == "cosine":
+        floor = yaml.safe_load((workspace[1] / name / "config.yaml").read_text())["training"]["min_lr_ratio"]
+        assert after == pytest.approx(cosine(peak, floor, 10, 10), rel=1e-6)
 
 
 def test_recipe_1_registered_scheduler_from_a_plugin(workspace):
@@ -137,11 +158,10 @@ def test_recipe_2_welcome_callback_and_the_configured_schedule(workspace):
     assert "Welcome to the training session!" in proc.stderr and "Training finished. Goodbye!" in proc.stderr
     lrs, peak, warmup = logged_lrs(workspace[1] / "r2"), 2e-3, 20  # the regression task's defaults
     assert lrs[:warmup] == pytest.approx([peak * (i + 1) / warmup for i in range(warmup)])  # warmup to the peak
-    # Then recipe 1's cosine (this workspace's RegressionTask builds CosineAnnealingLR(T_max=epochs)), stepped
-    # after every optimizer step from the peak on.
-    t_max = 10
-    expected = [peak * (1 + math.cos(math.pi * t / t_max)) / 2 for t in range(len(lrs) - warmup)]
-    assert lrs[warmup:] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    # Then the configured cosine (recipe 1's RegressionTask hands it to the framework) over the run's 100 steps
+    # after warmup, stepped after every optimizer step from the peak on.
+    floor = yaml.safe_load((workspace[1] / "r2" / "config.yaml").read_text())["training"]["min_lr_ratio"]
+    assert lrs[warmup:] == pytest.approx(cosine(peak, floor, 120 - warmup, len(lrs) - warmup), rel=1e-6)
     assert_learned(workspace[1] / "r2")
 
 

@@ -208,7 +208,7 @@ class TrainingEngine:
         self._plan_steps()
         scheduler = self.task.build_scheduler(self.optimizer)
         if scheduler is None and cfg.scheduler_type not in ("constant", "none"):
-            # A task's own build_scheduler may not know every registered name (the guide's else-branch).
+            # A task's own build_scheduler may not know every registered name (the original guide's else-branch).
             self.logger.warning(
                 "%s.build_scheduler returned no scheduler for training.scheduler_type=%r; the lr stays constant",
                 type(self.task).__name__, cfg.scheduler_type,
