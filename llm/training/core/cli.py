@@ -181,6 +181,16 @@ HF_TRAINER_FLAGS = {
     "--lr-scheduler-type": "--training-scheduler-type",
     "--output-dir": "--logging-log-dir",
     "--max-grad-norm": "--training-grad-clip",
+    # A switch there is a value here; the first word is the flag (checked to exist), the rest what to pass.
+    "--bf16": "--training-precision bf16",
+    "--fp16": "--training-precision fp16",
+    "--adam-beta1": "--training-betas B1 B2",
+    "--adam-beta2": "--training-betas B1 B2",
+    "--warmup-ratio": "--training-warmup N (steps, not a ratio)",
+    "--eval-strategy": "--training-val-interval",
+    "--evaluation-strategy": "--training-val-interval",
+    "--save-strategy": "--checkpoint-interval",
+    "--per-device-eval-batch-size": "--training-batch-size",
 }
 
 
@@ -188,7 +198,7 @@ def _unknown_flag_hint(flag: str, options: list[str]) -> str:
     """Point a Hugging Face Trainer name or a bare field name (`--mode`) at our flag(s); otherwise suggest the
     closest flag."""
     hf = HF_TRAINER_FLAGS.get(flag.replace("_", "-"))
-    if hf is not None and hf in options:
+    if hf is not None and hf.split()[0] in options:
         return f" (the Hugging Face Trainer's name; here it is {hf!r})"
     negated = flag.startswith("--no-")
     name = (flag[5:] if negated else flag[2:]).replace("-", "_")

@@ -556,5 +556,26 @@ def test_every_hugging_face_name_maps_to_a_flag_that_exists():
     from llm.training.core.cli import HF_TRAINER_FLAGS, build_parser
 
     options = {s for action in build_parser()._actions for s in action.option_strings}
-    assert set(HF_TRAINER_FLAGS.values()) <= options
+    assert {ours.split()[0] for ours in HF_TRAINER_FLAGS.values()} <= options  # the flag, then what to pass
     assert not set(HF_TRAINER_FLAGS) & options  # a name we accept needs no pointer
+
+
+# The Trainer names a newcomer types first: each is either our flag too (a bare field name) or points at ours.
+HF_FIRST = ["--save-steps", "--eval-steps", "--resume-from-checkpoint", "--learning-rate", "--num-train-epochs",
+            "--per-device-train-batch-size", "--gradient-accumulation-steps", "--warmup-steps", "--weight-decay",
+            "--max-steps", "--logging-steps", "--output-dir", "--seed", "--bf16", "--fp16"]
+
+
+@pytest.mark.parametrize("hf", HF_FIRST)
+def test_common_hugging_face_names_are_ours_or_point_at_ours(hf):
+    from llm.training.core.cli import HF_TRAINER_FLAGS, build_parser
+
+    options = {s for action in build_parser()._actions for s in action.option_strings}
+    assert hf in options or hf in HF_TRAINER_FLAGS
+
+
+@pytest.mark.parametrize("hf, ours", [("--bf16", "--training-precision bf16"), ("--fp16", "--training-precision fp16")])
+def test_hugging_face_switches_point_at_our_value(hf, ours):
+    hint = f"unknown flag '{hf}' \\(the Hugging Face Trainer's name; here it is '{ours}'\\)"
+    with pytest.raises(ConfigError, match=hint):
+        parse_config(["--task", "regression", hf])
