@@ -213,7 +213,11 @@ def replace_dir(tmp: PathLike, final: PathLike, aside: PathLike) -> None:
         os.replace(tmp, aside)  # tmp holds the old directory now: to the one name a crash's cleanup knows
     else:
         os.replace(final, aside)  # a link at `final` is moved itself, never what it points to
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)  # the old one back: only a kill leaves the window to `recover_replaced_dir`
+            raise
     fsync_dir(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
