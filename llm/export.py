@@ -31,7 +31,8 @@ tokenizer files, and other formats' weights, which a loader could pick up with o
 only. A folder of anything else (no config.json or weights, a subdirectory, a symbolic link) is refused, with or
 without ``--overwrite``: replacing it would delete files that are not an export's. ``OUT_DIR`` is refused too when
 it is a symbolic link, or is, contains or lies inside the source (its run directory, checkpoint or the folder of
-its weights file), however it is spelt: the paths are compared after resolving links and ``..``.
+its weights file), however it is spelt: the paths are compared after resolving links and ``..``. The folder that
+holds ``OUT_DIR`` must be writable (the temp directory is made there).
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def commit(tmp: Path, out_dir: str | Path, files: RunFiles, overwrite: bool) -> 
         _recover(target)
         check_target(out_dir, files, overwrite)
         if target.is_dir():
+            os.chmod(tmp, target.stat().st_mode & 0o7777)  # the folder keeps the permissions the user gave it
             for extra in previous_export_extras(target) if any(target.iterdir()) else []:
                 try:
                     os.link(extra, tmp / extra.name)  # the old export stays intact until the swap
