@@ -352,3 +352,37 @@ def test_a_rerun_failing_while_it_rewrites_config_yaml_keeps_the_old_one(finishe
             _rerun(finished)
     assert (finished / "config.yaml").read_bytes() == old
     assert not (finished / "config.yaml.tmp").exists()
+
+
+def test_a_rerun_sigkilled_while_it_rewrites_config_yaml_keeps_the_old_one(finished):
+    """A forked copy of this process re-runs the finished run and is SIGKILLed with the new config.yaml written
+    beside the old one, not yet renamed; the next re-run takes over the dead run's lock and writes it whole."""
+    old = (finished / "config.yaml").read_bytes()
+    marker = finished.parent / "halfway"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real_publish = fs.publish
+
+            def publish(tmp, target, **kwargs):
+                if Path(target).name == "config.yaml":
+                    marker.touch()
+                    time.sleep(60)
+                real_publish(tmp, target, **kwargs)
+
+            fs.publish = publish
+            _rerun(finished)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the re-run ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert (finished / "config.yaml").read_bytes() == old
+    result = _rerun(finished)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((finished / "config.yaml").read_text())["training"]["max_steps"] == 3
+    assert not (finished / "config.yaml.tmp").exists()
