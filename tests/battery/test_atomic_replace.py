@@ -254,6 +254,36 @@ def test_two_exports_at_once_leave_one_whole_export(exports, monkeypatch, overwr
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
 
 
+def test_two_export_processes_at_once_leave_one_whole_export(exports, tmp_path):
+    """Two forked processes export models a and b over OUT; both wait, written and not yet swapped, until the
+    other is too, then swap at once: OUT is one model's export, whole, and nothing is left beside it."""
+    sources, expected, out = exports
+    marks = tmp_path / "refs"
+    children, real_save = [], export.save_hf
+    for name in ("a", "b"):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                def save_then_wait(*args, name=name, **kwargs):
+                    real_save(*args, **kwargs)
+                    (marks / f"written-{name}").touch()
+                    deadline = time.monotonic() + 60
+                    while len(list(marks.glob("written-*"))) < 2 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+
+                export.save_hf = save_then_wait
+                export.export_hf(sources[name], out, max_shard_bytes=20_000, overwrite=True)
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert statuses == [0, 0]
+    assert hashes(out) in (expected["a"], expected["b"])
+    assert _siblings(out) == []
+
+
 # -- the swap itself (llm.fs.replace_dir, which checkpoints use too) ------------------------------------------------
 def _dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
     final, tmp, aside = tmp_path / "step-1", tmp_path / ".tmp-step-1", tmp_path / ".tmp-old-step-1"
