@@ -5,7 +5,15 @@ directory, so the rename cannot cross file systems), the file is fsynced, rename
 is fsynced so the rename itself survives a power cut. A reader sees the old content or the new, never a mix; a
 failed write removes its temp file and leaves the target as it was. Files get the mode an ordinary `open()` gives
 (0666 minus the umask): safetensors creates its files 0600, which would hide a run's weights from a team sharing a
-machine. `replace_dir` does the same for a directory written in full under a temp name (a checkpoint).
+machine. `replace_dir` does the same for a directory written in full under a temp name (a checkpoint, an export):
+on Linux the two directories are exchanged in one `renameat2(RENAME_EXCHANGE)`, so the target is the old directory
+or the new one at every instant; where the file system cannot exchange, the old one is renamed aside first, and a
+crash between the two renames is undone by `recover_replaced_dir` (the old directory comes back).
+
+Writes never go through a symbolic link planted at a temp name: a leftover `<name>.tmp` is removed (the link, not
+what it points to) before the temp file is created, and the rename replaces a link at the target itself, never the
+file it points to. `open_append` opens a log file for appending without following a link (`O_NOFOLLOW`).
+`dir_lock` serialises the final step of writers that replace the same directory (two exports into one folder).
 
 The token-cache writers pass `durable=False`: they keep the temp-then-rename (a killed process leaves nothing that
 looks complete) but skip the fsyncs, which would cost the byte path most of its throughput; a cache lost to a power
@@ -24,7 +32,10 @@ This is the base layer: it imports nothing from the package but `llm.errors`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import re
@@ -34,6 +45,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TMP_SUFFIX = ".tmp"  # the default temp name of a target: `<name>.tmp` beside it
 OWNER_FILE = "owner.json"  # inside a temp directory: the host and pid writing it (`write_owner`)
@@ -117,6 +129,10 @@ def atomic_path(path: PathLike, *, tmp: PathLike | None = None, durable: bool = 
     path = Path(path)
     tmp = temp_path(path) if tmp is None else Path(tmp)
     try:
+        # A leftover temp (or a link planted at its name) is removed first: the writer creates a new file, so that
+        # it never writes through a link into a file outside the directory.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         yield tmp
         make_readable(tmp)
         publish(tmp, path, durable=durable)
@@ -134,20 +150,115 @@ def atomic_write(path: PathLike, data: bytes | memoryview | str, *, tmp: PathLik
         f.write(payload)  # fsynced by `publish` once closed
 
 
+def _load_renameat2() -> Any:
+    """libc's renameat2 (Linux, glibc 2.28+), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: PathLike, b: PathLike) -> bool:
+    """Swap the two existing paths `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`). Returns
+    False where the system or the file system cannot (nothing was changed then); raises for any other failure."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
+
+
+def recover_replaced_dir(final: PathLike, aside: PathLike) -> bool:
+    """Undo what a crash inside `replace_dir`'s fallback can leave: `final` absent and the old directory at
+    `aside` (renamed back; returns True). With `final` present, an `aside` left over is an old copy whose removal
+    was cut short, and is removed. Callers that can run concurrently hold `dir_lock` on the parent."""
+    final, aside = Path(final), Path(aside)
+    if not os.path.lexists(aside):
+        return False
+    if not os.path.lexists(final) and aside.is_dir() and not aside.is_symlink():
+        os.replace(aside, final)
+        fsync_dir(final.parent)
+        return True
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink()
+    return False
+
+
 def replace_dir(tmp: PathLike, final: PathLike, aside: PathLike) -> None:
-    """Rename the finished directory `tmp` to `final`; an existing `final` is first renamed to `aside` and removed
-    after. `final` is never a half-written or half-deleted directory: a crash between the two renames leaves it
-    absent, with the old one at `aside` (a temp name the caller's cleanup of leftovers knows)."""
+    """Make the finished directory `tmp` the directory `final`; the old `final` (if any) passes through `aside` (a
+    temp name the caller's cleanup of leftovers knows) and is removed. `final` is never a half-written or
+    half-deleted directory: on Linux the two are exchanged in one step; elsewhere a crash between the two renames
+    leaves `final` absent with the old one at `aside`, which `recover_replaced_dir` (run first here) restores."""
     tmp, final, aside = Path(tmp), Path(final), Path(aside)
-    moved = False
-    if final.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(final, aside)
-        moved = True
-    os.replace(tmp, final)
+    recover_replaced_dir(final, aside)
+    if not os.path.lexists(final):
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    if final.is_dir() and not final.is_symlink() and exchange(tmp, final):
+        os.replace(tmp, aside)  # tmp holds the old directory now: to the one name a crash's cleanup knows
+    else:
+        os.replace(final, aside)  # a link at `final` is moved itself, never what it points to
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)  # the old one back: only a kill leaves the window to `recover_replaced_dir`
+            raise
     fsync_dir(final.parent)
-    if moved:
-        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.lexists(aside):
+            aside.unlink()  # a link, or a file: what rmtree does not remove
+
+
+@contextlib.contextmanager
+def dir_lock(directory: PathLike) -> Iterator[None]:
+    """Hold an exclusive `flock` on `directory` itself (no lock file is created) while the block runs: writers
+    that replace an entry of it take turns for their last step. Where the file system has no locks, nothing is
+    held (the renames are still atomic; only the "last one wins" order is lost)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_append(path: PathLike, *, binary: bool = False, readable: bool = False) -> Any:
+    """Open `path` for appending (created with the mode `open()` gives) without following a symbolic link at it:
+    a link raises OSError(ELOOP), so a log never writes into a file the link points to."""
+    flags = (os.O_RDWR if readable else os.O_WRONLY) | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        if binary:
+            return os.fdopen(fd, "rb+" if readable else "ab", buffering=0)
+        return os.fdopen(fd, "a", encoding="utf-8", newline="")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_link_error(exc: BaseException) -> bool:
+    """Whether `exc` is how `O_NOFOLLOW` refuses a symbolic link (ELOOP)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ELOOP
 
 
 # ------------------------------------------------------------------------------------- leftover temp files

@@ -369,9 +369,13 @@ def remove_stale_temps(root: Path) -> list[Path]:
     removed = []
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(TMP_PREFIX) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+            if not path.name.startswith(TMP_PREFIX) or not path.is_dir() or path.is_symlink():
+                continue  # a link is not the framework's temp: never followed, never removed
+            old = path.name.removeprefix(f"{TMP_PREFIX}old-")
+            if old != path.name and fs.recover_replaced_dir(root / old, path):
+                continue  # a crash between `replace_dir`'s renames: the old checkpoint is back under its name
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm import fs
 from llm.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -139,7 +140,8 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike) -> None:
-        self.tok.save(str(Path(directory) / TOKENIZER_FILE))
+        with fs.atomic_path(Path(directory) / TOKENIZER_FILE) as tmp:  # never through a link at the name
+            self.tok.save(str(tmp))
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
@@ -186,8 +188,9 @@ def copy_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
     Path(directory).mkdir(parents=True, exist_ok=True)
     target = Path(directory) / TOKENIZER_FILE
     if tokenizer.source and os.path.isfile(tokenizer.source):
-        if not target.exists() or not os.path.samefile(tokenizer.source, target):
-            shutil.copyfile(tokenizer.source, target)
+        if target.is_symlink() or not target.exists() or not os.path.samefile(tokenizer.source, target):
+            with fs.atomic_path(target) as tmp:  # replaces the file (or a link at its name), never its target
+                shutil.copyfile(tokenizer.source, tmp)
     else:
         tokenizer.save(directory)
 

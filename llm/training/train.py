@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llm.artifacts.lock import RunLock
+from llm.artifacts.rundir import check_run_dir
 from llm.artifacts.runs import read_init_source
 from llm.config import freeze, is_frozen, replace_values
 from llm.errors import ConfigError, UserError, did_you_mean, show
+from llm.fs import atomic_write
 from llm.models.config import ModelConfig
 from llm.models.presets import get_preset
 from llm.registry import TASKS, import_plugins
@@ -37,6 +39,7 @@ from llm.training.core.config import (
     validate_config,
 )
 from llm.training.core.engine import TrainingEngine
+from llm.training.observers.sinks import RunLogHandler
 from llm.training.optim.precision import resolve_precision
 from llm.training.parallel.distributed import (
     barrier,
@@ -248,6 +251,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
         if not config.logging.log_dir:
             config.logging.log_dir = default_run_dir(config.task)
         check_log_dir(config.logging.log_dir)  # before a worker starts or anything is written
+        check_run_dir(config.logging.log_dir)  # not in another run's checkpoints, no planted links
     resolve_auto_precision(config)
     return freeze(config), task_class, pre.print_config
 
@@ -266,7 +270,7 @@ def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
     console.addFilter(lambda record: getattr(record, "console", True))
     logger.addHandler(console)
     if run_dir is not None and rank == 0:
-        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file_handler = RunLogHandler(run_dir / "train.log")  # never through a link planted there
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
 
@@ -292,7 +296,7 @@ def prepare_run_dir(config: Config, write_config: bool = True) -> Path:
     run_dir = Path(config.logging.log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if write_config:
-        config.save(run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", config.to_yaml())  # the old file or the new, never through a link
     return run_dir
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.errors import ConfigError, UserError
-from llm.fs import write_failure
+from llm.fs import is_link_error, open_append, write_failure
 from llm.registry import Registry
 from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback
@@ -147,6 +147,29 @@ class ConsoleLogger(MetricSink):
             self.bar = None
 
 
+def open_log(path: Path, *, binary: bool = False, readable: bool = False) -> Any:
+    """Open a log file of the run directory for appending, never through a symbolic link (`llm.fs.open_append`);
+    a failure is one line naming the file."""
+    try:
+        return open_append(path, binary=binary, readable=readable)
+    except OSError as exc:
+        if is_link_error(exc):
+            raise UserError(f"logging: {path} is a symbolic link: a run writes its logs itself and never through a "
+                            "link; remove the link") from None
+        raise UserError(f"logging: {write_failure(exc, path)}") from None
+
+
+class RunLogHandler(logging.FileHandler):
+    """`RUN_DIR/train.log`: a `logging.FileHandler` that opens its file with `open_log` (no link followed)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.stream = self._open()  # now, so that a refused file fails the set-up, not the first record
+
+    def _open(self) -> Any:
+        return open_log(Path(self.baseFilename))
+
+
 class _FileSink(MetricSink):
     """A sink appending to one file of the run directory (a resumed run continues it)."""
 
@@ -159,7 +182,7 @@ class _FileSink(MetricSink):
 
     def open(self, context: RunContext) -> None:
         super().open(context)
-        self._file = open(self.target(context.run_dir), "a", encoding="utf-8", newline="")  # noqa: SIM115
+        self._file = open_log(self.target(context.run_dir))
 
     def close(self) -> None:
         if self._file is not None:
@@ -182,8 +205,8 @@ class MetricsLogger(_FileSink):
     def open(self, context: RunContext) -> None:
         MetricSink.open(self, context)
         self.path = Path(context.run_dir) / self.filename
+        self._file = open_log(self.path, binary=True, readable=True)  # unbuffered; closed in close()
         try:
-            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115  (closed in close())
             cut = self._cut_partial_line()
         except OSError as exc:
             self.close()
@@ -194,17 +217,16 @@ class MetricsLogger(_FileSink):
 
     def _cut_partial_line(self) -> int:
         """Truncate the file after its last newline; returns the number of bytes removed."""
-        size = os.fstat(self._file.fileno()).st_size
+        fd = self._file.fileno()  # read through the open file: the name could be swapped for a link meanwhile
+        size = os.fstat(fd).st_size
         end, chunk = size, 4096
-        with open(self.path, "rb") as f:
-            while end > 0:
-                start = max(0, end - chunk)
-                f.seek(start)
-                newline = f.read(end - start).rfind(b"\n")
-                if newline >= 0:
-                    end = start + newline + 1
-                    break
-                end = start
+        while end > 0:
+            start = max(0, end - chunk)
+            newline = os.pread(fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
         if end < size:
             os.ftruncate(self._file.fileno(), end)
         return size - end
