@@ -53,7 +53,7 @@ import numpy as np
 from llm import fs
 from llm.data.encode import Progress, batches_of, default_workers, encode_stream
 from llm.data.prepare_lock import PrepareLock
-from llm.data.readers import Part, ReadOptions, iter_pieces, read_part
+from llm.data.readers import Part, ReadOptions, _owned, iter_pieces, read_part
 from llm.data.shards import (
     CacheMismatch,
     ShardWriter,
@@ -115,6 +115,28 @@ def plan_parts(files: list[SourceFile], num_slices: int, slice_index: int) -> li
             parts.append(Part(f, start - offset, None if stop >= offset + f.size else stop - offset))
         offset += f.size
     return parts
+
+
+def text_bytes(part: Part, read: ReadOptions) -> int:
+    """About how many bytes of text `part` decodes to, which is what progress counts: its byte range for text,
+    JSONL and Arrow files; for Parquet (compressed on disk) the uncompressed size of the text column's row groups
+    that the part owns, less the 4-byte length of each value. The file size where the metadata cannot be read
+    (the reader reports why)."""
+    size = part.end - part.start
+    if not part.file.path.lower().endswith(".parquet"):
+        return size
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(part.file.path).metadata
+        column = [meta.schema.column(j).path for j in range(meta.num_columns)].index(read.text_field)
+        total = 0
+        for i in _owned(meta.num_row_groups, part):
+            chunk = meta.row_group(i).column(column)
+            total += max(0, chunk.total_uncompressed_size - 4 * chunk.num_values)
+        return total
+    except Exception:  # noqa: BLE001 - pyarrow missing, not Parquet, no such column: the reader says which
+        return size
 
 
 def source_key(files: list[SourceFile], extra: Any = None) -> str:
@@ -229,12 +251,15 @@ def _prepare_locked(files: list[SourceFile], parts: list[Part], out: Path, optio
     total = sum(p.end - p.start for p in parts)
     if options.max_bytes:
         total = min(total, options.max_bytes)
+    progress_total = sum(text_bytes(p, options.read) for p in parts)
+    if options.max_bytes:
+        progress_total = min(progress_total, options.max_bytes)
     parallel = not isinstance(tokenizer, ByteTokenizer) and total >= options.min_parallel_bytes
     workers = default_workers(options.workers) if parallel else 0
     log.info("data: tokenizing %d files (%.1f MB) of %s into %s with %s", len(parts), total / 1e6, options.source,
              out, f"{workers} worker processes" if workers > 1 else "this process")
     writer = ShardWriter(out, options.slice_index, dtype, options.shard_min_tokens)
-    progress = Progress(total, "data: tokenizing")
+    progress = Progress(progress_total, "data: tokenizing")
     began = time.perf_counter()
     try:
         pieces = iter_pieces(parts, options.read, options.max_bytes)
