@@ -18,6 +18,10 @@ file in proportion to its size) rather than the whole corpus; or a tokenizer.jso
 tokenizer, so with N > 1 `bpe` is refused: train it once with `--tokenizer-only` (writes OUT/tokenizer.json and
 stops), then prepare every slice with `--tokenizer OUT/tokenizer.json`.
 
+Token ids do not depend on `--chunk-bytes` or `--num-shards`: pieces of a document are re-cut, and slices cut a
+text file, only where the tokenizer's ids cannot change, plus forced cuts that depend on the text alone
+(`cuts.py`); a BPE trained here sees its sample cut the same way.
+
 Memory stays bounded whatever the corpus size (streamed readers, a bounded window of batches in flight, shards
 written as they fill); tokenizing runs in `--workers` processes (default: every core) when the tokenizer is the
 bottleneck (`encode.py`). A preparation re-run for a slice already complete is skipped (after the cheap check of
@@ -51,9 +55,10 @@ from typing import Any, NoReturn
 import numpy as np
 
 from llm import fs
+from llm.data.cuts import CutRule, align_cut, cut_rule, recut
 from llm.data.encode import Progress, batches_of, default_workers, encode_stream
 from llm.data.prepare_lock import PrepareLock
-from llm.data.readers import Part, ReadOptions, _owned, iter_pieces, read_part
+from llm.data.readers import Part, ReadOptions, _owned, iter_pieces, read_part, read_text, reader_for
 from llm.data.shards import (
     CacheMismatch,
     ShardWriter,
@@ -103,11 +108,15 @@ class PrepareOptions:
     min_parallel_bytes: int = MIN_PARALLEL_BYTES
 
 
-def plan_parts(files: list[SourceFile], num_slices: int, slice_index: int) -> list[Part]:
+def plan_parts(files: list[SourceFile], num_slices: int, slice_index: int,
+               rule: CutRule = CutRule.ANYWHERE) -> list[Part]:
     """The parts of `files` that slice `slice_index` of `num_slices` reads: the files as one byte stream cut into
-    equal byte ranges (each file's share; a reader rounds the cuts to its units)."""
+    equal byte ranges (each file's share; a reader rounds the cuts to its units). A cut inside a text file (one
+    document) moves to where `rule` lets the tokenizer cut it (`cuts.align_cut`), so the slices' tokens together
+    are one machine's tokens."""
     total = sum(f.size for f in files)
-    lo, hi = total * slice_index // num_slices, total * (slice_index + 1) // num_slices
+    lo = _aligned(files, total * slice_index // num_slices, rule)
+    hi = _aligned(files, total * (slice_index + 1) // num_slices, rule)
     parts, offset = [], 0
     for f in files:
         start, stop = max(offset, lo), min(offset + f.size, hi)
@@ -115,6 +124,16 @@ def plan_parts(files: list[SourceFile], num_slices: int, slice_index: int) -> li
             parts.append(Part(f, start - offset, None if stop >= offset + f.size else stop - offset))
         offset += f.size
     return parts
+
+
+def _aligned(files: list[SourceFile], pos: int, rule: CutRule) -> int:
+    """`pos` in the files' byte stream, moved to an allowed cut when it falls inside a text file."""
+    offset = 0
+    for f in files:
+        if offset < pos < offset + f.size:
+            return offset + align_cut(f, pos - offset, rule) if reader_for(f.path) is read_text else pos
+        offset += f.size
+    return pos
 
 
 def text_bytes(part: Part, read: ReadOptions) -> int:
@@ -151,13 +170,15 @@ def sample_texts(parts: list[Part], options: PrepareOptions) -> Iterator[str]:
     if options.max_bytes:
         budget = min(budget, options.max_bytes) if budget else options.max_bytes
     total = sum(p.end - p.start for p in parts)
+    # Pieces cut only where our BPE's pre-tokenizer allows (`cuts.py`): its word counts, and so its merges, do not
+    # depend on --chunk-bytes.
     if not budget or total <= budget:
-        for piece in iter_pieces(parts, options.read, options.max_bytes):
+        for piece in recut(iter_pieces(parts, options.read, options.max_bytes), CutRule.SAFE_POINTS):
             yield piece.data.decode("utf-8")
         return
     for part in parts:
         share, taken = max(1, budget * (part.end - part.start) // total), 0
-        with contextlib.closing(read_part(part, options.read)) as pieces:
+        with contextlib.closing(recut(read_part(part, options.read), CutRule.SAFE_POINTS)) as pieces:
             for piece in pieces:
                 yield piece.data[: share - taken].decode("utf-8", errors="ignore")
                 taken += len(piece.data)
@@ -227,18 +248,20 @@ def prepare(files: list[SourceFile], out: str | os.PathLike, options: PrepareOpt
     The slice's lock (`prepare_lock.py`) is held throughout: a second preparation of it into `out` is refused."""
     out = Path(out)
     _check_options(options)
-    parts = plan_parts(files, options.num_slices, options.slice_index)
-    tokenizer = tokenizer or build_tokenizer(parts, options)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(plan_parts(files, options.num_slices, options.slice_index), options)
+    rule = cut_rule(tokenizer)
+    parts = plan_parts(files, options.num_slices, options.slice_index, rule)
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
     with PrepareLock(out, options.slice_index) as lock:
         if lock.replaced:
             log.warning("data: %s", lock.replaced)
-        return _prepare_locked(files, parts, out, options, tokenizer)
+        return _prepare_locked(files, parts, out, options, tokenizer, rule)
 
 
 def _prepare_locked(files: list[SourceFile], parts: list[Part], out: Path, options: PrepareOptions,
-                    tokenizer: Tokenizer) -> dict[str, Any]:
+                    tokenizer: Tokenizer, rule: CutRule) -> dict[str, Any]:
     key = source_key(files, [options.max_bytes, options.read.text_field])
     done = _check_out(out, options, key, tokenizer.fingerprint)
     if done is not None:
@@ -262,7 +285,8 @@ def _prepare_locked(files: list[SourceFile], parts: list[Part], out: Path, optio
     progress = Progress(progress_total, "data: tokenizing")
     began = time.perf_counter()
     try:
-        pieces = iter_pieces(parts, options.read, options.max_bytes)
+        # Re-cut where the tokenizer's ids cannot change (`cuts.py`): the ids do not depend on --chunk-bytes.
+        pieces = recut(iter_pieces(parts, options.read, options.max_bytes), rule)
         for batch, ids, lengths in encode_stream(batches_of(pieces), tokenizer, dtype, workers):
             ends = np.fromiter((p.end for p in batch), bool, len(batch))
             nbytes = [len(p.data) for p in batch]
