@@ -107,6 +107,15 @@ def recut(pieces: Iterable[Piece], rule: CutRule, limit: int | None = None) -> I
         yield from pieces
         return
     limit = FORCED_CUT_BYTES if limit is None else limit
+    try:
+        yield from _recut(iter(pieces), rule, limit)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:  # a reader's generator: closes its file now, not when it is collected
+            close()
+
+
+def _recut(pieces: Iterator[Piece], rule: CutRule, limit: int) -> Iterator[Piece]:
     buf = bytearray()
     anchor = scanned = 0  # the last safe point or forced cut in `buf`; how far `buf` was searched for safe points
     forced: list[int] = []  # forced cuts in `buf`, which every output must cut at

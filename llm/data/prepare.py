@@ -235,8 +235,10 @@ def _writing(out: Path) -> Iterator[None]:
     written is removed by the writer, and nothing unfinished carries a name a run would read."""
     try:
         yield
-    except OSError as exc:
-        if not fs.is_write_error(exc) or fs.write_errno(exc) is None:
+    except UserError:
+        raise
+    except Exception as exc:  # an OSError, or the tokenizers library's error with "(os error N)" in its text
+        if fs.write_errno(exc) is None:
             raise
         raise ConfigError(f"OUT: {fs.write_failure(exc, out)}") from None
 

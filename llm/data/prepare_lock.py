@@ -60,7 +60,7 @@ def _describe(record: dict[str, Any]) -> str:
 def _stale_reason(record: dict[str, Any], path: Path) -> str | None:
     """Why the lock recorded in `path` is stale, or None while its holder may be running."""
     pid, host = record.get("pid"), record.get("host")
-    if type(pid) is not int or not isinstance(host, str) or pid < 1:
+    if type(pid) is not int or not isinstance(host, str) or not 1 <= pid < 1 << 31:
         return "its record is malformed"
     if host != socket.gethostname():
         age = time.time() - path.stat().st_mtime

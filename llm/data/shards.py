@@ -312,6 +312,10 @@ def check_index(index: Any, name: str) -> dict[str, Any]:
     for key in ("vocab_size", "eos_id"):
         if index.get(key) is not None:
             _int_field(where, key, index[key], 1 if key == "vocab_size" else 0, 1 << 32)
+    if index.get("eos_id") is not None and index.get("vocab_size") is not None \
+            and index["eos_id"] >= index["vocab_size"]:
+        raise CacheMismatch(f"{where}eos_id: invalid value {index['eos_id']}; must be below vocab_size "
+                            f"({index['vocab_size']})")
     if not isinstance(index.get("tokenizer"), str):
         raise CacheMismatch(f"{where}tokenizer: invalid value {show(index.get('tokenizer'))}; must be a string")
     if index.get("vocab_size") is not None and index["vocab_size"] > 1 << (8 * np.dtype(index["dtype"]).itemsize):

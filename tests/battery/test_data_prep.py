@@ -357,3 +357,32 @@ def test_prepare_library_refuses_a_held_slice_too(tmp_path):
     with pytest.raises(prepare_lock.PrepareInUse, match=f"pid {os.getppid()}"):
         prepare(resolve_files(str(root)), out, PrepareOptions(read=ReadOptions(chunk_bytes=64)))
     assert sorted(os.listdir(out)) == [".prepare-00000.lock"]
+
+
+@pytest.mark.parametrize("record", [
+    {"pid": 10**30, "host": socket.gethostname(), "started": 0},  # huge
+    {"pid": "1234", "host": socket.gethostname(), "started": float("nan")},  # a string, NaN
+    {"pid": -5, "host": None},  # negative, no host
+])
+def test_a_malformed_lock_record_is_stale_and_taken_over_with_a_warning(tmp_path, caplog, record):
+    root, out = corpus(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / ".prepare-00000.lock").write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="llm"):
+        prepare(resolve_files(str(root)), out, PrepareOptions(read=ReadOptions(chunk_bytes=64)))
+    assert len(index_files(out)) == 1 and not (out / ".prepare-00000.lock").exists()
+    assert any("its record is malformed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_disk_while_saving_the_bpe_tokenizer_is_one_line(tmp_path, capsys, monkeypatch):
+    """The tokenizers library reports a full disk as its own error with "(os error 28)" in the text."""
+    from llm.data.tokenizers import HFTokenizer
+
+    def full(self, directory):
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 - the library's own shape
+
+    monkeypatch.setattr(HFTokenizer, "save", full)
+    root, out = corpus(tmp_path), tmp_path / "out"
+    assert main([str(root), str(out), "--tokenizer", "bpe", "--vocab-size", "300"]) == 2
+    assert one_error(capsys) == f"error: OUT: cannot write {out}: No space left on device"
+    assert index_files(out) == [] and not [p for p in os.listdir(out) if "tokenizer" in p]
