@@ -116,42 +116,60 @@ def recut(pieces: Iterable[Piece], rule: CutRule, limit: int | None = None) -> I
 
 
 def _recut(pieces: Iterator[Piece], rule: CutRule, limit: int) -> Iterator[Piece]:
-    buf = bytearray()
-    anchor = scanned = 0  # the last safe point or forced cut in `buf`; how far `buf` was searched for safe points
+    buf = bytearray()  # the open document's text from the last emitted cut on
+    anchor = 0  # the last safe point or forced cut in `buf`
     forced: list[int] = []  # forced cuts in `buf`, which every output must cut at
 
-    def force_until(stop: int) -> None:
+    def advance() -> None:
+        """Move `anchor` over `buf`: to the last safe point within `limit` bytes, repeatedly; where there is none
+        and `limit` bytes are there, a forced cut. Each round moves `limit` bytes on in two steps at most."""
         nonlocal anchor
-        while stop - anchor > limit:
-            anchor += cut_point(bytes(buf[anchor: anchor + limit]))
-            forced.append(anchor)
+        while True:
+            at = _last_safe(buf, anchor, anchor + limit) if rule is CutRule.SAFE_POINTS else -1
+            if at > 0:
+                anchor = at
+            elif len(buf) - anchor > limit:
+                anchor += cut_point(bytes(buf[anchor: anchor + limit]))
+                forced.append(anchor)
+            else:
+                return
 
-    def emit(upto: int, end: bool) -> Iterator[Piece]:
-        nonlocal buf, anchor, scanned
-        start = 0
-        for at in [f for f in forced if f < upto] + [upto]:
-            if at > start or (end and at == upto):
-                yield Piece(bytes(buf[start:at]), end and at == upto)
-            start = at
+    def emit(upto: int, end: bool) -> list[Piece]:
+        nonlocal anchor
+        out, start = [], 0
+        with memoryview(buf) as view:  # one copy per piece; released before `buf` shrinks
+            for at in [f for f in forced if f < upto] + [upto]:
+                if at > start or (end and at == upto):
+                    out.append(Piece(bytes(view[start:at]), end and at == upto))
+                start = at
         del buf[:upto]
         forced[:] = [f - upto for f in forced if f > upto]
-        anchor, scanned = anchor - upto, max(0, scanned - upto)
+        anchor -= upto
+        return out
 
     for piece in pieces:
         buf += piece.data
-        if rule is CutRule.SAFE_POINTS:
-            for match in _SAFE.finditer(buf, max(0, scanned - 2)):
-                force_until(match.end())
-                anchor = match.end()
-        scanned = len(buf)
-        force_until(len(buf))
+        advance()
         if piece.end:
             yield from emit(len(buf), True)
-            anchor = scanned = 0
+            anchor = 0
         elif anchor:
             yield from emit(anchor, False)
     if buf:  # a slice that stops inside its last document: another slice continues it
         yield from emit(len(buf), False)
+
+
+def _last_safe(buf: bytearray, after: int, upto: int) -> int:
+    """The last safe point `s` of `buf` with `after < s <= upto` (-1: none), searched from the end: the common
+    case costs one `rfind`, not a regex match per line."""
+    hi = min(upto, len(buf) - 1)  # the newline's index is s - 1; the character after it must be there
+    while True:
+        n = buf.rfind(b"\n", max(after, 1), hi)
+        if n < 0:
+            return -1
+        if 0x21 <= buf[n - 1] <= 0x7E and 0x21 <= buf[n + 1] <= 0x7E:
+            return n + 1
+        hi = n
 
 
 def align_cut(file: SourceFile, offset: int, rule: CutRule) -> int:
