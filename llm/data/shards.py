@@ -13,9 +13,14 @@ A prepared directory holds, per slice `I` of `N` (one slice per machine that pre
 Crash safety: a shard is written under a temporary name (`.tmp-<pid>` suffix) and renamed when complete (`llm.fs`);
 the index is written last, the same way. A run reads only what an index lists, and only when every slice's index is
 present, so a killed preparation leaves nothing a run would use; its temporary files are removed by the next
-preparation of that slice once their writer is gone (`llm.fs.is_abandoned`). On opening, every listed file must exist
-with the size the index gives and every segment table must match its shard (cheap); `verify_checksums` re-reads the
-tokens (`python -m llm.data.prepare --verify`).
+preparation of that slice once their writer is gone (`llm.fs.is_abandoned`).
+
+Trust (the cheap check, on every open): an index is read in bounded time and memory and each typed field must have
+its type and range (`check_index`: an integer is an int, not a float, bool, string, NaN or 1e300; totals add up),
+before any count is used; every listed file must be a regular file (a FIFO would block) of exactly the listed size;
+a segment table's header must give the listed shape before its rows are read, and its rows must add up to the
+listed documents and bytes. Same-size damage (flipped bytes) needs the full check, `verify_checksums`, which re-reads
+every file against the CRC-32 recorded at preparation (`python -m llm.data.prepare --verify OUT`).
 
 `TokenStore` presents the shards as one array: global token positions, segment ends and document boundaries, and
 `gather` reads any positions (a window crossing a shard boundary reads from both), so batches, the train/val split
