@@ -193,8 +193,6 @@ def read_text(part: Part, options: ReadOptions) -> Iterator[Piece]:
 
 
 def _json_text(line: bytes, where: str, part: Part, options: ReadOptions) -> bytes:
-    if not options.strict and not line.isascii():
-        line = _checked(line, part, 0, options)
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -234,6 +232,7 @@ def read_jsonl(part: Part, options: ReadOptions) -> Iterator[Piece]:
             pos += len(line)
             if not line.strip():
                 continue
+            line = _checked(line, part, pos - len(line), options)  # a bad byte: named by offset, or repaired
             data = _json_text(line, where, part, options)
             if data:
                 yield from split_document(data, options.chunk_bytes)

@@ -386,3 +386,23 @@ def test_a_full_disk_while_saving_the_bpe_tokenizer_is_one_line(tmp_path, capsys
     assert main([str(root), str(out), "--tokenizer", "bpe", "--vocab-size", "300"]) == 2
     assert one_error(capsys) == f"error: OUT: cannot write {out}: No space left on device"
     assert index_files(out) == [] and not [p for p in os.listdir(out) if "tokenizer" in p]
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("strict", None),
+    ("replace", "caf\ufffd au lait\n".encode() + b"\0" + b"ok\0"),
+    ("skip", b"caf au lait\n\0ok\0"),
+])
+def test_encoding_errors_in_jsonl(tmp_path, capsys, mode, expected):
+    (tmp_path / "in").mkdir()
+    raw = b'{"text": "caf\xe9 au lait\\n"}\n{"text": "ok"}\n'  # a Latin-1 byte inside the JSON string
+    (tmp_path / "in" / "r.jsonl").write_bytes(raw)
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "in"), str(out), "--encoding-errors", mode])
+    if expected is None:
+        assert code == 2
+        line, offset = one_error(capsys), raw.index(b"\xe9")
+        assert "r.jsonl" in line and f"offset {offset}" in line, line
+        assert index_files(out) == []
+    else:
+        assert code == 0 and open_store(out)[0].tokens().tobytes() == expected
