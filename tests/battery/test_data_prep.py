@@ -406,3 +406,11 @@ def test_encoding_errors_in_jsonl(tmp_path, capsys, mode, expected):
         assert index_files(out) == []
     else:
         assert code == 0 and open_store(out)[0].tokens().tobytes() == expected
+
+
+def test_shard_min_tokens_is_what_its_name_says(tmp_path):
+    """Every shard but the last holds at least T tokens and at most one piece (--chunk-bytes, + its separator)
+    more; the old name, which promised T per shard, is refused above."""
+    out = prepared(tmp_path)
+    counts = [s["tokens"] for s in json.loads((out / "index-00000-of-00001.json").read_text())["shards"]]
+    assert all(300 <= c < 300 + 64 + 1 for c in counts[:-1]) and 0 < counts[-1] < 300 + 64 + 1, counts
