@@ -398,6 +398,10 @@ def open_store(directory: str | os.PathLike) -> tuple[TokenStore, dict[str, Any]
             offset += int(shard["tokens"])
     if offset < 1:
         raise CacheMismatch("its indexes list no tokens")
+    names = [n for index in indexes for s in index["shards"] for n in (s["file"], s["docs_file"])]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CacheMismatch(f"its indexes list {twice} twice (its tokens would be read twice)")
     ends, is_closed = np.concatenate(seg_ends), np.concatenate(closed)
     store = TokenStore(paths, counts, dtype, ends, np.concatenate(seg_bytes), ends[is_closed])
     return store, indexes[0]

@@ -414,3 +414,16 @@ def test_shard_min_tokens_is_what_its_name_says(tmp_path):
     out = prepared(tmp_path)
     counts = [s["tokens"] for s in json.loads((out / "index-00000-of-00001.json").read_text())["shards"]]
     assert all(300 <= c < 300 + 64 + 1 for c in counts[:-1]) and 0 < counts[-1] < 300 + 64 + 1, counts
+
+
+def test_an_index_listing_one_shard_twice_is_refused(tmp_path, capsys):
+    """Two entries naming one file pass every per-shard check; the directory would train on its tokens twice."""
+    out = prepared(tmp_path)
+    path = out / "index-00000-of-00001.json"
+    index = json.loads(path.read_text())
+    index["shards"][1] = dict(index["shards"][0])
+    for total, key in (("num_tokens", "tokens"), ("num_docs", "docs"), ("num_bytes", "bytes")):
+        index[total] = sum(s[key] for s in index["shards"])
+    path.write_text(json.dumps(index))
+    assert main(["--verify", str(out)]) == 2
+    assert "list tokens-00000-00000.bin twice" in one_error(capsys)
