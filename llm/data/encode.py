@@ -93,13 +93,17 @@ def default_workers(requested: int) -> int:
 
 
 class Progress:
-    """Bytes and tokens done: a tqdm bar on a terminal, else a log line every `every_s` seconds (bytes/s,
-    tokens/s, ETA), so a preparation in a batch job's log is not silent for an hour."""
+    """Bytes and tokens done: a tqdm bar on a terminal, else a log line every `every_s` seconds, or sooner once
+    another `every_fraction` of the total is done (at most one a second), with bytes/s, tokens/s and the ETA; so a
+    preparation in a batch job's log is never silent for long, and a short one still shows its progress."""
 
-    def __init__(self, total_bytes: int, desc: str, every_s: float = 30.0, bar: bool | None = None) -> None:
+    def __init__(self, total_bytes: int, desc: str, every_s: float = 5.0, bar: bool | None = None,
+                 every_fraction: float = 0.1) -> None:
         self.total, self.desc, self.every_s = max(1, total_bytes), desc, every_s
+        self.every_fraction = every_fraction
         self.bytes = self.tokens = 0
         self.began = self.last = time.perf_counter()
+        self._last_bytes = 0
         self._bar = None
         if sys.stderr.isatty() if bar is None else bar:
             from tqdm import tqdm
@@ -109,13 +113,16 @@ class Progress:
     def update(self, nbytes: int, ntokens: int) -> None:
         self.bytes += nbytes
         self.tokens += ntokens
+        # The total is an estimate where the source is compressed or encoded (Parquet, JSONL): never past 100%.
+        self.total = max(self.total, self.bytes)
         if self._bar is not None:
             self._bar.update(nbytes)
             self._bar.set_postfix_str(f"{self.tokens:,} tokens", refresh=False)
             return
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
+        step = self.bytes - self._last_bytes >= self.every_fraction * self.total and now - self.last >= 1.0
+        if now - self.last >= self.every_s or step:
+            self.last, self._last_bytes = now, self.bytes
             log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:

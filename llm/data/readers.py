@@ -42,11 +42,13 @@ class Piece:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read: chunk size, the JSONL/Parquet text field, strict UTF-8 (else bad bytes are replaced)."""
+    """How to read: chunk size, the JSONL/Parquet text field, strict UTF-8 (else bad bytes are replaced with U+FFFD,
+    or dropped with `skip_bad_bytes`: `--encoding-errors replace|skip`)."""
 
     chunk_bytes: int = CHUNK_BYTES
     text_field: str = "text"
     strict: bool = True
+    skip_bad_bytes: bool = False  # not strict: drop bad bytes instead of replacing them
     field: str = "data.path"  # the config field errors name
     max_file_bytes: int = 0
 
@@ -120,10 +122,10 @@ def _checked(data: bytes, part: Part, offset: int, options: ReadOptions) -> byte
         return data
     except UnicodeDecodeError as exc:
         if not options.strict:
-            return data.decode("utf-8", errors="replace").encode("utf-8")
+            return data.decode("utf-8", errors="ignore" if options.skip_bad_bytes else "replace").encode("utf-8")
         raise ConfigError(
             f"{options.field}: {part.file.path!r} is not UTF-8 text (bad byte at offset {offset + exc.start}); "
-            "convert it, or pre-tokenize it into a .bin"
+            "convert it, pre-tokenize it into a .bin, or prepare it with --encoding-errors replace|skip"
         ) from None
 
 
@@ -208,7 +210,7 @@ def _json_text(line: bytes, where: str, part: Part, options: ReadOptions) -> byt
         if options.strict:
             raise ConfigError(f"{options.field}: {part.file.path!r} {where} holds text that is not valid "
                               "Unicode (a lone surrogate)") from None
-        return text.encode("utf-8", errors="replace")
+        return text.encode("utf-8", errors="ignore" if options.skip_bad_bytes else "replace")
 
 
 def read_jsonl(part: Part, options: ReadOptions) -> Iterator[Piece]:
@@ -230,6 +232,7 @@ def read_jsonl(part: Part, options: ReadOptions) -> Iterator[Piece]:
             pos += len(line)
             if not line.strip():
                 continue
+            line = _checked(line, part, pos - len(line), options)  # a bad byte: named by offset, or repaired
             data = _json_text(line, where, part, options)
             if data:
                 yield from split_document(data, options.chunk_bytes)

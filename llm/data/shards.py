@@ -13,9 +13,14 @@ A prepared directory holds, per slice `I` of `N` (one slice per machine that pre
 Crash safety: a shard is written under a temporary name (`.tmp-<pid>` suffix) and renamed when complete (`llm.fs`);
 the index is written last, the same way. A run reads only what an index lists, and only when every slice's index is
 present, so a killed preparation leaves nothing a run would use; its temporary files are removed by the next
-preparation of that slice once their writer is gone (`llm.fs.is_abandoned`). On opening, every listed file must exist
-with the size the index gives and every segment table must match its shard (cheap); `verify_checksums` re-reads the
-tokens (`python -m llm.data.prepare --verify`).
+preparation of that slice once their writer is gone (`llm.fs.is_abandoned`).
+
+Trust (the cheap check, on every open): an index is read in bounded time and memory and each typed field must have
+its type and range (`check_index`: an integer is an int, not a float, bool, string, NaN or 1e300; totals add up),
+before any count is used; every listed file must be a regular file (a FIFO would block) of exactly the listed size;
+a segment table's header must give the listed shape before its rows are read, and its rows must add up to the
+listed documents and bytes. Same-size damage (flipped bytes) needs the full check, `verify_checksums`, which re-reads
+every file against the CRC-32 recorded at preparation (`python -m llm.data.prepare --verify OUT`).
 
 `TokenStore` presents the shards as one array: global token positions, segment ends and document boundaries, and
 `gather` reads any positions (a window crossing a shard boundary reads from both), so batches, the train/val split
@@ -33,13 +38,13 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from llm import fs
-from llm.data.sources import check_regular
-from llm.errors import ConfigError
+from llm.data.sources import check_regular, open_regular
+from llm.errors import ConfigError, shorten, show
 
 FORMAT = "llm-token-shards"
 FORMAT_VERSION = 1
@@ -147,18 +152,18 @@ class _Shard:
 
 
 class ShardWriter:
-    """Appends pieces' tokens to numbered shard files of about `shard_tokens` tokens, each renamed when complete.
+    """Appends pieces' tokens to numbered shard files of at least `min_tokens` tokens, each renamed when complete.
 
     `add` takes one batch of pieces: their tokens concatenated (the separator already appended to pieces that end
     a document), each piece's token count, byte count and whether its document ends. A shard is cut only between
-    pieces, so it may run past `shard_tokens` by less than one piece.
+    pieces, so it may run past `min_tokens` by less than one piece (not a cap: see `PrepareOptions`).
     """
 
-    def __init__(self, directory: Path, slice_index: int, dtype: np.dtype, shard_tokens: int) -> None:
-        if shard_tokens < 1:
-            raise ConfigError(f"--shard-tokens: invalid value {shard_tokens}; must be >= 1")
+    def __init__(self, directory: Path, slice_index: int, dtype: np.dtype, min_tokens: int) -> None:
+        if min_tokens < 1:
+            raise ConfigError(f"--shard-min-tokens: invalid value {min_tokens}; must be >= 1")
         self.directory, self.slice_index, self.dtype = Path(directory), slice_index, np.dtype(dtype)
-        self.shard_tokens = shard_tokens
+        self.min_tokens = min_tokens
         self.done: list[dict[str, Any]] = []
         self._file: Any = None
         self._crc = 0
@@ -189,7 +194,7 @@ class ShardWriter:
             self._seg_bytes += size
             if end:
                 self._row(closed=True)
-            if self._cur.tokens >= self.shard_tokens:
+            if self._cur.tokens >= self.min_tokens:
                 self._finish_shard()
 
     def _row(self, closed: bool) -> None:
@@ -272,35 +277,106 @@ def remove_leftovers(directory: Path, slice_index: int | None = None) -> list[Pa
 
 
 # -------------------------------------------------------------------------------------------------------- reader
+MAX_INDEX_BYTES = 64 << 20  # an index lists shards, a few hundred bytes each: far below this for any real corpus
+MAX_COUNT = 1 << 62  # any count an index may hold: sums of such counts stay inside int64
+_INDEX_INTS = {"version": 1, "slice": 0, "num_slices": 1, "num_tokens": 0, "num_docs": 0, "num_bytes": 0}
+_SHARD_INTS = {"tokens": 1, "segments": 1, "docs": 0, "bytes": 0, "crc32": 0, "docs_crc32": 0}
+_CRC_MAX = (1 << 32) - 1
+
+
+def _int_field(where: str, name: str, value: Any, least: int, most: int = MAX_COUNT) -> int:
+    """`value` if it is an integer in [least, most]; else `CacheMismatch` naming the field and the value. A bool,
+    a float (even 3.0, NaN or 1e300) or a string is no count."""
+    if type(value) is not int or not least <= value <= most:
+        raise CacheMismatch(f"{where}{name}: invalid value {show(value)}; must be an integer in [{least}, {most}]")
+    return value
+
+
+def _name_field(where: str, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
+        raise CacheMismatch(f"{where}{name}: invalid value {show(value)}; must be a plain file name")
+    return value
+
+
+def check_index(index: Any, name: str) -> dict[str, Any]:
+    """`index` (parsed from the file `name`) if every typed field has its type and range and the totals add up;
+    else `CacheMismatch` naming the first bad field and its value, before any count is used."""
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise CacheMismatch(f"{name} is not a {FORMAT} index")
+    where = f"{name}: "
+    if index.get("version") != FORMAT_VERSION or type(index.get("version")) is not int:
+        raise CacheMismatch(f"{where}version: invalid value {show(index.get('version'))}; must be {FORMAT_VERSION}")
+    if index.get("dtype") not in DTYPES:
+        raise CacheMismatch(f"{where}dtype: invalid value {show(index.get('dtype'))}; must be one of "
+                            f"{', '.join(DTYPES)}")
+    for key, least in _INDEX_INTS.items():
+        _int_field(where, key, index.get(key), least)
+    if index["slice"] >= index["num_slices"]:
+        raise CacheMismatch(f"{where}slice: invalid value {index['slice']}; must be below num_slices "
+                            f"({index['num_slices']})")
+    for key in ("vocab_size", "eos_id"):
+        if index.get(key) is not None:
+            _int_field(where, key, index[key], 1 if key == "vocab_size" else 0, 1 << 32)
+    if index.get("eos_id") is not None and index.get("vocab_size") is not None \
+            and index["eos_id"] >= index["vocab_size"]:
+        raise CacheMismatch(f"{where}eos_id: invalid value {index['eos_id']}; must be below vocab_size "
+                            f"({index['vocab_size']})")
+    if not isinstance(index.get("tokenizer"), str):
+        raise CacheMismatch(f"{where}tokenizer: invalid value {show(index.get('tokenizer'))}; must be a string")
+    if index.get("vocab_size") is not None and index["vocab_size"] > 1 << (8 * np.dtype(index["dtype"]).itemsize):
+        raise CacheMismatch(f"{where}vocab_size: invalid value {index['vocab_size']}; dtype {index['dtype']} holds "
+                            "fewer ids")
+    for k, shard in enumerate(index["shards"]):
+        at = f"{where}shards[{k}]."
+        if not isinstance(shard, dict):
+            raise CacheMismatch(f"{where}shards[{k}]: invalid value {show(shard)}; must be an object")
+        _name_field(at, "file", shard.get("file"))
+        _name_field(at, "docs_file", shard.get("docs_file"))
+        for key, least in _SHARD_INTS.items():
+            _int_field(at, key, shard.get(key), least, _CRC_MAX if "crc" in key else MAX_COUNT)
+    for total, key in (("num_tokens", "tokens"), ("num_docs", "docs"), ("num_bytes", "bytes")):
+        listed = sum(s[key] for s in index["shards"])
+        if listed != index[total]:
+            raise CacheMismatch(f"{where}{total}: invalid value {index[total]}; its shards hold {listed}")
+    return index
+
+
+def read_index(path: Path) -> dict[str, Any]:
+    """One slice's index, read in bounded time and memory (a regular file under `MAX_INDEX_BYTES`, JSON nested no
+    deeper than an index is) and checked field by field (`check_index`)."""
+    try:
+        with open_regular(path, "data.path", MAX_INDEX_BYTES) as f:
+            raw = f.read(MAX_INDEX_BYTES // 64)  # a bounded read that does not reserve the whole cap up front
+            while len(raw) <= MAX_INDEX_BYTES and (more := f.read(max(len(raw), 1 << 16))):
+                raw += more
+        if len(raw) > MAX_INDEX_BYTES:
+            raise CacheMismatch(f"{path.name} grew past {MAX_INDEX_BYTES} bytes while it was read")
+        index = json.loads(raw.decode("utf-8"))
+    except (ConfigError, OSError, ValueError, RecursionError) as exc:
+        reason = type(exc).__name__ if isinstance(exc, RecursionError) else str(exc).splitlines()[0] if str(exc) \
+            else type(exc).__name__
+        raise CacheMismatch(f"{path.name} is unreadable ({shorten(reason)})") from None
+    return check_index(index, path.name)
+
+
 def read_indexes(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every slice's index, in slice order; `CacheMismatch` when one is unreadable, a slice is missing, or the
-    slices disagree on what they are (tokenizer, dtype, slice count, source)."""
-    indexes = []
-    for path in index_files(directory):
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CacheMismatch(f"{path.name} is unreadable ({exc})") from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
-            raise CacheMismatch(f"{path.name} is not a {FORMAT} index")
-        if index.get("version") != FORMAT_VERSION or index.get("dtype") not in DTYPES:
-            raise CacheMismatch(f"{path.name} has version {index.get('version')!r} or dtype {index.get('dtype')!r}, "
-                                f"not {FORMAT_VERSION} / one of {', '.join(DTYPES)}")
-        indexes.append(index)
+    """Every slice's index, in slice order; `CacheMismatch` when one is unreadable or malformed (`read_index`), a
+    slice is missing, or the slices disagree on what they are (tokenizer, dtype, slice count, source)."""
+    indexes = [read_index(path) for path in index_files(directory)]
     if not indexes:
         raise CacheMismatch("it holds no index-*.json")
     first = indexes[0]
     for index in indexes[1:]:
         for key in ("num_slices", "dtype", "tokenizer", "source_key"):
             if index.get(key) != first.get(key):
-                raise CacheMismatch(f"its slices disagree on {key} ({first.get(key)!r} vs {index.get(key)!r}): "
-                                    "slices of different preparations")
-    n = first.get("num_slices")
-    have = sorted(int(i.get("slice", -1)) for i in indexes)
+                raise CacheMismatch(f"its slices disagree on {key} ({show(first.get(key))} vs "
+                                    f"{show(index.get(key))}): slices of different preparations")
+    n = first["num_slices"]
+    have = sorted(i["slice"] for i in indexes)
     if have != list(range(n)):
         missing = sorted(set(range(n)) - set(have))
-        raise CacheMismatch(f"it holds slices {have} of {n}; missing {missing} (still being prepared, or not "
-                            "copied here)")
+        raise CacheMismatch(f"it holds slices {shorten(str(have))} of {n}; missing {shorten(str(missing))} (still "
+                            "being prepared, or not copied here)")
     return sorted(indexes, key=lambda i: i["slice"])
 
 
@@ -313,8 +389,7 @@ def open_store(directory: str | os.PathLike) -> tuple[TokenStore, dict[str, Any]
     paths, counts, seg_ends, seg_bytes, closed = [], [], [], [], []
     offset = 0
     for index in indexes:
-        for shard in index["shards"]:
-            path, rows = _check_shard(directory, shard, dtype)
+        for shard, (path, rows) in zip(index["shards"], check_slice(directory, index)):
             paths.append(path)
             counts.append(int(shard["tokens"]))
             seg_ends.append(rows[:, 0] + offset)
@@ -323,45 +398,81 @@ def open_store(directory: str | os.PathLike) -> tuple[TokenStore, dict[str, Any]
             offset += int(shard["tokens"])
     if offset < 1:
         raise CacheMismatch("its indexes list no tokens")
+    names = [n for index in indexes for s in index["shards"] for n in (s["file"], s["docs_file"])]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CacheMismatch(f"its indexes list {twice} twice (its tokens would be read twice)")
     ends, is_closed = np.concatenate(seg_ends), np.concatenate(closed)
     store = TokenStore(paths, counts, dtype, ends, np.concatenate(seg_bytes), ends[is_closed])
     return store, indexes[0]
 
 
+def check_slice(directory: str | os.PathLike, index: dict[str, Any]) -> list[tuple[Path, np.ndarray]]:
+    """The cheap check (`_check_shard`) of every shard a slice's checked index lists: each shard's path and rows."""
+    dtype = np.dtype(DTYPES[index["dtype"]])
+    return [_check_shard(Path(directory), shard, dtype) for shard in index["shards"]]
+
+
 def _check_shard(directory: Path, shard: dict[str, Any], dtype: np.dtype) -> tuple[Path, np.ndarray]:
-    try:
-        name, docs_name, tokens = shard["file"], shard["docs_file"], int(shard["tokens"])
-        segments = int(shard["segments"])
-    except (KeyError, TypeError, ValueError):
-        raise CacheMismatch(f"a shard entry lacks file, docs_file, tokens or segments: {shard!r:.200}") from None
-    if os.path.basename(name) != name or os.path.basename(docs_name) != docs_name:
-        raise CacheMismatch(f"shard names must be plain file names, not {name!r}/{docs_name!r}")
+    """The cheap check of one listed shard (its index entry already type-checked): the token file is a regular
+    file of exactly the listed size; the segment table's header gives the listed shape and dtype before any of it
+    is read, and its rows add up to the listed documents and bytes, ending at the listed token count."""
+    name, docs_name, tokens, segments = shard["file"], shard["docs_file"], shard["tokens"], shard["segments"]
     path = directory / name
     try:
         st = os.stat(path)
         check_regular(path, st, "data.path")
-        rows = np.load(directory / docs_name, allow_pickle=False)
-    except (OSError, ValueError, ConfigError) as exc:
+        with open_regular(directory / docs_name, "data.path") as f:
+            rows = _read_rows(f, docs_name, segments)
+    except (OSError, ConfigError) as exc:
         raise CacheMismatch(f"{name} or {docs_name} is unreadable ({exc})") from None
-    if st.st_size != tokens * dtype.itemsize or tokens < 1:
-        raise CacheMismatch(f"{name} has {st.st_size} bytes, the index says {tokens} {dtype.name} tokens")
-    if rows.dtype != np.int64 or rows.shape != (segments, 3) or int(rows[-1, 0]) != tokens \
-            or bool((np.diff(rows[:, 0]) < 0).any()):
-        raise CacheMismatch(f"{docs_name} does not index {segments} segments ending at token {tokens}")
+    if st.st_size != tokens * dtype.itemsize:
+        raise CacheMismatch(f"{name} has {st.st_size} bytes, the index says {tokens} {dtype.name} tokens "
+                            f"({tokens * dtype.itemsize} bytes): truncated, extended or not this index's file")
+    ends = rows[:, 0]
+    if int(ends[-1]) != tokens or int(ends[0]) < 0 or bool((np.diff(ends) < 0).any()) \
+            or bool((rows[:, 1] < 0).any()) or not bool(np.isin(rows[:, 2], (0, 1)).all()) \
+            or int(rows[:, 1].sum()) != shard["bytes"] or int(rows[:, 2].sum()) != shard["docs"]:
+        raise CacheMismatch(f"{docs_name} does not index {segments} segments ending at token {tokens} with "
+                            f"{shard['docs']} documents and {shard['bytes']} bytes (corrupted)")
     return path, rows
 
 
+def _read_rows(f: BinaryIO, docs_name: str, segments: int) -> np.ndarray:
+    """A segment table from an open .npy file, its header checked before its data is read (a corrupted header
+    cannot make this read a huge array)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                  np.lib.format.read_array_header_2_0)(f)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise CacheMismatch(f"{docs_name} is not a segment table ({shorten(str(exc))})") from None
+    shape, fortran, dtype = header
+    if shape != (segments, 3) or fortran or dtype != np.dtype("<i8"):
+        raise CacheMismatch(f"{docs_name} holds a {dtype} array of shape {shape}, the index says {segments} "
+                            "int64 rows of 3")
+    data = f.read(segments * 24 + 1)
+    if len(data) != segments * 24:
+        raise CacheMismatch(f"{docs_name} holds {len(data)} bytes of rows, not {segments * 24} (truncated or "
+                            "extended)")
+    return np.frombuffer(data, "<i8").reshape(segments, 3).astype(np.int64)
+
+
 def verify_checksums(directory: str | os.PathLike) -> list[str]:
-    """Re-read every listed file; returns the names whose CRC-32 differs from the index (empty = all good)."""
+    """Re-read every listed file; returns the names whose CRC-32 differs from the index or that cannot be read
+    (empty = all good)."""
     directory = Path(directory)
     bad = []
     for index in read_indexes(directory):
         for shard in index["shards"]:
             for name, key in ((shard["file"], "crc32"), (shard["docs_file"], "docs_crc32")):
                 crc = 0
-                with open(directory / name, "rb") as f:
-                    while block := f.read(8 << 20):
-                        crc = zlib.crc32(block, crc)
-                if crc != shard.get(key):
+                try:
+                    with open_regular(directory / name, "data.path") as f:
+                        while block := f.read(8 << 20):
+                            crc = zlib.crc32(block, crc)
+                except (OSError, ConfigError):
+                    crc = -1
+                if crc != shard[key]:
                     bad.append(name)
     return bad

@@ -75,7 +75,9 @@ __all__ = ["CacheMismatch", "TextDataModule", "TokenStore", "TokenWindows", "bit
 
 log = logging.getLogger("llm")
 
-CACHE_VERSION = 3  # 2: meta.json records the cache key; 3: sharded (index + shards, see shards.py)
+# 2: meta.json records the cache key; 3: sharded (index + shards, see shards.py); 4: documents cut only where the
+# tokenizer's ids cannot change (cuts.py), so a v3 BPE cache's ids may differ from what preparing now gives.
+CACHE_VERSION = 4
 SAMPLING_MODES = ("random", "sequential")
 _TMP_MARK = ".tmp-"  # temporary cache directories: `.<key>.tmp-<hex>` next to the caches
 _STALE_MARK = ".stale-"  # a rejected cache moved aside before removal: `.<key>.stale-<hex>`

@@ -56,8 +56,8 @@ def batches(config, epochs=(0, 1), start=None):
 def test_shards_and_slices_give_exactly_the_batches_of_one_shard(tmp_path):
     root, files = corpus_files(tmp_path)
     one = prepared(tmp_path, "one", files, chunk=1 << 20)
-    many = prepared(tmp_path, "many", files, shard_tokens=97)  # windows cross shard boundaries
-    sliced = prepared(tmp_path, "sliced", files, shard_tokens=300, num_slices=3)
+    many = prepared(tmp_path, "many", files, shard_min_tokens=97)  # windows cross shard boundaries
+    sliced = prepared(tmp_path, "sliced", files, shard_min_tokens=300, num_slices=3)
     assert len(index_files(sliced)) == 3 and len(open_store(many)[0].paths) > 10
     ref_dm, ref = batches(make_config(one, seq_len=16))
     assert ref_dm.store.tokens().tobytes() == b"".join(d.encode() + b"\0" for d in
@@ -95,7 +95,7 @@ def test_a_killed_preparation_leaves_nothing_a_run_would_use(tmp_path, monkeypat
 
     monkeypatch.setattr(prepare_mod.ShardWriter, "_finish_shard", dying_finish)
     with pytest.raises(KeyboardInterrupt):
-        prepare(files, out, PrepareOptions(shard_tokens=50, read=ReadOptions(chunk_bytes=40)))
+        prepare(files, out, PrepareOptions(shard_min_tokens=50, read=ReadOptions(chunk_bytes=40)))
     assert "tokens-00000-00001.bin" in os.listdir(out)  # two complete shards, but no index lists them
     assert index_files(out) == [] and not [p for p in os.listdir(out) if ".tmp-" in p]
     with pytest.raises(ConfigError, match="no index"):
@@ -103,7 +103,7 @@ def test_a_killed_preparation_leaves_nothing_a_run_would_use(tmp_path, monkeypat
     # A SIGKILL leaves temporaries behind (no `except` runs): the next preparation of the slice removes them.
     (out / "tokens-00000-00009.bin.tmp-999999").write_bytes(b"half")
     monkeypatch.setattr(prepare_mod.ShardWriter, "_finish_shard", real_finish)
-    prepare(files, out, PrepareOptions(shard_tokens=50, read=ReadOptions(chunk_bytes=40)))
+    prepare(files, out, PrepareOptions(shard_min_tokens=50, read=ReadOptions(chunk_bytes=40)))
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
     assert setup_dm(make_config(out)).store.num_tokens > 0
 
@@ -153,7 +153,7 @@ def test_worker_processes_give_the_tokens_of_one_process(tmp_path):
 def test_cli_prepares_and_the_lm_task_trains_on_it(tmp_path, capsys):
     root, files = corpus_files(tmp_path)
     out = tmp_path / "out"
-    assert main([str(root), str(out), "--shard-tokens", "500"]) == 0
+    assert main([str(root), str(out), "--shard-min-tokens", "500"]) == 0
     assert "tokens in" in capsys.readouterr().out
     assert main([str(root), str(out), "--verify"]) == 0
     dm = setup_dm(make_config(out))
@@ -164,7 +164,7 @@ def test_cli_prepares_and_the_lm_task_trains_on_it(tmp_path, capsys):
     (["{tmp}/nope", "{tmp}/out"], "SOURCE: invalid value"),
     (["{root}", "{tmp}/out", "--num-shards", "2", "--shard-index", "2"], "--shard-index: invalid value 2"),
     (["{root}", "{tmp}/out", "--num-shards", "2", "--tokenizer", "bpe"], "--tokenizer-only"),
-    (["{root}", "{tmp}/out", "--shard-tokens", "0"], "--shard-tokens: invalid value 0"),
+    (["{root}", "{tmp}/out", "--shard-min-tokens", "0"], "--shard-min-tokens: invalid value 0"),
     (["{root}", "{tmp}/out", "--tokenizer", "{tmp}/none.json"], "tokenizer file not found"),
     (["{root}", "{tmp}/out", "--workers", "x"], "--workers"),
     (["{root}", "{root}/doc0.txt"], "OUT:"),
