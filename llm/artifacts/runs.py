@@ -23,6 +23,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from llm.artifacts import base_pin
 from llm.artifacts.checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG,
@@ -290,9 +291,11 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
     return DecoderModel.from_state_dict(state, **kwargs)
 
 
-def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
+def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files: RunFiles,
+                           warn: Callable[[str], None] | None = None) -> DecoderModel:
     """The plain model of a LoRA run's checkpoint: its base (in the checkpoint, or rebuilt from `model.init_from`
-    when the checkpoint holds only the adapters) with the adapters merged in."""
+    when the checkpoint holds only the adapters, and then refused unless it is the base the adapters were trained
+    on: llm.artifacts.base_pin) with the adapters merged in."""
     from llm.models.lora import apply_lora, merged_model
 
     t = config.training
@@ -305,6 +308,8 @@ def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files
                        targets=t.lora_targets, adapters_only=adapters_only)
     if adapters_only:
         load_init_from(model, config.model.init_from)
+        manifest = read_manifest(files.checkpoint_dir) if files.checkpoint_dir is not None else None
+        base_pin.check(manifest, model, files.checkpoint_dir or files.weights, warn or _warn)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -332,7 +337,7 @@ def load_run(
         )
     state = read_weights(files, device)
     if any(is_adapter_key(k) for k in state):
-        model = _merge_lora_checkpoint(config, state, files)
+        model = _merge_lora_checkpoint(config, state, files, warn)
     else:
         model = _build_decoder(config, state, files)
     model = model.to(device=device, dtype=dtype).eval()

@@ -25,8 +25,9 @@ projections under their plain names and keeps the adapters as they are.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ _BASE_PART = ".base_layer."  # where peft moves the wrapped layer's own tensors
 _ONLY_ADAPTERS = "_lora_adapters_only"  # attribute on the adapted root module: what its state_dict holds
 _FULL_STATE = "_lora_full_state"  # set while `full_state` reads every tensor regardless
 _SAW_ADAPTERS = "_lora_load_saw_adapters"  # set by the load pre-hook for the post-hook
+_BASE_PIN = "_lora_base_pin"  # on an adapters_only model: {"path", "sha256"} of the base it was built on
 
 
 def require_peft(field: str = "training.lora_rank") -> None:
@@ -70,7 +72,11 @@ def _matches(name: str, target: str) -> bool:
 
 def check_targets(model: nn.Module, targets: Sequence[str], field: str = "training.lora_targets") -> list[str]:
     """The targets that name an `nn.Linear` of ``model``. A target the user chose must name one; of the default
-    ones, those the model has are kept (an MoE model has no MLP projections); the error lists the names there are."""
+    ones, those the model has are kept (an MoE model has no MLP projections); the error lists the names there are.
+
+    A tied LM head (``tie_embeddings``) is refused as a target: its adapter would change the output projection but
+    not the input embedding it shares a tensor with, which no tied model computes, so no merge could equal it.
+    Works on a model built on the meta device too (names only), so a run can check before it allocates anything."""
     names = linear_names(model)
     present = [t for t in targets if any(_matches(n, t) for n in names)]
     missing = [t for t in targets if t not in present]
@@ -80,7 +86,20 @@ def check_targets(model: nn.Module, targets: Sequence[str], field: str = "traini
             f"{field}: {missing} name no nn.Linear of {type(model).__name__}; its linear layers are "
             f"{', '.join(leaves)} (MoE experts are stacked weights, not nn.Linear, and cannot be adapted)"
         )
+    tied = [t for t in present if any(_matches(n, t) for n in _tied_heads(model))]
+    if tied:
+        raise ConfigError(
+            f"{field}: {tied} adapts the LM head, which is tied to the input embedding (model.tie_embeddings): the "
+            "adapted head would no longer equal the embedding, so no tied model (and no merged export) could "
+            "compute it; leave lm_head out of the targets, or train a model with untied embeddings"
+        )
     return present
+
+
+def _tied_heads(model: nn.Module) -> list[str]:
+    """Names of the `nn.Linear` modules whose weight is the very tensor of an `nn.Embedding` of ``model``."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embeddings]
 
 
 def apply_lora(
@@ -175,8 +194,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = {name: m for name, m in model.named_modules() if name in set(_adapted_layers(model))}
     with full_state(model), torch.no_grad():
         state = {k: v.detach() for k, v in model.state_dict().items() if not is_adapter_key(k)}
-        for name, layer in layers.items():
-            state[f"{name}.base_layer.weight"] = state[f"{name}.base_layer.weight"] + layer.get_delta_weight(ADAPTER)
+        for name, layer in layers.items():  # summed in fp32, kept in the base's dtype (fp32 adapters on a bf16 base)
+            base = state[f"{name}.base_layer.weight"]
+            state[f"{name}.base_layer.weight"] = (base.float() + layer.get_delta_weight(ADAPTER).float()).to(base.dtype)
     return {k.replace(_BASE_PART, "."): v for k, v in state.items()}
 
 
@@ -194,3 +214,31 @@ def merged_model(model: nn.Module) -> nn.Module:
 def exportable(model: nn.Module) -> nn.Module:
     """What a run's final weights file holds: the merged plain model for an adapted ``model``, else ``model``."""
     return merged_model(model) if is_adapted(model) else model
+
+
+# ------------------------------------------------------------------------------------------------- the base pin
+def base_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's tensors in name order: each one's name, dtype, shape and raw bytes (C order).
+
+    The same tensors give the same digest whatever files or shards held them; one changed value, name, dtype or
+    shape gives another. Streams each tensor's memory once (a few seconds per GB), no copy of a contiguous CPU one.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def pin_base(model: nn.Module, path: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Record on an ``adapters_only`` adapted ``model`` the base weights it was built on (``state``, read from
+    ``path``), which its checkpoints do not hold: `base_pin` returns the record. Other models are left alone."""
+    if is_adapted(model) and getattr(model, _ONLY_ADAPTERS):
+        setattr(model, _BASE_PIN, {"path": str(path), "sha256": base_sha256(state)})
+
+
+def base_pin(model: nn.Module) -> dict[str, str] | None:
+    """``{"path", "sha256"}`` of the base an adapters-only model was built on (`pin_base`); None for any other."""
+    pin = getattr(model, _BASE_PIN, None)
+    return dict(pin) if pin is not None else None
