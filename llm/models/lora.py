@@ -6,7 +6,9 @@
 ``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``). peft freezes everything else, so the optimizer (which
 takes trainable parameters only) holds state for the adapters alone. MoE experts keep their weights stacked in
 ``w_gate_up`` / ``w_down`` parameters, which are not `nn.Linear` and are not adapted; an MoE layer's router is an
-`nn.Linear` named ``gate`` and its shared experts are an MLP, so those can be targeted by name.
+`nn.Linear` named ``gate`` (the MoE layer calls it whole once it is wrapped, so its adapter counts) and its shared
+experts are an MLP, so those can be targeted by name. ``lm_head`` can be targeted when it is not tied to the
+embedding; a tied one is refused (`check_targets`), since no tied model computes an adapted head.
 
 What the adapted model's ``state_dict()`` holds (what a checkpoint saves):
 - ``adapters_only=False`` (the base cannot be rebuilt, e.g. it was randomly initialised): every tensor, the base
@@ -20,6 +22,10 @@ projections under their plain names and keeps the adapters as they are.
 `merged_model(model)` is the plain model of the same class with every adapter folded into its base weight
 (W + peft's ``get_delta_weight``), for export: the result has the plain names and loads anywhere without peft.
 `exportable(model)` is that for an adapted model and the model itself otherwise.
+
+An ``adapters_only`` model's checkpoints need the very base it was built on: `pin_base` (called when
+`model.init_from` loads it) records the path and `base_sha256` of those tensors on the model, and
+llm.artifacts.base_pin writes that record into each checkpoint's manifest and refuses a changed base on reading.
 """
 
 from __future__ import annotations
