@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -224,17 +226,23 @@ def exportable(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------- the base pin
 def base_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's tensors in name order: each one's name, dtype, shape and raw bytes (C order).
+    """sha256 over a state dict's tensors: of one line per tensor in name order, its name, dtype, shape and the
+    sha256 of its raw bytes (C order).
 
     The same tensors give the same digest whatever files or shards held them; one changed value, name, dtype or
-    shape gives another. Streams each tensor's memory once (a few seconds per GB), no copy of a contiguous CPU one.
+    shape gives another. The tensors are hashed on several threads (hashlib releases the GIL), each read once in
+    place (a contiguous CPU tensor is not copied): about 0.4 GB/s per core.
     """
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    names = sorted(state)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda name: _tensor_sha256(state[name]), names))
+    lines = (f"{name}\0{str(state[name].dtype).removeprefix('torch.')}\0{list(state[name].shape)}\0{digest}\n"
+             for name, digest in zip(names, digests))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def pin_base(model: nn.Module, path: str, state: Mapping[str, torch.Tensor]) -> None:
