@@ -367,7 +367,8 @@ def _run_tokenizer(config: Config, files: RunFiles) -> str:
 
 def read_init_source(path: str | os.PathLike) -> InitSource:
     """The `InitSource` of a Hugging Face Llama/Mixtral folder, or of a run, checkpoint or weights path of ours
-    (the weights `resolve_run` chooses). Every problem is one `InitFromError` line naming model.init_from."""
+    (the weights `resolve_run` chooses; a LoRA checkpoint's adapters merged into its base, as `load_run` does).
+    Every problem is one `InitFromError` line naming model.init_from."""
     path = Path(path)
     if not path.exists():
         raise init_error(path, "does not exist")
@@ -381,8 +382,15 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
                                f"or checkpoint ({_first_line(exc)})") from None
     if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
-    return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
-                      lambda: read_weights(files), config.data.seq_len)
+
+    def read() -> dict[str, torch.Tensor]:
+        state = read_weights(files)
+        if any(is_adapter_key(k) for k in state):  # a LoRA checkpoint: its plain model, merged as load_run merges it
+            return _merge_lora_checkpoint(config, state, files).state_dict()
+        return state
+
+    return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files), read,
+                      config.data.seq_len)
 
 
 def load_init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitSource:

@@ -361,3 +361,37 @@ def test_a_malformed_base_record_is_one_line(runs, tmp_path):
     (step / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"'lora_base' is not \{\"path\": str, \"sha256\": 64 hex digits\}$"):
         load_run(step, tokenizer=False)
+
+
+def evaluate(source: Path, tmp_path: Path):
+    from llm.evaluate import main as evaluate_main
+
+    text = tmp_path / "text.txt"
+    text.write_text("Adapters are deltas to one set of weights.\n" * 40)
+    return call_main(evaluate_main, [str(source), "--data-path", str(text), "--data-seq-len", "16",
+                                     "--training-device", "cpu", "--json"], tmp_path)
+
+
+def test_evaluate_scores_an_adapters_checkpoint_as_the_run_s_merged_model(runs, tmp_path):
+    _, run = runs
+    of_checkpoint = evaluate(run / "checkpoints" / "step-00000004", tmp_path)
+    of_run = evaluate(run, tmp_path)
+    assert of_checkpoint.returncode == 0 and of_run.returncode == 0, of_checkpoint.stderr + of_run.stderr
+    a, b = json.loads(of_checkpoint.stdout), json.loads(of_run.stdout)
+    assert a["tokens"] == b["tokens"] > 0 and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_init_from_an_adapters_checkpoint_starts_from_its_merged_model(runs):
+    from llm.artifacts.runs import read_init_source
+
+    _, run = runs
+    state = read_init_source(run / "checkpoints" / "step-00000004").read_weights()
+    final = load_file(run / "model.safetensors")  # the run's merged weights (tied: the embedding stored once)
+    assert not any(lora.is_adapter_key(k) or ".base_layer." in k for k in state)
+    assert set(final) <= set(state) and all(torch.allclose(state[k], final[k], atol=1e-6, rtol=0) for k in final)
+
+
+def test_a_changed_base_is_refused_by_evaluate(runs, changed_base, tmp_path):
+    _, run = runs
+    line = one_error_line(evaluate(run / "checkpoints" / "step-00000004", tmp_path))
+    assert f"trained on the base {changed_base} (sha256 " in line and "now holds other weights" in line
