@@ -352,6 +352,21 @@ def test_a_checkpoint_from_before_the_pin_loads_with_one_warning(runs, tmp_path)
                                                  load_run(run, tokenizer=False).model.state_dict().values()))
 
 
+def test_a_checkpoint_from_before_the_pin_resumes_with_one_warning(runs, tmp_path):
+    base, run = runs
+    copy = tmp_path / "lora"
+    shutil.copytree(run, copy)
+    manifest_path = copy / "checkpoints" / "step-00000004" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest[base_pin.MANIFEST_KEY]
+    manifest_path.write_text(json.dumps(manifest))
+    result = call_main(train_main, [*lora_args(base, steps=6), "--logging-log-dir", str(copy)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = (copy / "train.log").read_text()
+    assert log.count("records no checksum of that base") == 1 and "resumed from" in log
+    assert base_pin.MANIFEST_KEY in json.loads((copy / "checkpoints" / "step-00000006" / MANIFEST).read_text())
+
+
 def test_a_malformed_base_record_is_one_line(runs, tmp_path):
     _, run = runs
     step = tmp_path / "step-00000004"
