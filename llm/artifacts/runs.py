@@ -23,6 +23,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from llm.artifacts import base_pin
 from llm.artifacts.checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG,
@@ -290,9 +291,11 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
     return DecoderModel.from_state_dict(state, **kwargs)
 
 
-def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
+def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files: RunFiles,
+                           warn: Callable[[str], None] | None = None) -> DecoderModel:
     """The plain model of a LoRA run's checkpoint: its base (in the checkpoint, or rebuilt from `model.init_from`
-    when the checkpoint holds only the adapters) with the adapters merged in."""
+    when the checkpoint holds only the adapters, and then refused unless it is the base the adapters were trained
+    on: llm.artifacts.base_pin) with the adapters merged in."""
     from llm.models.lora import apply_lora, merged_model
 
     t = config.training
@@ -305,6 +308,8 @@ def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files
                        targets=t.lora_targets, adapters_only=adapters_only)
     if adapters_only:
         load_init_from(model, config.model.init_from)
+        manifest = read_manifest(files.checkpoint_dir) if files.checkpoint_dir is not None else None
+        base_pin.check(manifest, model, files.checkpoint_dir or files.weights, warn or _warn)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -332,7 +337,7 @@ def load_run(
         )
     state = read_weights(files, device)
     if any(is_adapter_key(k) for k in state):
-        model = _merge_lora_checkpoint(config, state, files)
+        model = _merge_lora_checkpoint(config, state, files, warn)
     else:
         model = _build_decoder(config, state, files)
     model = model.to(device=device, dtype=dtype).eval()
@@ -362,7 +367,8 @@ def _run_tokenizer(config: Config, files: RunFiles) -> str:
 
 def read_init_source(path: str | os.PathLike) -> InitSource:
     """The `InitSource` of a Hugging Face Llama/Mixtral folder, or of a run, checkpoint or weights path of ours
-    (the weights `resolve_run` chooses). Every problem is one `InitFromError` line naming model.init_from."""
+    (the weights `resolve_run` chooses; a LoRA checkpoint's adapters merged into its base, as `load_run` does).
+    Every problem is one `InitFromError` line naming model.init_from."""
     path = Path(path)
     if not path.exists():
         raise init_error(path, "does not exist")
@@ -376,8 +382,15 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
                                f"or checkpoint ({_first_line(exc)})") from None
     if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
-    return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
-                      lambda: read_weights(files), config.data.seq_len)
+
+    def read() -> dict[str, torch.Tensor]:
+        state = read_weights(files)
+        if any(is_adapter_key(k) for k in state):  # a LoRA checkpoint: its plain model, merged as load_run merges it
+            return _merge_lora_checkpoint(config, state, files).state_dict()
+        return state
+
+    return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files), read,
+                      config.data.seq_len)
 
 
 def load_init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitSource:

@@ -28,6 +28,7 @@ from llm.errors import UserError
 from llm.models.config import ModelConfig
 from llm.models.decoder import DecoderModel
 from llm.models.hf import INDEX_NAME, SINGLE_NAME, _config_from_hf, _read_safetensors, _state_dict_from_hf
+from llm.models.lora import pin_base
 
 HF_CONFIG = "config.json"
 TOKENIZER_FILE = "tokenizer.json"  # the name llm.data.tokenizers uses too (models do not import data)
@@ -170,4 +171,5 @@ def load_init_weights(model: nn.Module, source: InitSource) -> int:
     unfilled = sorted(set(result.missing_keys) & set(expected))
     if unfilled:
         raise init_error(source.path, f"left model weights unfilled: {_listing(unfilled)}")
+    pin_base(model, str(source.path), state)  # LoRA adapters saved without this base: their checkpoints pin it
     return len(state)

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 import torch
 
+from llm.artifacts import base_pin
 from llm.artifacts import checkpoint as ckpt
 from llm.artifacts.lock import live_holder
 from llm.config import MODES, is_better, resume_tables
@@ -398,7 +399,8 @@ class Checkpointer:
     def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
         if not self.context.is_global_zero:
             return
-        extra = {"task": self.context.config.task, "reason": "best" if is_best else "checkpoint"}
+        extra = {"task": self.context.config.task, "reason": "best" if is_best else "checkpoint",
+                 **base_pin.record(getattr(self.weights, "model", None))}  # adapters saved without their base name it
         with writing_to(tmp / ckpt.MANIFEST):
             ckpt.write_manifest(tmp, step, self.context.world_size, extra)
         ckpt.commit_checkpoint(tmp, final)
@@ -436,6 +438,8 @@ class Checkpointer:
                 self._check_branch(Path(choice) if choice else None)
                 if choice:
                     self._check_config(Path(choice))
+                    model = getattr(self.weights, "model", None)  # adapters saved without their base: the same base
+                    base_pin.check(ckpt.read_manifest(Path(choice)), model, Path(choice), self.context.logger.warning)
             except ckpt.CheckpointError as exc:
                 choice = exc
         choice = broadcast_object(choice)

@@ -118,3 +118,22 @@ def test_missing_peft_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(ConfigError, match=r"training.lora_rank: .*pip install 'llm\[lora\]'"):
         lora.apply_lora(DecoderModel.tiny(), rank=2, alpha=4)
+
+
+def test_targets_are_checked_on_a_meta_model_before_anything_is_allocated():
+    with torch.device("meta"):
+        tied, untied = DecoderModel.tiny(tie_embeddings=True), DecoderModel.tiny()
+    assert lora.check_targets(tied, ["q_proj", "down_proj"]) == ["q_proj", "down_proj"]
+    assert lora.check_targets(untied, ["lm_head"]) == ["lm_head"]
+    with pytest.raises(ConfigError, match=r"^training.lora_targets: \['lm_head'\] adapts the LM head, which is tied"):
+        lora.check_targets(tied, ["q_proj", "lm_head"])
+
+
+def test_only_an_adapters_only_model_pins_its_base():
+    torch.manual_seed(0)
+    state = DecoderModel.tiny().state_dict()
+    plain, full, only = DecoderModel.tiny(), adapted(adapters_only=False), adapted(adapters_only=True)
+    for model in (plain, full, only):
+        lora.pin_base(model, "runs/base", state)
+    assert lora.base_pin(plain) is None and lora.base_pin(full) is None
+    assert lora.base_pin(only) == {"path": "runs/base", "sha256": lora.base_sha256(state)}

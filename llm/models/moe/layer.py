@@ -161,7 +161,10 @@ class MoELayer(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Router on ``x`` (N, H): returns logits (N, E) fp32, gates (N, k) fp32, expert ids (N, k)."""
         # fp32 router: in bf16, near-equal logits round to ties and top-k choices flip on tiny input changes.
-        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        if isinstance(self.gate, nn.Linear):
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        else:  # a wrapped router (a LoRA adapter, llm.models.lora) adds its own output: reading .weight would skip it
+            logits = self.gate(x.to(self.gate.weight.dtype)).float()  # (N, E)
         probs = logits.softmax(dim=-1)  # (N, E)
         if self.balance == "aux_free":  # the bias steers the choice only; the gates stay the router's probabilities
             experts = (probs + self.routing_bias).topk(self.top_k, dim=-1).indices  # (N, k)
