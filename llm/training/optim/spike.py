@@ -39,12 +39,12 @@ class SpikeDetected(Exception):
     """A checked step spiked (raised inside the engine's step loop; `SpikeRecovery.run` catches it and rolls back).
     Never a user-facing error: a rollback that cannot happen raises `SpikeRecoveryError`."""
 
-    def __init__(self, step: int, loss: float, zscore: float) -> None:
+    def __init__(self, step: int, loss: float, zscore: float, finite: bool = True) -> None:
         super().__init__(f"loss spike at step {step}")
-        self.step, self.loss, self.zscore = step, loss, zscore
+        self.step, self.loss, self.zscore, self.finite = step, loss, zscore, finite
 
     def describe(self) -> str:
-        if not (abs(self.loss) < float("inf")):  # NaN or inf
+        if not self.finite:
             return f"a non-finite loss or gradient norm at step {self.step}"
         return f"a loss spike at step {self.step} (loss {self.loss:.4g}, {self.zscore:.1f} standard deviations up)"
 
@@ -82,7 +82,7 @@ class SpikeRecovery:
         self._losses = torch.zeros(self.window, dtype=torch.float32, device=device)
         self._seen = 0  # losses accepted into the window so far (host count: where the next one goes)
         self._bad_step = torch.zeros((), dtype=torch.long, device=device)  # the first marked step (0: none)
-        self._bad_info = torch.zeros(2, dtype=torch.float32, device=device)  # its loss and z-score
+        self._bad_info = torch.zeros(3, dtype=torch.float32, device=device)  # its loss, z-score, 1 if non-finite
 
     # -- the engine's calls, in step order ------------------------------------------------------
     def before_step(self, batches: Iterator[Any]) -> None:
@@ -116,7 +116,7 @@ class SpikeRecovery:
             bad = bad | (z > self.zscore)
         first = bad & (self._bad_step == 0)
         self._bad_step = torch.where(first, step, self._bad_step)
-        self._bad_info = torch.where(first, torch.stack([loss, z]), self._bad_info)
+        self._bad_info = torch.where(first, torch.stack([loss, z, (~finite).float()]), self._bad_info)
         slot = self._seen % self.window
         self._losses[slot] = torch.where(bad, self._losses[slot], loss)
         self._seen += 1
@@ -129,8 +129,8 @@ class SpikeRecovery:
             return
         step = int(self._bad_step)
         if step:
-            loss, z = self._bad_info.tolist()
-            raise SpikeDetected(step, loss, z)
+            loss, z, nonfinite = self._bad_info.tolist()
+            raise SpikeDetected(step, loss, z, finite=not nonfinite)
 
     def run(self, fit: Callable[[], None]) -> None:
         """Run the engine's `fit` to its end, rolling back and running it again after each spike."""
