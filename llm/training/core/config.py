@@ -123,16 +123,15 @@ class TrainingConfig(Freezable):
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     nan_policy: str = "raise"  # on a non-finite loss or grad norm: raise | skip the update
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
-    # Loss-spike recovery (llm/training/optim/spike.py; docs/checkpointing.md, "Loss spikes and rollback").
+    # Loss-spike recovery (llm/training/optim/spike.py; docs/checkpointing.md, "Loss spikes and rollback"). Their
+    # resume policy is the default, warn: a change on resume changes the run's path, and is reported.
     spike_policy: str = "off"  # on a non-finite loss or a loss spike: off | rollback (to the last checkpoint)
     spike_window: int = 50  # rollback: a step's loss is judged against the losses of the last N steps
     spike_zscore: float = 6.0  # rollback: a loss this many standard deviations above the window's mean is a spike
     spike_min_steps: int = 20  # rollback: losses in the window before spikes are judged (non-finite ones always are)
     spike_skip_steps: int = 1  # rollback: optimizer steps of data skipped after a rollback, ending with the spike's
     spike_lr_scale: float = 1.0  # rollback: the peak lr is multiplied by this at each rollback
-    spike_max_rollbacks: int = field(
-        default=3, metadata=on_resume("expected")
-    )  # rollback: stop with an error at the spike after this many rollbacks (the checkpoints are kept)
+    spike_max_rollbacks: int = 3  # rollback: the next spike after this many rollbacks stops the run (with an error)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     eval_only: bool = False  # set up, load (model.init_from, resume), validate once and exit: no training, no saves
     lora_rank: int = 0  # LoRA adapter rank (0 = off); needs peft

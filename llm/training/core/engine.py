@@ -495,7 +495,7 @@ class TrainingEngine:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         """Average `validation_step` metrics over this rank's shard, weighted by batch size, across ranks."""
-        self.finite.raise_pending()
+        self._raise_pending()
         loader = self.data_module.val_dataloader()
         self.state.last_val_step = self.state.step
         if loader is None:

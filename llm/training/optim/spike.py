@@ -169,6 +169,7 @@ class SpikeRecovery:
             self._add_window(window)
         self.guard.clear_pending()  # a refusal the guard deferred belongs to the steps thrown away
         run.model.zero_grad(set_to_none=True)  # an eager check fires between backward and the optimizer step
+        run.should_stop = False  # a stop decided on the thrown-away steps (a signal's stop comes again: after_step)
         self._starts.clear()
         skipped = ", ".join(f"epoch {e} micro-batch{'es' if b - a > 1 else ''} {a}{f'-{b - 1}' if b - a > 1 else ''}"
                             for e, a, b in windows) or "no data"
