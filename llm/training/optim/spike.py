@@ -86,8 +86,7 @@ class SpikeRecovery:
 
     # -- the engine's calls, in step order ------------------------------------------------------
     def before_step(self, batches: Iterator[Any]) -> None:
-        """Discard the micro-batches of a skip window that the data has reached, then note where this step's
-        data starts (the micro-batch position of the data module)."""
+        """Discard the micro-batches of a skip window that the data has reached (the data module's position)."""
         if not self.enabled:
             return
         data = self.context.data_module
@@ -95,14 +94,14 @@ class SpikeRecovery:
         while skip and next(batches, None) is not None:
             data.advance(1)
             skip -= 1
-        self._starts.append((self.context.state.step + 1, data.position.epoch, data.position.batch))
 
     def observe(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """Judge this step's loss on the device (no host sync); marks the first bad step. Where the run reads a
         bool every step anyway, the mark is checked at once (before the optimizer step)."""
         if not self.enabled:
             return
-        step = self.context.state.step + 1
+        step, position = self.context.state.step + 1, self.context.data_module.position
+        self._starts.append((step, position.epoch, position.batch - self.accum))  # where this step's data began
         loss = loss.detach().float().clone()
         if is_distributed():  # every rank judges the same mean loss (a collective, no sync)
             loss = all_reduce_sum(loss) / self.context.world_size

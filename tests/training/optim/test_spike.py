@@ -197,6 +197,22 @@ def test_a_resume_from_the_rolled_back_to_checkpoint_with_its_skip_list_matches(
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "branch"))
 
 
+def test_a_rollback_across_an_epoch_boundary_with_validation_checks_resumes_bitwise(tmp_path):
+    """Checkpoint at step 12 (epoch 0 has 14 steps), spike at step 16 (epoch 1, micro-batch 1), validations every 3
+    steps (each one checks first); the rollback replays the end of epoch 0 and skips the spiked data of epoch 1."""
+    flags = ("--checkpoint-interval", "12", "--training-max-steps", "20", "--training-val-interval", "3",
+             "--training-log-interval", "7", "--training-spike-skip-steps", "2")
+    task = poison_task((1, 1), factor=1e3)
+    straight = train(tmp_path, "straight", *flags, task=task)
+    # skip-steps 2: the data of steps 15 and 16, both after the checkpoint (epoch 1, micro-batches 0 and 1).
+    assert straight.spike.rollbacks == 1 and straight.spike.skipped == [[1, 0, 2]]
+    assert straight.state.step == 20 and straight.state.epoch == 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tmp_path, "resumed", *flags, task=task, extra=(Crash(18),))  # 15 calls, then steps 13, 14, 15 again
+    train(tmp_path, "resumed", *flags, task=task)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
 # -- detection (unit) ---------------------------------------------------------------------------------------
 
 
@@ -206,7 +222,7 @@ def monitor(eager: bool = False, scaler: object = None, world_size: int = 1, **o
                                     grad_accum_steps=1, log_interval=1), **overrides})
     context = SimpleNamespace(device=torch.device("cpu"), lr_schedule=None, world_size=world_size,
                               state=SimpleNamespace(step=0), data_module=SimpleNamespace(position=SimpleNamespace(
-                                  epoch=0, batch=0)))
+                                  epoch=0, batch=1)))
     guard = SimpleNamespace(deferred=not eager, scaler=scaler)
     return SpikeRecovery(cfg, context, checkpointer=None, guard=guard)
 
