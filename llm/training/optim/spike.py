@@ -65,8 +65,8 @@ class SpikeRecovery:
         self.enabled = cfg.spike_policy == "rollback"
         self.context, self.checkpointer, self.guard = context, checkpointer, guard
         self.window, self.zscore, self.min_steps = cfg.spike_window, cfg.spike_zscore, cfg.spike_min_steps
-        self.skip_steps, self.lr_scale, self.max_rollbacks = cfg.spike_skip_steps, cfg.spike_lr_scale, \
-            cfg.spike_max_rollbacks
+        self.skip_steps, self.lr_scale = cfg.spike_skip_steps, cfg.spike_lr_scale
+        self.max_rollbacks = cfg.spike_max_rollbacks
         self.accum = cfg.grad_accum_steps
         # The checks ride on the host reads that happen anyway: every step where the non-finite guard reads one
         # (not deferred, no GradScaler), else the log steps and saves.
