@@ -213,6 +213,48 @@ def test_a_rollback_across_an_epoch_boundary_with_validation_checks_resumes_bitw
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
 
 
+SPIKE_PLUGIN = """
+from llm.registry import register_task
+from llm.training.tasks.regression_task import RegressionTask
+
+
+@register_task("spiky_regression")
+class SpikyRegression(RegressionTask):
+    \"\"\"Regression whose loss is multiplied by 1000 on micro-batch 3 of epoch 0, on the last rank only (a poisoned
+    shard of one global batch).\"\"\"
+
+    def train_step(self, batch, model, criterion):
+        loss, metrics = super().train_step(batch, model, criterion)
+        position, ctx = self.context.data_module.position, self.context
+        poisoned = (position.epoch, position.batch) == (0, 3) and ctx.rank == ctx.world_size - 1
+        return (loss * 1000.0 if poisoned else loss), metrics
+"""
+
+
+@pytest.mark.slow  # two 2-process and 1-process jobs in real processes
+def test_two_processes_agree_on_the_spike_and_match_one_process(tmp_path):
+    """Rank 1's shard of global batch 3 is poisoned: both ranks judge the mean loss, roll back together (one log
+    line, from rank 0) and skip that global batch, ending where one process with the same global batch ends."""
+    from helpers import REPO, TINY_REGRESSION, run_cli
+
+    (tmp_path / "spike_plugin.py").write_text(SPIKE_PLUGIN)
+    env = {"PYTHONPATH": f"{REPO}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    common = [*TINY_REGRESSION, "--task", "spiky_regression", "--plugins", "spike_plugin", *CKPT,
+              "--training-spike-policy", "rollback", "--training-spike-min-steps", "3", "--checkpoint-interval", "2",
+              "--training-max-steps", "8"]
+    runs = {"two": ["--training-batch-size", "8", "--distributed-nproc-per-node", "2"],
+            "one": ["--training-batch-size", "16"]}
+    for name, flags in runs.items():
+        proc = run_cli([*common, *flags, "--logging-log-dir", name], cwd=tmp_path, env=env, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if "spike:" in line]
+        assert len(lines) == 1 and "a loss spike at step 4" in lines[0] and "(step 2)" in lines[0], lines
+        assert "skipping epoch 0 micro-batch 3" in lines[0], lines[0]
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    worst = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, f"final weights differ by {worst}"
+
+
 # -- detection (unit) ---------------------------------------------------------------------------------------
 
 
