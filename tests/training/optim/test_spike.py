@@ -179,6 +179,10 @@ def test_resumes_after_a_rollback_end_bitwise_like_the_uninterrupted_run(tmp_pat
         train(tmp_path, "early", *flags, extra=(Crash(9),))  # step 7 after the rollback
     train(tmp_path, "early", *flags)
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "early"))
+    lrs = [(r["step"], r["lr"]) for r in read_metrics(tmp_path / "straight") if "lr" in r]
+    assert [s for s, _ in lrs] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]
+    for before, after in ((lrs[4], lrs[6]), (lrs[5], lrs[7])):  # steps 5 and 6, before and after the rollback
+        assert after[1] == pytest.approx(before[1] * float(lr_scale), rel=1e-6)
     if lr_scale == "0.5":  # the peak lr halved at the rollback, and kept by the resume
         state = load_trainer_state(tmp_path / "late" / "checkpoints" / "step-00000012" / "trainer_state_rank0.pt")
         peak = straight.config.training.lr
