@@ -141,3 +141,20 @@ def nan_task(*steps: int) -> type:
             return (loss * float("nan") if self.calls in self.nan_steps else loss), metrics
 
     return NaNTask
+
+
+def poison_task(*positions: tuple[int, int], factor: float = float("nan")) -> type:
+    """A regression task whose loss is multiplied by `factor` (NaN, or a large number for a loss spike) on the
+    micro-batches at the data positions `positions`, (epoch, micro-batch index) of the data module: the poison is in
+    the data, so a run that trains on that batch again meets it again, and one that skips it does not."""
+    from llm.training.tasks.regression_task import RegressionTask
+
+    class PoisonTask(RegressionTask):
+        poisoned = frozenset(positions)
+
+        def train_step(self, batch: Any, model: Any, criterion: Any) -> Any:
+            loss, metrics = super().train_step(batch, model, criterion)
+            position = self.context.data_module.position  # the engine advances it after the step
+            return (loss * factor if (position.epoch, position.batch) in self.poisoned else loss), metrics
+
+    return PoisonTask

@@ -446,6 +446,7 @@ TRAINER_STATE_LAYOUT: dict[str, tuple[type, ...]] = {
 }
 TRAINER_STATE_OPTIONAL: dict[str, tuple[type, ...]] = {
     "scaler": (dict, type(None)), "meter": (dict, type(None)), "checkpointer": (dict, type(None)),
+    "spike": (dict, type(None)),  # loss-spike recovery (training.spike_policy=rollback): its window and skip list
 }
 
 

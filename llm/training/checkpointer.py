@@ -452,16 +452,48 @@ class Checkpointer:
                 raise ckpt.CheckpointError(f"checkpoint.resume: no complete checkpoint in {self.options.resume}")
             return None
         path = Path(choice)
+        self._load_everywhere(path)
+        run.logger.info("resumed from %s at step %d", path, run.step)
+        self.callbacks.on_load_checkpoint({"step": run.step, "path": str(path)})
+        return path
+
+    def roll_back(self, before: int) -> Path | None:
+        """Load the newest checkpoint of this run, of a step before `before`, that verifies (the loss-spike
+        rollback, optim/spike.py): the resume path, applied to a run under way. None when there is none."""
+        run = self.context
+        choice: Any = None
+        if run.is_global_zero:
+
+            def own(path: Path) -> None:
+                if path.name in self._foreign or ckpt.checkpoint_step(path) >= before:
+                    raise ckpt.CheckpointError(f"checkpoint: {path} is not of this run before step {before}")
+                self._check_candidate(path)
+
+            try:
+                found = ckpt.find_latest_checkpoint(self.root, run.logger.warning, check=own)
+                choice = str(found) if found is not None else None
+            except ckpt.CheckpointError as exc:
+                choice = exc
+        choice = broadcast_object(choice)
+        if isinstance(choice, Exception):
+            raise (type(choice) if isinstance(choice, ckpt.CheckpointError) else ckpt.CheckpointError)(str(choice))
+        if choice is None:
+            return None
+        path = Path(choice)
+        self._load_everywhere(path)
+        self._pending, self._candidate = None, None  # saves that fell due on the steps thrown away
+        self.callbacks.on_load_checkpoint({"step": run.step, "path": str(path)})
+        return path
+
+    def _load_everywhere(self, path: Path) -> None:
+        """Load `path` on every rank; a failure on any rank fails all of them alike."""
         error: Exception | None = None
         try:
             self._load(path)
         except ckpt.CheckpointError as exc:
             error = exc
-        if not all_agree(error is None, run.device):
+        if not all_agree(error is None, self.context.device):
             raise error or ckpt.CheckpointError(f"checkpoint: another rank failed to load {path}")
-        run.logger.info("resumed from %s at step %d", path, run.step)
-        self.callbacks.on_load_checkpoint({"step": run.step, "path": str(path)})
-        return path
 
     def _select_checkpoint(self) -> str | None:
         """The checkpoint to resume from (rank 0 decides for all). Candidates are checked by `_check_candidate`:

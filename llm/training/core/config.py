@@ -41,6 +41,7 @@ from llm.models.lora import require_peft
 from llm.training.optim.precision import PRECISIONS
 
 NAN_POLICIES = ("raise", "skip")
+SPIKE_POLICIES = ("off", "rollback")
 INTERVALS = ("step", "epoch")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -122,6 +123,15 @@ class TrainingConfig(Freezable):
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     nan_policy: str = "raise"  # on a non-finite loss or grad norm: raise | skip the update
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
+    # Loss-spike recovery (llm/training/optim/spike.py; docs/checkpointing.md, "Loss spikes and rollback"). Their
+    # resume policy is the default, warn: a change on resume changes the run's path, and is reported.
+    spike_policy: str = "off"  # on a non-finite loss or a loss spike: off | rollback (to the last checkpoint)
+    spike_window: int = 50  # rollback: a step's loss is judged against the losses of the last N steps
+    spike_zscore: float = 6.0  # rollback: a loss this many standard deviations above the window's mean is a spike
+    spike_min_steps: int = 20  # rollback: losses in the window before spikes are judged (non-finite ones always are)
+    spike_skip_steps: int = 1  # rollback: optimizer steps of data skipped after a rollback, ending with the spike's
+    spike_lr_scale: float = 1.0  # rollback: the peak lr is multiplied by this at each rollback
+    spike_max_rollbacks: int = 3  # rollback: the next spike after this many rollbacks stops the run (with an error)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     eval_only: bool = False  # set up, load (model.init_from, resume), validate once and exit: no training, no saves
     lora_rank: int = 0  # LoRA adapter rank (0 = off); needs peft
@@ -406,6 +416,20 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(t.val_interval >= 0, "training.val_interval", t.val_interval, "must be >= 0")
     _check(t.val_max_batches >= 0, "training.val_max_batches", t.val_max_batches, "must be >= 0")
     _check(t.max_skipped_steps >= 1, "training.max_skipped_steps", t.max_skipped_steps, "must be >= 1")
+    _check(t.spike_policy in SPIKE_POLICIES, "training.spike_policy", t.spike_policy, "off or rollback",
+           SPIKE_POLICIES)
+    _check(t.spike_window >= 2, "training.spike_window", t.spike_window, "must be >= 2 (losses in the window)")
+    _check(2 <= t.spike_min_steps <= t.spike_window, "training.spike_min_steps", t.spike_min_steps,
+           f"must be >= 2 and <= training.spike_window={t.spike_window}")
+    _check(t.spike_zscore > 0, "training.spike_zscore", t.spike_zscore, "must be > 0 (standard deviations)")
+    _check(t.spike_skip_steps >= 1, "training.spike_skip_steps", t.spike_skip_steps,
+           "must be >= 1 (the spike's own data at least; a replay of it spikes again)")
+    _check(0 < t.spike_lr_scale <= 1, "training.spike_lr_scale", t.spike_lr_scale, "must be in (0, 1]")
+    _check(t.spike_max_rollbacks >= 1, "training.spike_max_rollbacks", t.spike_max_rollbacks, "must be >= 1")
+    if t.spike_policy == "rollback":
+        _check(c.interval >= 1, "checkpoint.interval", c.interval,
+               "must be >= 1 with training.spike_policy=rollback (it rolls back to the last checkpoint); "
+               "set --checkpoint-interval N")
     _check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None, "training.device", t.device,
         "auto, cpu, cuda or cuda:N",

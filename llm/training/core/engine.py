@@ -46,6 +46,7 @@ from llm.training.observers.val_progress import validation_progress
 from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
 from llm.training.optim.precision import autocast
 from llm.training.optim.schedulers import LRSchedule
+from llm.training.optim.spike import SpikeRecovery
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
 from llm.training.parallel.plan import ParallelPlan
 from llm.training.state import StateFns, StatefulComponents, TrainState
@@ -235,7 +236,8 @@ class TrainingEngine:
         weights = build_weights(self.unwrapped_model, self.optimizer, self.is_global_zero, self.plan.sharded,
                                 self.plan.full_weights)
         self.checkpointer = Checkpointer(self._checkpoint_options, ctx, self.components, weights, self.callbacks,
-                                         before_save=self.finite.raise_pending)
+                                         before_save=self._raise_pending)
+        self.spike = SpikeRecovery(self.config.training, ctx, self.checkpointer, self.finite)  # spike_policy
         self._register_state()
         self.callbacks.set_engine(ctx)
 
@@ -244,6 +246,8 @@ class TrainingEngine:
         c = self.components
         c.register("state", self.state)
         c.register("optimizer", StateFns(self._optimizer_state, self._load_optimizer_state))
+        if self.spike.enabled:  # before the schedule: it sets the peaks the schedule's restore applies
+            c.register("spike", self.spike)
         c.register("lr_schedule", self.lr_schedule)
         c.register("scaler", self.scaler)
         c.register("data", self.data_module)
@@ -314,7 +318,7 @@ class TrainingEngine:
             announce_run(self.context)
             self.checkpointer.start()
             self.callbacks.on_train_start({"step": self.state.step, "total_steps": self.total_steps})
-            self._fit()
+            self.spike.run(self._fit)  # _fit, run again from a checkpoint after a loss spike (spike_policy)
             self._flush()  # the last step's record, before the final saves report
             self._save_final()
             self.callbacks.on_train_end({"step": self.state.step, **self.last_val_logs})
@@ -392,6 +396,7 @@ class TrainingEngine:
         accum, val_every = self.config.training.grad_accum_steps, self.config.training.val_interval
         batches: Iterator[Any] = iter(self.data_module.train_dataloader())
         while not self._done():
+            self.spike.before_step(batches)  # skips the data a spike rollback set aside
             micro = list(islice(batches, accum))
             if len(micro) < accum:
                 return True
@@ -416,6 +421,7 @@ class TrainingEngine:
         loss_sum = self._forward_backward(micro)
         self.plan.finish_gradients()
         grad_norm = self._clip_gradients()
+        self.spike.observe(loss_sum, grad_norm)  # on the device; checked where the host reads anyway
         skipped = not self.finite.step(loss_sum, grad_norm)  # the optimizer step, unless nan_policy refuses it
         hooks.end_step(self.unwrapped_model, applied=not skipped)
         self.optimizer.zero_grad(set_to_none=True)
@@ -425,10 +431,15 @@ class TrainingEngine:
             self._meter.add({"grad_norm": grad_norm}, weight=1.0, count=False)
         log_now = self.state.step % self.config.training.log_interval == 0 or self._done()
         if log_now or self._checkpoint_due():
-            self.finite.raise_pending()  # no log line or checkpoint may follow a refused update unnoticed
+            self._raise_pending()  # no log line or checkpoint may follow a refused update or a spike unnoticed
         if log_now:
             logs.update(self._collect_train_logs())
         return logs
+
+    def _raise_pending(self) -> None:
+        """The lazy checks' host reads, before a log line or a save: a loss spike (rolled back), a refused update."""
+        self.spike.check()
+        self.finite.raise_pending()
 
     def _checkpoint_due(self) -> bool:
         interval = self.checkpointer.options.interval
@@ -485,7 +496,7 @@ class TrainingEngine:
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> dict[str, Any]:
         """Average `validation_step` metrics over this rank's shard, weighted by batch size, across ranks."""
-        self.finite.raise_pending()
+        self._raise_pending()
         loader = self.data_module.val_dataloader()
         self.state.last_val_step = self.state.step
         if loader is None:

@@ -107,6 +107,10 @@ class NonFiniteGuard:
                 f"applied{later} (use --training-nan-policy skip to drop such steps)"
             )
 
+    def clear_pending(self) -> None:
+        """Forget a deferred non-finite step: the run was rolled back to a checkpoint from before it (spike.py)."""
+        self._first_bad_step = torch.zeros_like(self._first_bad_step)
+
     def _check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """The eager check; every rank reaches the same verdict. Returns False to skip the update."""
         state = self.state
