@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from llm import untrusted
 from llm.artifacts.checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG,
@@ -35,6 +35,7 @@ from llm.artifacts.checkpoint import (
     CheckpointError,
     checkpoint_step,
     find_latest_checkpoint,
+    read_checkpoint_config,
     read_manifest,
     shape_mismatches,
     summarize_mismatches,
@@ -44,7 +45,17 @@ from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
 from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
-from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
+from llm.models.init_from import (
+    InitSource,
+    init_error,
+    is_hf_folder,
+    layer_count_problem,
+    load_init_weights,
+    model_field_problem,
+    model_fields,
+    model_shape_problem,
+    read_hf_source,
+)
 from llm.models.lora import is_adapter_key
 from llm.registry import TASKS
 from llm.training.core.config import Config, config_from_dict
@@ -196,12 +207,7 @@ def resolve_run(
 def _read_config(files: RunFiles) -> Config:
     if files.config is None:
         raise CheckpointError(f"checkpoint: no {CONFIG} next to {files.weights} or in its run directory")
-    try:
-        data = yaml.safe_load(files.config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"checkpoint: cannot read {files.config}: {_first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint: {files.config} is not a run config (expected a mapping)")
+    data = read_checkpoint_config(files.config)  # capped, plain YAML (a tag that builds objects is refused)
     try:
         return config_from_dict(data)
     except ConfigError as exc:
@@ -268,6 +274,19 @@ def read_weights(files: RunFiles, device: str | torch.device = "cpu") -> dict[st
     return strip_wrapper_prefixes(state)
 
 
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, in the model's own names (no tensor data read)."""
+    try:
+        untrusted.check_regular(path)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
+    return strip_wrapper_prefixes(shapes)
+
+
 def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
     """DecoderModel from the config's `model` section, vocabulary size from the weights, weights checked."""
     embedding = state.get("embed_tokens.weight", state.get("lm_head.weight"))
@@ -277,6 +296,10 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
             "generate and export take lm runs"
         )
     kwargs = {**dataclasses.asdict(config.model), "vocab_size": embedding.shape[0]}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    problem = model_field_problem(model_fields(config.model)) or layer_count_problem(kwargs, shapes)
+    if problem:  # before the probe below: a config claiming 10**12 layers must not be built, even on meta
+        raise CheckpointError(f"checkpoint: {files.weights} does not match its config {files.config}: {problem}")
     try:
         with torch.device("meta"):  # shapes and names only: nothing is allocated or initialised
             probe = DecoderModel(**kwargs)
@@ -297,6 +320,10 @@ def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files
 
     t = config.training
     fields = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in ("preset", "init_from")}
+    problem = model_field_problem(model_fields(config.model)) or layer_count_problem(
+        fields, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:  # before the model is built for real below
+        raise CheckpointError(f"checkpoint: {files.weights} does not match its config {files.config}: {problem}")
     adapters_only = not any(k.endswith("base_layer.weight") for k in state)
     if adapters_only and not config.model.init_from:
         raise CheckpointError(f"checkpoint: {files.weights} holds LoRA adapters without their base and its config "
@@ -376,6 +403,15 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
                                f"or checkpoint ({_first_line(exc)})") from None
     if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
+    fields = model_fields(config.model)
+    problem = model_field_problem(fields)
+    if problem is None and not files.sharded:  # the headers of the weights against the config (no tensor data)
+        shapes = _header_shapes(files.weights)
+        if not any(is_adapter_key(k) for k in shapes):  # a LoRA run's base is checked when it is rebuilt
+            problem = model_shape_problem(fields, shapes)
+    if problem:
+        raise init_error(path, f"has a {CONFIG} ({files.config}) that disagrees with its weights "
+                               f"({files.weights.name}) or is out of range: {problem}")
     return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
                       lambda: read_weights(files), config.data.seq_len)
 
