@@ -305,6 +305,11 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
             probe = DecoderModel(**kwargs)
     except (TypeError, ValueError, AssertionError, UserError) as exc:
         raise CheckpointError(f"checkpoint: invalid model config in {files.config}: {_first_line(exc)}") from None
+    embed, head = state.get("embed_tokens.weight"), state.get("lm_head.weight")
+    if config.model.tie_embeddings and embed is not None and head is not None and not torch.equal(embed, head):
+        raise CheckpointError(f"checkpoint: {files.weights} holds an lm_head.weight that differs from "
+                              f"embed_tokens.weight, but its config {files.config} says model.tie_embeddings: true "
+                              "(one matrix): which one is meant?")
     problems = shape_mismatches(probe, {k: list(v.shape) for k, v in state.items()})
     if problems:
         raise CheckpointError(

@@ -134,7 +134,11 @@ def model_shape_problem(fields: dict[str, Any], shapes: dict[str, tuple[int, ...
     except (ValueError, TypeError, AssertionError, UserError) as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"the model fields describe no valid model: {why}"
-    tied = fields.get("tie_embeddings") and ("embed_tokens.weight" in shapes) != ("lm_head.weight" in shapes)
+    both = "embed_tokens.weight" in shapes and "lm_head.weight" in shapes
+    if fields.get("tie_embeddings") and both:  # a tied model's file stores the matrix once: which copy is meant?
+        return ("model.tie_embeddings is true but the weights hold embed_tokens.weight and lm_head.weight "
+                "separately")
+    tied = fields.get("tie_embeddings") and not both
     for name, tensor in expected.items():
         shape = shapes.get(name)
         if shape is None:

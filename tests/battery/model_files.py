@@ -85,6 +85,12 @@ def refused(tmp_path: Path, source: Path, *needles: str) -> str:
     return line
 
 
+def trainer_state(step: int) -> dict[str, Any]:
+    """A trainer state of the engine's layout (`checkpoint.check_trainer_state`) that counts `step`."""
+    return {"state": {"step": step}, "optimizer": None, "lr_schedule": {}, "data": {}, "callbacks": {},
+            "rng": ckpt.rng_state()}
+
+
 def lm_run(run: Path, model: DecoderModel | None = None, steps: tuple[int, ...] = (), **config_model: Any) -> Path:
     """A run directory written with checkpoint.py's writers: config.yaml (lm task, the model's shape, then
     `config_model` written over it as raw YAML values), final model.safetensors, and a checkpoint per step."""
@@ -102,7 +108,7 @@ def lm_run(run: Path, model: DecoderModel | None = None, steps: tuple[int, ...] 
         tmp = run / ckpt.CHECKPOINTS_DIR / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
         tmp.mkdir(parents=True)
         ckpt.save_checkpoint_weights(model, tmp / ckpt.WEIGHTS)
-        ckpt.save_trainer_state({"state": {"step": step}}, tmp / ckpt.trainer_state_name(0))
+        ckpt.save_trainer_state(trainer_state(step), tmp / ckpt.trainer_state_name(0))
         fs.write_durable(tmp / ckpt.CONFIG, text.encode())
         ckpt.write_manifest(tmp, step, 1)
         ckpt.commit_checkpoint(tmp, run / ckpt.CHECKPOINTS_DIR / ckpt.step_dir_name(step))
@@ -115,4 +121,4 @@ def copy_of(source: Path, to: Path) -> Path:
 
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "MOE", "SHAPE", "SINGLE_NAME", "copy_of", "edit_json", "hf_folder",
-           "init_from", "lm_run", "one_line", "refused", "snapshot", "tiny_model"]
+           "init_from", "lm_run", "one_line", "refused", "snapshot", "tiny_model", "trainer_state"]
