@@ -209,7 +209,7 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     """The manifest of a checkpoint, checked field by field; raises CheckpointError when it is missing, unreadable
     or malformed, or names a file outside `ckpt_dir`."""
     path = ckpt_dir / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything else at the name (a FIFO, a directory) is an error, never opened
         raise CheckpointError(f"checkpoint: {ckpt_dir} is incomplete (no {MANIFEST})")
     try:
         manifest = untrusted.read_json(path)

@@ -326,3 +326,54 @@ def test_a_lock_that_is_no_lock_file_is_one_line_and_left_alone(tmp_path, kind):
     one_line(result, f"logging.log_dir: its lock '{path}' {why}")
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing else written, the lock left in place
     assert live_holder(run) is None
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+def _rehashed(step_dir: Path, name: str, text: str) -> None:
+    from llm.artifacts import checkpoint as ckpt
+
+    (step_dir / name).write_text(text)
+    manifest = json.loads((step_dir / ckpt.MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": ckpt.sha256_file(step_dir / name), "bytes": (step_dir / name).stat().st_size}
+    (step_dir / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+CHECKPOINT_FILES = {
+    "manifest-nested-deep": (lambda d: (d / "manifest.json").write_text("[" * 50_000 + "]" * 50_000),
+                             "manifest.json is unreadable: it is nested too deeply to be read"),
+    "manifest-step-nan": (lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"step": 4', '"step": NaN')), "it holds NaN"),
+    "manifest-step-twice": (lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"step": 4', '"step": 4, "step": 2')), "repeats the key 'step'"),
+    "manifest-a-fifo": (lambda d: _fifo(d / "manifest.json"), "it is not a regular file (a FIFO)"),
+    "manifest-surrogate": (lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"created": "', '"created": "\\udfff')), "lone surrogate escape"),
+    "config-nested-deep": (lambda d: _rehashed(d, "config.yaml", "model: " + "[" * 1_500 + "]" * 1_500 + "\n"),
+                           "config.yaml is nested too deeply to be a run config"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_FILES)
+def test_untrusted_checkpoint_files_are_one_line_when_named_and_skipped_by_auto(tmp_path, case):
+    from battery.model_files import tiny_model
+    from llm.artifacts import checkpoint as ckpt
+    from llm.artifacts.runs import load_run
+
+    spoil, message = CHECKPOINT_FILES[case]
+    run = lm_run(tmp_path / "run", tiny_model(), steps=(2, 4))
+    (run / "model.safetensors").unlink()
+    step4 = run / "checkpoints" / "step-00000004"
+    spoil(step4)
+    before = snapshot(run)
+    result = call_main(export_main, [str(step4), "--to", "hf", str(tmp_path / "out")], tmp_path)
+    one_line(result, message)
+    assert not (tmp_path / "out").exists() and snapshot(run) == before
+    warned: list[str] = []
+    assert ckpt.find_latest_checkpoint(step4.parent, warned.append, check=ckpt.inspect_checkpoint).name == \
+        "step-00000002"
+    assert len(warned) == 1 and message in warned[0]
+    if case.startswith("manifest"):  # a run directory resolves past a checkpoint whose manifest fails, as auto does
+        assert load_run(run, tokenizer=False, warn=lambda _: None).checkpoint_dir.name == "step-00000002"
+    else:  # the manifest vouches for it, so the run directory names it: its unreadable config is one line
+        with pytest.raises(ckpt.CheckpointError, match=message.replace(".", r"\.")):
+            load_run(run, tokenizer=False, warn=lambda _: None)
