@@ -560,8 +560,11 @@ def load_shard_metadata(path: Path) -> Any:
     or a byte blob, and every storage file is a plain name in the same directory (no path out of it).
     """
     try:
+        untrusted.check_regular(path)  # a FIFO would block the open forever
         with open(path, "rb") as f:
             metadata = _ShardMetadataUnpickler(f).load()
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
     except _ForbiddenGlobal as exc:
         raise UnsafeCheckpointError(
             f"checkpoint: refusing to load {path}: it is not torch.distributed.checkpoint metadata, and loading "
@@ -617,6 +620,8 @@ def _shard_metadata_problem(metadata: Any, directory: Path) -> str | None:
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name \
                 or not (root / name).resolve().is_relative_to(root):
             return f"storage file {name!r} is not a file of its directory"
+        if not untrusted.is_regular(root / name):  # DCP would open it blocking: a FIFO would hang the load
+            return f"storage file {name!r} is not a regular file"
         if not _is_int(info.offset) or not _is_int(info.length) or info.offset < 0 or info.length < 0:
             return f"storage record of {index.fqn!r} has a bad offset or length"
     return None

@@ -172,6 +172,9 @@ def resolve_run(
     check = verify_checkpoint if verify else read_manifest
     if not path.exists():
         raise CheckpointError(f"checkpoint: no such file or directory: {str(path)!r}")
+    if not path.is_file() and not path.is_dir():  # a FIFO or a device: never opened
+        raise CheckpointError(f"checkpoint: {str(path)!r} is not a regular file or a directory "
+                              f"({untrusted.kind_of(path.stat().st_mode)})")
     shards = path.is_dir() and (path / ".metadata").is_file()  # a torch.distributed.checkpoint directory
     holder = path.parent if path.is_file() or (shards and path.name == SHARDED_DIR) else path
     if holder.name.startswith(TMP_PREFIX):

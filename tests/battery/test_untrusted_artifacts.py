@@ -377,3 +377,43 @@ def test_untrusted_checkpoint_files_are_one_line_when_named_and_skipped_by_auto(
     else:  # the manifest vouches for it, so the run directory names it: its unreadable config is one line
         with pytest.raises(ckpt.CheckpointError, match=message.replace(".", r"\.")):
             load_run(run, tokenizer=False, warn=lambda _: None)
+
+
+# -------------------------------------------------------------------------------------------- FIFOs as weights
+def _shards(directory: Path) -> None:
+    """A torch.distributed.checkpoint directory of a tiny model's weights, as an FSDP save writes one."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from battery.model_files import tiny_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": tiny_model().state_dict()}, checkpoint_id=str(directory), no_dist=True)
+
+
+def test_a_fifo_named_as_the_weights_is_one_line(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    result = call_main(export_main, [str(fifo), "--to", "hf", str(tmp_path / "out")], tmp_path)
+    one_line(result, f"'{fifo}' is not a regular file or a directory (a FIFO)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_as_a_shard_or_as_shard_metadata_never_hangs(tmp_path):
+    from llm.artifacts import checkpoint as ckpt
+    from llm.artifacts.consolidate import main as consolidate_main
+
+    shards = tmp_path / "sharded"
+    _shards(shards)
+    storage = sorted(p for p in shards.iterdir() if p.suffix == ".distcp")[0]
+    storage.unlink()
+    os.mkfifo(storage)
+    result = call_main(consolidate_main, [str(shards), str(tmp_path / "out.safetensors")], tmp_path)
+    one_line(result, f"storage file '{storage.name}' is not a regular file")
+    assert not (tmp_path / "out.safetensors").exists()
+    (shards / ".metadata").unlink()
+    os.mkfifo(shards / ".metadata")
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata is not a regular file \(a FIFO\)"):
+        ckpt.load_shard_metadata(shards / ".metadata")
