@@ -11,6 +11,15 @@ Mixtral experts on disk, as transformers 5.24 writes them (and 4.x did): per exp
 (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I), ``mlp.gate.weight``); files with
 those names (e.g. a raw ``state_dict`` dump) are accepted too. ``save_hf`` writes the per-expert form.
 
+A folder is untrusted input, read in bounded time and memory and checked before any tensor data is read
+(`read_hf_folder`): ``config.json`` and the index are plain JSON (`llm.untrusted`), every field has its type and
+range (an `HFFormatError` names the field and value: ``num_attention_heads`` 4.5, ``rope_theta`` beyond float32),
+fields that say one thing twice agree, every weight file is a regular file, the index and the files' headers agree
+on which file holds which tensor (none twice), and ``config.json`` agrees with the headers: the layer count (from
+the names, before anything is built), each tensor's shape, and the tie flag (``lm_head.weight`` absent under
+``tie_word_embeddings: false``, or different from the embedding under ``true``, is refused). ``torch_dtype`` is
+not checked: the tensors' own dtypes are what a loaded model has.
+
 HF's router aux-loss coefficient is not carried over: its loss is normalized differently (times top_k, averaged
 over layers), so the loaded model keeps DecoderModel's own ``moe_aux_loss_coef``/``moe_z_loss_coef`` defaults.
 """
