@@ -414,7 +414,10 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
     fields = model_fields(config.model)
     problem = model_field_problem(fields)
     if problem is None and not files.sharded:  # the headers of the weights against the config (no tensor data)
-        shapes = _header_shapes(files.weights)
+        try:
+            shapes = _header_shapes(files.weights)
+        except CheckpointError as exc:
+            raise init_error(path, f"has weights that cannot be read ({_first_line(exc)})") from None
         if not any(is_adapter_key(k) for k in shapes):  # a LoRA run's base is checked when it is rebuilt
             problem = model_shape_problem(fields, shapes)
     if problem:
