@@ -303,10 +303,34 @@ def inspect_checkpoint(ckpt_dir: Path, ranks: Iterable[int] = (0,)) -> dict[str,
     return manifest
 
 
+MAX_CONFIG_DEPTH = 64  # a run config is three levels deep; PyYAML's scanner slows quadratically with depth
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _RunConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that stops at `MAX_CONFIG_DEPTH` levels of nesting, before the parser's own recursion
+    limit (which a crafted file reaches only after seconds of scanning)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def read_checkpoint_config(path: Path) -> dict[str, Any]:
     """A checkpoint's config.yaml as a plain mapping (`yaml.safe_load`: tags that build objects are refused)."""
     try:
-        data = yaml.safe_load(untrusted.read_capped(path, MAX_CONFIG_BYTES).decode("utf-8"))
+        data = yaml.load(untrusted.read_capped(path, MAX_CONFIG_BYTES).decode("utf-8"),  # noqa: S506
+                         Loader=_RunConfigLoader)  # a SafeLoader
     except yaml.constructor.ConstructorError as exc:
         raise UnsafeCheckpointError(
             f"checkpoint: refusing to load {path}: it uses YAML tags that build Python objects ({_first_line(exc)})"
@@ -315,7 +339,7 @@ def read_checkpoint_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
-    except RecursionError:
+    except (_TooDeep, RecursionError):
         raise CheckpointError(f"checkpoint: {path} is nested too deeply to be a run config") from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise CheckpointError(f"checkpoint: {path} holds a value that cannot be read: {_first_line(exc)}") from None
