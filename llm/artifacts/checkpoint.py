@@ -54,7 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from llm import fs
+from llm import fs, untrusted
 from llm.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -65,8 +65,9 @@ SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
 CONFIG = "config.yaml"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 8 * 2**20  # a run's config.yaml is a few kilobytes
 FINAL_STEP_KEY = "step"  # safetensors metadata of a run's final weights: the step they were saved at
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^step-(\d{1,18})$")  # more digits: not a step of ours (nor an int to parse)
 
 
 class CheckpointError(UserError):
@@ -208,12 +209,12 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     """The manifest of a checkpoint, checked field by field; raises CheckpointError when it is missing, unreadable
     or malformed, or names a file outside `ckpt_dir`."""
     path = ckpt_dir / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything else at the name (a FIFO, a directory) is an error, never opened
         raise CheckpointError(f"checkpoint: {ckpt_dir} is incomplete (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint: {path} is unreadable: {exc}") from None
+        manifest = untrusted.read_json(path)
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} is unreadable: it {exc.why}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint: {path} is not a checkpoint manifest")
     version = manifest.get("format")
@@ -222,6 +223,10 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     for key, least in (("step", 0), ("world_size", 1)):
         if not _is_int(manifest.get(key)) or manifest[key] < least:
             raise CheckpointError(f"checkpoint: {path}: {key} must be an integer >= {least}, not {manifest.get(key)!r}")
+    named = checkpoint_step(ckpt_dir)
+    if named is not None and named != manifest["step"]:  # a renamed or copied checkpoint: which step is it?
+        raise CheckpointError(f"checkpoint: {ckpt_dir} is named for step {named} but its {MANIFEST} records step "
+                              f"{manifest['step']}; rename it {step_dir_name(manifest['step'])} if that is its step")
     root = ckpt_dir.resolve()
     for name, entry in manifest["files"].items():
         _check_manifest_name(path, root, name)
@@ -281,7 +286,10 @@ def inspect_checkpoint(ckpt_dir: Path, ranks: Iterable[int] = (0,)) -> dict[str,
         if rank < manifest["world_size"]:
             if name not in files:
                 raise CheckpointError(f"checkpoint: {ckpt_dir} has no {name} in its {MANIFEST}")
-            load_trainer_state(ckpt_dir / name, mmap=True)
+            counted = load_trainer_state(ckpt_dir / name, mmap=True)["state"].get("step", manifest["step"])
+            if counted != manifest["step"]:
+                raise CheckpointError(f"checkpoint: {ckpt_dir / name} counts step {counted} but the {MANIFEST} "
+                                      f"records step {manifest['step']}")
     if SHARDED_METADATA in files:
         load_shard_metadata(ckpt_dir / SHARDED_METADATA)
     else:
@@ -295,16 +303,46 @@ def inspect_checkpoint(ckpt_dir: Path, ranks: Iterable[int] = (0,)) -> dict[str,
     return manifest
 
 
+MAX_CONFIG_DEPTH = 64  # a run config is three levels deep; PyYAML's scanner slows quadratically with depth
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _RunConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that stops at `MAX_CONFIG_DEPTH` levels of nesting, before the parser's own recursion
+    limit (which a crafted file reaches only after seconds of scanning)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def read_checkpoint_config(path: Path) -> dict[str, Any]:
     """A checkpoint's config.yaml as a plain mapping (`yaml.safe_load`: tags that build objects are refused)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(untrusted.read_capped(path, MAX_CONFIG_BYTES).decode("utf-8"),  # noqa: S506
+                         Loader=_RunConfigLoader)  # a SafeLoader
     except yaml.constructor.ConstructorError as exc:
         raise UnsafeCheckpointError(
             f"checkpoint: refusing to load {path}: it uses YAML tags that build Python objects ({_first_line(exc)})"
         ) from None
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
+    except (_TooDeep, RecursionError):
+        raise CheckpointError(f"checkpoint: {path} is nested too deeply to be a run config") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise CheckpointError(f"checkpoint: {path} holds a value that cannot be read: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint: {path} is not a run config (expected a mapping)")
     return data
@@ -551,8 +589,11 @@ def load_shard_metadata(path: Path) -> Any:
     or a byte blob, and every storage file is a plain name in the same directory (no path out of it).
     """
     try:
+        untrusted.check_regular(path)  # a FIFO would block the open forever
         with open(path, "rb") as f:
             metadata = _ShardMetadataUnpickler(f).load()
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
     except _ForbiddenGlobal as exc:
         raise UnsafeCheckpointError(
             f"checkpoint: refusing to load {path}: it is not torch.distributed.checkpoint metadata, and loading "
@@ -608,6 +649,8 @@ def _shard_metadata_problem(metadata: Any, directory: Path) -> str | None:
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name \
                 or not (root / name).resolve().is_relative_to(root):
             return f"storage file {name!r} is not a file of its directory"
+        if not untrusted.is_regular(root / name):  # DCP would open it blocking: a FIFO would hang the load
+            return f"storage file {name!r} is not a regular file"
         if not _is_int(info.offset) or not _is_int(info.length) or info.offset < 0 or info.length < 0:
             return f"storage record of {index.fqn!r} has a bad offset or length"
     return None

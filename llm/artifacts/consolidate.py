@@ -13,12 +13,12 @@ checkpoints directly; this is for everything else that wants one file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
+from llm import untrusted
 from llm.artifacts.checkpoint import CheckpointError
 from llm.artifacts.runs import load_sharded_weights, resolve_run
 from llm.artifacts.sharded import TIED_FILE, write_safetensors
@@ -37,10 +37,10 @@ def export_sharded(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ver
         )
     state = load_sharded_weights(files.weights)
     tied = files.weights / TIED_FILE
-    try:
-        groups = json.loads(tied.read_text(encoding="utf-8")) if tied.is_file() else []
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint: cannot read {tied}: {exc}") from None
+    try:  # anything at that name is read (a FIFO is an error, not a file that is absent)
+        groups = untrusted.read_json(tied) if untrusted.exists(tied) else []
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {tied} {exc.why}") from None
     is_list = isinstance(groups, list)
     if not (is_list and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups)):
         raise CheckpointError(f"checkpoint: {tied} is not a list of groups of weight names")

@@ -28,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm.errors import ConfigError
+from llm import untrusted
+from llm.errors import ConfigError, show
 from llm.fs import pid_running
 
 LOCK_NAME = ".lock"
+MAX_LOCK_BYTES = 64 * 2**10  # a lock record is about 150 bytes
+MAX_PID = 2**22  # Linux's largest pid_max
+MAX_TIME = 2**40  # seconds since 1970: far beyond any clock, and what time.localtime can print
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 # A lock file is written right after it is created: an unreadable one younger than this is being written now.
@@ -86,10 +90,35 @@ class LockHolder:
                            "proc_start": self.proc_start}) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> LockHolder:
-        data: dict[str, Any] = json.loads(text)
-        return cls(int(data["pid"]), str(data["host"]), float(data["started"]), data.get("boot_id"),
-                   None if data.get("proc_start") is None else int(data["proc_start"]))
+    def from_json(cls, text: str | bytes) -> LockHolder:
+        """The holder a lock file records; a `ValueError` naming the field when a value is not what `to_json` writes
+        (a lock file is anyone's to edit: a pid of 0 or -1 would make `kill(pid, 0)` ask about a process group, a
+        float would be truncated to another process's pid, a NaN time would fail only when it is printed)."""
+        raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+        try:
+            data = untrusted.parse_json(raw, LOCK_NAME)
+        except untrusted.UntrustedFileError as exc:
+            raise ValueError(exc.why) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+
+        def field(name: str, ok: Any, valid: str, optional: bool = False) -> Any:
+            value = data.get(name)
+            if (value is None and not optional) or (value is not None and not ok(value)):
+                raise ValueError(f"its {name} is {show(value)}, not {valid}")
+            return value
+
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PID
+
+        pid = field("pid", count, f"a process id (an integer in [1, {MAX_PID}])")
+        host = field("host", lambda v: isinstance(v, str) and 0 < len(v) <= 255, "a host name")
+        started = field("started", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and 0 <= v <= MAX_TIME, "a time in seconds since 1970")
+        boot_id = field("boot_id", lambda v: isinstance(v, str) and len(v) <= 255, "a boot id", optional=True)
+        proc_start = field("proc_start", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "a process start time in clock ticks", optional=True)
+        return cls(pid, host, float(started), boot_id, proc_start)
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
@@ -119,13 +148,23 @@ def stale_reason(holder: LockHolder, path: Path, now: float | None = None) -> st
     return None
 
 
-def _read(path: Path) -> tuple[bytes, LockHolder | None]:
-    """The raw bytes of the lock file and its holder (None: unreadable, e.g. being written right now)."""
-    raw = path.read_bytes()
+def _read(path: Path) -> tuple[bytes, LockHolder | None, str]:
+    """The raw bytes of the lock file, its holder (None: unreadable, e.g. being written right now) and, for an
+    unreadable one, why. A lock that is not a regular file (a FIFO: reading it would block forever) or is larger
+    than any lock is a `RunDirInUse` error: it is no lock a run wrote, and it is not this framework's to remove."""
     try:
-        return raw, LockHolder.from_json(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return raw, None
+        raw = untrusted.read_capped(path, MAX_LOCK_BYTES)
+    except untrusted.UntrustedFileError as exc:
+        if exc.why.startswith("cannot be read"):
+            if not os.path.lexists(path):
+                raise FileNotFoundError(path) from None
+            raise RunDirInUse(f"logging.log_dir: its lock {str(path)!r} {exc.why}") from None
+        raise RunDirInUse(f"logging.log_dir: its lock {str(path)!r} {exc.why}, not a lock file a run writes; "
+                          "remove it if no run is using the directory") from None
+    try:
+        return raw, LockHolder.from_json(raw), ""
+    except ValueError as exc:
+        return raw, None, str(exc)
 
 
 def live_holder(run_dir: str | os.PathLike) -> LockHolder | None:
@@ -133,8 +172,8 @@ def live_holder(run_dir: str | os.PathLike) -> LockHolder | None:
     directory another run is using)."""
     path = Path(run_dir) / LOCK_NAME
     try:
-        _, holder = _read(path)
-    except OSError:
+        _, holder, _ = _read(path)
+    except (OSError, RunDirInUse):
         return None
     if holder is None or stale_reason(holder, path) is not None:
         return None
@@ -200,7 +239,7 @@ class RunLock:
     def _clear_stale(self) -> None:
         """Remove the existing lock file if it is stale; raise `RunDirInUse` if its holder is alive."""
         try:
-            raw, holder = _read(self.path)
+            raw, holder, unreadable = _read(self.path)
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
             return  # released meanwhile: try again
@@ -208,7 +247,7 @@ class RunLock:
             if time.time() - mtime < _WRITE_GRACE_SECONDS:
                 raise RunDirInUse(f"logging.log_dir: {self.run_dir} is in use by a run that is starting now; wait "
                                   "for it, or pick another --logging-log-dir")
-            reason, who = "its lock file is unreadable", "an unknown process"
+            reason, who = f"its lock file is unreadable ({unreadable})", "an unknown process"
         else:
             reason, who = stale_reason(holder, self.path), holder.describe()
             if reason is None:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from llm import untrusted
 from llm.artifacts import base_pin
 from llm.artifacts.checkpoint import (
     CHECKPOINTS_DIR,
@@ -36,6 +36,7 @@ from llm.artifacts.checkpoint import (
     CheckpointError,
     checkpoint_step,
     find_latest_checkpoint,
+    read_checkpoint_config,
     read_manifest,
     shape_mismatches,
     summarize_mismatches,
@@ -45,7 +46,17 @@ from llm.artifacts.sharded import plain_errors, safe_load_planner, shard_reader
 from llm.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from llm.errors import ConfigError, UserError
 from llm.models.decoder import DecoderModel
-from llm.models.init_from import InitSource, init_error, is_hf_folder, load_init_weights, model_fields, read_hf_source
+from llm.models.init_from import (
+    InitSource,
+    init_error,
+    is_hf_folder,
+    layer_count_problem,
+    load_init_weights,
+    model_field_problem,
+    model_fields,
+    model_shape_problem,
+    read_hf_source,
+)
 from llm.models.lora import is_adapter_key
 from llm.registry import TASKS
 from llm.training.core.config import Config, config_from_dict
@@ -162,6 +173,9 @@ def resolve_run(
     check = verify_checkpoint if verify else read_manifest
     if not path.exists():
         raise CheckpointError(f"checkpoint: no such file or directory: {str(path)!r}")
+    if not path.is_file() and not path.is_dir():  # a FIFO or a device: never opened
+        raise CheckpointError(f"checkpoint: {str(path)!r} is not a regular file or a directory "
+                              f"({untrusted.kind_of(path.stat().st_mode)})")
     shards = path.is_dir() and (path / ".metadata").is_file()  # a torch.distributed.checkpoint directory
     holder = path.parent if path.is_file() or (shards and path.name == SHARDED_DIR) else path
     if holder.name.startswith(TMP_PREFIX):
@@ -197,12 +211,7 @@ def resolve_run(
 def _read_config(files: RunFiles) -> Config:
     if files.config is None:
         raise CheckpointError(f"checkpoint: no {CONFIG} next to {files.weights} or in its run directory")
-    try:
-        data = yaml.safe_load(files.config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"checkpoint: cannot read {files.config}: {_first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint: {files.config} is not a run config (expected a mapping)")
+    data = read_checkpoint_config(files.config)  # capped, plain YAML (a tag that builds objects is refused)
     try:
         return config_from_dict(data)
     except ConfigError as exc:
@@ -269,6 +278,19 @@ def read_weights(files: RunFiles, device: str | torch.device = "cpu") -> dict[st
     return strip_wrapper_prefixes(state)
 
 
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header, in the model's own names (no tensor data read)."""
+    try:
+        untrusted.check_regular(path)
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except untrusted.UntrustedFileError as exc:
+        raise CheckpointError(f"checkpoint: {path} {exc.why}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {path}: {_first_line(exc)}") from None
+    return strip_wrapper_prefixes(shapes)
+
+
 def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFiles) -> DecoderModel:
     """DecoderModel from the config's `model` section, vocabulary size from the weights, weights checked."""
     embedding = state.get("embed_tokens.weight", state.get("lm_head.weight"))
@@ -278,11 +300,20 @@ def _build_decoder(config: Config, state: dict[str, torch.Tensor], files: RunFil
             "generate and export take lm runs"
         )
     kwargs = {**dataclasses.asdict(config.model), "vocab_size": embedding.shape[0]}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    problem = model_field_problem(model_fields(config.model)) or layer_count_problem(kwargs, shapes)
+    if problem:  # before the probe below: a config claiming 10**12 layers must not be built, even on meta
+        raise CheckpointError(f"checkpoint: {files.weights} does not match its config {files.config}: {problem}")
     try:
         with torch.device("meta"):  # shapes and names only: nothing is allocated or initialised
             probe = DecoderModel(**kwargs)
     except (TypeError, ValueError, AssertionError, UserError) as exc:
         raise CheckpointError(f"checkpoint: invalid model config in {files.config}: {_first_line(exc)}") from None
+    embed, head = state.get("embed_tokens.weight"), state.get("lm_head.weight")
+    if config.model.tie_embeddings and embed is not None and head is not None and not torch.equal(embed, head):
+        raise CheckpointError(f"checkpoint: {files.weights} holds an lm_head.weight that differs from "
+                              f"embed_tokens.weight, but its config {files.config} says model.tie_embeddings: true "
+                              "(one matrix): which one is meant?")
     problems = shape_mismatches(probe, {k: list(v.shape) for k, v in state.items()})
     if problems:
         raise CheckpointError(
@@ -300,6 +331,10 @@ def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files
 
     t = config.training
     fields = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in ("preset", "init_from")}
+    problem = model_field_problem(model_fields(config.model)) or layer_count_problem(
+        fields, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:  # before the model is built for real below
+        raise CheckpointError(f"checkpoint: {files.weights} does not match its config {files.config}: {problem}")
     adapters_only = not any(k.endswith("base_layer.weight") for k in state)
     if adapters_only and not config.model.init_from:
         raise CheckpointError(f"checkpoint: {files.weights} holds LoRA adapters without their base and its config "
@@ -382,6 +417,18 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
                                f"or checkpoint ({_first_line(exc)})") from None
     if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
+    fields = model_fields(config.model)
+    problem = model_field_problem(fields)
+    if problem is None and not files.sharded:  # the headers of the weights against the config (no tensor data)
+        try:
+            shapes = _header_shapes(files.weights)
+        except CheckpointError as exc:
+            raise init_error(path, f"has weights that cannot be read ({_first_line(exc)})") from None
+        if not any(is_adapter_key(k) for k in shapes):  # a LoRA run's base is checked when it is rebuilt
+            problem = model_shape_problem(fields, shapes)
+    if problem:
+        raise init_error(path, f"has a {CONFIG} ({files.config}) that disagrees with its weights "
+                               f"({files.weights.name}) or is out of range: {problem}")
 
     def read() -> dict[str, torch.Tensor]:
         state = read_weights(files)

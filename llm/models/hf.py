@@ -11,6 +11,15 @@ Mixtral experts on disk, as transformers 5.24 writes them (and 4.x did): per exp
 (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I), ``mlp.gate.weight``); files with
 those names (e.g. a raw ``state_dict`` dump) are accepted too. ``save_hf`` writes the per-expert form.
 
+A folder is untrusted input, read in bounded time and memory and checked before any tensor data is read
+(`read_hf_folder`): ``config.json`` and the index are plain JSON (`llm.untrusted`), every field has its type and
+range (an `HFFormatError` names the field and value: ``num_attention_heads`` 4.5, ``rope_theta`` beyond float32),
+fields that say one thing twice agree, every weight file is a regular file, the index and the files' headers agree
+on which file holds which tensor (none twice), and ``config.json`` agrees with the headers: the layer count (from
+the names, before anything is built), each tensor's shape, and the tie flag (``lm_head.weight`` absent under
+``tie_word_embeddings: false``, or different from the embedding under ``true``, is refused). ``torch_dtype`` is
+not checked: the tensors' own dtypes are what a loaded model has.
+
 HF's router aux-loss coefficient is not carried over: its loss is normalized differently (times top_k, averaged
 over layers), so the loaded model keeps DecoderModel's own ``moe_aux_loss_coef``/``moe_z_loss_coef`` defaults.
 """
@@ -18,61 +27,165 @@ over layers), so the loaded model keeps DecoderModel's own ``moe_aux_loss_coef``
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from llm import untrusted
+from llm.errors import UserError, show
 from llm.models.decoder import DecoderModel
 
+CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_FUSED = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+_EXPERT = re.compile(r"^model\.layers\.(\d{1,9})\.block_sparse_moe\.experts\.(\d{1,9})\.(w[123])\.weight$")
+_FUSED = re.compile(r"^model\.layers\.(\d{1,9})\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^model\.layers\.(\d{1,9})\.(?:mlp|block_sparse_moe)\.gate\.weight$")
 
 
 # ---------------------------------------------------------------------------------------------------- config
+class HFFormatError(UserError, ValueError):
+    """A folder that cannot be read as an HF Llama/Mixtral model: its files are malformed, out of range, or disagree
+    with each other (one line, exit status 2; a ValueError too, as the unsupported-model errors always were)."""
+
+
+# Bounds of config.json's numbers. Integers are widths and counts (no model has 2**31 of anything); the floats
+# become float32 buffers and arithmetic, so they must be finite float32 numbers, normal ones for the epsilon.
+MAX_CONFIG_INT = 2**31 - 1
+_F32 = torch.finfo(torch.float32)
+
+
+def _bad(field: str, value: Any, valid: str) -> HFFormatError:
+    return HFFormatError(f"has a {CONFIG_NAME} whose {field} is {show(value)}: {valid}")
+
+
+def _int_field(hf: dict[str, Any], field: str, default: Any = ..., *, nullable: bool = False) -> Any:
+    """``hf[field]`` as a count: an integer (not a bool, not 4.0) in [1, MAX_CONFIG_INT]."""
+    if field not in hf:
+        if default is ...:
+            raise HFFormatError(f"has a {CONFIG_NAME} without {field}")
+        return default
+    value = hf[field]
+    if value is None and nullable:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(field, value, "must be an integer" + (" or null" if nullable else ""))
+    if not 1 <= value <= MAX_CONFIG_INT:
+        raise _bad(field, value, f"must be in [1, {MAX_CONFIG_INT}]")
+    return value
+
+
+def _float_field(hf: dict[str, Any], field: str, default: float, *, smallest: float = 0.0) -> float:
+    """``hf[field]`` as a positive, finite float32 number (an int is fine; a bool or a string is not)."""
+    value = hf.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _bad(field, value, "must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise _bad(field, value, "must be a finite number > 0")
+    if value > _F32.max or value < smallest:
+        raise _bad(field, value, f"must lie in the float32 range [{smallest or _F32.tiny:.3g}, {_F32.max:.3g}]")
+    return float(value)
+
+
+def _bool_field(hf: dict[str, Any], field: str, default: bool) -> bool:
+    value = hf.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):  # bool("false") is True: a string here would silently mean the opposite
+        raise _bad(field, value, "must be true or false")
+    return value
+
+
+def _str_field(hf: dict[str, Any], field: str) -> str | None:
+    value = hf.get(field)
+    if value is not None and not isinstance(value, str):
+        raise _bad(field, value, "must be a string")
+    return value
+
+
+_ARCH_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+
+
 def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """DecoderModel keyword arguments from an HF Llama/Mixtral ``config.json`` dict; raises on what we lack."""
-    arch = (hf.get("architectures") or [None])[0]
-    model_type = hf.get("model_type")
-    if arch not in ("LlamaForCausalLM", "MixtralForCausalLM") and model_type not in ("llama", "mixtral"):
-        raise ValueError(f"unsupported architecture {arch or model_type!r}: expected LlamaForCausalLM or Mixtral")
+    """DecoderModel keyword arguments from an HF Llama/Mixtral ``config.json`` dict; raises on what we lack.
+
+    Every field is checked for its type and range (an `HFFormatError` naming the field and value), and fields that
+    say one thing twice must agree: ``architectures`` and ``model_type``, ``rope_theta`` at the top and in
+    ``rope_parameters``, ``head_dim`` and ``hidden_size / num_attention_heads``.
+    """
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"has a {CONFIG_NAME} that is a JSON {type(hf).__name__}, not an object")
+    archs = hf.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise _bad("architectures", archs, "must be a list of class names")
+    arch = (archs or [None])[0]
+    model_type = _str_field(hf, "model_type")
+    if arch not in _ARCH_TYPES and model_type not in _ARCH_TYPES.values():
+        raise HFFormatError(f"is an unsupported architecture {arch or model_type!r}: expected LlamaForCausalLM or "
+                            "MixtralForCausalLM")
+    if arch in _ARCH_TYPES and model_type is not None and _ARCH_TYPES[arch] != model_type:
+        raise HFFormatError(f"has a {CONFIG_NAME} that disagrees with itself: architectures names {arch} but "
+                            f"model_type is {model_type!r}")
     is_moe = arch == "MixtralForCausalLM" or model_type == "mixtral"
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise _bad("rope_parameters" if "rope_parameters" in hf else "rope_scaling", rope, "must be an object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported rope scaling {rope}: only the default rotary embedding is implemented")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: the MLP is SwiGLU (silu)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("unsupported: attention/MLP biases")
-    num_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim not in (None, hf["hidden_size"] // num_heads):
-        raise ValueError(f"unsupported head_dim {head_dim} != hidden_size / num_attention_heads")
+        raise HFFormatError(f"uses unsupported rope scaling {show(rope)}: only the default rotary embedding is "
+                            "implemented")
+    if _str_field(hf, "hidden_act") not in (None, "silu"):
+        raise HFFormatError(f"has an unsupported hidden_act {show(hf['hidden_act'])}: the MLP is SwiGLU (silu)")
+    if _bool_field(hf, "attention_bias", False) or _bool_field(hf, "mlp_bias", False):
+        raise HFFormatError("has attention/MLP biases, which are not supported")
+    hidden = _int_field(hf, "hidden_size")
+    num_heads = _int_field(hf, "num_attention_heads")
+    num_kv_heads = _int_field(hf, "num_key_value_heads", None, nullable=True) or num_heads
+    if hidden % num_heads:
+        raise _bad("hidden_size", hidden, f"must be divisible by num_attention_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise _bad("num_key_value_heads", num_kv_heads, f"must divide num_attention_heads={num_heads}")
+    head_dim = _int_field(hf, "head_dim", None, nullable=True)
+    if head_dim not in (None, hidden // num_heads):
+        raise HFFormatError(f"has an unsupported head_dim {head_dim} != hidden_size / num_attention_heads "
+                            f"({hidden} / {num_heads})")
+    if (hidden // num_heads) % 2:
+        raise _bad("hidden_size", hidden, f"gives an odd head dimension {hidden // num_heads}, which rotary "
+                                          "embeddings cannot split in halves")
     if hf.get("sliding_window"):
-        raise ValueError(f"unsupported sliding_window {hf['sliding_window']}")
+        raise HFFormatError(f"uses an unsupported sliding_window {show(hf['sliding_window'])}")
+    theta = _float_field(hf, "rope_theta", 10000.0)
+    if "rope_theta" in rope:
+        inner = _float_field(rope, "rope_theta", theta)
+        if "rope_theta" in hf and inner != theta:
+            raise HFFormatError(f"has a {CONFIG_NAME} that disagrees with itself: rope_theta is "
+                                f"{show(hf['rope_theta'])} and rope_parameters.rope_theta is "
+                                f"{show(rope['rope_theta'])}")
+        theta = inner
     cfg: dict[str, Any] = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
+        vocab_size=_int_field(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_int_field(hf, "num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        intermediate_size=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        num_kv_heads=num_kv_heads,
+        intermediate_size=_int_field(hf, "intermediate_size"),
+        max_seq_len=_int_field(hf, "max_position_embeddings", 2048),
+        rope_theta=theta,
+        norm_eps=_float_field(hf, "rms_norm_eps", 1e-6, smallest=_F32.tiny),
+        tie_embeddings=_bool_field(hf, "tie_word_embeddings", False),
     )
     if is_moe:
-        cfg.update(use_moe=True, num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                   moe_intermediate_size=hf["intermediate_size"])
+        experts, top_k = _int_field(hf, "num_local_experts"), _int_field(hf, "num_experts_per_tok")
+        if top_k > experts:
+            raise _bad("num_experts_per_tok", top_k, f"must be <= num_local_experts={experts}")
+        cfg.update(use_moe=True, num_experts=experts, top_k=top_k, moe_intermediate_size=cfg["intermediate_size"])
     return cfg
 
 
@@ -117,20 +230,238 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
     return hf
 
 
-# ---------------------------------------------------------------------------------------------------- tensors
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    index = path / INDEX_NAME
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / SINGLE_NAME).exists():
-        files = [SINGLE_NAME]
+# ---------------------------------------------------------------------------------------------------- files
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights can have
+_TIE_CHUNK_BYTES = 64 * 2**20  # tied embeddings stored twice are compared this much at a time
+
+
+@dataclass(frozen=True)
+class HFWeights:
+    """The safetensors files of a folder and what their headers hold, checked against each other and the index."""
+
+    files: tuple[Path, ...]
+    shapes: dict[str, tuple[int, ...]]  # HF tensor name -> shape
+    location: dict[str, Path]  # HF tensor name -> the file that holds it
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of the folder, read as `llm.untrusted.read_json` does; errors are `HFFormatError` clauses."""
+    try:
+        return untrusted.read_json(path)
+    except untrusted.UntrustedFileError as exc:
+        raise HFFormatError(f"has a {path.name} that {exc.why}") from None
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an HF folder as a dict (checked JSON; its fields are `_config_from_hf`'s to check)."""
+    file = Path(path) / CONFIG_NAME
+    if not untrusted.exists(file):
+        raise HFFormatError(f"has no {CONFIG_NAME}")
+    data = read_json_file(file)
+    if not isinstance(data, dict):
+        raise HFFormatError(f"has a {CONFIG_NAME} that is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _index_map(path: Path) -> dict[str, str]:
+    """The index's tensor -> file map, every file a plain name in the folder (never a path out of it)."""
+    index = read_json_file(path / INDEX_NAME)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise HFFormatError(f"has a {INDEX_NAME} without a weight_map object")
+    metadata = index.get("metadata", {})
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if not isinstance(metadata, (dict, type(None))) or not (total is None or isinstance(total, int)
+                                                            and not isinstance(total, bool) and total >= 0):
+        raise HFFormatError(f"has a {INDEX_NAME} whose metadata.total_size is {show(total)}: must be an integer >= 0")
+    for tensor, name in weight_map.items():
+        if not _plain_name(name):
+            raise HFFormatError(f"has a {INDEX_NAME} that puts {show(tensor)} in {show(name)}, which is not the name "
+                                "of a file in the folder")
+    return weight_map
+
+
+def weight_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a folder (and its index's tensor -> file map, None without an index); missing
+    shards of an index are an error, not a partial model, and every file must be a regular one (a FIFO would
+    block the reader forever)."""
+    path = Path(path)
+    weight_map = None
+    if untrusted.exists(path / INDEX_NAME):
+        weight_map = _index_map(path)
+        names = sorted(set(weight_map.values()))
+        missing = [name for name in names if not untrusted.exists(path / name)]
+        if missing:
+            raise HFFormatError(f"is missing weight files listed in {INDEX_NAME}: {', '.join(missing[:3])}")
+        files = [path / name for name in names]
+    elif untrusted.exists(path / SINGLE_NAME):
+        files = [path / SINGLE_NAME]
     else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+        files = sorted(path.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
+            raise HFFormatError(f"holds no weights: no {SINGLE_NAME}, no {INDEX_NAME} and no *.safetensors")
+    for file in files:
+        try:
+            untrusted.check_regular(file)
+        except untrusted.UntrustedFileError as exc:
+            raise HFFormatError(f"has a weight file {file.name} that {exc.why}") from None
+    return files, weight_map
+
+
+def scan_weights(path: str | Path) -> HFWeights:
+    """Read the headers of a folder's weight files (no tensor data): each tensor's shape and file, refusing a tensor
+    held twice, one that is not floating-point, and any disagreement between the index and the files."""
+    files, weight_map = weight_files(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    location: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                header = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 - not iterable
+                found = {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in header.items()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise HFFormatError(f"has a weight file {file.name} that is not safetensors: {_first_line(exc)}") from None
+        for key, (shape, dtype) in found.items():
+            if key in location:
+                raise HFFormatError(f"holds {show(key)} twice, in {location[key].name} and {file.name} (which is "
+                                    "meant?)")
+            if weight_map is not None and weight_map.get(key) != file.name:
+                where = f"puts it in {show(weight_map[key])}" if key in weight_map else "does not list it"
+                raise HFFormatError(f"has {show(key)} in {file.name}, but its {INDEX_NAME} {where}")
+            if dtype not in FLOAT_DTYPES:
+                raise HFFormatError(f"has a tensor {show(key)} of dtype {dtype} in {file.name}: weights are "
+                                    f"floating-point ({', '.join(FLOAT_DTYPES)})")
+            shapes[key], location[key] = shape, file
+    if weight_map is not None:
+        absent = [key for key in weight_map if key not in location]
+        if absent:
+            raise HFFormatError(f"has a {INDEX_NAME} that lists {show(absent[0])} in {show(weight_map[absent[0]])}, "
+                                f"which does not hold it ({len(absent)} such tensor(s))")
+    return HFWeights(tuple(files), shapes, location)
+
+
+def _shapes_from_hf(shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes `_state_dict_from_hf` would make, in DecoderModel's names, from the headers alone."""
+    out: dict[str, tuple[int, ...]] = {}
+    experts: dict[int, dict[int, dict[str, tuple[int, ...]]]] = {}
+    for key, shape in shapes.items():
+        if m := _EXPERT.match(key):
+            experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = shape
+        elif m := _FUSED.match(key):
+            if len(shape) != 3:
+                raise HFFormatError(f"has {key} of shape {shape}: fused experts are (experts, rows, columns)")
+            out[f"layers.{m[1]}.mlp.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}"] = (shape[0], *shape[:0:-1])
+        elif m := _ROUTER.match(key):
+            out[f"layers.{m[1]}.mlp.gate.weight"] = shape
+        elif key.startswith("model."):
+            out[key.removeprefix("model.")] = shape
+        elif key == "lm_head.weight":
+            out[key] = shape
+        else:
+            raise HFFormatError(f"holds an unexpected tensor {show(key)} for a Llama/Mixtral model")
+    count = cfg.get("num_experts") if cfg.get("use_moe") else None
+    for layer, per in sorted(experts.items()):
+        if count is None:
+            raise HFFormatError(f"holds per-expert weights (layer {layer}) but its {CONFIG_NAME} describes a dense "
+                                "model")
+        if len(per) != count or max(per) != count - 1:  # indices are distinct: this is per == range(count)
+            raise HFFormatError(f"holds {len(per)} expert(s) in layer {layer} (numbered up to {max(per)}) but its "
+                                f"{CONFIG_NAME} has num_local_experts {count}")
+        first = per[0].get("w1")
+        for e, names in per.items():
+            if set(names) != {"w1", "w2", "w3"}:
+                raise HFFormatError(f"has incomplete per-expert weights in layer {layer}: expert {e} needs w1, w2 "
+                                    "and w3")
+            w1, w2, w3 = names["w1"], names["w2"], names["w3"]
+            if len(w1) != 2 or w3 != w1 or w2 != w1[::-1] or w1 != first:
+                raise HFFormatError(f"has per-expert weights of mismatched shapes in layer {layer}, expert {e}: "
+                                    f"w1 {w1}, w2 {w2}, w3 {w3}")
+        inter, hidden = first
+        out[f"layers.{layer}.mlp.w_gate_up"] = (count, hidden, 2 * inter)
+        out[f"layers.{layer}.mlp.w_down"] = (count, inter, hidden)
+    return out
+
+
+def _layer_count(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(how many distinct layer indices the tensor names hold, the largest; -1 for none)."""
+    layers = {int(m[1]) for key in shapes if (m := re.match(r"^model\.layers\.(\d{1,9})\.", key))}
+    return len(layers), max(layers, default=-1)
+
+
+def check_weights(cfg: dict[str, Any], weights: HFWeights) -> None:
+    """Refuse a ``config.json`` that disagrees with the weights: a layer or expert count, any tensor's shape, a tensor
+    the config has no place for or lacks, and a tie flag the weights contradict. Tied embeddings stored under both
+    names must hold the same values (compared in chunks: bounded memory)."""
+    count, largest = _layer_count(weights.shapes)
+    if count != cfg["num_layers"] or largest != count - 1:
+        raise HFFormatError(f"has a {CONFIG_NAME} whose num_hidden_layers is {cfg['num_layers']} but weights for "
+                            f"{count} layer(s) (numbered up to {largest})")
+    ours = _shapes_from_hf(weights.shapes, cfg)
+    try:
+        with torch.device("meta"):  # shapes only; the counts are those of the files, so this is bounded
+            expected = {k: tuple(v.shape) for k, v in DecoderModel(**cfg).state_dict().items()
+                        if not k.endswith("routing_bias")}
+    except (ValueError, TypeError, AssertionError, UserError) as exc:
+        raise HFFormatError(f"has a {CONFIG_NAME} that describes no valid model: {_first_line(exc)}") from None
+    both = "embed_tokens.weight" in ours and "lm_head.weight" in ours
+    if cfg["tie_embeddings"]:
+        tied = ours.get("embed_tokens.weight", ours.get("lm_head.weight"))
+        if tied is not None:
+            ours.setdefault("embed_tokens.weight", tied)
+            ours.setdefault("lm_head.weight", tied)
+    elif "embed_tokens.weight" in ours and "lm_head.weight" not in ours:
+        raise HFFormatError(f"has a {CONFIG_NAME} whose tie_word_embeddings is false (or unset) but weights without "
+                            "lm_head.weight: set it to true if the output layer shares the embedding")
+    for name, shape in expected.items():
+        if name not in ours:
+            raise HFFormatError(f"lacks the weight {name} that its {CONFIG_NAME} implies")
+        if ours[name] != shape:
+            raise HFFormatError(f"has {name} of shape {ours[name]} but its {CONFIG_NAME} implies {shape}")
+    extra = sorted(set(ours) - set(expected))
+    if extra:
+        raise HFFormatError(f"holds {extra[0]} (and {len(extra) - 1} more), which its {CONFIG_NAME} has no place for")
+    if cfg["tie_embeddings"] and both:
+        _check_tied_copies(weights)
+
+
+def _check_tied_copies(weights: HFWeights) -> None:
+    """A tied model stored with both names: the two must be one matrix, or the flag and the files disagree."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    with safe_open(str(weights.location[embed]), framework="pt") as a, \
+            safe_open(str(weights.location[head]), framework="pt") as b:
+        rows, cols = weights.shapes[embed]
+        step = max(1, _TIE_CHUNK_BYTES // (8 * max(cols, 1)))
+        for start in range(0, rows, step):
+            x, y = a.get_slice(embed)[start:start + step], b.get_slice(head)[start:start + step]
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                raise HFFormatError(f"has a {CONFIG_NAME} whose tie_word_embeddings is true but an lm_head.weight "
+                                    f"that differs from the embedding (row {start} onwards): which one is meant?")
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict[str, Any], HFWeights]:
+    """The checked DecoderModel keyword arguments and weight files of an HF folder (headers read, no tensor data)."""
+    cfg = _config_from_hf(read_hf_config(path))
+    weights = scan_weights(path)
+    check_weights(cfg, weights)
+    return cfg, weights
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+def read_tensors(weights: HFWeights) -> dict[str, Tensor]:
+    """Every tensor of the checked files (each file checked to be regular again: it may have been swapped)."""
     tensors: dict[str, Tensor] = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
+    for file in weights.files:
+        untrusted.check_regular(file)
+        with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open objects are not iterable
                 tensors[key] = f.get_tensor(key)
     return tensors
@@ -192,12 +523,19 @@ def _state_dict_to_hf(model: DecoderModel) -> dict[str, Tensor]:
 
 # ------------------------------------------------------------------------------------------------------- API
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> DecoderModel:
-    """DecoderModel from a ``save_pretrained`` Llama/Mixtral directory. ``dtype`` None keeps the file's dtype."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'} not found")
-    cfg = _config_from_hf(json.loads((path / "config.json").read_text()))
-    state = _state_dict_from_hf(_read_safetensors(path), cfg)
+    """DecoderModel from a ``save_pretrained`` Llama/Mixtral directory. ``dtype`` None keeps the file's dtype.
+
+    The folder is checked before any tensor is read (`read_hf_folder`): a malformed, out-of-range or
+    self-contradicting file is an `HFFormatError` naming the field and value. ``config.json``'s ``torch_dtype`` is
+    a note, not a promise: the tensors' own dtypes are what the model gets.
+    """
+    try:
+        cfg, weights = read_hf_folder(path)
+        state = _state_dict_from_hf(read_tensors(weights), cfg)
+    except HFFormatError as exc:
+        raise HFFormatError(f"{str(path)!r} {exc}") from None
+    except (OSError, SafetensorError, untrusted.UntrustedFileError) as exc:
+        raise HFFormatError(f"{str(path)!r} has weights that cannot be read: {_first_line(exc)}") from None
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     return DecoderModel.from_state_dict(state, **cfg)
 

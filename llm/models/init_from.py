@@ -14,7 +14,8 @@ data position start fresh. Every problem with a source is one `InitFromError` li
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,23 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from llm.errors import UserError
+from llm import untrusted
+from llm.errors import UserError, show
 from llm.models.config import ModelConfig
 from llm.models.decoder import DecoderModel
-from llm.models.hf import INDEX_NAME, SINGLE_NAME, _config_from_hf, _read_safetensors, _state_dict_from_hf
+from llm.models.hf import (
+    MAX_CONFIG_INT,
+    HFFormatError,
+    _config_from_hf,
+    _state_dict_from_hf,
+    check_weights,
+    read_hf_config,
+    read_tensors,
+    scan_weights,
+)
 from llm.models.lora import pin_base
 
-HF_CONFIG = "config.json"
+HF_CONFIG = "config.json"  # = llm.models.hf.CONFIG_NAME
 TOKENIZER_FILE = "tokenizer.json"  # the name llm.data.tokenizers uses too (models do not import data)
 HF_MODEL_TYPES = ("llama", "mixtral")
 # The fields that make the weights what they are: a run adopts them from its source, and a value the user sets
@@ -69,65 +80,114 @@ def model_fields(config: ModelConfig) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if name not in ("preset", "init_from")}
 
 
+# ------------------------------------------------------------------------------------------------ checks
+_COUNT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                 "max_seq_len", "num_experts", "top_k", "moe_intermediate_size")
+_LAYER = re.compile(r"^layers\.(\d{1,9})\.")
+
+
+def model_field_problem(fields: dict[str, Any]) -> str | None:
+    """What is wrong with a source's model fields (None: nothing), as ``"model.FIELD is VALUE: why"``.
+
+    A source's config is a file like any other: a count must be an integer in [1, 2**31) (not a bool, not 4.0), the
+    rotary base and the norm epsilon finite float32 numbers > 0, and the flags booleans. Checked before the fields
+    configure a run, so that no value of a source file reaches the model's constructor unchecked.
+    """
+    for name in _COUNT_FIELDS:
+        value = fields.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CONFIG_INT:
+            return f"model.{name} is {show(value)}: must be an integer in [1, {MAX_CONFIG_INT}]"
+    shared = fields.get("num_shared_experts", 0)
+    if not isinstance(shared, int) or isinstance(shared, bool) or not 0 <= shared <= MAX_CONFIG_INT:
+        return f"model.num_shared_experts is {show(shared)}: must be an integer in [0, {MAX_CONFIG_INT}]"
+    f32 = torch.finfo(torch.float32)
+    for name, smallest in (("rope_theta", 0.0), ("norm_eps", f32.tiny)):
+        value = fields.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                or value <= 0 or value < smallest or value > f32.max:
+            return f"model.{name} is {show(value)}: must be a finite float32 number > 0"
+    for name in ("tie_embeddings", "use_moe"):
+        if not isinstance(fields.get(name, False), bool):
+            return f"model.{name} is {show(fields.get(name))}: must be true or false"
+    return None
+
+
+def layer_count_problem(fields: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Whether ``fields``' layer count is the weights' (DecoderModel's names ``layers.{i}.*``), from the names alone:
+    checked before anything is built, so that a config claiming a million layers costs nothing."""
+    layers = {int(m[1]) for name in shapes if (m := _LAYER.match(name))}
+    if len(layers) != fields["num_layers"] or max(layers, default=-1) != len(layers) - 1:
+        return (f"model.num_layers is {fields['num_layers']} but the weights hold {len(layers)} layer(s) "
+                f"(numbered up to {max(layers, default=-1)})")
+    return None
+
+
+def model_shape_problem(fields: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """How the weights ``shapes`` (DecoderModel's names) disagree with the model ``fields`` describe (None: they
+    agree). The layer count is compared first, from the names alone, so that a config claiming a million layers
+    is refused without building them, even on the meta device."""
+    problem = layer_count_problem(fields, shapes)
+    if problem:
+        return problem
+    try:
+        with torch.device("meta"):
+            expected = DecoderModel(**fields).state_dict(keep_vars=True)
+    except (ValueError, TypeError, AssertionError, UserError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the model fields describe no valid model: {why}"
+    both = "embed_tokens.weight" in shapes and "lm_head.weight" in shapes
+    if fields.get("tie_embeddings") and both:  # a tied model's file stores the matrix once: which copy is meant?
+        return ("model.tie_embeddings is true but the weights hold embed_tokens.weight and lm_head.weight "
+                "separately")
+    tied = fields.get("tie_embeddings") and not both
+    for name, tensor in expected.items():
+        shape = shapes.get(name)
+        if shape is None:
+            if tied and name in ("embed_tokens.weight", "lm_head.weight") or name.endswith("routing_bias"):
+                continue  # stored once (tied), or all zero unless the model balances by bias
+            return f"the model implies a weight {name} that the weights lack"
+        if tuple(shape) != tuple(tensor.shape):
+            return f"the model implies {name} of shape {tuple(tensor.shape)} but the weights hold {tuple(shape)}"
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"the model has no place for the weight {extra[0]}{more}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ HF folders
 def is_hf_folder(path: str | Path) -> bool:
-    return (Path(path) / HF_CONFIG).is_file()
-
-
-def _read_hf_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise init_error(path, f"has an unreadable {HF_CONFIG}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise init_error(path, f"has a {HF_CONFIG} that is not a JSON object")
-    model_type = data.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise init_error(path, f"is an unsupported architecture: {HF_CONFIG} model_type {model_type!r} "
-                               f"(supported: {', '.join(HF_MODEL_TYPES)})")
-    return data
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a folder; missing shards of an index are an error, not a partial model."""
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-            raise init_error(path, f"has an unreadable {INDEX_NAME}") from None
-        missing = [name for name in names if not (path / name).is_file()]
-        if missing:
-            raise init_error(path, f"is missing weight files listed in {INDEX_NAME}: {', '.join(missing[:3])}")
-        return [path / name for name in names]
-    if (path / SINGLE_NAME).is_file():
-        return [path / SINGLE_NAME]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise init_error(path, f"holds no weights: no {SINGLE_NAME}, no {INDEX_NAME} and no *.safetensors")
-    return files
+    """Whether ``path`` is meant as an HF folder: it has a ``config.json`` (of any kind: one that is a FIFO or
+    malformed is this folder's error to report, not a reason to read the folder as something else)."""
+    return untrusted.exists(Path(path) / HF_CONFIG)
 
 
 def read_hf_source(path: str | Path) -> InitSource:
-    """An HF Llama/Mixtral folder as an `InitSource` (its config and the list of weight files are checked now)."""
+    """An HF Llama/Mixtral folder as an `InitSource`. Everything but the tensor data is checked now, before a run
+    directory exists: config.json's fields (types, ranges, agreement with each other), the index, every weight
+    file's header, and the config against the weights (`llm.models.hf.read_hf_folder`)."""
     path = Path(path)
-    hf = _read_hf_config(path)
     try:
+        hf = read_hf_config(path)
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise HFFormatError(f"is an unsupported architecture: {HF_CONFIG} model_type {show(model_type)} "
+                                f"(supported: {', '.join(HF_MODEL_TYPES)})")
         fields = _config_from_hf(hf)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise init_error(path, f"cannot be read as Llama/Mixtral: {str(exc).splitlines()[0]}") from None
-    _weight_files(path)
+        weights = scan_weights(path)
+        check_weights(fields, weights)
+    except HFFormatError as exc:
+        raise init_error(path, str(exc)) from None
     model = model_fields(dataclasses.replace(ModelConfig(), **fields))
 
     def read() -> dict[str, Tensor]:
         try:
-            return _state_dict_from_hf(_read_safetensors(path), fields)
-        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as exc:
+            return _state_dict_from_hf(read_tensors(weights), fields)
+        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError, UserError) as exc:
             raise init_error(path, f"has weights that cannot be read: {str(exc).splitlines()[0]}") from None
 
     tokenizer = path / TOKENIZER_FILE
-    return InitSource(path, "hf", model, str(tokenizer) if tokenizer.is_file() else "", read)
+    return InitSource(path, "hf", model, str(tokenizer) if untrusted.is_regular(tokenizer) else "", read)
 
 
 # ------------------------------------------------------------------------------------------------ loading
