@@ -377,7 +377,7 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
     if _trains_encoder(config.task):
         raise init_error(path, f"is a {config.task!r} run, not a decoder language model")
     return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files),
-                      lambda: read_weights(files), config.data.seq_len)
+                      lambda: read_weights(files), config.data.seq_len, config.training.precision)
 
 
 def load_init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitSource:
