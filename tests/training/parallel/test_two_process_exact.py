@@ -128,9 +128,9 @@ def test_a_signal_on_one_rank_stops_both_at_the_next_step_without_a_read_per_ste
 # -- the validation cap ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cap", ["3", "0"])
 def test_val_max_batches_caps_the_global_batches(tmp_path, cap):
-    flags = [*TINY_REGRESSION, "--training-batch-size", "4", "--data-val-fraction", "0.25",
-             "--training-val-max-batches", cap]
-    one, = run(tmp_path / "one", flags, "validate", 1)
-    two = run(tmp_path / "two", flags, "validate", 2)
+    flags = [*TINY_REGRESSION, "--data-val-fraction", "0.25", "--training-val-max-batches", cap]
+    # The same global batch of 8: one process of 8, two of 4.
+    one, = run(tmp_path / "one", [*flags, "--training-batch-size", "8"], "validate", 1)
+    two = run(tmp_path / "two", [*flags, "--training-batch-size", "4"], "validate", 2)
     assert two[0]["val_loss"] == two[1]["val_loss"]
     assert two[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6, abs=1e-7)
