@@ -9,6 +9,11 @@ and cut into windows of ``--data-seq-len`` tokens (default: the run's training w
 at most 2048) exactly as training cuts validation windows; ``--split all`` (the default) evaluates every window of
 the data, ``--split val`` only the validation split a run with ``--data-val-fraction`` would hold out.
 
+The default split, ``all``, scores the training text too when ``--data-path`` is the run's own corpus: pass
+held-out text, or ``--split val`` for the split the run validated on. The precision is the run's own
+(``training.precision`` in its config: a bf16 run is scored under bf16 autocast, an fp32 run in fp32; ``auto``
+resolves on this device as training did); an HF folder is scored with ``auto``; ``--training-precision`` overrides.
+
 The numbers are the lm task's own validation: its `validation_step` per batch and its `reduce_metrics`, so loss is
 the token-weighted mean cross-entropy in nats per token, perplexity its exp, and bits per byte is
 ``llm.data.text.bits_per_byte`` with the split's tokens per UTF-8 byte. Errors print one ``error: ...`` line and
@@ -55,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache-dir", default="", help="token cache directory (default: ~/.cache/llm)")
     p.add_argument("--training-batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--training-device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
-    p.add_argument("--training-precision", default="auto", choices=PRECISIONS,
-                   help="auto (bf16 where fast) | fp32 | bf16 | fp16")
-    p.add_argument("--split", default="all", choices=SPLITS, help="all windows of the data, or the validation split")
+    p.add_argument("--training-precision", default=None, choices=PRECISIONS,
+                   help="default: the run's training.precision (an HF folder: auto); auto (bf16 where fast) | fp32 | "
+                        "bf16 | fp16")
+    p.add_argument("--split", default="all", choices=SPLITS,
+                   help="all (the default): every window of --data-path, whatever the run trained on; val: only the "
+                        "validation split a run with --data-val-fraction holds out")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -74,7 +82,8 @@ def eval_config(source: InitSource, args: argparse.Namespace) -> Config:
         raise UserError(f"source: {str(source.path)!r} has no tokenizer.json to tokenize the data with")
     default_len = source.seq_len or min(HF_DEFAULT_SEQ_LEN, config.model.max_seq_len)
     d.seq_len = args.data_seq_len if args.data_seq_len is not None else min(default_len, config.model.max_seq_len)
-    t.batch_size, t.device, t.precision = args.training_batch_size, args.training_device, args.training_precision
+    t.batch_size, t.device = args.training_batch_size, args.training_device
+    t.precision = args.training_precision or source.precision or "auto"  # the run's own, unless overridden
     config = replace_values(config, LMTask.resolved_values(config))  # the tokenizer within the model's vocabulary
     LMTask.validate_config(config)  # seq_len within the context
     validate_config(config, check_names=False)
@@ -115,14 +124,16 @@ def evaluate(source_path: str, args: argparse.Namespace) -> dict[str, Any]:
             meter.add({**metrics, "loss": loss}, weight=targets.numel())  # token-weighted
     values = task.reduce_metrics(meter.compute(device, reduce=False), "val")
     return {"source": str(source_path), "data": args.data_path, "split": args.split, "windows": windows,
-            "tokens": tokens, "seq_len": config.data.seq_len, "loss": values["loss"], "perplexity": values["ppl"],
+            "tokens": tokens, "seq_len": config.data.seq_len, "precision": precision, "loss": values["loss"],
+            "perplexity": values["ppl"],
             "bits_per_byte": values["bpb"]}
 
 
 def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("source", result["source"]),
-        ("data", f"{result['data']} ({result['split']}: {result['windows']} windows of {result['seq_len']} tokens)"),
+        ("data", f"{result['data']} ({result['split']}: {result['windows']} windows of {result['seq_len']} tokens, "
+                 f"{result['precision']})"),
         ("loss", f"{result['loss']:.4f} nats/token"),
         ("perplexity", f"{result['perplexity']:.4f}" if math.isfinite(result["perplexity"]) else "inf"),
         ("bits per byte", f"{result['bits_per_byte']:.4f}"),

@@ -108,3 +108,37 @@ def test_errors_are_one_line_exit_2(run_dir, capsys, args, message):
     code, _ = evaluate(*args)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_run_is_scored_with_its_own_precision(run_dir, tmp_path):
+    """The run's training.precision (here edited to bf16 in a copy) is the default; the flag overrides it."""
+    import shutil
+
+    import yaml
+
+    bf16_run = tmp_path / "bf16-run"
+    shutil.copytree(run_dir, bf16_run)
+    config = yaml.safe_load((bf16_run / "config.yaml").read_text(encoding="utf-8"))
+    assert config["training"]["precision"] == "fp32"
+    config["training"]["precision"] = "bf16"
+    (bf16_run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    root = run_dir.parent
+    common = ["--data-path", str(root / "corpus.txt"), "--data-cache-dir", str(root / "cache"),
+              "--training-device", "cpu", "--json"]
+    scores = {}
+    for name, source, extra in (("own-fp32", run_dir, []), ("own-bf16", bf16_run, []),
+                                ("flag-bf16", run_dir, ["--training-precision", "bf16"])):
+        code, out = evaluate(str(source), *common, *extra)
+        assert code == 0, out
+        scores[name] = json.loads(out)
+    assert scores["own-fp32"]["precision"] == "fp32" and scores["own-bf16"]["precision"] == "bf16"
+    assert scores["own-bf16"]["loss"] == scores["flag-bf16"]["loss"]  # bf16 autocast, as the flag gives
+    assert scores["own-bf16"]["loss"] != scores["own-fp32"]["loss"]
+
+
+def test_help_says_which_split_is_scored_by_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "all (the default): every window of --data-path" in text
+    assert "default: the run's training.precision" in text

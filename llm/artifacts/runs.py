@@ -437,7 +437,7 @@ def read_init_source(path: str | os.PathLike) -> InitSource:
         return state
 
     return InitSource(path, "run", model_fields(config.model), _run_tokenizer(config, files), read,
-                      config.data.seq_len)
+                      config.data.seq_len, config.training.precision)
 
 
 def load_init_from(model: torch.nn.Module, path: str | os.PathLike) -> InitSource:

@@ -160,6 +160,10 @@ class DataModule:
 
     #: Built as `cls(data_section, batch_size=, seed=, run_dir=)` (True) or `cls(config)` (False).
     takes_data_section: ClassVar[bool] = False
+    #: Set by the engine (`training.val_max_batches`, 0 = all): an evaluation loader of `make_loader` serves only the
+    #: first `val_max_batches` global batches (`batch_size * world_size` samples each), split over the ranks, so N
+    #: processes score the samples one process with the same global batch scores.
+    val_max_batches: int = 0
 
     def __init__(self, config: Any = None, *, seed: int | None = None, num_workers: int | None = None) -> None:
         self.config = config  # the run's config, for a module built from it (None for the built-in ones)
@@ -226,10 +230,13 @@ class DataModule:
         num_workers: int | None = None,
     ) -> DataLoader:
         """A DataLoader over this rank's shard; training loaders start at `self.position`."""
+        num_samples = len(dataset)  # type: ignore[arg-type]
         if train:
             self._train_batch_size = batch_size
+        elif self.val_max_batches:  # a global cap: the first samples, whatever the number of ranks
+            num_samples = min(num_samples, self.val_max_batches * batch_size * self.world_size)
         sampler = ShardedBatchSampler(
-            len(dataset),  # type: ignore[arg-type]
+            num_samples,
             batch_size,
             rank=self.rank,
             world_size=self.world_size,

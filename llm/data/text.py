@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llm import fs
+from llm.data.bytecount import split_bytes
 from llm.data.datamodule import SectionDataModule
 from llm.data.prepare import PrepareOptions, prepare
 from llm.data.readers import ReadOptions
@@ -276,6 +277,7 @@ class TextDataModule(SectionDataModule):
         # Tokens per UTF-8 byte of each split: bits per byte = loss / ln 2 * tokens_per_byte.
         self.train_tokens_per_byte = 1.0
         self.val_tokens_per_byte = 1.0
+        self._declared_bytes = False  # a .bin whose sidecar gives num_bytes
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -293,8 +295,10 @@ class TextDataModule(SectionDataModule):
         random = d.sampling == "random"
         self.train_set = TokenWindows(self.store, 0, split, d.seq_len, phase_seed=self.seed if random else None)
         self.val_set = TokenWindows(self.store, split, self.store.num_tokens, d.seq_len)
-        self.train_tokens_per_byte = split / max(1e-9, self.store.bytes_between(0, split))
-        self.val_tokens_per_byte = (self.store.num_tokens - split) / max(1e-9, self.store.bytes_between(split, 2**62))
+        # Exact where the split cuts a document (its validation part counted from its tokens), unless declared.
+        train_bytes, val_bytes = split_bytes(self.store, split, None if self._declared_bytes else self.tokenizer)
+        self.train_tokens_per_byte = split / max(1e-9, train_bytes)
+        self.val_tokens_per_byte = (self.store.num_tokens - split) / max(1e-9, val_bytes)
         global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:
             raise ConfigError(
@@ -338,6 +342,8 @@ class TextDataModule(SectionDataModule):
                 )
             self.tokenizer = self._fixed_tokenizer()
             self.store = open_bin(d.path, self.tokenizer)
+            # A sidecar's num_bytes is the user's statement about the whole file, believed over the tokens.
+            self._declared_bytes = bool(_read_sidecar(d.path).get("num_bytes"))
             return
         if is_prepared(d.path):
             self._load_prepared(d.path)

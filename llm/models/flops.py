@@ -10,6 +10,9 @@ the causal mask. Recomputation by activation checkpointing is not counted: this 
 The functions take any module and find the layers they count (`Attention`, `MoELayer`) inside it, so a
 task's own model built from these layers is counted without declaring anything; `DecoderModel` exposes them
 as methods too.
+
+Under expert parallelism a rank holds only its `num_experts / ep` experts (the expert tensors' first dimension);
+the counts scale those tensors back to the whole layer, so every rank reports the whole model, as one process does.
 """
 
 from __future__ import annotations
@@ -20,20 +23,33 @@ from llm.models.layers import Attention
 from llm.models.moe import MoELayer
 
 
+def _expert_tensors(model: nn.Module) -> dict[int, tuple[int, int, int]]:
+    """id -> (experts held here, experts of the layer, top_k) for the routed-expert tensors of every `MoELayer`."""
+    held: dict[int, tuple[int, int, int]] = {}
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            for p in (m.w_gate_up, m.w_down):
+                held[id(p)] = (max(1, p.shape[0]), m.num_experts, m.top_k)
+    return held
+
+
 def num_parameters(model: nn.Module) -> int:
-    """All parameters of ``model``; a tensor shared by several modules (tied embeddings) counts once."""
-    return sum(p.numel() for p in model.parameters())
+    """All parameters of the whole model; a tensor shared by several modules (tied embeddings) counts once, and
+    the experts held by other expert-parallel ranks count as well."""
+    experts = _expert_tensors(model)
+    total = 0
+    for p in model.parameters():
+        local, whole, _ = experts.get(id(p), (1, 1, 0))
+        total += p.numel() // local * whole
+    return total
 
 
 def active_parameters(model: nn.Module) -> float:
     """Parameters a token is multiplied by: lookup-only embeddings excluded, routed experts times top_k / E."""
     lookup_only = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     lookup_only -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # tied output layer
-    scale: dict[int, float] = {}
-    for m in model.modules():
-        if isinstance(m, MoELayer):
-            for p in (m.w_gate_up, m.w_down):
-                scale[id(p)] = m.top_k / m.num_experts
+    # A routed-expert tensor holding `local` of the layer's experts: a token multiplies top_k experts' worth of it.
+    scale = {key: top_k / local for key, (local, _, top_k) in _expert_tensors(model).items()}
     # parameters() yields a shared (tied) tensor once.
     return sum(p.numel() * scale.get(id(p), 1.0) for p in model.parameters() if id(p) not in lookup_only)
 

@@ -71,6 +71,7 @@ class InitSource:
     tokenizer: str  # "byte", the path of the source's tokenizer.json, or "" (it has none)
     read_weights: Callable[[], dict[str, Tensor]]  # the weights in DecoderModel's names, on the CPU
     seq_len: int | None = None  # the source's training window (our runs), a default for evaluation
+    precision: str | None = None  # the source run's training.precision (our runs), what evaluation scores it with
 
 
 def model_fields(config: ModelConfig) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from llm.errors import ConfigError
 from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
 from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback, CallbackList
-from llm.training.parallel.distributed import all_agree, any_rank, broadcast_object
+from llm.training.parallel.distributed import DeferredVote, all_agree, any_rank, broadcast_object
 from llm.training.state import StatefulComponents
 
 # The options are a `CheckpointConfig` (llm/training/core/config.py), typed `Any` here: config.py's validation imports
@@ -195,6 +195,7 @@ class Checkpointer:
         self._signal_time = 0.0  # time.monotonic() of the first stop signal
         self._stopped_by: str | None = None  # the signal that stopped the run (on any rank), once acted on
         self._previous_handlers: dict[int, Any] = {}
+        self._vote = DeferredVote(context.device)  # the ranks' agreement on a stop signal, a step late
         self._resume_rng: dict[str, Any] | None = None
         self._warned_monitor = False
         self._removals: list[threading.Thread] = []
@@ -245,7 +246,9 @@ class Checkpointer:
         step = run.step
         stop = self._signal is not None
         if run.world_size > 1:
-            stop = any_rank(stop, run.device)  # every rank stops at the same step
+            # Every rank stops at the same step: the one after the step whose vote saw a signal on any rank (the
+            # vote is read a step late, so the loop never waits for the device to read it).
+            stop = self._vote.cast(stop)
         if stop:
             name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
             run.logger.warning("received %s: saving a checkpoint at step %d and stopping", name, step)
@@ -279,10 +282,20 @@ class Checkpointer:
         else:
             self._pending = "best"
 
+    def stop_agreed(self) -> bool:
+        """Whether the run stops for a signal, agreed by every rank: once, at the loop's end (one collective), so
+        that every rank skips, or runs, the final validation alike."""
+        local = self._signal is not None or self._stopped_by is not None
+        if self.context.world_size == 1:
+            return local
+        return any_rank(self._vote.collect() or local, self.context.device)
+
     def finish(self) -> None:
         """The final save (unless this step is saved already); then restore the signal handlers."""
         try:
             run = self.context
+            if run.world_size > 1:
+                self._vote.collect()  # no reduction left in flight past the run's end
             if self._last_saved_step != run.step:
                 self.save("final")
             name = self._stopped_by or (signal.Signals(self._signal).name if self._signal is not None else None)

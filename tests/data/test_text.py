@@ -391,3 +391,39 @@ def test_special_files_and_the_size_cap_in_a_corpus(tmp_path):
     side = write_bin(tmp_path / "side.bin", np.arange(400) % 256, np.uint16)
     os.mkfifo(side.with_suffix(".json"))  # a FIFO sidecar would block the read forever
     expect_error(make_config(side), "side.json", "a FIFO")
+
+
+def test_validation_bytes_are_the_split_texts_own_when_the_split_cuts_a_document(tmp_path):
+    """One document whose tail packs far more bytes per token than its head (issue 22): the validation split's
+    tokens per byte is its own text's, not the document's average."""
+    rng = np.random.default_rng(0)
+    head = "".join(f"{w} " for w in rng.integers(0, 10**6, 1500).tolist())  # digits: few merges
+    tail = "東京タワー東京タワー " * 250  # repeated multi-byte words: long merged tokens
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "one.txt").write_text(head + tail, encoding="utf-8")
+    dm = setup_dm(make_config(root, tokenizer="bpe", vocab_size=400, val_fraction=0.1))
+    split = dm.val_set.start
+    tokens = all_tokens(dm)
+    assert len(dm.store.seg_ends) == 1  # one segment: the split cuts it
+    val_ids = tokens[split:].tolist()
+    true_bytes = len(dm.tokenizer.decode(val_ids).encode("utf-8")) - len("<|endoftext|>") + 1  # separator: 1 byte
+    assert dm.tokenizer.decode(val_ids[-1:]) == "<|endoftext|>"
+    assert dm.val_tokens_per_byte == pytest.approx(len(val_ids) / true_bytes, rel=1e-9)
+    pro_rata = len(val_ids) / dm.store.bytes_between(split, len(tokens))
+    assert dm.val_tokens_per_byte < 0.5 * pro_rata  # what the pro-rata count reported: far too many tokens per byte
+    train_bytes = len(dm.tokenizer.decode(tokens[:split].tolist()).encode("utf-8"))
+    assert dm.train_tokens_per_byte == pytest.approx(split / train_bytes, rel=1e-9)
+
+
+def test_byte_level_token_lengths_match_decoding(tmp_path):
+    from llm.data.bytecount import token_byte_lengths
+    from llm.data.tokenizers import ByteTokenizer, HFTokenizer
+
+    assert token_byte_lengths(ByteTokenizer()).tolist() == [1] * ByteTokenizer().vocab_size
+    tok = HFTokenizer.train_bpe(CORPUS * 3, 320)
+    lengths = token_byte_lengths(tok)
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths[tok.eos_id] == 1

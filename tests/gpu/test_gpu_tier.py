@@ -15,6 +15,7 @@ from helpers import make_config, read_metrics
 
 from llm.config import replace_values
 from llm.models import DecoderModel
+from llm.training.core.callbacks import Callback
 from llm.training.train import train_worker
 
 DEVICE = os.environ.get("LLM_GPU_TIER_DEVICE", "cuda")
@@ -154,3 +155,83 @@ def test_peak_memory_stays_within_its_bound(tmp_path):
     b, t, h, layers = 8, 64, 256, 4
     activations = 34 * b * t * h * layers + 10 * b * t * config.model.vocab_size  # bf16 blocks + logits and grads
     assert states < peak < 2 * (states + activations), (peak, states, activations)
+
+
+# -- host syncs (issue 22): counted by CUDA itself ------------------------------------------------------------------
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+class CudaSyncsPerStep(Callback):
+    """From the end of step 1 on, CUDA's sync debug mode warns on every synchronizing operation; each step's count
+    is what was caught between the previous step's end and its own (its stop vote included)."""
+
+    def __init__(self, caught: list) -> None:
+        self.caught, self.per_step, self._seen = caught, {}, 0
+
+    def on_batch_end(self, logs=None) -> None:
+        step = self.engine.state.step
+        syncs = sum(SYNC_WARNING in str(w.message) for w in self.caught)
+        if step > 1:
+            self.per_step[step] = syncs - self._seen
+        self._seen = syncs
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("warn")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA's sync debug mode")
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--training-optimizer", "muon", "--training-lora-rank", "4"], id="lora-muon"),
+    pytest.param([*MOE, "--model-moe-balance", "aux_free"], id="moe-aux-free"),
+])
+def test_lora_muon_and_aux_free_steps_do_not_sync_the_host(tmp_path, monkeypatch, extra):
+    """Between log steps, a step of LoRA + Muon and of aux_free balancing makes no synchronizing CUDA call (the
+    padded MoE dispatch: the loop's group sizes are a documented sync of their own)."""
+    import warnings
+
+    from llm.training.core.callbacks import build_callbacks
+    from llm.training.train import build_engine, prepare_run_dir
+
+    monkeypatch.setenv("LLM_MOE_DISPATCH", "padded")
+    args = ["--training-max-steps", "6", "--training-precision", "bf16", "--training-log-interval", "100",
+            "--training-val-interval", "0", *extra]
+    config, task_class = make_config(tmp_path, *lm_args(tmp_path, *args), base=[])
+    prepare_run_dir(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counter = CudaSyncsPerStep(caught)
+        engine = build_engine(config, task_class, callbacks=[*build_callbacks(config), counter])
+        try:
+            engine.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert [counter.per_step[s] for s in range(2, 6)] == [0, 0, 0, 0], counter.per_step
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA's sync debug mode")
+def test_the_stop_vote_does_not_sync_the_host(tmp_path):
+    """The multi-process stop vote (`DeferredVote`) on NCCL, under sync debug mode "error": a vote cast at one call
+    is every rank's verdict at the next, and no call synchronizes (a one-rank group: one GPU here)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from llm.training.parallel.distributed import DeferredVote, free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=120))
+    try:
+        vote = DeferredVote(torch.device(DEVICE))
+        vote.cast(False)  # the first call allocates the buffers
+        work = torch.randn(2048, 2048, device=DEVICE)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            verdicts = []
+            for flag in (False, True, False, False):
+                work = work @ work.T / 2048  # queued work the vote must not wait for
+                verdicts.append(vote.cast(flag))
+            assert vote.collect() is False
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert verdicts == [False, False, True, False]
+    finally:
+        dist.destroy_process_group()

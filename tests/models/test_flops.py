@@ -38,3 +38,28 @@ def test_moe_counts_scale_routed_experts_by_top_k_over_experts():
     active = L * (ATTENTION + NORMS + router + experts * K / E) + H + V * H
     assert active_parameters(model) == active
     assert flops_per_token(model, SEQ) == 6 * active + ATTN_TERM == 174_528
+
+
+def _keep_local_experts(model: DecoderModel, rank: int, size: int) -> None:
+    """What expert parallelism leaves on one rank: its `E / size` experts of every MoE layer (the layer's
+    `num_experts` stays the whole layer's)."""
+    from torch import nn
+
+    from llm.models.moe import MoELayer
+
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        for name in ("w_gate_up", "w_down"):
+            full = getattr(layer, name).data
+            local = full.shape[0] // size
+            setattr(layer, name, nn.Parameter(full[rank * local:(rank + 1) * local].clone()))
+
+
+def test_expert_parallel_rank_counts_the_whole_model():
+    """Under EP each rank holds half the experts; its counts (and so MFU) are the whole model's, as in 1 process."""
+    whole = DecoderModel.tiny(use_moe=True)
+    counts = (num_parameters(whole), active_parameters(whole), flops_per_token(whole, SEQ))
+    for rank in (0, 1):
+        model = DecoderModel.tiny(use_moe=True)
+        _keep_local_experts(model, rank, 2)
+        assert model.layers[0].mlp.w_gate_up.shape[0] == E // 2
+        assert (num_parameters(model), active_parameters(model), flops_per_token(model, SEQ)) == counts

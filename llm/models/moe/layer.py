@@ -214,7 +214,9 @@ class MoELayer(nn.Module):
         """Close the step; under ``"aux_free"`` an ``applied`` (not refused) step moves the routing bias: up for
         experts below the mean load, down for those above (every rank holds the same global counts)."""
         load, self._step_counts = self._step_counts, None
-        if self.balance == "aux_free" and applied and load is not None and load.sum() > 0:
+        if self.balance == "aux_free" and applied and load is not None:
+            # No host read of the load (a sync per layer and step): a step that routed nothing has every load at
+            # the mean, so its sign is 0 and the bias stays.
             load = load.float()
             self.routing_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 

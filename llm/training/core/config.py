@@ -109,7 +109,7 @@ class TrainingConfig(Freezable):
     val_interval: int = field(
         default=0, metadata=on_resume("expected")
     )  # validate every N optimizer steps (0 = at epoch end only)
-    val_max_batches: int = 0  # cap on validation batches per rank (0 = the whole split)
+    val_max_batches: int = 0  # cap on validation global batches, all ranks together (0 = the whole split)
     log_interval: int = field(default=10, metadata=on_resume("expected"))  # optimizer steps between metric logs
     callbacks: List[str] = field(
         default_factory=lambda: ["MetricsLogger", "TensorBoardLogger", "LRSchedulerCallback"],

@@ -388,7 +388,7 @@ class TrainingEngine:
             self.state.epoch += 1
         # The run ends with a validation of its final weights, unless a job manager asked it to stop: its grace
         # period is for the checkpoint (already written), and the resumed run validates where it ends.
-        if self.state.last_val_step != self.state.step and self.checkpointer.stop_signal is None:
+        if self.state.last_val_step != self.state.step and not self.checkpointer.stop_agreed():
             self.validate()
 
     def _train_epoch(self) -> bool:
@@ -497,6 +497,7 @@ class TrainingEngine:
     def validate(self) -> dict[str, Any]:
         """Average `validation_step` metrics over this rank's shard, weighted by batch size, across ranks."""
         self._raise_pending()
+        self.data_module.val_max_batches = self.config.training.val_max_batches  # global, for make_loader's loaders
         loader = self.data_module.val_dataloader()
         self.state.last_val_step = self.state.step
         if loader is None:

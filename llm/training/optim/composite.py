@@ -62,8 +62,9 @@ class CompositeOptimizer(Optimizer):
         self.optimizers = list(optimizers)
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
         self.state = _StateView(self.optimizers)  # type: ignore[assignment]
-        # Refusing on the device needs fused children for the rest (only they read `found_inf`).
-        self._step_supports_amp_scaling = any(_takes_found_inf(opt) for opt in self.optimizers)
+        # Refusing on the device: fused children read `found_inf`, children whose state is all tensors (Muon) are
+        # restored with `torch.where`; a composite of Muon alone (LoRA adapters: nothing left for AdamW) is one.
+        self._step_supports_amp_scaling = any(_takes_found_inf(opt) or _restorable(opt) for opt in self.optimizers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(type(opt).__name__ for opt in self.optimizers)})"
@@ -116,6 +117,11 @@ class CompositeOptimizer(Optimizer):
             start += count
         # The children's load rebuilt their group dicts; share the new ones again.
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+
+
+def _restorable(opt: Optimizer) -> bool:
+    """Whether `_step_unless` can undo a step of `opt` on the device: every piece of its state is a tensor."""
+    return isinstance(opt, getattr(torch.optim, "Muon", ()))
 
 
 def _takes_found_inf(opt: Optimizer) -> bool:

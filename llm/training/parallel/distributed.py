@@ -178,6 +178,60 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return not all_agree(not flag, device)
 
 
+class DeferredVote:
+    """Whether any rank raised a flag, agreed one call late, without a host sync per call.
+
+    `cast(flag)` starts an asynchronous sum over the ranks of this call's flag and returns the verdict of the
+    previous call's, which every rank reads at the same call: the decision is deterministic (the same call on every
+    rank) and costs no device-to-host copy that waits for the queued work. On CUDA the sum is copied to pinned host
+    memory behind an event, so reading it waits at most for the end of the previous step's work (already done while
+    this step's work was queued); on a CPU (gloo) the reduction is waited for. Its result is read through a numpy
+    view of the host buffer, made once. `collect()` drains the last vote (the run's end, before a save).
+    In one process, `cast` returns its own flag at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._work: Any = None
+        self._event: torch.cuda.Event | None = None
+        self._value: torch.Tensor | None = None
+
+    def _buffers(self) -> None:
+        self._value = torch.zeros(1, dtype=torch.int32, device=self.device)
+        cpu = self.device.type == "cpu"
+        self._host = self._value if cpu else torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self._view = self._host.numpy()  # the one read path: numpy, no tensor read per call
+
+    def cast(self, flag: bool) -> bool:
+        """Vote `flag` for this call; returns whether any rank voted True at the previous call."""
+        if not is_distributed():
+            return flag
+        if self._value is None:
+            self._buffers()
+        assert self._value is not None
+        verdict = self.collect()
+        self._value.fill_(int(flag))
+        self._work = dist.all_reduce(self._value, op=dist.ReduceOp.SUM, async_op=True)
+        if self.device.type != "cpu":
+            self._work.wait()  # NCCL: the current stream waits for the reduction, the host does not
+            self._host.copy_(self._value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return verdict
+
+    def collect(self) -> bool:
+        """The verdict of the pending vote (False if none), waiting for it."""
+        if self._work is None:
+            return False
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        else:
+            self._work.wait()
+        self._work = None
+        return bool(self._view[0])
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj

@@ -100,6 +100,18 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
     assert per_step[6] >= 2  # the last step logs: the deferred finite check and the metric transfer
 
 
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--training-optimizer", "muon", "--training-lora-rank", "4"], id="lora-muon"),
+    pytest.param(["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2", "--model-moe-balance",
+                  "aux_free"], id="moe-aux-free"),
+])
+def test_lora_muon_and_aux_free_balancing_sync_only_at_log_steps(tmp_path, monkeypatch, extra):
+    """LoRA + Muon (a composite of Muon alone refuses a bad update on the device) and the aux_free routing bias
+    (moved without reading the load) add no host sync to a step (issue 22)."""
+    per_step = count_syncs(tmp_path, monkeypatch, *extra)
+    assert [per_step[s] for s in range(2, 6)] == [0, 0, 0, 0]
+
+
 def test_skip_policy_pays_one_sync_per_step(tmp_path, monkeypatch):
     # The documented trade-off (and proof that the counter sees the engine's syncs).
     per_step = count_syncs(tmp_path, monkeypatch, "--training-nan-policy", "skip")

@@ -219,3 +219,21 @@ def test_composite_refuses_an_update_on_the_device(first):
     del opt.found_inf
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert opt._step_supports_amp_scaling
+
+
+def test_a_composite_of_muon_alone_refuses_on_the_device():
+    """LoRA under Muon leaves AdamW nothing: the composite is Muon alone and still refuses an update without a host
+    sync (the engine's deferred non-finite check relies on it)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8, bias=False)
+    opt = CompositeOptimizer([torch.optim.Muon([layer.weight], lr=0.02, adjust_lr_fn="match_rms_adamw")])
+    assert opt._step_supports_amp_scaling
+    before = layer.weight.detach().clone()
+    layer(torch.ones(2, 8)).square().sum().backward()
+    opt.found_inf = torch.ones(())
+    opt.step()
+    del opt.found_inf
+    assert torch.equal(layer.weight, before)
+    assert not opt.state[layer.weight]["momentum_buffer"].any()
+    opt.step()
+    assert not torch.equal(layer.weight, before)

@@ -232,3 +232,31 @@ def test_two_processes_lockstep_failure_claims_and_fsdp_round_trip(tmp_path):
     assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
     model = DecoderModel.tiny(tie_embeddings=True)
     load_model(model, tmp_path / "exported.safetensors", strict=True)  # loads in one plain process
+
+
+def test_deferred_vote_is_read_one_call_late_without_a_tensor_read():
+    """The stop vote of multi-process runs (a one-rank gloo group here): each call returns the previous call's
+    verdict, and no call reads a tensor into Python (the host buffer is read through a numpy view)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    assert D.DeferredVote(torch.device("cpu")).cast(True) is True  # one process: its own flag, at once
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(D.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        vote = D.DeferredVote(torch.device("cpu"))
+        with Reads():
+            verdicts = [vote.cast(flag) for flag in (False, True, False, False)]
+            last = vote.collect()
+        assert verdicts == [False, False, True, False] and last is False
+        assert vote.collect() is False  # nothing pending
+        assert Reads.count == 0
+    finally:
+        dist.destroy_process_group()

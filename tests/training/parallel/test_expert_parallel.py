@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llm.errors import ConfigError
-from llm.models import hooks
+from llm.models import DecoderModel, active_parameters, flops_per_token, hooks, num_parameters
 from llm.models.config import ModelConfig
 from llm.models.moe import MoELayer, routing_metrics
 from llm.models.moe.parallel import ExpertParallel
@@ -71,6 +71,13 @@ def _check_rank(rank: int, port: int) -> None:
             with plan.full_experts():
                 torch.testing.assert_close(layer.w_gate_up.data, ref.w_gate_up.data)
             assert layer.w_gate_up.shape[0] == E // 2
+
+        # The whole model's parameters and FLOPs per token on every rank, as in one process (MFU is not halved).
+        model = DecoderModel.tiny(use_moe=True)
+        one_process = (num_parameters(model), active_parameters(model), flops_per_token(model, 16))
+        hooks.shard_experts(model, 2, rank, 2)
+        assert model.layers[0].mlp.w_gate_up.shape[0] == model.layers[0].mlp.num_experts // 2
+        assert (num_parameters(model), active_parameters(model), flops_per_token(model, 16)) == one_process
     finally:
         dist.destroy_process_group()
 
