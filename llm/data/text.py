@@ -277,10 +277,7 @@ class TextDataModule(SectionDataModule):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self._load()
-        if self.run_dir:
-            # The run directory must rebuild its tokenizer even after the cache or the source file is gone.
-            self.save_tokenizer(self.run_dir)
+        self._load()  # the run's copy of the tokenizer is `save_tokenizer`'s, once the run directory exists
 
     def setup(self, stage: str = "fit") -> None:
         if self.store is None:

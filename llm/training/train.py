@@ -9,16 +9,18 @@ needs another value (rank 0's run directory name under torchrun) makes a changed
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llm.artifacts.lock import RunLock
+from llm.artifacts.lock import RunDirInUse, RunLock, live_holder
 from llm.artifacts.runs import read_init_source
 from llm.config import freeze, is_frozen, replace_values
 from llm.errors import ConfigError, UserError, did_you_mean, show
@@ -50,6 +52,7 @@ from llm.training.parallel.distributed import (
     spawn,
     torchrun_env,
 )
+from llm.training.parallel.expert import check_expert_parallel
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -242,6 +245,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     # A task that builds its own scheduler may accept names the registry does not know.
     own_scheduler = task_class.build_scheduler is not TrainingTask.build_scheduler
     validate_config(config, check_scheduler=not own_scheduler)
+    check_world_size(config)
     if not pre.print_config:
         if _saved_run_config(pre, config):
             config.logging.log_dir = ""  # a new run from that run's settings (docs/checkpointing.md, Resume rules)
@@ -252,8 +256,26 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     return freeze(config), task_class, pre.print_config
 
 
-def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
-    """Console logging (rank 0 at `level`, other ranks warnings only) plus `RUN_DIR/train.log`."""
+def job_world_size(config: Config) -> int:
+    """The number of processes the job will run: torchrun's WORLD_SIZE, else `distributed.nproc_per_node`."""
+    env = torchrun_env()
+    return env[1] if env is not None else config.distributed.nproc_per_node
+
+
+def check_world_size(config: Config) -> None:
+    """What the number of processes decides, refused before any process starts: the expert-parallel degree must
+    divide it (the config alone could not tell)."""
+    dist = config.distributed
+    check_expert_parallel(dist.expert_parallel, job_world_size(config), config.model, dist.strategy)
+
+
+def setup_logging(rank: int, level: str, run_dir: Path | None = None,
+                  earlier: _EarlyLines | None = None) -> _EarlyLines | None:
+    """Console logging (rank 0 at `level`, other ranks warnings only) plus `RUN_DIR/train.log`.
+
+    Without `run_dir` (the run is being set up and its directory does not exist yet), rank 0 also keeps the lines
+    for train.log and returns them; pass them as `earlier` once the directory exists and train.log starts with
+    them."""
     logger = logging.getLogger("llm")
     logger.handlers.clear()
     logger.propagate = False
@@ -265,10 +287,32 @@ def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
     # Lines the progress bar already shows go to train.log only (loggers.FILE_ONLY).
     console.addFilter(lambda record: getattr(record, "console", True))
     logger.addHandler(console)
-    if run_dir is not None and rank == 0:
-        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
+    if rank != 0:
+        return None
+    if run_dir is None:
+        early = _EarlyLines()
+        logger.addHandler(early)
+        return early
+    file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    for record in earlier.records if earlier is not None else ():
+        file_handler.handle(record)
+    logger.addHandler(file_handler)
+    return None
+
+
+class _EarlyLines(logging.Handler):
+    """Keeps the log records of a run's set-up for its train.log, which is made after set-up (the most recent
+    `MAX_RECORDS`: a set-up that logs without end cannot fill the memory)."""
+
+    MAX_RECORDS = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=self.MAX_RECORDS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -316,7 +360,12 @@ def _saved_run_config(pre: Any, config: Config) -> bool:
 
 
 def train_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> dict[str, Any]:
-    """One training process: join the process group, build everything, run the engine."""
+    """One training process: join the process group, set the run up, then make its directory and run it.
+
+    Everything that can refuse a run's inputs is built first: the data (read, tokenized, split), the model, its
+    LoRA adapters, the parallel layout, the optimizer and the schedule (`TrainingEngine.setup`). Only then is the
+    run directory locked, made and logged into, so a refusal there is one line that leaves nothing behind: no run
+    directory, no train.log, no lock file. The lines logged meanwhile reach train.log once it exists."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config.training.device, local_rank)
     dist_cfg = config.distributed
@@ -327,14 +376,19 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
         log_dir = broadcast_object(config.logging.log_dir)
         if log_dir != config.logging.log_dir:
             config = replace_values(config, {"logging.log_dir": log_dir})
-        lock = _lock_run_dir(rank, Path(config.logging.log_dir))  # before anything is written into it
+        run_dir = Path(config.logging.log_dir)
+        _refuse_on_every_rank(rank, lambda: _check_not_in_use(run_dir))  # before minutes of set-up for nothing
+        early = setup_logging(rank, config.logging.level)  # the console now; train.log once the directory exists
+        engine = build_engine(config, task_class, rank, world_size)
+        engine.setup()  # every refusal of the data, model, adapters and layout: nothing is written before this
+        lock = _lock_run_dir(rank, run_dir)  # before anything is written into it
         if rank == 0:
             prepare_run_dir(config, write_config=False)  # the engine writes config.yaml once resume checks pass
         barrier()
-        setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
+        setup_logging(rank, config.logging.level, run_dir, earlier=early)
         if lock is not None and lock.replaced:
             logging.getLogger("llm").warning("%s", lock.replaced)
-        return build_engine(config, task_class, rank, world_size).run()
+        return engine.run()
     except Exception as exc:
         if world_size > 1:
             claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away
@@ -345,20 +399,38 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
         destroy_process_group()
 
 
-def _lock_run_dir(rank: int, run_dir: Path) -> RunLock | None:
-    """Rank 0 takes the run directory's lock (see runlock.py); every rank raises its refusal, so that the job
-    reports it once and no rank waits for a rank 0 that has given up. Returns rank 0's lock, None elsewhere."""
-    lock, refusal = None, None
+def _check_not_in_use(run_dir: Path) -> None:
+    """Refuse a run directory that a live run holds (a quick look; `RunLock` decides for good after set-up)."""
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise RunDirInUse(f"logging.log_dir: {run_dir} is in use by {holder.describe()}; wait for it, or pick "
+                          "another --logging-log-dir")
+
+
+def _refuse_on_every_rank(rank: int, check: Callable[[], Any]) -> Any:
+    """Run `check` on rank 0 and raise its `UserError` on every rank, so that the job reports it once and no rank
+    waits for a rank 0 that has given up. Returns what `check` returned on rank 0 (None elsewhere)."""
+    result, refusal = None, None
     if rank == 0:
-        lock = RunLock(run_dir)
         try:
-            lock.acquire()
+            result = check()
         except UserError as exc:
             refusal = exc
     refusal = broadcast_object(refusal)
     if refusal is not None:
         raise refusal
-    return lock
+    return result
+
+
+def _lock_run_dir(rank: int, run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (see llm/artifacts/lock.py); every rank raises its refusal. Returns
+    rank 0's lock, None elsewhere."""
+    def take() -> RunLock:
+        lock = RunLock(run_dir)
+        lock.acquire()
+        return lock
+
+    return _refuse_on_every_rank(rank, take)
 
 
 class _WorkerFailed(Exception):
