@@ -7,8 +7,16 @@ Records (`data.path`: a JSONL file, a directory or a glob of them; one JSON obje
                   {"role": "assistant", "content": "Hello."}, ...]}
 
 Roles are system, user and assistant; a record needs at least one assistant message, and a prompt/response record
-is the chat [user: prompt, assistant: response]. A record that is not one of these (bad JSON, a missing field, an
-unknown role, a non-string content) is a `ConfigError` naming the file and its line.
+is the chat [user: prompt, assistant: response]. A record that is not one of these is a `ConfigError` naming the
+file and its line (and the field, where one is at fault): bad JSON or JSON nested too deeply to read, a key given
+twice in one object, both formats in one record, a missing field or one of the wrong type, an unknown role, a lone
+surrogate escape ("\\ud800", valid JSON but no character), and a content that holds one of the template's special
+tokens: the byte tokenizer's end-of-sequence token is the NUL character, and a tokenizer.json finds its special
+tokens ("</s>") in any text, so such a content would end an answer (or start a sequence) there without a word.
+Files are read line by line, split at "\\n" only, and a line may hold at most `max_record_bytes(data.seq_len)`
+bytes (64 per token of a window, at least 1 MiB): a longer record could not fit a window anyway, and is refused
+before it is read whole, so one record costs bounded memory. Rendering tokenizes no more of a record than its
+window holds.
 
 The template (`render`): each message is a header line and its content,
 
@@ -41,19 +49,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from llm.data.datamodule import SectionDataModule
-from llm.data.sources import read_regular, resolve_files
+from llm.data.sources import SourceFile, open_regular, resolve_files
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, copy_tokenizer
-from llm.errors import ConfigError
+from llm.errors import ConfigError, shorten, show
 from llm.registry import register_data_module
 
 log = logging.getLogger("llm")
@@ -67,58 +77,168 @@ _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[CLS
 
 Message = tuple[str, str]  # (role, content)
 
+# A record (one JSONL line) may hold this many bytes per token of a window, and at least MIN_RECORD_BYTES
+# (`max_record_bytes`): what bounds the memory one record can take.
+BYTES_PER_TOKEN = 64
+MIN_RECORD_BYTES = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 # --------------------------------------------------------------------------------------------------- records
-def parse_record(obj: Any, where: str) -> list[Message]:
-    """A record's messages; ``where`` ("file:line") prefixes the one-line error of a malformed record."""
+class SFTRecord(NamedTuple):
+    """A record's messages, where it was read ("file:line") and the field each message's content came from
+    ("prompt", "messages[2].content", ...), for the one-line errors of what only the tokenizer can refuse."""
+
+    messages: list[Message]
+    where: str
+    fields: tuple[str, ...]
+
+
+def max_record_bytes(seq_len: int) -> int:
+    """The longest JSONL line (one record) read for windows of `seq_len` inputs: `BYTES_PER_TOKEN` bytes per token
+    of a window, at least `MIN_RECORD_BYTES`. No tokenizer makes a token of 64 bytes of JSON, so a longer record
+    would lose most of itself to the cut at `seq_len + 1` tokens; it is refused instead of being read whole."""
+    return max(MIN_RECORD_BYTES, BYTES_PER_TOKEN * (seq_len + 1))
+
+
+def _describe(value: Any) -> str:
+    """A value for a message: scalars quoted (shortened), containers by type (a repr could nest without end)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return show(value)
+    return f"a JSON {'array' if isinstance(value, list) else 'object' if isinstance(value, dict) else 'value'}"
+
+
+def _check_text(text: str, where: str, field: str) -> str:
+    """`text` if it is Unicode text; a lone surrogate escape ("\\ud800", valid JSON but no character) is refused."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise ConfigError(f"data.path: {where}: {field} holds a lone surrogate {ascii(bad.group())} at character "
+                          f"{bad.start()}, which is not a character; fix the escape (a pair encodes one character)")
+    return text
+
+
+def _parse(obj: Any, where: str) -> SFTRecord:
     if not isinstance(obj, dict):
-        raise ConfigError(f"data.path: {where}: expected a JSON object, got {type(obj).__name__}")
+        raise ConfigError(f"data.path: {where}: expected a JSON object, got {_describe(obj)}")
     if "messages" in obj:
+        if "prompt" in obj or "response" in obj:
+            raise ConfigError(f"data.path: {where}: the record has both 'messages' and 'prompt'/'response'; "
+                              "keep one format per record")
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ConfigError(f"data.path: {where}: 'messages' must be a non-empty list")
-        out = []
+            raise ConfigError(f"data.path: {where}: 'messages' must be a non-empty list, got {_describe(messages)}")
+        out, fields = [], []
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                role = message.get("role") if isinstance(message, dict) else message
-                raise ConfigError(f"data.path: {where}: messages[{i}] needs a role in {ROLES}, got {role!r}"[:300])
-            if not isinstance(message.get("content"), str):
-                raise ConfigError(f"data.path: {where}: messages[{i}] needs a string 'content'")
-            out.append((message["role"], message["content"]))
+            if not isinstance(message, dict):
+                raise ConfigError(f"data.path: {where}: messages[{i}] must be an object with 'role' and 'content', "
+                                  f"got {_describe(message)}")
+            role = message.get("role")
+            if not isinstance(role, str) or role not in ROLES:
+                raise ConfigError(f"data.path: {where}: messages[{i}] needs a role in {ROLES}, got {_describe(role)}")
+            field = f"messages[{i}].content"
+            content = message.get("content")
+            if not isinstance(content, str):
+                raise ConfigError(f"data.path: {where}: messages[{i}] needs a string 'content', got "
+                                  f"{_describe(content)}")
+            out.append((role, _check_text(content, where, field)))
+            fields.append(field)
         if not any(role == "assistant" for role, _ in out):
             raise ConfigError(f"data.path: {where}: the messages have no assistant turn to learn")
-        return out
+        return SFTRecord(out, where, tuple(fields))
     if "prompt" in obj or "response" in obj:
         for key in ("prompt", "response"):
             if not isinstance(obj.get(key), str):
-                raise ConfigError(f"data.path: {where}: {key!r} must be a string")
-        return [("user", obj["prompt"]), ("assistant", obj["response"])]
-    keys = ", ".join(sorted(map(str, obj)))[:200]
+                raise ConfigError(f"data.path: {where}: {key!r} must be a string, got {_describe(obj.get(key))}")
+            _check_text(obj[key], where, key)
+        return SFTRecord([("user", obj["prompt"]), ("assistant", obj["response"])], where, ("prompt", "response"))
+    keys = shorten(", ".join(sorted(map(str, obj))))
     raise ConfigError(f"data.path: {where}: expected 'prompt' and 'response', or 'messages'; found keys: {keys}")
 
 
-def read_records(path: str, max_file_bytes: int = 0) -> list[list[Message]]:
-    """Every record of the JSONL file(s) ``path`` names (file, directory or glob), in file and line order."""
+def parse_record(obj: Any, where: str) -> list[Message]:
+    """A record's messages; ``where`` ("file:line") prefixes the one-line error of a malformed record."""
+    return _parse(obj, where).messages
+
+
+class _DuplicateKey(ValueError):
+    """A key given twice in one JSON object (its argument)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members; a key given twice is refused (json.loads would keep the last one silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _load_line(line: bytes, where: str) -> Any:
+    """One JSONL line as a Python value; every way it can fail is one line naming ``where``."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"data.path: {where}: not UTF-8 text (bad byte at column {exc.start + 1})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"data.path: {where}: key {show(exc.args[0])} appears twice in one object") from None
+    except RecursionError:  # the C scanner recurses once per nesting level
+        raise ConfigError(f"data.path: {where}: the JSON is nested too deeply to read") from None
+    except ValueError as exc:  # JSONDecodeError, and integers of more digits than Python converts
+        raise ConfigError(f"data.path: {where}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
+
+
+def _lines(source: SourceFile, max_file_bytes: int, max_line: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line of a JSONL file, read one line at a time; a line longer than
+    ``max_line`` bytes is refused before the rest of it is read."""
+    with open_regular(source.path, "data.path", max_file_bytes) as f:
+        number, read = 0, 0
+        while True:
+            try:
+                line = f.readline(max_line + 1)
+            except OSError as exc:
+                raise ConfigError(f"data.path: cannot read {source.path!r}: {exc.strerror or exc}") from None
+            if not line:
+                return
+            number += 1
+            read += len(line)
+            if max_file_bytes and read > max_file_bytes:
+                raise ConfigError(f"data.path: {source.path!r} grew past data.max_file_bytes={max_file_bytes} "
+                                  "while it was read; split it, or raise data.max_file_bytes (0 = no cap)")
+            if len(line) > max_line:
+                raise ConfigError(
+                    f"data.path: {source.path}:{number}: the record is longer than {max_line} bytes, the cap for "
+                    f"data.seq_len windows ({BYTES_PER_TOKEN} bytes per token, at least {MIN_RECORD_BYTES}); "
+                    "most of it would be cut away: split or shorten it, or raise data.seq_len"
+                )
+            if number == 1 and line.startswith(_BOM):  # files saved by some Windows editors begin with one
+                line = line[len(_BOM):]
+            if line.strip():
+                yield number, line
+
+
+def read_located_records(path: str, max_file_bytes: int = 0,
+                         max_line: int = MIN_RECORD_BYTES) -> list[SFTRecord]:
+    """Every record of the JSONL file(s) ``path`` names (file, directory or glob), in file and line order, with
+    where each was read. Lines are split at "\\n" only (a JSON string may hold U+2028 and other line breaks)."""
     records = []
     for source in resolve_files(path, max_file_bytes=max_file_bytes):
-        raw = read_regular(source.path, "data.path", max_file_bytes)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"data.path: {source.path}:{line}: not UTF-8 text") from None
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for number, line in _lines(source, max_file_bytes, max_line):
             where = f"{source.path}:{number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(f"data.path: {where}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
-            records.append(parse_record(obj, where))
+            records.append(_parse(_load_line(line, where), where))
     if not records:
         raise ConfigError(f"data.path: {path!r} holds no records")
     return records
+
+
+def read_records(path: str, max_file_bytes: int = 0, max_line: int = MIN_RECORD_BYTES) -> list[list[Message]]:
+    """The messages of every record of ``path`` (see `read_located_records`)."""
+    return [record.messages for record in read_located_records(path, max_file_bytes, max_line)]
 
 
 # ------------------------------------------------------------------------------------------------- demo set
@@ -188,28 +308,67 @@ class SpecialTokens:
         return cls(bos, tokenizer.eos_id)
 
 
-def _segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
-    """The template as (text, is_answer) pieces; each answer's EOS comes after its piece."""
-    out: list[tuple[str, bool]] = []
-    for role, content in messages:
-        out.append((HEADERS[role], False))
-        out.append((content, role == "assistant") if role == "assistant" else (content + TURN_END, False))
-    return out
+def _reserved_texts(tokenizer: Tokenizer, special: SpecialTokens) -> dict[str, str]:
+    """{text: what it is} for the template's special tokens that a content could spell out: the byte tokenizer's
+    EOS is the NUL character; a tokenizer.json matches its special tokens' text ("</s>") inside any text."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {chr(special.eos): "end-of-sequence token (the NUL character, \\u0000)"}
+    texts = {}
+    for token_id, name in ((special.eos, "end-of-sequence token"), (special.bos, "beginning-of-sequence token")):
+        text = tokenizer.tok.id_to_token(token_id) if token_id is not None else None
+        if text:
+            texts[text] = f"{name} {show(text)}"
+    return texts
 
 
-def render(messages: Sequence[Message], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a conversation and a bool mask of the answer tokens (each assistant content and its EOS)."""
+def _refuse_special(content: str, piece: list[int], special: SpecialTokens, texts: dict[str, str], where: str,
+                    field: str) -> None:
+    """A content that holds a special token of the template (it would end an answer, or start a sequence, there
+    without a word) is refused, naming the record and the field."""
+    found = next(((content.find(text), name) for text, name in texts.items() if text in content), None)
+    if found is None and (special.eos in piece or (special.bos is not None and special.bos in piece)):
+        found = (-1, "end-of-sequence or beginning-of-sequence token")
+    if found is None:
+        return
+    at = f" at character {found[0]}" if found[0] >= 0 else ""
+    prefix = f"data.path: {where}: " if where else ""
+    raise ConfigError(f"{prefix}{field} holds the tokenizer's {found[1]}{at}; the sequence would end or restart "
+                      "there without a word: remove it from the data")
+
+
+def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | None = None, *, where: str = "",
+           fields: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a conversation and a bool mask of the answer tokens (each assistant content and its EOS).
+
+    With ``max_tokens``, the first that many only: no more text than they need is tokenized, so a long record costs
+    the memory of a window. A content that holds one of the template's special tokens is refused (`ConfigError`);
+    ``where`` ("file:line") and ``fields`` (each message's field, "messages[1].content" by default) name it."""
     special = SpecialTokens.of(tokenizer)
+    texts = _reserved_texts(tokenizer, special)
+    limit = max_tokens if max_tokens is not None else float("inf")
     ids: list[int] = [special.bos] if special.bos is not None else []
     answer: list[bool] = [False] * len(ids)
-    for text, is_answer in _segments(messages):
+    for index, (role, content) in enumerate(messages):
+        if len(ids) >= limit:
+            break
+        field = fields[index] if fields is not None else f"messages[{index}].content"
+        header = tokenizer.encode(HEADERS[role])
+        ids += header
+        answer += [False] * len(header)
+        is_answer = role == "assistant"
+        text = content if is_answer else content + TURN_END
+        if isinstance(tokenizer, ByteTokenizer) and len(text) > limit - len(ids):
+            # Every character is at least one byte, one token: the cut text still fills the window exactly.
+            text = text[: max(0, int(limit - len(ids)))]
         piece = tokenizer.encode(text) if text else []
+        _refuse_special(content, piece, special, texts, where, field)
         ids += piece
         answer += [is_answer] * len(piece)
         if is_answer:
             ids.append(special.eos)
             answer.append(True)
-    return np.asarray(ids, dtype=np.int64), np.asarray(answer, dtype=bool)
+    end = None if max_tokens is None else max_tokens
+    return np.asarray(ids[:end], dtype=np.int64), np.asarray(answer[:end], dtype=bool)
 
 
 def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
@@ -221,12 +380,13 @@ def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int
 
 
 def to_example(ids: np.ndarray, answer: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(input_ids, labels) for next-token prediction, cut to ``max_tokens`` tokens; None if no answer is left."""
+    """(input_ids, labels) for next-token prediction, cut to ``max_tokens`` tokens; None if no answer is left.
+    Both are copies: a view would keep the whole rendered record alive."""
     ids, answer = ids[:max_tokens], answer[:max_tokens]
     labels = np.where(answer[1:], ids[1:], IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():
         return None
-    return ids[:-1], labels
+    return ids[:-1].copy(), labels
 
 
 class SFTExamples(Dataset):
@@ -259,12 +419,14 @@ class PadCollate:
 
 
 def tokenize_records(
-    records: Iterable[Sequence[Message]], tokenizer: Tokenizer, seq_len: int
+    records: Iterable[Sequence[Message] | SFTRecord], tokenizer: Tokenizer, seq_len: int
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
-    """Examples of at most ``seq_len`` inputs; also the counts of examples cut short and dropped (no answer left)."""
+    """Examples of at most ``seq_len`` inputs; also the counts of examples cut short and dropped (no answer left).
+    An `SFTRecord` names its file, line and field in the errors of `render`."""
     examples, cut, dropped = [], 0, 0
-    for messages in records:
-        ids, answer = render(messages, tokenizer)
+    for record in records:
+        messages, where, fields = record if isinstance(record, SFTRecord) else (record, "", None)
+        ids, answer = render(messages, tokenizer, seq_len + 2, where=where, fields=fields)  # one more: cut or not
         cut += len(ids) > seq_len + 1
         example = to_example(ids, answer, seq_len + 1)
         if example is None:
@@ -291,19 +453,15 @@ class SFTDataModule(SectionDataModule):
             raise ConfigError("data.tokenizer: sft does not train a BPE tokenizer; use 'byte' or a tokenizer.json")
         return ByteTokenizer() if spec == "byte" else HFTokenizer.from_file(spec)
 
-    def prepare_data(self) -> None:
-        if self.run_dir:  # the run directory rebuilds its tokenizer after the source file is gone
-            copy_tokenizer(self.tokenizer, self.run_dir)
-
-    def save_tokenizer(self, directory: str) -> None:
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
         copy_tokenizer(self.tokenizer, directory)
 
-    def records(self) -> list[list[Message]]:
+    def records(self) -> list[SFTRecord]:
         """The user's records (`data.path`), or the generated demo set."""
         d = self.data
         if d.path:
-            return read_records(d.path, d.max_file_bytes)
-        return [parse_record(r, f"demo record {i}") for i, r in enumerate(demo_records(d.num_samples, self.seed))]
+            return read_located_records(d.path, d.max_file_bytes, max_record_bytes(d.seq_len))
+        return [_parse(r, f"demo record {i}") for i, r in enumerate(demo_records(d.num_samples, self.seed))]
 
     def setup(self, stage: str = "fit") -> None:
         d = self.data
@@ -312,13 +470,17 @@ class SFTDataModule(SectionDataModule):
         num_val = max(1, round(len(records) * d.val_fraction))
         if num_val >= len(records):
             raise ConfigError(f"data.val_fraction: {len(records)} records leave none for training at {d.val_fraction}")
-        val, train = [records[i] for i in order[:num_val]], [records[i] for i in order[num_val:]]
-        train_examples, cut, dropped = tokenize_records(train, self.tokenizer, d.seq_len)
-        val_examples, val_cut, val_dropped = tokenize_records(val, self.tokenizer, d.seq_len)
-        cut, dropped = cut + val_cut, dropped + val_dropped
+        # Tokenized in file order, so that the first bad record of the file is the one reported.
+        examples, cut, dropped = [], 0, 0
+        for record in records:
+            example, was_cut, was_dropped = tokenize_records([record], self.tokenizer, d.seq_len)
+            examples.append(example[0] if example else None)
+            cut, dropped = cut + was_cut, dropped + was_dropped
         if (cut or dropped) and self.rank == 0:
             log.warning("data: %d of %d records are longer than data.seq_len + 1 = %d tokens and were cut; %d of "
                         "them kept no answer token and were dropped", cut, len(records), d.seq_len + 1, dropped)
+        val_examples = [examples[i] for i in order[:num_val] if examples[i] is not None]
+        train_examples = [examples[i] for i in order[num_val:] if examples[i] is not None]
         self.train_set, self.val_set = SFTExamples(train_examples), SFTExamples(val_examples)
         global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:
