@@ -365,12 +365,16 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
     Everything that can refuse a run's inputs is built first: the data (read, tokenized, split), the model, its
     LoRA adapters, the parallel layout, the optimizer and the schedule (`TrainingEngine.setup`). Only then is the
     run directory locked, made and logged into, so a refusal there is one line that leaves nothing behind: no run
-    directory, no train.log, no lock file. The lines logged meanwhile reach train.log once it exists."""
+    directory, no train.log, no lock file. The lines logged meanwhile reach train.log once it exists. A refusal
+    after that, before anything but train.log was written (a checkpoint that `checkpoint.resume` names refused for
+    a new run), removes the directory again if this run made it (`_remove_unused_run_dir`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config.training.device, local_rank)
     dist_cfg = config.distributed
     init_process_group(rank, world_size, dist_cfg.backend, device, dist_cfg.timeout_minutes)
     lock: RunLock | None = None
+    made: Path | None = None  # the outermost folder this run makes for its run directory (None: it existed)
+    refused = False
     try:
         # torchrun starts every process on its own; rank 0's run directory name is everyone's.
         log_dir = broadcast_object(config.logging.log_dir)
@@ -381,6 +385,7 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
         early = setup_logging(rank, config.logging.level)  # the console now; train.log once the directory exists
         engine = build_engine(config, task_class, rank, world_size)
         engine.setup()  # every refusal of the data, model, adapters and layout: nothing is written before this
+        made = _first_missing(run_dir) if rank == 0 else None
         lock = _lock_run_dir(rank, run_dir)  # before anything is written into it
         if rank == 0:
             prepare_run_dir(config, write_config=False)  # the engine writes config.yaml once resume checks pass
@@ -390,13 +395,50 @@ def train_worker(rank: int, world_size: int, config: Config, task_class: type[Tr
             logging.getLogger("llm").warning("%s", lock.replaced)
         return engine.run()
     except Exception as exc:
+        refused = isinstance(exc, UserError)
         if world_size > 1:
             claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away
         raise
     finally:
         if lock is not None:
             lock.release()  # after a normal end, a failure, or a SIGTERM stop (the engine returns then)
+        if refused and made is not None and lock is not None:
+            _remove_unused_run_dir(Path(config.logging.log_dir), made)
         destroy_process_group()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (`path` itself, or a parent), None if it exists."""
+    missing, current = None, path.absolute()
+    while not os.path.lexists(current) and current != current.parent:
+        missing, current = current, current.parent
+    return missing
+
+
+def _remove_unused_run_dir(run_dir: Path, made: Path) -> None:
+    """Remove a run directory this run made, and the folders made for it up to `made`, when it holds nothing but
+    the run's own train.log (a refusal that came after the directory was made): a refused run leaves no empty run
+    directory behind. Anything else in it is kept."""
+    if made not in (run_dir.absolute(), *run_dir.absolute().parents):
+        return
+    log_file = os.path.abspath(run_dir / "train.log")
+    logger = logging.getLogger("llm")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
+            logger.removeHandler(handler)
+            handler.close()
+    try:
+        if set(os.listdir(run_dir)) - {"train.log"}:
+            return
+        Path(log_file).unlink(missing_ok=True)
+        current = run_dir.absolute()
+        while True:
+            current.rmdir()  # only ever an empty folder
+            if current == made:
+                return
+            current = current.parent
+    except OSError:
+        return  # not empty after all, or not ours to remove: leave it
 
 
 def _check_not_in_use(run_dir: Path) -> None:

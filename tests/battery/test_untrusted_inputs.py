@@ -195,3 +195,19 @@ def test_a_vocabulary_larger_than_the_tokenizers_samples_only_decodable_ids(tmp_
     assert (run / "model.safetensors").is_file() and (run / "checkpoints").is_dir()
     samples = [r["samples"] for r in read_metrics(run) if "samples" in r]
     assert samples and all(len(s["text"]) > len(s["prompt"]) for s in samples[-1])
+
+
+def test_a_refused_resume_into_a_new_directory_leaves_no_run_directory(tmp_path):
+    """A refusal that needs the run directory (the checkpoint `--checkpoint-resume` names does not fit the run)
+    comes after it was made: the directory, made by this run and holding only its train.log, is removed again."""
+    from helpers import CKPT, TINY_REGRESSION
+
+    assert call_main(main, [*TINY_REGRESSION, *CKPT, "--training-max-steps", "2", "--logging-log-dir", "a"],
+                     tmp_path).returncode == 0
+    checkpoint = next((tmp_path / "a" / "checkpoints").iterdir())
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    proc = call_main(main, [*TINY_REGRESSION, *CKPT, "--training-max-steps", "4", "--training-optimizer", "sgd",
+                            "--checkpoint-resume", str(checkpoint), "--logging-log-dir", "new/b"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "training.optimizer" in lines[0], proc.stderr[-3000:]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # no new/, no new/b
