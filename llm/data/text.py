@@ -151,7 +151,7 @@ def _read_sidecar(path: str) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(read_regular(sidecar, "data.path", 1 << 20))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         raise ConfigError(f"data.path: cannot read the sidecar {str(sidecar)!r}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in _DTYPES:
         raise ConfigError(f"data.path: sidecar {str(sidecar)!r} must give dtype as one of {', '.join(_DTYPES)}")

@@ -24,6 +24,8 @@ TINY = ["--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-hea
         "--logging-level", "WARNING"]  # the start-up lines (token cache progress) are not what is checked
 SFT = ["--task", "sft", "--training-batch-size", "2", "--data-val-fraction", "0.25", *TINY]
 LM = ["--task", "lm", "--data-seq-len", "16", "--training-batch-size", "2", "--training-val-max-batches", "1", *TINY]
+REGRESSION = ["--task", "regression", "--data-seq-len", "2", "--training-batch-size", "1",
+              "--data-val-fraction", "0.34", *TINY]
 GOOD = json.dumps({"prompt": "What is 1 + 1?", "response": "2"})
 
 
@@ -119,6 +121,20 @@ def test_a_tokenizer_json_special_token_in_content_is_refused(tmp_path):
             f"data.path: {path}:4: response", "end-of-sequence token '</s>'", "character 7")
 
 
+@pytest.mark.parametrize("where", ["file", "in-a-directory"])
+def test_a_fifo_as_sft_data_is_refused_without_blocking(tmp_path, where):
+    if where == "file":
+        os.mkfifo(tmp_path / "pipe.jsonl")
+        path = tmp_path / "pipe.jsonl"
+    else:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "a.jsonl").write_text(GOOD + "\n")
+        os.mkfifo(tmp_path / "d" / "b.jsonl")
+        path = tmp_path / "d"
+    refused(tmp_path, [*SFT, "--data-path", str(path)], "data.path: ", "pipe.jsonl" if where == "file" else "b.jsonl",
+            "FIFO")
+
+
 def test_an_empty_sft_file_names_the_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     refused(tmp_path, [*SFT, "--data-path", str(tmp_path / "empty.jsonl")], "data.path: ", "empty.jsonl",
@@ -140,6 +156,20 @@ SETUP_CASES = [
     ("lm-jsonl-lone-surrogate", {"s.jsonl": b'{"text": "a\\ud800"}\n'},
      [*LM, "--data-path", "s.jsonl", "--data-cache-dir", "cache"], ["data.path", "s.jsonl", "line 1",
                                                                     "lone surrogate"]),
+    ("lm-bin-sidecar-of-an-unknown-dtype", {"t.bin": b"\x01\x00" * 4096, "t.json": b'{"dtype": "float64"}'},
+     [*LM, "--data-path", "t.bin"], ["data.path", "sidecar", "t.json", "dtype"]),
+    ("lm-bin-sidecar-not-json", {"t.bin": b"\x01\x00" * 4096, "t.json": b"[" * 100_000},
+     [*LM, "--data-path", "t.bin"], ["data.path", "sidecar", "t.json"]),
+    ("regression-csv-nan-cell", {"r.csv": b"a,b,y\n1,2,3\n4,nan,6\n7,8,9\n"},
+     [*REGRESSION, "--data-path", "r.csv"], ["data.path", "r.csv", "line 3", "'b'", "'nan'", "not a finite number"]),
+    ("regression-csv-float32-overflow", {"r.csv": b"a,b,y\n1,2,3\n4,5,1e400\n7,8,9\n"},
+     [*REGRESSION, "--data-path", "r.csv"], ["data.path", "r.csv", "line 3", "'1e400'", "not a finite number"]),
+    ("regression-csv-huge-target", {"r.csv": b"a,b,y\n1,2,3\n4,5,1e30\n7,8,9\n"},
+     [*REGRESSION, "--data-path", "r.csv"], ["data.path", "r.csv", "line 3", "target 1e+30", "beyond"]),
+    ("regression-csv-short-row", {"r.csv": b"a,b,y\n1,2,3\n4,5\n7,8,9\n"},
+     [*REGRESSION, "--data-path", "r.csv"], ["data.path", "r.csv", "line 3", "has 2 columns"]),
+    ("sft-tokenizer-without-eos", {},
+     [*SFT, "--data-tokenizer", "tok/tokenizer.json"], ["data.tokenizer", "no end-of-sequence token"]),
     ("lora-target-not-in-model", {},
      [*SFT, "--training-lora-rank", "2", "--training-lora-targets", "qproj"], ["training.lora_targets", "'qproj'",
                                                                                "q_proj"]),
@@ -169,6 +199,12 @@ SETUP_CASES = [
 def test_a_setup_refusal_leaves_no_run_directory(tmp_path, files, args, fragments):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
+    if "tok/tokenizer.json" in args:  # a tokenizer.json with no end-of-sequence token among its special tokens
+        from tokenizers import Tokenizer, models
+
+        (tmp_path / "tok").mkdir()
+        Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(tmp_path / "tok" /
+                                                                                        "tokenizer.json"))
     if "--data-cache-dir" in args:
         (tmp_path / "cache").mkdir()  # the token cache is the data's, not the run's: it may hold a cache
     refused(tmp_path, args, *fragments)
