@@ -247,3 +247,14 @@ def test_a_refused_resume_into_a_new_directory_leaves_no_run_directory(tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "training.optimizer" in lines[0], proc.stderr[-3000:]
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # no new/, no new/b
+
+
+def test_the_set_up_lines_logged_before_the_run_directory_existed_reach_train_log(tmp_path):
+    long = json.dumps({"prompt": "x" * 400, "response": "y"})
+    (tmp_path / "d.jsonl").write_text("\n".join([long] + [GOOD] * 7) + "\n", encoding="utf-8")
+    proc = call_main(main, [*SFT, "--data-path", "d.jsonl"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cut = "1 of 8 records are longer than data.seq_len + 1 = 161 tokens and were cut"
+    assert cut in proc.stderr  # logged during set-up, before the run directory was made
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert log.count(cut) == 1
