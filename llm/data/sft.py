@@ -310,14 +310,15 @@ class SpecialTokens:
 
 def _reserved_texts(tokenizer: Tokenizer, special: SpecialTokens) -> dict[str, str]:
     """{text: what it is} for the template's special tokens that a content could spell out: the byte tokenizer's
-    EOS is the NUL character; a tokenizer.json matches its special tokens' text ("</s>") inside any text."""
+    EOS is the NUL character; a tokenizer.json matches its added tokens' text ("</s>") inside any text. (A token of
+    the plain vocabulary is only found by its id, in `_refuse_special`.)"""
     if isinstance(tokenizer, ByteTokenizer):
         return {chr(special.eos): "end-of-sequence token (the NUL character, \\u0000)"}
+    added = tokenizer.tok.get_added_tokens_decoder()
     texts = {}
     for token_id, name in ((special.eos, "end-of-sequence token"), (special.bos, "beginning-of-sequence token")):
-        text = tokenizer.tok.id_to_token(token_id) if token_id is not None else None
-        if text:
-            texts[text] = f"{name} {show(text)}"
+        if token_id in added and added[token_id].content:
+            texts[added[token_id].content] = f"{name} {show(added[token_id].content)}"
     return texts
 
 

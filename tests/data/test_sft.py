@@ -231,3 +231,17 @@ def test_a_bad_record_is_named_in_file_order_whatever_the_split(tmp_path):
 def test_a_special_token_in_a_prompt_given_to_render_names_the_message():
     with pytest.raises(ConfigError, match=r"^messages\[0\]\.content holds the tokenizer's end-of-sequence token"):
         render_prompt([("user", "stop\x00here")], BYTES)
+
+
+def test_an_eos_of_the_plain_vocabulary_is_refused_by_its_id_only_where_it_tokenizes_so(tmp_path):
+    """A tokenizer.json whose "</s>" is a plain vocabulary entry, not an added token: "end</s>" is one unknown word,
+    harmless; "</s>" standing alone is the EOS id in the content, refused."""
+    words = ["###", "User:", "Assistant:", "q", "end", "<unk>", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    ids, _ = render([("user", "q"), ("assistant", "end</s>")], hf)
+    assert list(ids).count(hf.eos_id) == 1  # only the template's own, after the answer
+    with pytest.raises(ConfigError, match=r"^data\.path: f:3: response holds the tokenizer's end-of-sequence or "):
+        render([("user", "q"), ("assistant", "end </s>")], hf, where="f:3", fields=("prompt", "response"))
