@@ -521,6 +521,22 @@ class _forwarding_stop_signals:  # noqa: N801  (used as a `with` block, like con
                 pass  # it has just ended
 
 
+class _quiet_spawn_log:  # noqa: N801  (a `with` block, like _forwarding_stop_signals)
+    """While spawned workers run, torch's routine line that it terminates the others after one failed is not shown:
+    the failed worker has reported its error (one line for a user error), and the launcher's exit status says it.
+    Its other warnings (a worker that had to be killed) still are."""
+
+    @staticmethod
+    def _routine(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Terminating process")
+
+    def __enter__(self) -> None:
+        logging.getLogger("torch.multiprocessing.spawn").addFilter(self._routine)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("torch.multiprocessing.spawn").removeFilter(self._routine)
+
+
 def _exit_cleanly() -> None:
     """End a finished multi-process worker without running C++ static destructors.
 
@@ -558,7 +574,7 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
             _exit_cleanly()
     elif config.distributed.nproc_per_node > 1:
         check_processes_fit_devices(config.training.device, config.distributed.nproc_per_node)
-        with _forwarding_stop_signals():
+        with _forwarding_stop_signals(), _quiet_spawn_log():
             spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class),
                   config.distributed.master_port)
     else:

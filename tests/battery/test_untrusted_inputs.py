@@ -258,3 +258,18 @@ def test_the_set_up_lines_logged_before_the_run_directory_existed_reach_train_lo
     assert cut in proc.stderr  # logged during set-up, before the run directory was made
     log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
     assert log.count(cut) == 1
+
+
+@pytest.mark.slow  # two spawned processes, in a real process (call_main cannot catch a spawned worker's stderr)
+def test_a_bad_record_in_a_two_process_job_is_one_line_and_no_run_directory(tmp_path):
+    """Both workers meet the bad record while they set up, before rank 0 makes the run directory: the job reports
+    it once, exit 2."""
+    from helpers import run_cli
+
+    path = sft_file(tmp_path, '{"prompt": "q", "response": "a\\u0000"}')
+    before = sorted(os.listdir(tmp_path))
+    proc = run_cli([*SFT, "--data-path", str(path), "--distributed-nproc-per-node", "2"], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: data.path: {path}:4: response holds the tokenizer's end-of-sequence token")
+    assert sorted(os.listdir(tmp_path)) == before
