@@ -47,6 +47,7 @@ validation by a seeded shuffle (`data.val_fraction`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -308,6 +309,14 @@ class SpecialTokens:
         return cls(bos, tokenizer.eos_id)
 
 
+@functools.lru_cache(maxsize=16)
+def _template_tokens(tokenizer: Tokenizer) -> tuple[SpecialTokens, dict[str, str]]:
+    """The special tokens of ``tokenizer`` and their texts (`_reserved_texts`), worked out once per tokenizer, not
+    once per record."""
+    special = SpecialTokens.of(tokenizer)
+    return special, _reserved_texts(tokenizer, special)
+
+
 def _reserved_texts(tokenizer: Tokenizer, special: SpecialTokens) -> dict[str, str]:
     """{text: what it is} for the template's special tokens that a content could spell out: the byte tokenizer's
     EOS is the NUL character; a tokenizer.json matches its added tokens' text ("</s>") inside any text. (A token of
@@ -344,8 +353,7 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
     With ``max_tokens``, the first that many only: no more text than they need is tokenized, so a long record costs
     the memory of a window. A content that holds one of the template's special tokens is refused (`ConfigError`);
     ``where`` ("file:line") and ``fields`` (each message's field, "messages[1].content" by default) name it."""
-    special = SpecialTokens.of(tokenizer)
-    texts = _reserved_texts(tokenizer, special)
+    special, texts = _template_tokens(tokenizer)
     limit = max_tokens if max_tokens is not None else float("inf")
     ids: list[int] = [special.bos] if special.bos is not None else []
     answer: list[bool] = [False] * len(ids)
