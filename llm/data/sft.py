@@ -332,16 +332,17 @@ def _reserved_texts(tokenizer: Tokenizer, special: SpecialTokens) -> dict[str, s
 
 
 def _refuse_special(content: str, piece: list[int], special: SpecialTokens, texts: dict[str, str], where: str,
-                    field: str) -> None:
+                    fields: Sequence[str] | None, index: int) -> None:
     """A content that holds a special token of the template (it would end an answer, or start a sequence, there
     without a word) is refused, naming the record and the field."""
     found = next(((content.find(text), name) for text, name in texts.items() if text in content), None)
-    if found is None and (special.eos in piece or (special.bos is not None and special.bos in piece)):
+    if found is None and piece and (special.eos in piece or (special.bos is not None and special.bos in piece)):
         found = (-1, "end-of-sequence or beginning-of-sequence token")
     if found is None:
         return
     at = f" at character {found[0]}" if found[0] >= 0 else ""
     prefix = f"data.path: {where}: " if where else ""
+    field = fields[index] if fields is not None else f"messages[{index}].content"
     raise ConfigError(f"{prefix}{field} holds the tokenizer's {found[1]}{at}; the sequence would end or restart "
                       "there without a word: remove it from the data")
 
@@ -360,7 +361,6 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
     for index, (role, content) in enumerate(messages):
         if len(ids) >= limit:
             break
-        field = fields[index] if fields is not None else f"messages[{index}].content"
         header = tokenizer.encode(HEADERS[role])
         ids += header
         answer += [False] * len(header)
@@ -370,7 +370,9 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
             # Every character is at least one byte, one token: the cut text still fills the window exactly.
             text = text[: max(0, int(limit - len(ids)))]
         piece = tokenizer.encode(text) if text else []
-        _refuse_special(content, piece, special, texts, where, field)
+        # The byte tokenizer's ids are the bytes: its text check is exact, and the ids need no second look.
+        _refuse_special(content, [] if isinstance(tokenizer, ByteTokenizer) else piece, special, texts, where, fields,
+                        index)
         ids += piece
         answer += [is_answer] * len(piece)
         if is_answer:
