@@ -231,6 +231,11 @@ def test_a_vocabulary_larger_than_the_tokenizers_samples_only_decodable_ids(tmp_
     assert (run / "model.safetensors").is_file() and (run / "checkpoints").is_dir()
     samples = [r["samples"] for r in read_metrics(run) if "samples" in r]
     assert samples and all(len(s["text"]) > len(s["prompt"]) for s in samples[-1])
+    from llm.generate import main as generate_main  # the sampling CLI on that run: the same rule
+
+    proc = call_main(generate_main, ["--checkpoint", "run", "--prompt", "def ", "--max-new-tokens", "64",
+                                     "--temperature", "5", "--seed", "1"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("def "), proc.stderr[-3000:]
 
 
 def test_a_refused_resume_into_a_new_directory_leaves_no_run_directory(tmp_path):
