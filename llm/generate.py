@@ -99,7 +99,7 @@ def stream_text(
 
     tokens = model.generate_stream(
         torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_tokens=stops, seed=seed, on_slide=on_slide,
+        stop_tokens=stops, seed=seed, on_slide=on_slide, vocab_limit=tokenizer.vocab_size,  # padded ids are no text
     )
     # The stop token is yielded by the model but is not text: decode up to it.
     yield from decoder.stream(itertools.takewhile(lambda token: not stops or token != stops[0], tokens))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -179,7 +180,8 @@ class DataModule:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Build caches or download; called once on rank 0 before any rank calls `setup`."""
+        """Build caches or download; called once on rank 0 before any rank calls `setup`. Nothing is written into
+        the run directory here: the engine sets the run up before that directory exists (see `save_tokenizer`)."""
 
     def setup(self, stage: str = "fit") -> None:
         """Create the data sets; called on every rank."""
@@ -189,6 +191,10 @@ class DataModule:
 
     def val_dataloader(self) -> Iterable[Any] | None:
         return None
+
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
+        """Write what `directory` (a run directory) needs to decode this data's token ids; nothing by default. The
+        engine calls it on rank 0 with the run's config.yaml, after set-up and the resume checks."""
 
     # -- position -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -262,8 +268,8 @@ class DataModule:
 
 class SectionDataModule(DataModule):
     """A data module built from the run's `data` section (`data`: any object with its fields, e.g. `DataConfig`)
-    and the plain values it needs of the rest: the per-rank `batch_size`, the `seed`, and the `run_dir` it copies
-    its tokenizer into ("" = none)."""
+    and the plain values it needs of the rest: the per-rank `batch_size`, the `seed`, and the `run_dir` ("" = none;
+    it does not exist during set-up: the engine writes the tokenizer there with `save_tokenizer`)."""
 
     takes_data_section = True
 

@@ -195,8 +195,10 @@ def read_text(part: Part, options: ReadOptions) -> Iterator[Piece]:
 def _json_text(line: bytes, where: str, part: Part, options: ReadOptions) -> bytes:
     try:
         record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        msg = getattr(exc, "msg", None) or "not UTF-8"
+    except RecursionError:  # the C scanner recurses once per nesting level
+        raise ConfigError(f"{options.field}: {part.file.path!r} {where} is JSON nested too deeply to read") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # also integers of more digits than Python converts
+        msg = getattr(exc, "msg", None) or ("not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc))
         raise ConfigError(f"{options.field}: {part.file.path!r} {where} is not JSON: {msg}") from None
     text = record.get(options.text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):

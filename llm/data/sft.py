@@ -7,8 +7,12 @@ Records (`data.path`: a JSONL file, a directory or a glob of them; one JSON obje
                   {"role": "assistant", "content": "Hello."}, ...]}
 
 Roles are system, user and assistant; a record needs at least one assistant message, and a prompt/response record
-is the chat [user: prompt, assistant: response]. A record that is not one of these (bad JSON, a missing field, an
-unknown role, a non-string content) is a `ConfigError` naming the file and its line.
+is the chat [user: prompt, assistant: response]. Reading and checking records (file:line errors, the size cap per
+record that bounds its memory) and the demo set are `llm.data.sft_records`'; this module re-exports them. What only
+the tokenizer can refuse is refused here, naming the record's file, line and field: a content that holds one of the
+template's special tokens. The byte tokenizer's end-of-sequence token is the NUL character, and a tokenizer.json
+finds its added special tokens ("</s>") in any text, so such a content would end an answer (or start a sequence)
+there without a word. Rendering tokenizes no more of a record than its window holds.
 
 The template (`render`): each message is a header line and its content,
 
@@ -39,9 +43,9 @@ validation by a seeded shuffle (`data.val_fraction`).
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import random
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,120 +55,31 @@ import torch
 from torch.utils.data import Dataset
 
 from llm.data.datamodule import SectionDataModule
-from llm.data.sources import read_regular, resolve_files
+from llm.data.sft_records import (  # noqa: F401  (the records' API, re-exported: callers import it from here)
+    BYTES_PER_TOKEN,
+    MIN_RECORD_BYTES,
+    ROLES,
+    Message,
+    SFTRecord,
+    demo_records,
+    max_record_bytes,
+    parse_located_record,
+    parse_record,
+    read_located_records,
+    read_records,
+)
 from llm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, copy_tokenizer
-from llm.errors import ConfigError
+from llm.errors import ConfigError, show
 from llm.registry import register_data_module
 
 log = logging.getLogger("llm")
 
 IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default ignore_index, also linear_cross_entropy's
-ROLES = ("system", "user", "assistant")
 HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 TURN_END = "\n\n"  # after a system or user message; an assistant message ends with EOS instead
 # Beginning-of-sequence tokens of common tokenizer.json files; the first one present is used.
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[CLS]")
 
-Message = tuple[str, str]  # (role, content)
-
-
-# --------------------------------------------------------------------------------------------------- records
-def parse_record(obj: Any, where: str) -> list[Message]:
-    """A record's messages; ``where`` ("file:line") prefixes the one-line error of a malformed record."""
-    if not isinstance(obj, dict):
-        raise ConfigError(f"data.path: {where}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ConfigError(f"data.path: {where}: 'messages' must be a non-empty list")
-        out = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                role = message.get("role") if isinstance(message, dict) else message
-                raise ConfigError(f"data.path: {where}: messages[{i}] needs a role in {ROLES}, got {role!r}"[:300])
-            if not isinstance(message.get("content"), str):
-                raise ConfigError(f"data.path: {where}: messages[{i}] needs a string 'content'")
-            out.append((message["role"], message["content"]))
-        if not any(role == "assistant" for role, _ in out):
-            raise ConfigError(f"data.path: {where}: the messages have no assistant turn to learn")
-        return out
-    if "prompt" in obj or "response" in obj:
-        for key in ("prompt", "response"):
-            if not isinstance(obj.get(key), str):
-                raise ConfigError(f"data.path: {where}: {key!r} must be a string")
-        return [("user", obj["prompt"]), ("assistant", obj["response"])]
-    keys = ", ".join(sorted(map(str, obj)))[:200]
-    raise ConfigError(f"data.path: {where}: expected 'prompt' and 'response', or 'messages'; found keys: {keys}")
-
-
-def read_records(path: str, max_file_bytes: int = 0) -> list[list[Message]]:
-    """Every record of the JSONL file(s) ``path`` names (file, directory or glob), in file and line order."""
-    records = []
-    for source in resolve_files(path, max_file_bytes=max_file_bytes):
-        raw = read_regular(source.path, "data.path", max_file_bytes)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise ConfigError(f"data.path: {source.path}:{line}: not UTF-8 text") from None
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{source.path}:{number}"
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(f"data.path: {where}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
-            records.append(parse_record(obj, where))
-    if not records:
-        raise ConfigError(f"data.path: {path!r} holds no records")
-    return records
-
-
-# ------------------------------------------------------------------------------------------------- demo set
-_WORDS = (
-    "apple", "river", "stone", "cloud", "garden", "planet", "silver", "window", "forest", "candle", "bridge",
-    "rocket", "pencil", "orange", "winter", "summer", "dragon", "castle", "butter", "mirror", "thunder", "island",
-    "market", "coffee", "basket", "meadow", "violin", "harbor", "tiger", "lemon", "spring", "shadow", "feather",
-    "copper", "anchor", "valley", "puzzle", "marble", "breeze", "lantern", "cactus", "rabbit", "honey", "falcon",
-    "ocean", "cherry", "jungle", "velvet", "quiet", "bright",
-)
-_SYSTEM = "You answer with the exact result and nothing else."
-
-
-def _demo_task(rng: random.Random) -> tuple[str, str]:
-    """One instruction and its exact answer."""
-    kind = rng.randrange(6)
-    a, b = rng.randrange(100), rng.randrange(100)
-    word = rng.choice(_WORDS)
-    if kind == 0:
-        return f"What is {a} + {b}?", str(a + b)
-    if kind == 1:
-        return f"What is {max(a, b)} - {min(a, b)}?", str(max(a, b) - min(a, b))
-    if kind == 2:
-        return f"What is {a % 10} * {b}?", str((a % 10) * b)
-    if kind == 3:
-        return f"Reverse the word '{word}'.", word[::-1]
-    if kind == 4:
-        words = f"{word} {rng.choice(_WORDS)}"
-        return f"Write '{words}' in capital letters.", words.upper()
-    return f"Sort the letters of '{word}'.", "".join(sorted(word))
-
-
-def demo_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` seeded instruction records in both formats (prompt/response, and chats, some with a system turn)."""
-    rng = random.Random(seed)
-    records: list[dict[str, Any]] = []
-    for _ in range(n):
-        prompt, answer = _demo_task(rng)
-        style = rng.randrange(3)
-        if style == 0:
-            records.append({"prompt": prompt, "response": answer})
-        else:
-            messages = [{"role": "system", "content": _SYSTEM}] if style == 2 else []
-            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            records.append({"messages": messages})
-    return records
 
 
 # ---------------------------------------------------------------------------------------------- the template
@@ -188,28 +103,77 @@ class SpecialTokens:
         return cls(bos, tokenizer.eos_id)
 
 
-def _segments(messages: Sequence[Message]) -> list[tuple[str, bool]]:
-    """The template as (text, is_answer) pieces; each answer's EOS comes after its piece."""
-    out: list[tuple[str, bool]] = []
-    for role, content in messages:
-        out.append((HEADERS[role], False))
-        out.append((content, role == "assistant") if role == "assistant" else (content + TURN_END, False))
-    return out
-
-
-def render(messages: Sequence[Message], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a conversation and a bool mask of the answer tokens (each assistant content and its EOS)."""
+@functools.lru_cache(maxsize=16)
+def _template_tokens(tokenizer: Tokenizer) -> tuple[SpecialTokens, dict[str, str]]:
+    """The special tokens of ``tokenizer`` and their texts (`_reserved_texts`), worked out once per tokenizer, not
+    once per record."""
     special = SpecialTokens.of(tokenizer)
+    return special, _reserved_texts(tokenizer, special)
+
+
+def _reserved_texts(tokenizer: Tokenizer, special: SpecialTokens) -> dict[str, str]:
+    """{text: what it is} for the template's special tokens that a content could spell out: the byte tokenizer's
+    EOS is the NUL character; a tokenizer.json matches its added tokens' text ("</s>") inside any text. (A token of
+    the plain vocabulary is only found by its id, in `_refuse_special`.)"""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {chr(special.eos): "end-of-sequence token (the NUL character, \\u0000)"}
+    added = tokenizer.tok.get_added_tokens_decoder()
+    texts = {}
+    for token_id, name in ((special.eos, "end-of-sequence token"), (special.bos, "beginning-of-sequence token")):
+        if token_id in added and added[token_id].content:
+            texts[added[token_id].content] = f"{name} {show(added[token_id].content)}"
+    return texts
+
+
+def _refuse_special(content: str, piece: list[int], special: SpecialTokens, texts: dict[str, str], where: str,
+                    fields: Sequence[str] | None, index: int) -> None:
+    """A content that holds a special token of the template (it would end an answer, or start a sequence, there
+    without a word) is refused, naming the record and the field."""
+    found = next(((content.find(text), name) for text, name in texts.items() if text in content), None)
+    if found is None and piece and (special.eos in piece or (special.bos is not None and special.bos in piece)):
+        found = (-1, "end-of-sequence or beginning-of-sequence token")
+    if found is None:
+        return
+    at = f" at character {found[0]}" if found[0] >= 0 else ""
+    prefix = f"data.path: {where}: " if where else ""
+    field = fields[index] if fields is not None else f"messages[{index}].content"
+    raise ConfigError(f"{prefix}{field} holds the tokenizer's {found[1]}{at}; the sequence would end or restart "
+                      "there without a word: remove it from the data")
+
+
+def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | None = None, *, where: str = "",
+           fields: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a conversation and a bool mask of the answer tokens (each assistant content and its EOS).
+
+    With ``max_tokens``, the first that many only: no more text than they need is tokenized, so a long record costs
+    the memory of a window. A content that holds one of the template's special tokens is refused (`ConfigError`);
+    ``where`` ("file:line") and ``fields`` (each message's field, "messages[1].content" by default) name it."""
+    special, texts = _template_tokens(tokenizer)
+    limit = max_tokens if max_tokens is not None else float("inf")
     ids: list[int] = [special.bos] if special.bos is not None else []
     answer: list[bool] = [False] * len(ids)
-    for text, is_answer in _segments(messages):
+    for index, (role, content) in enumerate(messages):
+        if len(ids) >= limit:
+            break
+        header = tokenizer.encode(HEADERS[role])
+        ids += header
+        answer += [False] * len(header)
+        is_answer = role == "assistant"
+        text = content if is_answer else content + TURN_END
+        if isinstance(tokenizer, ByteTokenizer) and len(text) > limit - len(ids):
+            # Every character is at least one byte, one token: the cut text still fills the window exactly.
+            text = text[: max(0, int(limit - len(ids)))]
         piece = tokenizer.encode(text) if text else []
+        # The byte tokenizer's ids are the bytes: its text check is exact, and the ids need no second look.
+        _refuse_special(content, [] if isinstance(tokenizer, ByteTokenizer) else piece, special, texts, where, fields,
+                        index)
         ids += piece
         answer += [is_answer] * len(piece)
         if is_answer:
             ids.append(special.eos)
             answer.append(True)
-    return np.asarray(ids, dtype=np.int64), np.asarray(answer, dtype=bool)
+    end = None if max_tokens is None else max_tokens
+    return np.asarray(ids[:end], dtype=np.int64), np.asarray(answer[:end], dtype=bool)
 
 
 def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
@@ -221,12 +185,13 @@ def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int
 
 
 def to_example(ids: np.ndarray, answer: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(input_ids, labels) for next-token prediction, cut to ``max_tokens`` tokens; None if no answer is left."""
+    """(input_ids, labels) for next-token prediction, cut to ``max_tokens`` tokens; None if no answer is left.
+    Both are copies: a view would keep the whole rendered record alive."""
     ids, answer = ids[:max_tokens], answer[:max_tokens]
     labels = np.where(answer[1:], ids[1:], IGNORE_INDEX)
     if not (labels != IGNORE_INDEX).any():
         return None
-    return ids[:-1], labels
+    return ids[:-1].copy(), labels
 
 
 class SFTExamples(Dataset):
@@ -259,12 +224,14 @@ class PadCollate:
 
 
 def tokenize_records(
-    records: Iterable[Sequence[Message]], tokenizer: Tokenizer, seq_len: int
+    records: Iterable[Sequence[Message] | SFTRecord], tokenizer: Tokenizer, seq_len: int
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
-    """Examples of at most ``seq_len`` inputs; also the counts of examples cut short and dropped (no answer left)."""
+    """Examples of at most ``seq_len`` inputs; also the counts of examples cut short and dropped (no answer left).
+    An `SFTRecord` names its file, line and field in the errors of `render`."""
     examples, cut, dropped = [], 0, 0
-    for messages in records:
-        ids, answer = render(messages, tokenizer)
+    for record in records:
+        messages, where, fields = record if isinstance(record, SFTRecord) else (record, "", None)
+        ids, answer = render(messages, tokenizer, seq_len + 2, where=where, fields=fields)  # one more: cut or not
         cut += len(ids) > seq_len + 1
         example = to_example(ids, answer, seq_len + 1)
         if example is None:
@@ -291,19 +258,16 @@ class SFTDataModule(SectionDataModule):
             raise ConfigError("data.tokenizer: sft does not train a BPE tokenizer; use 'byte' or a tokenizer.json")
         return ByteTokenizer() if spec == "byte" else HFTokenizer.from_file(spec)
 
-    def prepare_data(self) -> None:
-        if self.run_dir:  # the run directory rebuilds its tokenizer after the source file is gone
-            copy_tokenizer(self.tokenizer, self.run_dir)
-
-    def save_tokenizer(self, directory: str) -> None:
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
         copy_tokenizer(self.tokenizer, directory)
 
-    def records(self) -> list[list[Message]]:
+    def records(self) -> list[SFTRecord]:
         """The user's records (`data.path`), or the generated demo set."""
         d = self.data
         if d.path:
-            return read_records(d.path, d.max_file_bytes)
-        return [parse_record(r, f"demo record {i}") for i, r in enumerate(demo_records(d.num_samples, self.seed))]
+            return read_located_records(d.path, d.max_file_bytes, max_record_bytes(d.seq_len))
+        demo = demo_records(d.num_samples, self.seed)
+        return [parse_located_record(r, f"demo record {i}") for i, r in enumerate(demo)]
 
     def setup(self, stage: str = "fit") -> None:
         d = self.data
@@ -312,13 +276,17 @@ class SFTDataModule(SectionDataModule):
         num_val = max(1, round(len(records) * d.val_fraction))
         if num_val >= len(records):
             raise ConfigError(f"data.val_fraction: {len(records)} records leave none for training at {d.val_fraction}")
-        val, train = [records[i] for i in order[:num_val]], [records[i] for i in order[num_val:]]
-        train_examples, cut, dropped = tokenize_records(train, self.tokenizer, d.seq_len)
-        val_examples, val_cut, val_dropped = tokenize_records(val, self.tokenizer, d.seq_len)
-        cut, dropped = cut + val_cut, dropped + val_dropped
+        # Tokenized in file order, so that the first bad record of the file is the one reported.
+        examples, cut, dropped = [], 0, 0
+        for record in records:
+            example, was_cut, was_dropped = tokenize_records([record], self.tokenizer, d.seq_len)
+            examples.append(example[0] if example else None)
+            cut, dropped = cut + was_cut, dropped + was_dropped
         if (cut or dropped) and self.rank == 0:
             log.warning("data: %d of %d records are longer than data.seq_len + 1 = %d tokens and were cut; %d of "
                         "them kept no answer token and were dropped", cut, len(records), d.seq_len + 1, dropped)
+        val_examples = [examples[i] for i in order[:num_val] if examples[i] is not None]
+        train_examples = [examples[i] for i in order[num_val:] if examples[i] is not None]
         self.train_set, self.val_set = SFTExamples(train_examples), SFTExamples(val_examples)
         global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:

@@ -154,7 +154,7 @@ def _read_sidecar(path: str) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(read_regular(sidecar, "data.path", 1 << 20))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
         raise ConfigError(f"data.path: cannot read the sidecar {str(sidecar)!r}: {exc}") from None
     if not isinstance(meta, dict) or meta.get("dtype", "uint16") not in _DTYPES:
         raise ConfigError(f"data.path: sidecar {str(sidecar)!r} must give dtype as one of {', '.join(_DTYPES)}")
@@ -281,10 +281,7 @@ class TextDataModule(SectionDataModule):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self._load()
-        if self.run_dir:
-            # The run directory must rebuild its tokenizer even after the cache or the source file is gone.
-            self.save_tokenizer(self.run_dir)
+        self._load()  # the run's copy of the tokenizer is `save_tokenizer`'s, once the run directory exists
 
     def setup(self, stage: str = "fit") -> None:
         if self.store is None:

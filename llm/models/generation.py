@@ -4,6 +4,9 @@
 and yields tokens as they are produced, so a CLI can print them as they arrive; ``generate`` collects it.
 
 Sampling: temperature (0 = greedy), then top-k, then top-p (nucleus), drawn from a seeded ``torch.Generator``.
+A model's vocabulary may be larger than its tokenizer's (the embedding padded to a multiple of 64, say): the ids
+past the tokenizer's are no text, so with ``vocab_limit`` (the tokenizer's size) they are never drawn, greedy
+decoding included; their logits are masked before temperature, top-k and top-p.
 Grad mode and train/eval mode are switched around each forward only, never across a ``yield``, so code running
 between streamed tokens sees the caller's own settings.
 
@@ -81,10 +84,14 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------- sampling
 def sample_next(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, vocab_limit: int | None = None,
 ) -> Tensor:
-    """Next token ids (B,) from last-position ``logits`` (B, V)."""
+    """Next token ids (B,) from last-position ``logits`` (B, V); with ``vocab_limit``, only ids below it."""
     logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        if vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
+        logits = logits[:, :vocab_limit]  # (B, vocab_limit): the ids kept are the first ones, unchanged
     if temperature <= 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits / temperature
@@ -138,6 +145,7 @@ class GenerationMixin:
         use_cache: bool = True,
         prefill_chunk_size: int | None = None,
         on_slide: Callable[[int], None] | None = None,
+        vocab_limit: int | None = None,
     ) -> Iterator[int | Tensor]:
         """Yield generated tokens one step at a time.
 
@@ -150,6 +158,7 @@ class GenerationMixin:
         Each token is predicted from the last ``max_seq_len`` tokens at most (the sliding window of the module
         docstring); ``on_slide(i)`` is called once, before the first token predicted from a window that dropped
         earlier tokens, with that token's 0-based index among the generated ones (0: the prompt alone was longer).
+        ``vocab_limit`` (the tokenizer's vocabulary size) keeps the ids a padded vocabulary adds from being drawn.
         """
         single = input_ids.dim() == 1
         ids = input_ids[None] if single else input_ids  # (B, T)
@@ -184,7 +193,7 @@ class GenerationMixin:
                 slides(step)
                 logits = self._forward_no_grad(ids[:, -window:], None)
             assert logits is not None, "empty prompt: generation needs at least one input token"
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_limit)  # (B,)
             nxt = torch.where(finished, last_stop, nxt)
             if stops.numel():
                 hit = torch.isin(nxt, stops) & ~finished

@@ -9,16 +9,18 @@ needs another value (rank 0's run directory name under torchrun) makes a changed
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llm.artifacts.lock import RunLock
+from llm.artifacts.lock import RunDirInUse, RunLock, live_holder
 from llm.artifacts.rundir import check_run_dir
 from llm.artifacts.runs import read_init_source
 from llm.config import freeze, is_frozen, replace_values
@@ -53,6 +55,7 @@ from llm.training.parallel.distributed import (
     spawn,
     torchrun_env,
 )
+from llm.training.parallel.expert import check_expert_parallel
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -245,6 +248,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     # A task that builds its own scheduler may accept names the registry does not know.
     own_scheduler = task_class.build_scheduler is not TrainingTask.build_scheduler
     validate_config(config, check_scheduler=not own_scheduler)
+    check_world_size(config)
     if not pre.print_config:
         if _saved_run_config(pre, config):
             config.logging.log_dir = ""  # a new run from that run's settings (docs/checkpointing.md, Resume rules)
@@ -256,8 +260,26 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, type[TrainingTa
     return freeze(config), task_class, pre.print_config
 
 
-def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
-    """Console logging (rank 0 at `level`, other ranks warnings only) plus `RUN_DIR/train.log`."""
+def job_world_size(config: Config) -> int:
+    """The number of processes the job will run: torchrun's WORLD_SIZE, else `distributed.nproc_per_node`."""
+    env = torchrun_env()
+    return env[1] if env is not None else config.distributed.nproc_per_node
+
+
+def check_world_size(config: Config) -> None:
+    """What the number of processes decides, refused before any process starts: the expert-parallel degree must
+    divide it (the config alone could not tell)."""
+    dist = config.distributed
+    check_expert_parallel(dist.expert_parallel, job_world_size(config), config.model, dist.strategy)
+
+
+def setup_logging(rank: int, level: str, run_dir: Path | None = None,
+                  earlier: _EarlyLines | None = None) -> _EarlyLines | None:
+    """Console logging (rank 0 at `level`, other ranks warnings only) plus `RUN_DIR/train.log`.
+
+    Without `run_dir` (the run is being set up and its directory does not exist yet), rank 0 also keeps the lines
+    for train.log and returns them; pass them as `earlier` once the directory exists and train.log starts with
+    them."""
     logger = logging.getLogger("llm")
     logger.handlers.clear()
     logger.propagate = False
@@ -269,10 +291,32 @@ def setup_logging(rank: int, level: str, run_dir: Path | None = None) -> None:
     # Lines the progress bar already shows go to train.log only (loggers.FILE_ONLY).
     console.addFilter(lambda record: getattr(record, "console", True))
     logger.addHandler(console)
-    if run_dir is not None and rank == 0:
-        file_handler = RunLogHandler(run_dir / "train.log")  # never through a link planted there
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
+    if rank != 0:
+        return None
+    if run_dir is None:
+        early = _EarlyLines()
+        logger.addHandler(early)
+        return early
+    file_handler = RunLogHandler(run_dir / "train.log")  # never through a link planted there
+    file_handler.setFormatter(fmt)
+    for record in earlier.records if earlier is not None else ():
+        file_handler.handle(record)
+    logger.addHandler(file_handler)
+    return None
+
+
+class _EarlyLines(logging.Handler):
+    """Keeps the log records of a run's set-up for its train.log, which is made after set-up (the most recent
+    `MAX_RECORDS`: a set-up that logs without end cannot fill the memory)."""
+
+    MAX_RECORDS = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=self.MAX_RECORDS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -320,49 +364,119 @@ def _saved_run_config(pre: Any, config: Config) -> bool:
 
 
 def train_worker(rank: int, world_size: int, config: Config, task_class: type[TrainingTask]) -> dict[str, Any]:
-    """One training process: join the process group, build everything, run the engine."""
+    """One training process: join the process group, set the run up, then make its directory and run it.
+
+    Everything that can refuse a run's inputs is built first: the data (read, tokenized, split), the model, its
+    LoRA adapters, the parallel layout, the optimizer and the schedule (`TrainingEngine.setup`). Only then is the
+    run directory locked, made and logged into, so a refusal there is one line that leaves nothing behind: no run
+    directory, no train.log, no lock file. The lines logged meanwhile reach train.log once it exists. A refusal
+    after that, before anything but train.log was written (a checkpoint that `checkpoint.resume` names refused for
+    a new run), removes the directory again if this run made it (`_remove_unused_run_dir`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(config.training.device, local_rank)
     dist_cfg = config.distributed
     init_process_group(rank, world_size, dist_cfg.backend, device, dist_cfg.timeout_minutes)
     lock: RunLock | None = None
+    made: Path | None = None  # the outermost folder this run makes for its run directory (None: it existed)
+    refused = False
     try:
         # torchrun starts every process on its own; rank 0's run directory name is everyone's.
         log_dir = broadcast_object(config.logging.log_dir)
         if log_dir != config.logging.log_dir:
             config = replace_values(config, {"logging.log_dir": log_dir})
-        lock = _lock_run_dir(rank, Path(config.logging.log_dir))  # before anything is written into it
+        run_dir = Path(config.logging.log_dir)
+        _refuse_on_every_rank(rank, lambda: _check_not_in_use(run_dir))  # before minutes of set-up for nothing
+        early = setup_logging(rank, config.logging.level)  # the console now; train.log once the directory exists
+        engine = build_engine(config, task_class, rank, world_size)
+        engine.setup()  # every refusal of the data, model, adapters and layout: nothing is written before this
+        made = _first_missing(run_dir) if rank == 0 else None
+        lock = _lock_run_dir(rank, run_dir)  # before anything is written into it
         if rank == 0:
             prepare_run_dir(config, write_config=False)  # the engine writes config.yaml once resume checks pass
         barrier()
-        setup_logging(rank, config.logging.level, Path(config.logging.log_dir))
+        setup_logging(rank, config.logging.level, run_dir, earlier=early)
         if lock is not None and lock.replaced:
             logging.getLogger("llm").warning("%s", lock.replaced)
-        return build_engine(config, task_class, rank, world_size).run()
+        return engine.run()
     except Exception as exc:
+        refused = isinstance(exc, UserError)
         if world_size > 1:
             claim_failure_report(exc, rank)  # needs the group's store: decide who reports before it goes away
         raise
     finally:
         if lock is not None:
             lock.release()  # after a normal end, a failure, or a SIGTERM stop (the engine returns then)
+        if refused and made is not None and lock is not None:
+            _remove_unused_run_dir(Path(config.logging.log_dir), made)
         destroy_process_group()
 
 
-def _lock_run_dir(rank: int, run_dir: Path) -> RunLock | None:
-    """Rank 0 takes the run directory's lock (see runlock.py); every rank raises its refusal, so that the job
-    reports it once and no rank waits for a rank 0 that has given up. Returns rank 0's lock, None elsewhere."""
-    lock, refusal = None, None
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (`path` itself, or a parent), None if it exists."""
+    missing, current = None, path.absolute()
+    while not os.path.lexists(current) and current != current.parent:
+        missing, current = current, current.parent
+    return missing
+
+
+def _remove_unused_run_dir(run_dir: Path, made: Path) -> None:
+    """Remove a run directory this run made, and the folders made for it up to `made`, when it holds nothing but
+    the run's own train.log (a refusal that came after the directory was made): a refused run leaves no empty run
+    directory behind. Anything else in it is kept."""
+    if made not in (run_dir.absolute(), *run_dir.absolute().parents):
+        return
+    log_file = os.path.abspath(run_dir / "train.log")
+    logger = logging.getLogger("llm")
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_file:
+            logger.removeHandler(handler)
+            handler.close()
+    try:
+        if set(os.listdir(run_dir)) - {"train.log"}:
+            return
+        Path(log_file).unlink(missing_ok=True)
+        current = run_dir.absolute()
+        while True:
+            current.rmdir()  # only ever an empty folder
+            if current == made:
+                return
+            current = current.parent
+    except OSError:
+        return  # not empty after all, or not ours to remove: leave it
+
+
+def _check_not_in_use(run_dir: Path) -> None:
+    """Refuse a run directory that a live run holds (a quick look; `RunLock` decides for good after set-up)."""
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise RunDirInUse(f"logging.log_dir: {run_dir} is in use by {holder.describe()}; wait for it, or pick "
+                          "another --logging-log-dir")
+
+
+def _refuse_on_every_rank(rank: int, check: Callable[[], Any]) -> Any:
+    """Run `check` on rank 0 and raise its `UserError` on every rank, so that the job reports it once and no rank
+    waits for a rank 0 that has given up. Returns what `check` returned on rank 0 (None elsewhere)."""
+    result, refusal = None, None
     if rank == 0:
-        lock = RunLock(run_dir)
         try:
-            lock.acquire()
+            result = check()
         except UserError as exc:
             refusal = exc
     refusal = broadcast_object(refusal)
     if refusal is not None:
         raise refusal
-    return lock
+    return result
+
+
+def _lock_run_dir(rank: int, run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (see llm/artifacts/lock.py); every rank raises its refusal. Returns
+    rank 0's lock, None elsewhere."""
+    def take() -> RunLock:
+        lock = RunLock(run_dir)
+        lock.acquire()
+        return lock
+
+    return _refuse_on_every_rank(rank, take)
 
 
 class _WorkerFailed(Exception):
@@ -411,6 +525,22 @@ class _forwarding_stop_signals:  # noqa: N801  (used as a `with` block, like con
                 pass  # it has just ended
 
 
+class _quiet_spawn_log:  # noqa: N801  (a `with` block, like _forwarding_stop_signals)
+    """While spawned workers run, torch's routine line that it terminates the others after one failed is not shown:
+    the failed worker has reported its error (one line for a user error), and the launcher's exit status says it.
+    Its other warnings (a worker that had to be killed) still are."""
+
+    @staticmethod
+    def _routine(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Terminating process")
+
+    def __enter__(self) -> None:
+        logging.getLogger("torch.multiprocessing.spawn").addFilter(self._routine)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("torch.multiprocessing.spawn").removeFilter(self._routine)
+
+
 def _exit_cleanly() -> None:
     """End a finished multi-process worker without running C++ static destructors.
 
@@ -448,7 +578,7 @@ def launch(config: Config, task_class: type[TrainingTask]) -> None:
             _exit_cleanly()
     elif config.distributed.nproc_per_node > 1:
         check_processes_fit_devices(config.training.device, config.distributed.nproc_per_node)
-        with _forwarding_stop_signals():
+        with _forwarding_stop_signals(), _quiet_spawn_log():
             spawn(_spawned_worker, config.distributed.nproc_per_node, (config, task_class),
                   config.distributed.master_port)
     else:

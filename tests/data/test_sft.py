@@ -14,7 +14,9 @@ from llm.data.sft import (
     PadCollate,
     SFTDataModule,
     demo_records,
+    max_record_bytes,
     parse_record,
+    read_located_records,
     read_records,
     render,
     render_prompt,
@@ -158,3 +160,88 @@ def test_data_module_splits_the_records_and_checks_the_global_batch(tmp_path):
     config.training.batch_size = 500
     with pytest.raises(ConfigError, match="training.batch_size: 180 training examples"):
         SFTDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed).setup()
+
+
+# ------------------------------------------------------------------------------------- untrusted records (issue 22)
+def test_a_50_mb_record_is_refused_in_bounded_memory(tmp_path):
+    """One 50 MB line: refused by its line number after reading at most the cap (1 MiB for data.seq_len 160),
+    not parsed; the peak of Python allocations stays a few MiB."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    good = json.dumps({"prompt": "p", "response": "r"}) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(good)
+        f.write('{"prompt": "' + "x" * (50 << 20) + '", "response": "y"}\n')
+    cap = max_record_bytes(160)
+    assert cap == 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=rf"^data\.path: {re.escape(str(path))}:2: the record is longer than "
+                                              rf"{cap} bytes"):
+            read_located_records(str(path), max_line=cap)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * cap, peak
+    assert max_record_bytes(100_000) == 64 * 100_001  # a long window takes longer records
+
+
+def test_rendering_a_long_record_tokenizes_only_its_window():
+    import tracemalloc
+
+    messages = [("user", "q"), ("assistant", "a" * (8 << 20))]  # 8 MiB of answer: 64 MiB as int64 ids
+    tracemalloc.start()
+    try:
+        ids, answer = render(messages, BYTES, max_tokens=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(ids) == len(answer) == 100 and peak < 1 << 20, peak
+    full, _ = render(messages[:1] + [("assistant", "a" * 200)], BYTES)
+    assert np.array_equal(ids, full[:100])  # the cut text gives exactly the first tokens of the whole one
+    example = to_example(ids, answer, 50)
+    assert example is not None and example[0].base is None  # a copy: the rendered record is not kept alive
+
+
+def test_records_are_lines_split_at_newlines_only(tmp_path):
+    """U+2028 and U+0085 inside a JSON string are line breaks to str.splitlines, not to JSONL; a BOM, CRLF and a
+    surrogate pair escape are valid too."""
+    path = tmp_path / "odd.jsonl"
+    records = [{"prompt": "a\u2028b\u0085c", "response": "\\ud83d\\ude00"}, {"prompt": "q", "response": "r"}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False).replace("\\\\", "\\") for r in records)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8") + b"\r\n")
+    located = read_located_records(str(path))
+    assert [r.where for r in located] == [f"{path}:1", f"{path}:2"]
+    assert located[0].messages == [("user", "a\u2028b\u0085c"), ("assistant", "\U0001F600")]
+
+
+def test_a_bad_record_is_named_in_file_order_whatever_the_split(tmp_path):
+    """The first bad record of the file is the one reported, though the split shuffles the records."""
+    config = Config(task="sft")
+    good = json.dumps({"prompt": "p", "response": "r"})
+    lines = [good] * 20 + ['{"prompt": "p", "response": "a\\u0000"}', '{"prompt": "\\u0000", "response": "r"}']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config.data.path = str(tmp_path / "d.jsonl")
+    dm = SFTDataModule(config.data, batch_size=2, seed=config.seed)
+    with pytest.raises(ConfigError, match=r"d\.jsonl:21: response holds the tokenizer's end-of-sequence token"):
+        dm.setup()
+
+
+def test_a_special_token_in_a_prompt_given_to_render_names_the_message():
+    with pytest.raises(ConfigError, match=r"^messages\[0\]\.content holds the tokenizer's end-of-sequence token"):
+        render_prompt([("user", "stop\x00here")], BYTES)
+
+
+def test_an_eos_of_the_plain_vocabulary_is_refused_by_its_id_only_where_it_tokenizes_so(tmp_path):
+    """A tokenizer.json whose "</s>" is a plain vocabulary entry, not an added token: "end</s>" is one unknown word,
+    harmless; "</s>" standing alone is the EOS id in the content, refused."""
+    words = ["###", "User:", "Assistant:", "q", "end", "<unk>", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    ids, _ = render([("user", "q"), ("assistant", "end</s>")], hf)
+    assert list(ids).count(hf.eos_id) == 1  # only the template's own, after the answer
+    with pytest.raises(ConfigError, match=r"^data\.path: f:3: response holds the tokenizer's end-of-sequence or "):
+        render([("user", "q"), ("assistant", "end </s>")], hf, where="f:3", fields=("prompt", "response"))

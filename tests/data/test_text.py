@@ -105,6 +105,8 @@ def test_bpe_tokenizer_is_trained_cached_copied_and_round_trips(tmp_path):
     for text in [*CORPUS, "unseen: ∮ E⋅da = Q, ✓ \t\n  spaces  "]:
         assert tok.decode(tok.encode(text)) == text
     assert (dm.cache_path / "tokenizer.json").is_file()
+    assert not (tmp_path / "run" / "tokenizer.json").exists()  # set-up writes nothing into the run directory
+    dm.save_tokenizer(tmp_path / "run")  # the engine's call once the run starts
     assert (tmp_path / "run" / "tokenizer.json").is_file()  # the run is self-contained
     # BPE merges make fewer tokens than bytes; bpb accounting knows by how much.
     assert dm.store.num_tokens < sum(len(d.encode()) + 1 for d in CORPUS)
@@ -119,6 +121,7 @@ def test_tokenizer_json_by_path_is_used_and_copied(tmp_path):
     config.logging.log_dir = str(tmp_path / "run")
     dm = setup_dm(config)
     assert dm.tokenizer.fingerprint == trained.fingerprint
+    dm.save_tokenizer(tmp_path / "run")
     assert (tmp_path / "run" / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
 
 

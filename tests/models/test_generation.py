@@ -92,6 +92,21 @@ def test_sample_next_filters():
     assert int(sample_next(logits, 0.0)) == 0
 
 
+def test_a_padded_vocabulary_never_yields_an_id_past_the_tokenizers():
+    """The model has 4 ids, the tokenizer 2: ids 2 and 3 are no text, even where they are the likeliest."""
+    logits = torch.tensor([[0.0, 1.0, 9.0, 8.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert int(sample_next(logits, 0.0, vocab_limit=2)) == 1  # greedy: the best decodable id, not the best id
+    draws = {int(sample_next(logits, 1.0, top_k=3, generator=gen, vocab_limit=2)) for _ in range(200)}
+    assert draws == {0, 1}
+    assert {int(sample_next(logits, 1.0, generator=gen)) for _ in range(200)} >= {2, 3}  # without the limit
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(vocab_size=300).eval()
+    out = model.generate(torch.tensor([1, 2, 3]), 60, temperature=2.0, seed=0, vocab_limit=256)
+    assert int(out.max()) < 256
+    assert int(model.generate(torch.tensor([1, 2, 3]), 60, temperature=2.0, seed=0).max()) >= 256
+
+
 # -- the context window slides ---------------------------------------------------------------------------------
 def next_greedy(model: DecoderModel, ids: torch.Tensor) -> torch.Tensor:
     """A fresh greedy prediction from `ids` (B, T), no cache: the reference a slid window must reproduce."""

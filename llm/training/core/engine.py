@@ -298,8 +298,10 @@ class TrainingEngine:
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Set up, resume, train, validate, save; returns the last validation logs."""
-        self.setup()
+        """Set up (unless `setup` was called already), resume, train, validate, save; returns the last validation
+        logs."""
+        if self.checkpointer is None:
+            self.setup()
         try:
             resumed = self.checkpointer.maybe_resume()
             idle = self._nothing_to_train() if resumed is not None else None
@@ -365,7 +367,9 @@ class TrainingEngine:
                 f"written (raise {flag} to train further{fresh})")
 
     def _write_run_config(self) -> None:
-        """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it)."""
+        """`RUN_DIR/config.yaml`, the resolved config of this run (atomically: a reader never sees half of it), and
+        the data module's tokenizer (`save_tokenizer`), so the run directory decodes its ids after the source file
+        or the token cache is gone."""
         if not self.is_global_zero:
             return
         try:
@@ -373,6 +377,12 @@ class TrainingEngine:
             atomic_write(self.run_dir / "config.yaml", self.config.to_yaml())  # via config.yaml.tmp
         except OSError as exc:
             raise UserError(f"logging: {write_failure(exc, self.run_dir / 'config.yaml')}") from None
+        save_tokenizer = getattr(self.data_module, "save_tokenizer", None)
+        if save_tokenizer is not None:
+            try:
+                save_tokenizer(self.run_dir)
+            except OSError as exc:
+                raise UserError(f"logging: {write_failure(exc, self.run_dir / 'tokenizer.json')}") from None
 
     def _fit(self) -> None:
         while not self._done():

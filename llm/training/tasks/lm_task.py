@@ -203,7 +203,7 @@ class TextSampler(Callback):
             prompt = torch.tensor(ids, dtype=torch.long)
             out = model.generate(
                 prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, stop_tokens=stops,
-                seed=self.seed + i,
+                seed=self.seed + i, vocab_limit=tokenizer.vocab_size,  # a padded vocabulary's extra ids are no text
             )
             new = out[len(ids) :].tolist()
             if stops and new and new[-1] == stops[0]:
