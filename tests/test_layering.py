@@ -171,6 +171,8 @@ def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
         (("llm.errors",), lambda t: True, "the base layer imports nothing from llm"),
         (("llm.registry",), lambda t: t != "llm.errors", "the registry imports only llm.errors"),
         (("llm.fs",), lambda t: t != "llm.errors", "the file rule imports only llm.errors"),
+        (("llm.pidlock",), lambda t: t not in ("llm.errors", "llm.fs", "llm.untrusted"),
+         "the pid-file lock imports only llm.errors, llm.fs and llm.untrusted"),
         (("llm.config",), lambda t: not _in(t, "llm.errors", "llm.config"), "the config layer imports only llm.errors"),
         (("llm.models", "llm.data"), lambda t: _in(t, "llm.training", "llm.artifacts", *CLIS),
          "models and data sit below artifacts and training"),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY_REGRESSION, make_config, read_metrics
 
+from llm import pidlock
 from llm.artifacts import lock as runlock
 from llm.artifacts.lock import LOCK_NAME, LockHolder, RunDirInUse, RunLock, live_holder, stale_reason
 from llm.errors import UserError
@@ -83,11 +84,11 @@ def test_stale_rules(tmp_path):
     host, path = socket.gethostname(), _write_lock(tmp_path, LockHolder(1, "h", 0.0))
     assert "is not running" in stale_reason(LockHolder(_dead_pid(), host, time.time()), path)
     parent = os.getppid()  # alive; its start time is known from /proc on Linux
-    stat = runlock._proc_stat(parent)
-    assert stale_reason(LockHolder(parent, host, time.time(), None, stat and stat[1]), path) is None
-    if stat is not None:
-        assert "another process" in stale_reason(LockHolder(parent, host, time.time(), None, stat[1] + 1), path)
-    if runlock._boot_id() is not None:
+    start = pidlock.proc_start(parent)
+    assert stale_reason(LockHolder(parent, host, time.time(), None, start), path) is None
+    if start is not None:
+        assert "another process" in stale_reason(LockHolder(parent, host, time.time(), None, start + 1), path)
+    if pidlock.boot_id() is not None:
         assert "rebooted" in stale_reason(LockHolder(parent, host, time.time(), "another-boot"), path)
     # Our own pid in a lock this process did not take: left by an earlier process with the same pid.
     assert "earlier" in stale_reason(LockHolder(os.getpid(), host, time.time()), path)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from llm import pidlock
 from llm.data import prepare_lock
 from llm.data import shards as shards_mod
 from llm.data.prepare import PrepareOptions, main, prepare
@@ -65,7 +66,7 @@ def one_error(capsys: pytest.CaptureFixture) -> str:
 # ---------------------------------------------------------------------------------------------------- the lock
 def _holder_record(pid: int, host: str | None = None) -> str:
     return json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": time.time(),
-                       "proc_start": prepare_lock._proc_start(pid)})
+                       "proc_start": pidlock.proc_start(pid)})
 
 
 def test_a_second_preparation_of_a_slice_is_locked_out(tmp_path, capsys):

@@ -177,6 +177,25 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, args, fragment):
     assert err.startswith("error: ") and "\n" not in err and fragment in err, err
 
 
+@pytest.mark.parametrize("kind, why", [("fifo", "is not a regular file (a FIFO)"),
+                                       ("directory", "is not a regular file (a directory)")])
+def test_a_slice_lock_that_is_no_lock_file_is_one_line_and_left_alone(tmp_path, capsys, kind, why):
+    """Read as the run lock is (llm/pidlock.py): a FIFO is never opened (that would hang), nothing is removed."""
+    root, _ = corpus_files(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".prepare-00000.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    assert main([str(root), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: OUT: its lock {str(lock)!r} {why}, not a lock file a preparation writes; remove it if no " \
+        "preparation is using the directory", err
+    assert os.listdir(out) == [lock.name]
+
+
 def test_progress_logs_rates_and_eta_without_a_terminal(caplog):
     progress = Progress(1000, "data: tokenizing", every_s=0.0, bar=False)
     with caplog.at_level(logging.INFO, logger="llm"):
