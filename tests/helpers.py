@@ -53,6 +53,11 @@ def call_main(main: Callable[[list[str]], int | None], args: list[str], cwd: Pat
     out, err = io.StringIO(), io.StringIO()
     llm_logger = logging.getLogger("llm")
     saved_logger = (list(llm_logger.handlers), llm_logger.level, llm_logger.propagate)
+    # A fresh process has no handlers on it: one an earlier in-process run left (a console handler writing to
+    # whatever sys.stderr is now) would otherwise add its lines to this call's stderr.
+    llm_logger.handlers[:] = []
+    llm_logger.setLevel(logging.NOTSET)
+    llm_logger.propagate = True
     old_cwd = os.getcwd()
     os.chdir(cwd)
     try:
