@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -163,3 +165,30 @@ def poison_task(*positions: tuple[int, int], factor: float = float("nan")) -> ty
             return (loss * factor if (position.epoch, position.batch) in self.poisoned else loss), metrics
 
     return PoisonTask
+
+
+def disk_filling_open(fails: Callable[[str, str], bool]) -> Callable[..., Any]:
+    """A stand-in for `open` (monkeypatch it over `builtins.open`): a file for which `fails(path, mode)` holds
+    takes half of its first write and then raises ENOSPC, as a disk filling up mid-file does."""
+    real_open = builtins.open
+
+    class HalfWritten:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: Any) -> int:
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self) -> HalfWritten:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    def half_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(path, mode, *args, **kwargs)
+        return HalfWritten(f) if fails(str(path), mode) else f
+
+    return half_open

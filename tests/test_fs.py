@@ -9,6 +9,7 @@ import stat
 import time
 
 import pytest
+from helpers import disk_filling_open
 
 from llm import fs
 
@@ -30,29 +31,7 @@ def test_atomic_write_replaces_the_content_and_leaves_no_temp(tmp_path):
 def test_a_write_failing_half_way_keeps_the_old_content(tmp_path, monkeypatch):
     target = tmp_path / "best.json"
     fs.atomic_write(target, '{"step": 1}')
-    real_open = open
-
-    class HalfWritten:
-        """A file whose write lands half the bytes and then fails, like a disk filling up mid-file."""
-
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def half_open(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return HalfWritten(f) if "w" in mode else f
-
+    half_open = disk_filling_open(lambda path, mode: "w" in mode)
     monkeypatch.setattr("builtins.open", half_open)
     with pytest.raises(OSError) as info:
         fs.atomic_write(target, '{"step": 2, "dir": "step-00000002"}')

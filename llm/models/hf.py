@@ -349,25 +349,36 @@ def scan_weights(path: str | Path) -> HFWeights:
     return HFWeights(tuple(files), shapes, location)
 
 
+def _our_name(key: str) -> tuple[str, tuple[int, int, str] | None]:
+    """DecoderModel's name for the HF tensor `key`, and for a per-expert weight (whose experts are stacked into
+    one tensor) its (layer, expert, w1|w2|w3) instead; an `HFFormatError` for a tensor neither model has."""
+    if m := _EXPERT.match(key):
+        return "", (int(m[1]), int(m[2]), m[3])
+    if m := _FUSED.match(key):
+        return f"layers.{m[1]}.mlp.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}", None
+    if m := _ROUTER.match(key):
+        return f"layers.{m[1]}.mlp.gate.weight", None
+    if key.startswith("model."):
+        return key.removeprefix("model."), None
+    if key == "lm_head.weight":
+        return key, None
+    raise HFFormatError(f"holds an unexpected tensor {show(key)} for a Llama/Mixtral model")
+
+
 def _shapes_from_hf(shapes: dict[str, tuple[int, ...]], cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The shapes `_state_dict_from_hf` would make, in DecoderModel's names, from the headers alone."""
     out: dict[str, tuple[int, ...]] = {}
     experts: dict[int, dict[int, dict[str, tuple[int, ...]]]] = {}
     for key, shape in shapes.items():
-        if m := _EXPERT.match(key):
-            experts.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = shape
-        elif m := _FUSED.match(key):
+        name, expert = _our_name(key)
+        if expert is not None:
+            experts.setdefault(expert[0], {}).setdefault(expert[1], {})[expert[2]] = shape
+        elif _FUSED.match(key):
             if len(shape) != 3:
                 raise HFFormatError(f"has {key} of shape {shape}: fused experts are (experts, rows, columns)")
-            out[f"layers.{m[1]}.mlp.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}"] = (shape[0], *shape[:0:-1])
-        elif m := _ROUTER.match(key):
-            out[f"layers.{m[1]}.mlp.gate.weight"] = shape
-        elif key.startswith("model."):
-            out[key.removeprefix("model.")] = shape
-        elif key == "lm_head.weight":
-            out[key] = shape
+            out[name] = (shape[0], *shape[:0:-1])
         else:
-            raise HFFormatError(f"holds an unexpected tensor {show(key)} for a Llama/Mixtral model")
+            out[name] = shape
     count = cfg.get("num_experts") if cfg.get("use_moe") else None
     for layer, per in sorted(experts.items()):
         if count is None:
@@ -472,19 +483,13 @@ def _state_dict_from_hf(hf: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str,
     out: dict[str, Tensor] = {}
     experts: dict[tuple[int, int], dict[str, Tensor]] = {}
     for key, t in hf.items():
-        if m := _EXPERT.match(key):
-            experts.setdefault((int(m[1]), int(m[2])), {})[m[3]] = t
-        elif m := _FUSED.match(key):
-            name = "w_gate_up" if m[2] == "gate_up_proj" else "w_down"
-            out[f"layers.{m[1]}.mlp.{name}"] = t.transpose(1, 2).contiguous()  # (E, H, 2I) / (E, I, H)
-        elif m := _ROUTER.match(key):
-            out[f"layers.{m[1]}.mlp.gate.weight"] = t
-        elif key.startswith("model."):
-            out[key.removeprefix("model.")] = t
-        elif key == "lm_head.weight":
-            out[key] = t
+        name, expert = _our_name(key)
+        if expert is not None:
+            experts.setdefault(expert[:2], {})[expert[2]] = t
+        elif _FUSED.match(key):
+            out[name] = t.transpose(1, 2).contiguous()  # (E, H, 2I) / (E, I, H)
         else:
-            raise KeyError(f"unexpected tensor {key!r} in Hugging Face checkpoint")
+            out[name] = t
     for layer in sorted({i for i, _ in experts}):
         per = [experts.get((layer, e)) for e in range(cfg["num_experts"])]
         if any(p is None or set(p) != {"w1", "w2", "w3"} for p in per):

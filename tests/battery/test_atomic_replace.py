@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CKPT, TINY_REGRESSION, call_main
+from helpers import CKPT, TINY_REGRESSION, call_main, disk_filling_open
 from safetensors.torch import save_model
 
 from llm import export, fs
@@ -343,26 +343,8 @@ def test_a_rerun_rewrites_config_yaml_whole(finished):
 @pytest.mark.parametrize("failure", ["disk-full", "killed-before-rename"])
 def test_a_rerun_failing_while_it_rewrites_config_yaml_keeps_the_old_one(finished, monkeypatch, failure):
     old = (finished / "config.yaml").read_bytes()
-    real_open, real_publish = open, fs.publish
-
-    class HalfWritten:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def half_open(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return HalfWritten(f) if str(path).endswith("config.yaml.tmp") else f
+    real_publish = fs.publish
+    half_open = disk_filling_open(lambda path, mode: path.endswith("config.yaml.tmp"))
 
     def publish(tmp, target, **kwargs):
         if Path(target).name == "config.yaml":
