@@ -1,6 +1,9 @@
 """Export a trained DecoderModel run, checkpoint or weights file to another format.
 
     python -m llm.export RUN_OR_CKPT --to hf OUT_DIR [--dtype bf16] [--max-shard-size 2GB] [--overwrite]
+    python -m llm.export RUN_OR_CKPT --to gguf OUT.gguf [--dtype f32|f16|bf16|q8_0] [--overwrite]
+
+(``--to gguf``: one llama.cpp file, see `llm.export_gguf`; the rest of this docstring is about ``--to hf``.)
 
 The source is read by `llm.artifacts.runs.load_run`, as by every tool: a run directory (its final
 ``model.safetensors``, else its newest complete checkpoint; never a half-written ``.tmp-*`` one), a checkpoint
@@ -46,13 +49,13 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 
 from llm import fs
 from llm.artifacts.runs import RunFiles, load_run, resolve_run
-from llm.data.tokenizers import EOS_TOKEN, ByteTokenizer, Tokenizer
+from llm.data.tokenizers import ByteTokenizer, Tokenizer, byte_level_tokenizer
 from llm.errors import UserError
 from llm.models.decoder import DecoderModel
 from llm.models.hf import INDEX_NAME, save_hf
@@ -219,27 +222,6 @@ def commit(tmp: Path, out_dir: str | Path, files: RunFiles, overwrite: bool) -> 
         fs.replace_dir(tmp, target, _aside(target))
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte: what the `tokenizers` ByteLevel pre-tokenizer and decoder use."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def byte_level_tokenizer() -> Any:
-    """A `tokenizers.Tokenizer` whose ids are ByteTokenizer's: id = byte value, no merges; id 0 (the document
-    separator) is the special token ``<|endoftext|>`` instead of the NUL byte."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {char: byte for byte, char in _byte_to_unicode().items() if byte != 0}
-    vocab[EOS_TOKEN] = ByteTokenizer.eos_id
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
-    return tok
-
-
 def write_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, max_length: int) -> dict[str, int | None]:
     """The run's tokenizer as transformers reads it (tokenizer.json, tokenizer_config.json, special_tokens_map.json);
     returns the bos/eos/pad ids for config.json and generation_config.json."""
@@ -310,16 +292,28 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m llm.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="run directory, checkpoint directory or model.safetensors file")
-    parser.add_argument("--to", required=True, choices=["hf"], help="target format (hf: Llama/Mixtral layout)")
-    parser.add_argument("out_dir", help="directory to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights before writing (default: as stored)")
+    parser.add_argument("--to", required=True, choices=["hf", "gguf"],
+                        help="target format (hf: Llama/Mixtral directory; gguf: one llama.cpp file)")
+    parser.add_argument("out_dir", help="directory to write (--to gguf: the .gguf file)")
+    parser.add_argument("--dtype", help=f"cast weights before writing (default: as stored); hf: "
+                        f"{', '.join(sorted(DTYPES))}; gguf: f32, f16, bf16, q8_0")
     parser.add_argument("--max-shard-size", help="split weights into shards of at most this size, e.g. 2GB")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous export in OUT_DIR (its other files, e.g. a README, are kept)")
     try:
         args = parser.parse_args(argv)
-        shard = _parse_size(args.max_shard_size) if args.max_shard_size else None
-        out = export_hf(args.source, args.out_dir, DTYPES.get(args.dtype or ""), shard, args.overwrite)
+        if args.to == "gguf":
+            from llm.export_gguf import export_gguf  # the gguf package is an optional extra
+
+            if args.max_shard_size:
+                raise ExportError("--max-shard-size applies to --to hf; a GGUF export is one file")
+            out = export_gguf(args.source, args.out_dir, args.dtype, args.overwrite)
+        else:
+            if args.dtype is not None and args.dtype not in DTYPES:
+                raise ExportError(f"argument --dtype: invalid choice: {args.dtype!r} (choose from "
+                                  f"{', '.join(sorted(DTYPES))})")
+            shard = _parse_size(args.max_shard_size) if args.max_shard_size else None
+            out = export_hf(args.source, args.out_dir, DTYPES.get(args.dtype or ""), shard, args.overwrite)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,6 +166,27 @@ def resolve_vocab_size(tokenizer_spec: str, bpe_vocab_size: int) -> int:
         # A small corpus may stop BPE short of this size; the spare rows of the embedding are harmless.
         return bpe_vocab_size
     return HFTokenizer.from_file(tokenizer_spec).vocab_size
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte: what the `tokenizers` ByteLevel pre-tokenizer and decoder use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def byte_level_tokenizer() -> Any:  # a tokenizers.Tokenizer (imported lazily)
+    """A `tokenizers.Tokenizer` whose ids are ByteTokenizer's: id = byte value, no merges; id 0 (the document
+    separator) is the special token ``<|endoftext|>`` instead of the NUL byte."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _byte_to_unicode().items() if byte != 0}
+    vocab[EOS_TOKEN] = ByteTokenizer.eos_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    return tok
 
 
 def load_tokenizer(spec: str, search_dirs: Iterable[str | os.PathLike] = ()) -> Tokenizer:
