@@ -19,8 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 MODEL_CFG = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
                  max_seq_len=64)
-# What q8_0 may move the logits of this model (|logits| up to ~0.7) from the run's fp32 logits: measured 0.006,
-# documented in docs/export.md as ~1% of the logits' range.
+# How far q8_0 may move the logits from the run's fp32 ones, as a fraction of the largest |logit|: measured 0.9%
+# here and 1.7% at hidden size 256 (docs/export.md states the bound).
 Q8_0_BOUND = 0.02
 
 
@@ -67,7 +67,7 @@ def test_gguf_loads_in_transformers_with_the_runs_logits(tmp_path, dtype):
             reference = _rounded(model, torch.float16 if dtype == "f16" else torch.bfloat16)(ids)
             assert (theirs - reference).abs().max() <= 1e-3
         else:
-            assert 0 < (theirs - ours).abs().max() <= Q8_0_BOUND
+            assert 0 < (theirs - ours).abs().max() <= Q8_0_BOUND * ours.abs().max()
 
 
 def test_byte_tokenizer_round_trips_through_gguf(tmp_path):

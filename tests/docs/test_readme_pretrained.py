@@ -49,7 +49,7 @@ def commands(code: str) -> list[list[str]]:
 def test_the_section_is_there_with_every_step():
     blocks = section_blocks()
     modules = [cmd[2] for lang, code in blocks if lang == "bash" for cmd in commands(code)]
-    assert modules == ["llm.training.train"] * 3 + ["llm.evaluate", "llm.export"]
+    assert modules == ["llm.training.train"] * 3 + ["llm.evaluate", "llm.export", "llm.export"]  # hf, then gguf
     assert any(lang == "python" and "pipeline(" in code for lang, code in blocks)
 
 
@@ -80,8 +80,9 @@ def test_every_command_runs(tmp_path, monkeypatch, capsys):
         elif lang == "python":
             exec(compile(code, "README.md", "exec"), {})  # noqa: S102  (the README's own snippet)
             ran.append("python")
-    assert ran.count("llm.training.train") >= 2 and ran[-3:] == ["llm.evaluate", "llm.export", "python"]
+    assert ran.count("llm.training.train") >= 2 and ran[-4:] == ["llm.evaluate", "llm.export", "llm.export", "python"]
     out = capsys.readouterr().out
     assert "perplexity" in out and "def fibonacci(n):" in out
     assert [r["step"] for r in read_metrics(tmp_path / "runs" / "smollm2-before")] == [0]
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert (tmp_path / "smollm2-corpus.gguf").read_bytes()[:4] == b"GGUF"
