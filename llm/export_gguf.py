@@ -24,11 +24,12 @@ What is written (the `gguf` package does the encoding; ``pip install 'llm[gguf]'
 
 Refused with one line (exit status 2): MoE models, a model with features the ``llama`` architecture cannot state
 (found as tensors or config fields other than the plain Llama ones), a tokenizer other than byte-level BPE, a
-target without the ``.gguf`` suffix. The file is written beside the target (``.OUT.gguf.export-tmp-<pid>-<n>``)
-and renamed over it at the end (`llm.fs.publish`), so ``OUT.gguf`` is the old file or the new one at every
-instant. ``--overwrite`` may replace only a previous GGUF file (it starts with the ``GGUF`` magic); anything else
-(another file, a directory, a symbolic link, the source's own directory or a path inside it) is refused, with or
-without it.
+target without the ``.gguf`` suffix. The file is written beside the target
+(``.OUT.gguf.export-tmp-<host>-<pid>-<n>``) and renamed over it at the end (`llm.fs.publish`), so ``OUT.gguf`` is
+the old file or the new one at every instant; a failed export removes its temp file, and a killed one's is removed
+by the next export into the same target once its writer is gone (`llm.fs.is_abandoned`). ``--overwrite`` may
+replace only a previous GGUF file (it starts with the ``GGUF`` magic); anything else (another file, a directory, a
+symbolic link, the source's own directory or a path inside it) is refused, with or without it.
 """
 
 from __future__ import annotations
@@ -97,10 +98,13 @@ def _hyperparameters(model: DecoderModel) -> dict[str, Any]:
         raise GGUFExportError(str(exc)) from None
     if hf.get("model_type") != "llama":
         raise GGUFExportError(f"--to gguf writes the llama architecture; this model is {hf.get('model_type')!r}")
-    extra = sorted(set(hf) - _LLAMA_FIELDS)
+    extra = sorted(k for k in set(hf) - _LLAMA_FIELDS if hf[k] not in (None, False))  # `sliding_window: null` is fine
     if extra or hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act") != "silu":
         field = extra[0] if extra else "attention_bias/mlp_bias/hidden_act"
         raise GGUFExportError(f"the model's {field} has no equivalent in the GGUF llama export; export it with --to hf")
+    if hf["head_dim"] * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise GGUFExportError(f"head_dim {hf['head_dim']} is not hidden_size / num_heads, which the GGUF llama export "
+                              "assumes; export it with --to hf")
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise GGUFExportError(f"rope_type {rope['rope_type']!r} is not written by the GGUF export; "
@@ -225,6 +229,20 @@ def check_gguf_target(out: str | Path, files: RunFiles, overwrite: bool = False)
             raise GGUFExportError(f"{out} exists; pass --overwrite to replace it")
 
 
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Remove the temp files of exports into ``parent / name`` whose writer is gone (killed mid-write):
+    `llm.fs.is_abandoned`, with the writer's host and pid read back from the temp's name."""
+    prefix = f".{name}{TEMP_MARK}"
+    for path in parent.iterdir():
+        if not path.name.startswith(prefix) or path.is_dir():
+            continue
+        host, _, rest = path.name[len(prefix):].rpartition("-")[0].rpartition("-")
+        owner = fs.Owner(host, int(rest)) if rest.isdigit() else None
+        if fs.is_abandoned(path, owner):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def export_gguf(source: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Write the model and tokenizer of ``source`` as the GGUF file ``out`` (see the module docstring)."""
     if dtype is not None and dtype not in GGUF_DTYPES:
@@ -239,7 +257,11 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str | None = None, o
     dtype = dtype or _FROM_TORCH.get(model.embed_tokens.weight.dtype, "f32")
     out = Path(out)
     parent = Path(os.path.realpath(out)).parent
-    tmp = parent / f".{out.name}{TEMP_MARK}{os.getpid()}-{next(_SERIAL)}"
+    parent.mkdir(parents=True, exist_ok=True)  # as the HF export makes its folder's parent
+    owner = fs.Owner.this_process()
+    tmp = parent / f".{out.name}{TEMP_MARK}{owner.host}-{owner.pid}-{next(_SERIAL)}"
+    with fs.dir_lock(parent):
+        _remove_abandoned(parent, out.name)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # never write through a link planted at the temp name

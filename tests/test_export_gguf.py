@@ -4,6 +4,10 @@ logits and tokenizer; bad dtypes and occupied targets are one-line refusals that
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,3 +128,16 @@ def test_moe_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Mixture-of-Experts" in err[0]
     assert not (tmp_path / "moe.gguf").exists()
+
+
+def test_a_killed_exports_temp_file_is_removed_by_the_next_export(tmp_path):
+    run, _ = _run(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is gone: the temp file it "left" belongs to no live writer
+    host = socket.gethostname()
+    stale = tmp_path / f".m.gguf.export-tmp-{host}-{dead.pid}-0"
+    live = tmp_path / f".m.gguf.export-tmp-{host}-{os.getpid()}-99"  # another export of this process, in progress
+    stale.write_bytes(b"GGUF half")
+    live.write_bytes(b"GGUF half")
+    assert main([str(run), "--to", "gguf", str(tmp_path / "m.gguf")]) == 0
+    assert not stale.exists() and live.exists()
