@@ -307,7 +307,9 @@ def _write(gguf: Any, path: Path, model: DecoderModel, hf: dict[str, Any], token
             heads = c.num_heads if ".attn_q." in name else c.num_kv_heads
             tensor = interleave_rotary(tensor, heads)
         _add_tensor(writer, gguf, name, tensor, dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()  # also on a failed write: the temp file is removed next, with no handle left open on it

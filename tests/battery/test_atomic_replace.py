@@ -398,3 +398,34 @@ def test_a_rerun_sigkilled_while_it_rewrites_config_yaml_keeps_the_old_one(finis
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load((finished / "config.yaml").read_text())["training"]["max_steps"] == 3
     assert not (finished / "config.yaml.tmp").exists()
+
+
+# -- a GGUF export: one file, renamed over the old one ------------------------------------------------------------
+@pytest.mark.parametrize("failure", ["full-disk", "killed"])
+def test_a_gguf_export_failing_half_way_keeps_the_old_file(tmp_path, monkeypatch, failure):
+    gguf = pytest.importorskip("gguf")
+    from llm import export_gguf
+
+    out = tmp_path / "out.gguf"
+    assert call_main(export_main, [str(_source(tmp_path, "a", 1)), "--to", "gguf", str(out)], tmp_path).returncode == 0
+    old = out.read_bytes()
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    def half_then_fail(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.fout[0].truncate(self.fout[0].tell() // 2)  # half the file is on disk when the failure comes
+        if failure == "killed":
+            raise Killed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_fail)
+    if failure == "killed":
+        with pytest.raises(Killed):
+            export_gguf.export_gguf(_source(tmp_path, "b", 2), out, overwrite=True)
+    else:
+        result = call_main(export_main, [str(_source(tmp_path, "b", 2)), "--to", "gguf", str(out), "--overwrite"],
+                           tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "No space left on device" in result.stderr
+    assert out.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out.gguf"]  # no temp file left
