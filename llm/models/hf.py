@@ -1,4 +1,10 @@
-"""Hugging Face interchange: load/save ``LlamaForCausalLM`` and ``MixtralForCausalLM`` directories.
+"""Hugging Face interchange: load/save ``LlamaForCausalLM``, ``MixtralForCausalLM``, ``Qwen2ForCausalLM`` and
+``Qwen3ForCausalLM`` directories.
+
+The families are DecoderModel configuration, not copies of the model: Llama 3's ``rope_type: llama3`` (and
+``linear``) scaling sets the ``rope_*`` fields, Qwen2's q/k/v biases ``qkv_bias``, Qwen3's QK-norm ``qk_norm`` and
+its own ``head_dim`` ``head_size``; ``hf_architecture`` records the class, so the export writes the same class and
+``model_type``. A config.json field that would change the function and is not implemented is refused by name.
 
 Reads and writes the ``save_pretrained`` layout (``config.json`` + ``model.safetensors`` or sharded
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) using only ``safetensors`` and
@@ -309,6 +315,8 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
         torch_dtype=dtype,
         use_cache=True,
     )
+    if c.rope_type != "default":  # transformers 4.x reads the scaling from rope_scaling
+        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
     if arch in _QWEN_FAMILIES:
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers,
                   layer_types=["full_attention"] * c.num_layers)
