@@ -32,6 +32,8 @@ from llm.models.presets import get_preset
 
 # How the MoE layers count the expert load their balance loss is taken over (`llm.models.moe.layer`).
 BALANCES: tuple[str, ...] = ("global", "micro", "aux_free")
+# How the rotary embedding's frequencies are scaled (`llm.models.layers.scaled_inv_freq`).
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 
 
 def default_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
@@ -69,10 +71,31 @@ class ModelConfig(Freezable):
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss
     moe_balance: str = "global"  # global (over the global batch) | micro (each micro-batch) | aux_free (routing bias)
     moe_bias_update_rate: float = 0.001  # aux_free: how far the routing bias moves per optimizer step
+    # Hugging Face family variants (llm.models.hf); the defaults are plain Llama, so older configs build the same model
+    hf_architecture: str = ""  # HF class to export as (Qwen2ForCausalLM, Qwen3ForCausalLM; "": Llama or Mixtral)
+    rope_type: str = "default"  # rotary frequency scaling: default | linear | llama3 (Llama 3.1+)
+    rope_factor: float = 1.0  # linear/llama3: how many times longer the context is than the unscaled one
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low_freq_factor are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept as they are
+    rope_original_max_seq_len: int = 8192  # llama3: the context length the unscaled frequencies were trained for
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2/2.5)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before the rotary embedding (Qwen3)
+    head_size: int | None = None  # width of one attention head (default: hidden_size / num_heads; Qwen3 sets it)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        """Width of one attention head: ``head_size`` where set, else ``hidden_size / num_heads``."""
+        return self.head_size or self.hidden_size // self.num_heads
+
+    def check_rope(self, section: str = "model") -> None:
+        """Refuse rotary-scaling values the embedding cannot take: a ConfigError naming ``section.field``."""
+        if self.rope_type not in ROPE_TYPES:
+            raise invalid(f"{section}.rope_type", self.rope_type, f"one of {', '.join(ROPE_TYPES)}", ROPE_TYPES)
+        if not self.rope_factor > 0:
+            raise invalid(f"{section}.rope_factor", self.rope_factor, "must be > 0")
+        if self.rope_type == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise invalid(f"{section}.rope_high_freq_factor", self.rope_high_freq_factor,
+                          f"must be > rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
 
     def check_moe(self, section: str = "model") -> None:
         """Refuse MoE field values the layers cannot take: a ConfigError naming ``section.field``."""

@@ -79,6 +79,10 @@ class TransformerBlock(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's QK-norm starts as the identity
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):  # Qwen2's q/k/v biases start at zero
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
                 nn.init.normal_(p, std=resid_std)
             else:
@@ -121,7 +125,8 @@ class DecoderModel(GenerationMixin, nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(c, causal=causal) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta,
+                                      scaling=c if c.rope_type != "default" else None)
         nn.init.normal_(self.embed_tokens.weight, std=INIT_STD)
         nn.init.normal_(self.lm_head.weight, std=INIT_STD)
         if c.tie_embeddings:

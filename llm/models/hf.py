@@ -1,4 +1,10 @@
-"""Hugging Face interchange: load/save ``LlamaForCausalLM`` and ``MixtralForCausalLM`` directories.
+"""Hugging Face interchange: load/save ``LlamaForCausalLM``, ``MixtralForCausalLM``, ``Qwen2ForCausalLM`` and
+``Qwen3ForCausalLM`` directories.
+
+The families are DecoderModel configuration, not copies of the model: Llama 3's ``rope_type: llama3`` (and
+``linear``) scaling sets the ``rope_*`` fields, Qwen2's q/k/v biases ``qkv_bias``, Qwen3's QK-norm ``qk_norm`` and
+its own ``head_dim`` ``head_size``; ``hf_architecture`` records the class, so the export writes the same class and
+``model_type``. A config.json field that would change the function and is not implemented is refused by name.
 
 Reads and writes the ``save_pretrained`` layout (``config.json`` + ``model.safetensors`` or sharded
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) using only ``safetensors`` and
@@ -112,6 +118,56 @@ def _str_field(hf: dict[str, Any], field: str) -> str | None:
 
 
 _ARCH_TYPES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+# The dense families beside Llama, as DecoderModel configuration: the fields each one sets (llm.models.config)
+_QWEN_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_ARCH_TYPES.update(_QWEN_FAMILIES)
+# The rotary scalings DecoderModel implements and the rope_parameters keys each reads (-> ModelConfig field)
+_ROPE_KEYS = {
+    "default": {},
+    "linear": {"factor": "rope_factor"},
+    "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_seq_len"},
+}
+
+
+def _rope_from_hf(rope: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's rope_* fields from ``rope_parameters``/``rope_scaling``; any key that would change the
+    frequencies and is not implemented is refused by name."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _ROPE_KEYS:
+        raise HFFormatError(f"uses unsupported rope scaling {show(rope)}: rope_type must be one of "
+                            f"{', '.join(_ROPE_KEYS)}")
+    fields: dict[str, Any] = {"rope_type": kind}
+    for key, field in _ROPE_KEYS[kind].items():
+        if key not in rope:
+            raise HFFormatError(f"has rope_type {kind} without rope_parameters.{key}")
+        if key == "original_max_position_embeddings":
+            fields[field] = _int_field(rope, key)
+        else:
+            fields[field] = _float_field(rope, key, 1.0)
+    if kind == "llama3" and not fields["rope_low_freq_factor"] < fields["rope_high_freq_factor"]:
+        raise _bad("rope_parameters.high_freq_factor", rope["high_freq_factor"],
+                   f"must be > low_freq_factor={show(rope['low_freq_factor'])}")
+    # attention_factor etc. change cos/sin; partial_rotary_factor 1.0 is the plain embedding
+    unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", *_ROPE_KEYS[kind]}
+                     - ({"partial_rotary_factor"} if rope.get("partial_rotary_factor") == 1.0 else set()))
+    if unknown:
+        raise HFFormatError(f"uses unsupported rope_parameters.{unknown[0]} {show(rope[unknown[0]])} (rope_type "
+                            f"{kind})")
+    return fields
+
+
+def _qwen_from_hf(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The fields a Qwen2/Qwen3 config.json adds to Llama's: q/k/v biases (Qwen2, always), QK-norm (Qwen3)."""
+    if _bool_field(hf, "use_sliding_window", False):
+        raise HFFormatError("has use_sliding_window true, which is not supported for Qwen models")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and any(t != "full_attention" for t in layer_types or ()):
+        raise _bad("layer_types", layer_types, "only full_attention layers are supported")
+    if family == "qwen3" and _bool_field(hf, "attention_bias", False):
+        raise HFFormatError("has attention_bias true: Qwen3's output-projection bias is not supported")
+    return {"qkv_bias": family == "qwen2", "qk_norm": family == "qwen3"}
 
 
 def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -135,15 +191,15 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         raise HFFormatError(f"has a {CONFIG_NAME} that disagrees with itself: architectures names {arch} but "
                             f"model_type is {model_type!r}")
     is_moe = arch == "MixtralForCausalLM" or model_type == "mixtral"
+    family = model_type or _ARCH_TYPES[arch]
+    qwen = family in _QWEN_FAMILIES.values()
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise _bad("rope_parameters" if "rope_parameters" in hf else "rope_scaling", rope, "must be an object")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFFormatError(f"uses unsupported rope scaling {show(rope)}: only the default rotary embedding is "
-                            "implemented")
+    rope_fields = _rope_from_hf(rope)
     if _str_field(hf, "hidden_act") not in (None, "silu"):
         raise HFFormatError(f"has an unsupported hidden_act {show(hf['hidden_act'])}: the MLP is SwiGLU (silu)")
-    if _bool_field(hf, "attention_bias", False) or _bool_field(hf, "mlp_bias", False):
+    if (not qwen and _bool_field(hf, "attention_bias", False)) or _bool_field(hf, "mlp_bias", False):
         raise HFFormatError("has attention/MLP biases, which are not supported")
     hidden = _int_field(hf, "hidden_size")
     num_heads = _int_field(hf, "num_attention_heads")
@@ -153,13 +209,16 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if num_heads % num_kv_heads:
         raise _bad("num_key_value_heads", num_kv_heads, f"must divide num_attention_heads={num_heads}")
     head_dim = _int_field(hf, "head_dim", None, nullable=True)
-    if head_dim not in (None, hidden // num_heads):
+    if qwen and head_dim is not None:  # Qwen sets its head width independently of hidden_size / heads
+        if head_dim % 2:
+            raise _bad("head_dim", head_dim, "must be even: rotary embeddings split each head in halves")
+    elif head_dim not in (None, hidden // num_heads):
         raise HFFormatError(f"has an unsupported head_dim {head_dim} != hidden_size / num_attention_heads "
                             f"({hidden} / {num_heads})")
-    if (hidden // num_heads) % 2:
+    elif (hidden // num_heads) % 2:
         raise _bad("hidden_size", hidden, f"gives an odd head dimension {hidden // num_heads}, which rotary "
                                           "embeddings cannot split in halves")
-    if hf.get("sliding_window"):
+    if hf.get("sliding_window") and not qwen:  # Qwen writes a window it does not use (use_sliding_window false)
         raise HFFormatError(f"uses an unsupported sliding_window {show(hf['sliding_window'])}")
     theta = _float_field(hf, "rope_theta", 10000.0)
     if "rope_theta" in rope:
@@ -181,12 +240,45 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         norm_eps=_float_field(hf, "rms_norm_eps", 1e-6, smallest=_F32.tiny),
         tie_embeddings=_bool_field(hf, "tie_word_embeddings", False),
     )
+    if rope_fields["rope_type"] != "default":
+        cfg.update(rope_fields)
+    if qwen:
+        by_type = {t: a for a, t in _QWEN_FAMILIES.items()}
+        cfg.update(_qwen_from_hf(hf, family), hf_architecture=by_type[family])
+        if head_dim is not None and head_dim != hidden // num_heads:
+            cfg["head_size"] = head_dim
     if is_moe:
         experts, top_k = _int_field(hf, "num_local_experts"), _int_field(hf, "num_experts_per_tok")
         if top_k > experts:
             raise _bad("num_experts_per_tok", top_k, f"must be <= num_local_experts={experts}")
         cfg.update(use_moe=True, num_experts=experts, top_k=top_k, moe_intermediate_size=cfg["intermediate_size"])
     return cfg
+
+
+def _export_architecture(c: Any) -> str:
+    """The HF class ``c`` (a resolved ModelConfig) is written as; a variant that class cannot express is refused
+    (a ValueError naming the field), never dropped."""
+    arch = c.hf_architecture or ("MixtralForCausalLM" if c.use_moe else "LlamaForCausalLM")
+    if arch not in _ARCH_TYPES:
+        raise ValueError(f"hf_architecture {arch!r} cannot be exported: expected one of {', '.join(_ARCH_TYPES)}")
+    family = _ARCH_TYPES[arch]
+    wanted = {"qkv_bias": family == "qwen2", "qk_norm": family == "qwen3"}
+    for field, value in wanted.items():
+        if getattr(c, field) != value:
+            raise ValueError(f"{arch} has {field} {value}, but this model has {field} {getattr(c, field)}")
+    if family not in ("qwen2", "qwen3") and c.head_dim != c.hidden_size // c.num_heads:
+        raise ValueError(f"{arch} has no head width of its own; this model has head_size {c.head_size}")
+    if family in ("qwen2", "qwen3") and c.use_moe:
+        raise ValueError(f"{arch} is dense; this model has use_moe true")
+    return arch
+
+
+def _rope_to_hf(c: Any) -> dict[str, Any]:
+    """``rope_parameters`` for ``c``'s rotary embedding, with its scaling."""
+    rope: dict[str, Any] = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
+    for key, field in _ROPE_KEYS[c.rope_type].items():
+        rope[key] = getattr(c, field)
+    return rope
 
 
 def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
@@ -199,22 +291,23 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
     if biased:  # dropping it would change which experts every token picks
         raise ValueError(f"Mixtral's router has no routing bias; this model (moe_balance=aux_free) has one in "
                          f"{biased[0]} and {len(biased) - 1} other layer(s)")
+    arch = _export_architecture(c)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     hf: dict[str, Any] = dict(
-        architectures=["MixtralForCausalLM" if c.use_moe else "LlamaForCausalLM"],
-        model_type="mixtral" if c.use_moe else "llama",
+        architectures=[arch],
+        model_type=_ARCH_TYPES[arch],
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.moe_intermediate_size if c.use_moe else c.intermediate_size,
         num_hidden_layers=c.num_layers,
         num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads,
-        head_dim=c.hidden_size // c.num_heads,
+        head_dim=c.head_dim,
         hidden_act="silu",
         max_position_embeddings=c.max_seq_len,
         rms_norm_eps=c.norm_eps,
         # v5 reads rope_parameters, v4 reads rope_theta; writing both loads in either
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_parameters=_rope_to_hf(c),
         rope_theta=c.rope_theta,
         tie_word_embeddings=c.tie_embeddings,
         attention_dropout=0.0,
@@ -222,7 +315,14 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
         torch_dtype=dtype,
         use_cache=True,
     )
-    if c.use_moe:
+    if c.rope_type != "default":  # transformers 4.x reads the scaling from rope_scaling
+        hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    if arch in _QWEN_FAMILIES:
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers,
+                  layer_types=["full_attention"] * c.num_layers)
+        if arch == "Qwen3ForCausalLM":
+            hf.update(attention_bias=False)
+    elif c.use_moe:
         hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, sliding_window=None,
                   router_jitter_noise=0.0, output_router_logits=False)
     else:

@@ -7,6 +7,7 @@ Parameter names follow the Hugging Face Llama layout (``q_proj``, ``gate_proj``,
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,18 +51,21 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: Tensor
 
-    def __init__(self, head_dim: int, max_seq_len: int = 2048, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int = 2048, theta: float = 10000.0,
+                 scaling: ModelConfig | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary head_dim must be even, got {head_dim}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.theta = theta
+        self.scaling = scaling  # its rope_* fields scale the frequencies (None or rope_type default: unscaled)
         self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
 
     def _inv_freq(self, device: torch.device | None) -> Tensor:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exponent)  # (head_dim / 2,)
+        inv_freq = 1.0 / (self.theta**exponent)  # (head_dim / 2,)
+        return inv_freq if self.scaling is None else scaled_inv_freq(inv_freq, self.scaling)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
         # model.to(bfloat16) would round inv_freq; rebuild it in fp32 on the new device instead.
@@ -73,6 +77,30 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return emb.cos(), emb.sin()
+
+
+def scaled_inv_freq(inv_freq: Tensor, c: ModelConfig) -> Tensor:
+    """``inv_freq`` scaled as ``c.rope_type`` says (the values HF's rope initialisers give, in fp32).
+
+    ``linear`` divides every frequency by ``rope_factor``. ``llama3`` (Llama 3.1+) divides only the low
+    frequencies, those whose wavelength exceeds ``original / low_freq_factor``; it keeps those shorter than
+    ``original / high_freq_factor`` and blends linearly in between, so local order is resolved as in training
+    while long-range positions are stretched ``rope_factor`` times.
+    """
+    if c.rope_type == "default":
+        return inv_freq
+    if c.rope_type == "linear":
+        return inv_freq / c.rope_factor
+    if c.rope_type != "llama3":
+        raise ValueError(f"unknown rope_type {c.rope_type!r}: expected default, linear or llama3")
+    original, low, high = c.rope_original_max_seq_len, c.rope_low_freq_factor, c.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    long_waves = wavelength > original / low
+    scaled = torch.where(long_waves, inv_freq / c.rope_factor, inv_freq)
+    blend = (original / wavelength - low) / (high - low)  # 0 at the long edge, 1 at the short edge
+    blended = (1 - blend) * scaled / c.rope_factor + blend * scaled
+    medium = ~(wavelength < original / high) & ~long_waves
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -106,19 +134,23 @@ class Attention(nn.Module):
         super().__init__()
         hidden_size, num_heads = config.hidden_size, config.num_heads
         num_kv_heads = config.num_kv_heads or num_heads
-        if hidden_size % num_heads:
+        if hidden_size % num_heads and not config.head_size:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.causal = causal
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        # Qwen3's QK-norm: one RMSNorm over each head's width, shared by the heads, before the rotation
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
@@ -129,6 +161,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, the last axis
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, S, head_dim), S = cached + T

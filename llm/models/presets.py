@@ -32,6 +32,10 @@ class Preset:
 TINY: dict[str, Any] = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                             intermediate_size=64, max_seq_len=128, num_experts=4, top_k=2, moe_intermediate_size=32)
 
+# Llama 3.1+'s rope scaling beside its factor (32 for the 3.2 models, 8 for 3.1): HF's rope_parameters values.
+LLAMA3_ROPE: dict[str, Any] = dict(rope_type="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                   rope_original_max_seq_len=8192)
+
 PRESETS: dict[str, Preset] = {
     # ------------------------------------------------------------------ small shapes for tests and smoke runs
     "tiny": Preset(
@@ -93,10 +97,32 @@ PRESETS: dict[str, Preset] = {
     ),
     "llama-3.2-1b": Preset(
         dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-             max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True),
+             max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, **LLAMA3_ROPE,
+             rope_factor=32.0),
         parameters=1_235_814_400, tokenizer="meta-llama/Llama-3.2-1B",
-        note="Llama 3.2 1B; the original also uses 'llama3' rope scaling for long contexts, which DecoderModel does "
-             "not implement (shapes and parameter count are exact; positions beyond 8192 differ)",
+        note="Llama 3.2 1B, tied embeddings, 'llama3' rope scaling (factor 32 over an original 8192 context)",
+    ),
+    "llama-3.1-8b": Preset(
+        dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+             intermediate_size=14336, max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=False,
+             **LLAMA3_ROPE, rope_factor=8.0),
+        parameters=8_030_261_248, tokenizer="meta-llama/Llama-3.1-8B",
+        note="Llama 3.1 8B, 'llama3' rope scaling (factor 8 over an original 8192 context)",
+    ),
+    "qwen2.5-0.5b": Preset(
+        dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+             max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True,
+             hf_architecture="Qwen2ForCausalLM"),
+        parameters=494_032_768, tokenizer="Qwen/Qwen2.5-0.5B",
+        note="Qwen2.5 0.5B: biases on q/k/v, tied embeddings; exported as Qwen2ForCausalLM",
+    ),
+    "qwen3-0.6b": Preset(
+        dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_size=128,
+             intermediate_size=3072, max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True,
+             qk_norm=True, hf_architecture="Qwen3ForCausalLM"),
+        parameters=596_049_920, tokenizer="Qwen/Qwen3-0.6B",
+        note="Qwen3 0.6B: per-head QK-norm, 16 heads of width 128 (wider than 1024 / 16), tied embeddings (the Hub's "
+             "751,632,384 counts the tied matrix twice, as its file stores it); exported as Qwen3ForCausalLM",
     ),
     "mixtral-8x7b": Preset(
         dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,

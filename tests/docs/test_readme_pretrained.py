@@ -1,5 +1,6 @@
-"""Every command of the README's "Start from a pretrained model" section, executed in order on a tiny random HF
-Llama (its folder stands in for SmolLM2-135M); flags appended to each command shrink the work to seconds."""
+"""Every command of the README's "Start from a pretrained model" section, executed in order on tiny random HF
+models (their folders stand in for SmolLM2-135M, Llama-3.2-1B and Qwen3-0.6B); flags appended to each command shrink
+the work to seconds."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def commands(code: str) -> list[list[str]]:
 def test_the_section_is_there_with_every_step():
     blocks = section_blocks()
     modules = [cmd[2] for lang, code in blocks if lang == "bash" for cmd in commands(code)]
-    assert modules == ["llm.training.train"] * 3 + ["llm.evaluate", "llm.export", "llm.export"]  # hf, then gguf
+    assert modules == ["llm.training.train"] * 3 + ["llm.evaluate", "llm.export", "llm.export"] + \
+        ["llm.training.train", "llm.export"] * 2  # SmolLM2 (hf, then gguf), then Llama 3 and Qwen3
     assert any(lang == "python" and "pipeline(" in code for lang, code in blocks)
 
 
@@ -63,6 +65,15 @@ def test_every_command_runs(tmp_path, monkeypatch, capsys):
                                       max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained("SmolLM2-135M")
     tok.save("SmolLM2-135M")
+    shape = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
+    llama3 = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=64)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, rope_parameters=llama3)).save_pretrained(
+        "Llama-3.2-1B")
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**shape, head_dim=16)).save_pretrained("Qwen3-0.6B")
+    for folder in ("Llama-3.2-1B", "Qwen3-0.6B"):
+        tok.save(folder)
     for name in ("my_corpus.txt", "held_out.txt"):
         (tmp_path / name).write_text(TEXT, encoding="utf-8")
 
@@ -80,9 +91,11 @@ def test_every_command_runs(tmp_path, monkeypatch, capsys):
         elif lang == "python":
             exec(compile(code, "README.md", "exec"), {})  # noqa: S102  (the README's own snippet)
             ran.append("python")
-    assert ran.count("llm.training.train") >= 2 and ran[-4:] == ["llm.evaluate", "llm.export", "llm.export", "python"]
+    assert ran.count("llm.training.train") >= 4 and ran[-1] == "python" and "llm.evaluate" in ran
     out = capsys.readouterr().out
     assert "perplexity" in out and "def fibonacci(n):" in out
     assert [r["step"] for r in read_metrics(tmp_path / "runs" / "smollm2-before")] == [0]
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
     assert (tmp_path / "smollm2-corpus.gguf").read_bytes()[:4] == b"GGUF"
+    for folder, name in (("llama32-exported", "LlamaForCausalLM"), ("qwen3-exported", "Qwen3ForCausalLM")):
+        assert type(transformers.AutoModelForCausalLM.from_pretrained(folder)).__name__ == name

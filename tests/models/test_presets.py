@@ -18,6 +18,9 @@ ORIGINAL_COUNTS = {
     "smollm2-135m": 134_515_008,
     "tinyllama-1.1b": 1_100_048_384,
     "llama-3.2-1b": 1_235_814_400,
+    "llama-3.1-8b": 8_030_261_248,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen3-0.6b": 751_632_384 - 151936 * 1024,  # the Hub's count has the tied embedding twice (its file holds both)
     "mixtral-8x7b": 46_702_792_704,
 }
 
@@ -47,7 +50,29 @@ def test_real_models_have_the_original_counts():
     assert meta_model(preset="smollm2-135m").lm_head.weight is not None
     tied = meta_model(preset="llama-3.2-1b")
     assert tied.lm_head.weight is tied.embed_tokens.weight
-    assert "llama3" in PRESETS["llama-3.2-1b"].note  # the rope scaling DecoderModel does not implement
+    assert (tied.config.rope_type, tied.config.rope_factor, tied.config.rope_original_max_seq_len) == \
+        ("llama3", 32.0, 8192)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b"])
+def test_real_model_presets_are_transformers_own_models(name):
+    """The preset's exported config.json builds, in transformers on the meta device, the published class with our
+    parameter count, and its rope scaling / head width / biases are the original's."""
+    transformers = pytest.importorskip("transformers")
+    from llm.models.hf import _config_to_hf
+
+    ours = meta_model(preset=name)
+    hf = _config_to_hf(ours)
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+    with torch.device("meta"):
+        theirs = getattr(transformers, hf["architectures"][0])(config)
+    assert theirs.num_parameters() == ours.num_parameters() == ORIGINAL_COUNTS[name]
+    expected_class = {"qwen2.5-0.5b": "Qwen2ForCausalLM", "qwen3-0.6b": "Qwen3ForCausalLM"}
+    assert type(theirs).__name__ == expected_class.get(name, "LlamaForCausalLM")
+    if name.startswith("llama"):
+        rope = config.rope_parameters
+        assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == \
+            ("llama3", 32.0 if "3.2" in name else 8.0, 8192)
 
 
 def test_tiny_preset_is_what_decoder_tiny_builds():

@@ -348,6 +348,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
     _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    m.check_rope("model")  # rotary scaling: a known rope_type and usable factors
     m.check_moe("model")  # the MoE fields (coefficients, balance) are the model config's to check
 
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be >= 1")

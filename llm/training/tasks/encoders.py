@@ -41,7 +41,8 @@ class SequenceEncoder(nn.Module):
         # Absolute positions (e.g. image patches) on top of the blocks' relative rotary positions.
         self.pos_embed = nn.Parameter(torch.randn(num_positions, c.hidden_size) * 0.02) if num_positions else None
         self.summary = nn.Parameter(torch.randn(1, 1, c.hidden_size) * 0.02)
-        self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta,
+                                      scaling=c if c.rope_type != "default" else None)  # as DecoderModel
         self.layers = nn.ModuleList(TransformerBlock(c, causal=False) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.head = nn.Linear(c.hidden_size, output_size)

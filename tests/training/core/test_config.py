@@ -59,7 +59,8 @@ def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monk
     text = _help(capsys, monkeypatch, [])
     lines = text.splitlines()
     assert lines[0].startswith("usage: python -m llm.training.train --task NAME [--config YAML]") and lines[1] == ""
-    assert len(lines) < 180  # was 315, 78 of them usage; 126 with ~75 fields, and ~1.5 lines per field added since
+    # was 315, 78 of them usage; 126 with ~75 fields, ~1.5 lines per field added since (issue 20 families: 188)
+    assert len(lines) < 200
     fields = 0
     for section, cls in SECTIONS.items():
         heading = f"{section} - {cls.__doc__.strip().splitlines()[0].rstrip('.')}:"
