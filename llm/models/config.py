@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, List
 
 from llm.config.freeze import Freezable
 from llm.errors import invalid
@@ -69,10 +69,20 @@ class ModelConfig(Freezable):
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss
     moe_balance: str = "global"  # global (over the global batch) | micro (each micro-batch) | aux_free (routing bias)
     moe_bias_update_rate: float = 0.001  # aux_free: how far the routing bias moves per optimizer step
+    # Mistral and Qwen3-MoE (issue 20): None / the defaults are the plain Llama/Mixtral model, bitwise.
+    sliding_window: int | None = None  # attend only the last N positions, its own included (default: all; Mistral)
+    moe_norm_topk_prob: bool = True  # renormalise the top-k gates to sum to 1 (Qwen3-MoE's norm_topk_prob)
+    moe_dense_layers: List[int] = field(default_factory=list)  # blocks with a dense MLP under use_moe (default: none)
+    hf_architecture: str = ""  # HF class the weights came from, which the export writes (empty: Llama/Mixtral)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) has the MoE MLP: ``use_moe`` and not in ``moe_dense_layers`` (Qwen3-MoE's
+        ``mlp_only_layers`` and ``decoder_sparse_step`` in one list; empty: every block, as Mixtral)."""
+        return self.use_moe and index not in self.moe_dense_layers
 
     def check_moe(self, section: str = "model") -> None:
         """Refuse MoE field values the layers cannot take: a ConfigError naming ``section.field``."""
