@@ -43,13 +43,14 @@ from llm.models.lora import pin_base
 
 HF_CONFIG = "config.json"  # = llm.models.hf.CONFIG_NAME
 TOKENIZER_FILE = "tokenizer.json"  # the name llm.data.tokenizers uses too (models do not import data)
-HF_MODEL_TYPES = ("llama", "mixtral")
+HF_MODEL_TYPES = ("llama", "mixtral", "mistral", "qwen3_moe")
 # The fields that make the weights what they are: a run adopts them from its source, and a value the user sets
 # must agree. max_seq_len is adopted too but may be changed (RoPE has no learned positions); dropout and the MoE
 # loss coefficients are training choices, not part of the source.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                 "use_moe", "num_experts", "top_k", "moe_intermediate_size", "num_shared_experts", "rope_theta",
-                "norm_eps", "tie_embeddings")
+                "norm_eps", "tie_embeddings", "sliding_window", "moe_norm_topk_prob", "moe_dense_layers",
+                "hf_architecture")
 ADOPTED_FIELDS = (*SHAPE_FIELDS, "max_seq_len")
 
 

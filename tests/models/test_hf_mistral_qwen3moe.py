@@ -8,11 +8,17 @@ import math
 
 import pytest
 import torch
+from helpers import read_metrics
 from safetensors.torch import load_file, save_file
 
+from llm.data.text import TextDataModule
+from llm.data.tokenizers import HFTokenizer
 from llm.models import DecoderModel
 from llm.models.hf import HFFormatError, _config_from_hf, load_hf, save_hf
 from llm.models.layers import apply_rotary, sliding_window_mask
+from llm.training.train import main as train_main
+from llm.training.train import parse_config
+from tests.models.test_init_from import TEXT, run_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -203,3 +209,29 @@ def test_moe_layer_pattern_follows_sparse_step_and_dense_layers():
     assert [type(b.mlp).__name__.endswith("MLP") for b in hf.model.layers] == [True, False, True, True, True, False]
     plain = DecoderModel.tiny(use_moe=True)
     assert all(type(b.mlp).__name__ == "MoELayer" and b.mlp.norm_topk_prob for b in plain.layers)
+
+
+# ------------------------------------------------------------------------------------------------------ init_from
+def test_init_from_a_mistral_folder_keeps_the_window_and_scores_as_transformers(tmp_path):
+    tok = HFTokenizer.train_bpe([TEXT], 300)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**{**COMMON, "vocab_size": tok.vocab_size},
+                                                                    sliding_window=4)).eval()
+    _randomize_norms(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    args = run_args(tmp_path, tmp_path / "hf", "--training-eval-only")  # 16-token windows: four sliding windows
+    config, _, _ = parse_config(args)
+    assert (config.model.sliding_window, config.model.hf_architecture) == (4, "MistralForCausalLM")
+    assert train_main(args) == 0
+    [record] = read_metrics(tmp_path / "run")
+    dm = TextDataModule(config.data, batch_size=config.training.batch_size, seed=config.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    losses, weights = [], []
+    with torch.no_grad():
+        for inputs, targets in dm.val_dataloader():
+            losses.append(torch.nn.functional.cross_entropy(hf(inputs).logits.flatten(0, 1), targets.flatten()))
+            weights.append(len(inputs))
+    assert record["val/loss"] == pytest.approx(sum(w * x.item() for w, x in zip(weights, losses)) / sum(weights),
+                                               abs=1e-5)
