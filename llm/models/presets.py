@@ -105,6 +105,14 @@ PRESETS: dict[str, Preset] = {
         parameters=46_702_792_704, tokenizer="mistralai/Mixtral-8x7B-v0.1",
         note="Mixtral 8x7B: 8 experts of width 14336 per block, top-2, router without bias",
     ),
+    "mistral-7b-v0.3": Preset(
+        dict(vocab_size=32768, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+             max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False,
+             hf_architecture="MistralForCausalLM"),
+        parameters=7_248_023_552, tokenizer="mistralai/Mistral-7B-v0.3",
+        note="Mistral 7B v0.3: Llama's blocks with GQA 32/8 heads; its config has no sliding window (v0.1's was 4096, "
+             "--model-sliding-window 4096), and it exports as MistralForCausalLM",
+    ),
 }
 
 

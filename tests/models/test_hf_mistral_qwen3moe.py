@@ -235,3 +235,17 @@ def test_init_from_a_mistral_folder_keeps_the_window_and_scores_as_transformers(
             weights.append(len(inputs))
     assert record["val/loss"] == pytest.approx(sum(w * x.item() for w, x in zip(weights, losses)) / sum(weights),
                                                abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------- presets
+def test_mistral_preset_counts_as_transformers_model_of_its_config():
+    from llm.models.presets import PRESETS
+
+    cfg = transformers.MistralConfig(vocab_size=32768, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                     num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=32768,
+                                     rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.MistralForCausalLM(cfg).parameters())
+        ours = DecoderModel.from_preset("mistral-7b-v0.3")
+    assert ours.num_parameters() == theirs == PRESETS["mistral-7b-v0.3"].parameters == 7_248_023_552
+    assert ours.config.sliding_window is None and ours.config.hf_architecture == "MistralForCausalLM"

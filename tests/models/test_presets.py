@@ -19,6 +19,7 @@ ORIGINAL_COUNTS = {
     "tinyllama-1.1b": 1_100_048_384,
     "llama-3.2-1b": 1_235_814_400,
     "mixtral-8x7b": 46_702_792_704,
+    "mistral-7b-v0.3": 7_248_023_552,
 }
 
 
