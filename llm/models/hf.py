@@ -1,4 +1,12 @@
-"""Hugging Face interchange: load/save ``LlamaForCausalLM`` and ``MixtralForCausalLM`` directories.
+"""Hugging Face interchange: load/save ``LlamaForCausalLM``, ``MistralForCausalLM``, ``MixtralForCausalLM`` and
+``Qwen3MoeForCausalLM`` directories.
+
+Mistral is Llama plus ``sliding_window`` (`ModelConfig.sliding_window`); Qwen3-MoE is Mixtral's MoE with experts of
+their own width (``moe_intermediate_size``), gates not renormalised unless ``norm_topk_prob``, dense blocks where
+``mlp_only_layers`` / ``decoder_sparse_step`` say (one list, ``moe_dense_layers``) and per-expert names
+``mlp.experts.{e}.{gate,up,down}_proj`` beside the router ``mlp.gate``. The class a model came from is kept as
+``hf_architecture`` and written back by `save_hf`. Qwen3-MoE's per-head q/k RMSNorm is not part of this module's
+model yet: its ``q_norm``/``k_norm`` tensors are refused on load, and the export refuses a model without them.
 
 Reads and writes the ``save_pretrained`` layout (``config.json`` + ``model.safetensors`` or sharded
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) using only ``safetensors`` and
