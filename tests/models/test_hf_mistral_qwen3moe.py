@@ -249,3 +249,10 @@ def test_mistral_preset_counts_as_transformers_model_of_its_config():
         ours = DecoderModel.from_preset("mistral-7b-v0.3")
     assert ours.num_parameters() == theirs == PRESETS["mistral-7b-v0.3"].parameters == 7_248_023_552
     assert ours.config.sliding_window is None and ours.config.hf_architecture == "MistralForCausalLM"
+
+
+def test_a_window_shortens_the_attention_flops():
+    dense, windowed = DecoderModel.tiny(), DecoderModel.tiny(sliding_window=16)
+    attention = 12 * 2 * 32  # 12 * layers * (heads * head_dim)
+    assert dense.flops_per_token(64) - windowed.flops_per_token(64) == attention * (64 - 16)
+    assert dense.flops_per_token(16) == windowed.flops_per_token(16)
