@@ -256,3 +256,17 @@ def test_a_window_shortens_the_attention_flops():
     attention = 12 * 2 * 32  # 12 * layers * (heads * head_dim)
     assert dense.flops_per_token(64) - windowed.flops_per_token(64) == attention * (64 - 16)
     assert dense.flops_per_token(16) == windowed.flops_per_token(16)
+
+
+def test_window_with_left_padding_and_chunked_prefill():
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(sliding_window=5).eval()
+    ids = torch.randint(0, 256, (1, 12))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 12)], 1)
+    with torch.no_grad():  # padding keys are masked, the band counts key slots as transformers' does
+        full = model(ids)
+        left = model(padded, attention_mask=mask, positions=torch.arange(-3, 12).clamp(min=0))[:, 3:]
+    torch.testing.assert_close(left[:, 5:], full[:, 5:], atol=1e-5, rtol=1e-5)  # past the padding's reach
+    want = model.generate(ids[0], 9, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(ids[0], 9, temperature=0, prefill_chunk_size=4), want)
