@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from llm.data.text import TextDataModule
 from llm.data.tokenizers import HFTokenizer
+from llm.export import main as export_main
 from llm.models import DecoderModel
 from llm.models.hf import HFFormatError, _config_from_hf, load_hf, save_hf
 from llm.models.layers import apply_rotary, sliding_window_mask
@@ -235,6 +236,15 @@ def test_init_from_a_mistral_folder_keeps_the_window_and_scores_as_transformers(
             weights.append(len(inputs))
     assert record["val/loss"] == pytest.approx(sum(w * x.item() for w, x in zip(weights, losses)) / sum(weights),
                                                abs=1e-5)
+
+    # One step at lr 1e-12, then the export: transformers' MistralForCausalLM of it computes the source's logits.
+    assert train_main([*run_args(tmp_path, tmp_path / "hf", "--training-max-steps", "1", "--training-lr", "1e-12"),
+                       "--logging-log-dir", str(tmp_path / "run1")]) == 0
+    assert export_main([str(tmp_path / "run1"), "--to", "hf", str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "MistralForCausalLM" and back.config.sliding_window == 4
+    ids = torch.randint(0, tok.vocab_size, (2, 20))
+    torch.testing.assert_close(_logits(back, ids), _logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------- presets
