@@ -85,12 +85,18 @@ class ModelConfig(Freezable):
         return self.use_moe and index not in self.moe_dense_layers
 
     def check_moe(self, section: str = "model") -> None:
-        """Refuse MoE field values the layers cannot take: a ConfigError naming ``section.field``."""
+        """Refuse MoE field values the layers cannot take (and a sliding window under 1): a ConfigError naming
+        ``section.field``."""
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
             if not getattr(self, name) >= 0:
                 raise invalid(f"{section}.{name}", getattr(self, name), "must be >= 0")
         if self.moe_balance not in BALANCES:
             raise invalid(f"{section}.moe_balance", self.moe_balance, f"one of {', '.join(BALANCES)}", BALANCES)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise invalid(f"{section}.sliding_window", self.sliding_window, "must be >= 1 (or unset: no window)")
+        if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
+            raise invalid(f"{section}.moe_dense_layers", self.moe_dense_layers,
+                          f"block indices in [0, num_layers={self.num_layers})")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -280,3 +280,12 @@ def test_window_with_left_padding_and_chunked_prefill():
     torch.testing.assert_close(left[:, 5:], full[:, 5:], atol=1e-5, rtol=1e-5)  # past the padding's reach
     want = model.generate(ids[0], 9, temperature=0, use_cache=False)
     assert torch.equal(model.generate(ids[0], 9, temperature=0, prefill_chunk_size=4), want)
+
+
+def test_bad_window_or_dense_layers_are_one_line_config_errors():
+    from llm.errors import ConfigError
+
+    for flags, message in ((["--model-sliding-window", "0"], "model.sliding_window"),
+                           (["--model-moe-dense-layers", "4"], "model.moe_dense_layers")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(["--task", "lm", "--model-preset", "tiny", *flags])
