@@ -215,7 +215,7 @@ def _sliding_window(hf: dict[str, Any], family: str) -> int | None:
         return None
     if family not in _WINDOWED:
         if hf.get("sliding_window"):
-            raise HFFormatError(f"uses an unsupported sliding_window {show(hf['sliding_window'])}")
+            raise _bad("sliding_window", hf["sliding_window"], f"{family} has no sliding window (Mistral has one)")
         return None
     return _int_field(hf, "sliding_window", None, nullable=True)
 
