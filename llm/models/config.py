@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, List
 
 from llm.config.freeze import Freezable
 from llm.errors import invalid
@@ -81,6 +81,10 @@ class ModelConfig(Freezable):
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2/2.5)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before the rotary embedding (Qwen3)
     head_size: int | None = None  # width of one attention head (default: hidden_size / num_heads; Qwen3 sets it)
+    # Mistral and Qwen3-MoE (issue 20): None / the defaults are the plain Llama/Mixtral model, bitwise.
+    sliding_window: int | None = None  # attend only the last N positions, its own included (default: all; Mistral)
+    moe_norm_topk_prob: bool = True  # renormalise the top-k gates to sum to 1 (Qwen3-MoE's norm_topk_prob)
+    moe_dense_layers: List[int] = field(default_factory=list)  # blocks with a dense MLP under use_moe (default: none)
 
     @property
     def head_dim(self) -> int:
@@ -97,13 +101,24 @@ class ModelConfig(Freezable):
             raise invalid(f"{section}.rope_high_freq_factor", self.rope_high_freq_factor,
                           f"must be > rope_low_freq_factor ({self.rope_low_freq_factor}) > 0")
 
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) has the MoE MLP: ``use_moe`` and not in ``moe_dense_layers`` (Qwen3-MoE's
+        ``mlp_only_layers`` and ``decoder_sparse_step`` in one list; empty: every block, as Mixtral)."""
+        return self.use_moe and index not in self.moe_dense_layers
+
     def check_moe(self, section: str = "model") -> None:
-        """Refuse MoE field values the layers cannot take: a ConfigError naming ``section.field``."""
+        """Refuse MoE field values the layers cannot take (and a sliding window under 1): a ConfigError naming
+        ``section.field``."""
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
             if not getattr(self, name) >= 0:
                 raise invalid(f"{section}.{name}", getattr(self, name), "must be >= 0")
         if self.moe_balance not in BALANCES:
             raise invalid(f"{section}.moe_balance", self.moe_balance, f"one of {', '.join(BALANCES)}", BALANCES)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise invalid(f"{section}.sliding_window", self.sliding_window, "must be >= 1 (or unset: no window)")
+        if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
+            raise invalid(f"{section}.moe_dense_layers", self.moe_dense_layers,
+                          f"block indices in [0, num_layers={self.num_layers})")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -103,6 +103,12 @@ class TransformerBlock(nn.Module):
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))  # (B, T, H)
 
 
+def _block_config(c: ModelConfig, index: int) -> ModelConfig:
+    """Block ``index``'s config: ``c``, or ``c`` with a dense MLP where ``c.is_moe_layer`` says so (Qwen3-MoE's
+    ``decoder_sparse_step`` / ``mlp_only_layers``); a plain MoE config is returned as is."""
+    return c if c.is_moe_layer(index) or not c.use_moe else dataclasses.replace(c, use_moe=False)
+
+
 # --------------------------------------------------------------------------------------------------------- model
 class DecoderModel(GenerationMixin, nn.Module):
     """Token embedding -> ``num_layers`` TransformerBlocks -> final RMSNorm -> LM head (optionally tied).
@@ -122,7 +128,7 @@ class DecoderModel(GenerationMixin, nn.Module):
         self.max_seq_len = c.max_seq_len
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_dropout = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(c, causal=causal) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(TransformerBlock(_block_config(c, i), causal=causal) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta,
@@ -248,7 +254,9 @@ def _keyword_signature(extra: list[inspect.Parameter]) -> inspect.Signature:
     class whose ``__init__`` takes ``**fields``, so tools that filter a mapping by the accepted keywords still can."""
     P = inspect.Parameter
     params = [P("config", P.POSITIONAL_ONLY, default=None, annotation="ModelConfig | None")]
-    params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in dataclasses.fields(ModelConfig)]
+    params += [P(f.name, P.KEYWORD_ONLY, annotation=f.type,
+                 default=f.default_factory() if f.default is dataclasses.MISSING else f.default)  # type: ignore[misc]
+               for f in dataclasses.fields(ModelConfig)]
     return inspect.Signature([*params, *extra], return_annotation=None)
 
 

@@ -60,5 +60,8 @@ def attention_width(model: nn.Module) -> int:
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len."""
-    return 6 * active_parameters(model) + 12 * attention_width(model) * seq_len
+    """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len, where a
+    sliding-window layer (Mistral) attends ``min(seq_len, window)`` keys instead of ``seq_len``."""
+    windowed = sum(m.num_heads * m.head_dim * (min(seq_len, m.sliding_window) - seq_len) for m in model.modules()
+                   if isinstance(m, Attention) and getattr(m, "sliding_window", None) is not None)
+    return 6 * active_parameters(model) + 12 * (attention_width(model) * seq_len + windowed)

@@ -17,6 +17,10 @@ cache holds at most ``max_seq_len`` positions; once it is full, every further to
 (rotary keys are tied to their absolute positions, and the deeper layers' keys to the tokens that were dropped, so
 the cached ones cannot be shifted), which costs one forward over the window per token, as decoding without a cache
 does. ``on_slide`` tells the caller when that starts, so a CLI can say so.
+
+A sliding-window model (Mistral, ``model.sliding_window``) keeps the cache as it is: each attention layer masks
+every cached key but the last ``sliding_window`` (`llm.models.layers.sliding_window_mask`, the same band as in
+training), so a cached step attends exactly what a full forward over the sequence would.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""Hugging Face interchange: load/save ``LlamaForCausalLM``, ``MixtralForCausalLM``, ``Qwen2ForCausalLM`` and
-``Qwen3ForCausalLM`` directories.
+"""Hugging Face interchange: load/save ``LlamaForCausalLM``, ``MistralForCausalLM``, ``MixtralForCausalLM``,
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM`` directories.
 
 The families are DecoderModel configuration, not copies of the model: Llama 3's ``rope_type: llama3`` (and
 ``linear``) scaling sets the ``rope_*`` fields, Qwen2's q/k/v biases ``qkv_bias``, Qwen3's QK-norm ``qk_norm`` and
-its own ``head_dim`` ``head_size``; ``hf_architecture`` records the class, so the export writes the same class and
-``model_type``. A config.json field that would change the function and is not implemented is refused by name.
+its own ``head_dim`` ``head_size``; Mistral is Llama plus ``sliding_window``; Qwen3-MoE is Qwen3's attention with
+Mixtral's MoE, experts of their own width (``moe_intermediate_size``), gates not renormalised unless
+``norm_topk_prob``, dense blocks where ``mlp_only_layers`` / ``decoder_sparse_step`` say (one list,
+``moe_dense_layers``) and per-expert names ``mlp.experts.{e}.{gate,up,down}_proj`` beside the router ``mlp.gate``.
+``hf_architecture`` records the class, so the export writes the same class and ``model_type``. A config.json field
+that would change the function and is not implemented is refused by name.
 
 Reads and writes the ``save_pretrained`` layout (``config.json`` + ``model.safetensors`` or sharded
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``) using only ``safetensors`` and
@@ -53,6 +57,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _EXPERT = re.compile(r"^model\.layers\.(\d{1,9})\.block_sparse_moe\.experts\.(\d{1,9})\.(w[123])\.weight$")
+# Qwen3-MoE's per-expert names, and which of Mixtral's w1 (gate) / w2 (down) / w3 (up) each one is.
+_QWEN_EXPERT = re.compile(r"^model\.layers\.(\d{1,9})\.mlp\.experts\.(\d{1,9})\.(gate_proj|up_proj|down_proj)\.weight$")
+_QWEN_AS_MIXTRAL = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 _FUSED = re.compile(r"^model\.layers\.(\d{1,9})\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^model\.layers\.(\d{1,9})\.(?:mlp|block_sparse_moe)\.gate\.weight$")
 
@@ -168,6 +175,9 @@ def _qwen_from_hf(hf: dict[str, Any], family: str) -> dict[str, Any]:
     if family == "qwen3" and _bool_field(hf, "attention_bias", False):
         raise HFFormatError("has attention_bias true: Qwen3's output-projection bias is not supported")
     return {"qkv_bias": family == "qwen2", "qk_norm": family == "qwen3"}
+# Families that are Llama/Mixtral plus fields of their own (issue 20); their class is kept as hf_architecture.
+_ARCH_TYPES.update(MistralForCausalLM="mistral", Qwen3MoeForCausalLM="qwen3_moe")
+_WINDOWED = ("mistral", "mixtral", "qwen3_moe")  # the model types whose sliding_window transformers applies
 
 
 def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -185,14 +195,13 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     arch = (archs or [None])[0]
     model_type = _str_field(hf, "model_type")
     if arch not in _ARCH_TYPES and model_type not in _ARCH_TYPES.values():
-        raise HFFormatError(f"is an unsupported architecture {arch or model_type!r}: expected LlamaForCausalLM or "
-                            "MixtralForCausalLM")
+        raise HFFormatError(f"is an unsupported architecture {arch or model_type!r}: expected one of "
+                            f"{', '.join(_ARCH_TYPES)}")
     if arch in _ARCH_TYPES and model_type is not None and _ARCH_TYPES[arch] != model_type:
         raise HFFormatError(f"has a {CONFIG_NAME} that disagrees with itself: architectures names {arch} but "
                             f"model_type is {model_type!r}")
-    is_moe = arch == "MixtralForCausalLM" or model_type == "mixtral"
-    family = model_type or _ARCH_TYPES[arch]
-    qwen = family in _QWEN_FAMILIES.values()
+    family = _ARCH_TYPES.get(arch, model_type)  # type: ignore[arg-type]  (one of the two is known)
+    qwen = family in (*_QWEN_FAMILIES.values(), "qwen3_moe")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise _bad("rope_parameters" if "rope_parameters" in hf else "rope_scaling", rope, "must be an object")
@@ -218,8 +227,7 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     elif (hidden // num_heads) % 2:
         raise _bad("hidden_size", hidden, f"gives an odd head dimension {hidden // num_heads}, which rotary "
                                           "embeddings cannot split in halves")
-    if hf.get("sliding_window") and not qwen:  # Qwen writes a window it does not use (use_sliding_window false)
-        raise HFFormatError(f"uses an unsupported sliding_window {show(hf['sliding_window'])}")
+    window = _sliding_window(hf, family)
     theta = _float_field(hf, "rope_theta", 10000.0)
     if "rope_theta" in rope:
         inner = _float_field(rope, "rope_theta", theta)
@@ -242,35 +250,27 @@ def _config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     )
     if rope_fields["rope_type"] != "default":
         cfg.update(rope_fields)
-    if qwen:
+    if family in _QWEN_FAMILIES.values():
         by_type = {t: a for a, t in _QWEN_FAMILIES.items()}
         cfg.update(_qwen_from_hf(hf, family), hf_architecture=by_type[family])
-        if head_dim is not None and head_dim != hidden // num_heads:
-            cfg["head_size"] = head_dim
-    if is_moe:
+    elif family == "qwen3_moe":  # Qwen3's attention: QK-norm, no biases
+        if _bool_field(hf, "attention_bias", False):
+            raise HFFormatError("has attention_bias true: Qwen3's output-projection bias is not supported")
+        cfg.update(qk_norm=True)
+    if qwen and head_dim is not None and head_dim != hidden // num_heads:
+        cfg["head_size"] = head_dim
+    if family == "mixtral":
         experts, top_k = _int_field(hf, "num_local_experts"), _int_field(hf, "num_experts_per_tok")
         if top_k > experts:
             raise _bad("num_experts_per_tok", top_k, f"must be <= num_local_experts={experts}")
         cfg.update(use_moe=True, num_experts=experts, top_k=top_k, moe_intermediate_size=cfg["intermediate_size"])
+    elif family == "qwen3_moe":
+        cfg.update(_qwen3_moe_fields(hf, cfg["num_layers"]))
+    if window is not None:
+        cfg["sliding_window"] = window
+    if family in ("mistral", "qwen3_moe"):
+        cfg["hf_architecture"] = next(a for a, t in _ARCH_TYPES.items() if t == family)
     return cfg
-
-
-def _export_architecture(c: Any) -> str:
-    """The HF class ``c`` (a resolved ModelConfig) is written as; a variant that class cannot express is refused
-    (a ValueError naming the field), never dropped."""
-    arch = c.hf_architecture or ("MixtralForCausalLM" if c.use_moe else "LlamaForCausalLM")
-    if arch not in _ARCH_TYPES:
-        raise ValueError(f"hf_architecture {arch!r} cannot be exported: expected one of {', '.join(_ARCH_TYPES)}")
-    family = _ARCH_TYPES[arch]
-    wanted = {"qkv_bias": family == "qwen2", "qk_norm": family == "qwen3"}
-    for field, value in wanted.items():
-        if getattr(c, field) != value:
-            raise ValueError(f"{arch} has {field} {value}, but this model has {field} {getattr(c, field)}")
-    if family not in ("qwen2", "qwen3") and c.head_dim != c.hidden_size // c.num_heads:
-        raise ValueError(f"{arch} has no head width of its own; this model has head_size {c.head_size}")
-    if family in ("qwen2", "qwen3") and c.use_moe:
-        raise ValueError(f"{arch} is dense; this model has use_moe true")
-    return arch
 
 
 def _rope_to_hf(c: Any) -> dict[str, Any]:
@@ -279,6 +279,44 @@ def _rope_to_hf(c: Any) -> dict[str, Any]:
     for key, field in _ROPE_KEYS[c.rope_type].items():
         rope[key] = getattr(c, field)
     return rope
+
+
+def _sliding_window(hf: dict[str, Any], family: str) -> int | None:
+    """The window transformers applies for this ``config.json``: ``sliding_window`` for Mistral and Mixtral,
+    for Qwen only under ``use_sliding_window``; a Llama config that sets one is refused (Llama has none)."""
+    if family in ("qwen2", "qwen3", "qwen3_moe") and not _bool_field(hf, "use_sliding_window", False):
+        return None  # Qwen writes a window it does not use
+    if family in ("qwen2", "qwen3"):  # their window applies to some layers only (max_window_layers)
+        raise HFFormatError("has use_sliding_window true, which is not supported for Qwen2/Qwen3 models")
+    if family not in _WINDOWED:
+        if hf.get("sliding_window"):
+            raise _bad("sliding_window", hf["sliding_window"], f"{family} has no sliding window (Mistral has one)")
+        return None
+    return _int_field(hf, "sliding_window", None, nullable=True)
+
+
+def _qwen3_moe_fields(hf: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE ``config.json``: fine-grained experts (``moe_intermediate_size``), the gates'
+    renormalisation, and which blocks are dense (``decoder_sparse_step``, ``mlp_only_layers``)."""
+    # Qwen's own files say num_experts; transformers 5 writes it as num_local_experts (its attribute map)
+    experts = _int_field(hf, "num_experts", None) or _int_field(hf, "num_local_experts")
+    if _int_field(hf, "num_local_experts", experts) != experts:
+        raise HFFormatError(f"has a {CONFIG_NAME} that disagrees with itself: num_experts is {experts} and "
+                            f"num_local_experts is {show(hf['num_local_experts'])}")
+    top_k = _int_field(hf, "num_experts_per_tok")
+    if top_k > experts:
+        raise _bad("num_experts_per_tok", top_k, f"must be <= num_experts={experts}")
+    dense = hf.get("mlp_only_layers") or []
+    if not (isinstance(dense, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in dense)):
+        raise _bad("mlp_only_layers", dense, "must be a list of layer indices")
+    if any(not 0 <= i < num_layers for i in dense):
+        raise _bad("mlp_only_layers", dense, f"must hold layer indices in [0, {num_layers})")
+    # transformers' rule: block i is MoE unless listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0
+    step = _int_field(hf, "decoder_sparse_step", 1)
+    dense = sorted(set(dense) | {i for i in range(num_layers) if (i + 1) % step})
+    return dict(use_moe=True, num_experts=experts, top_k=top_k,
+                moe_intermediate_size=_int_field(hf, "moe_intermediate_size"),
+                moe_norm_topk_prob=_bool_field(hf, "norm_topk_prob", False), moe_dense_layers=dense)
 
 
 def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
@@ -291,7 +329,7 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
     if biased:  # dropping it would change which experts every token picks
         raise ValueError(f"Mixtral's router has no routing bias; this model (moe_balance=aux_free) has one in "
                          f"{biased[0]} and {len(biased) - 1} other layer(s)")
-    arch = _export_architecture(c)
+    arch = _export_architecture(model)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     hf: dict[str, Any] = dict(
         architectures=[arch],
@@ -322,12 +360,48 @@ def _config_to_hf(model: DecoderModel) -> dict[str, Any]:
                   layer_types=["full_attention"] * c.num_layers)
         if arch == "Qwen3ForCausalLM":
             hf.update(attention_bias=False)
+    elif arch == "Qwen3MoeForCausalLM":
+        hf.update(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
+                  num_experts=c.num_experts, num_experts_per_tok=c.top_k, norm_topk_prob=c.moe_norm_topk_prob,
+                  decoder_sparse_step=1, mlp_only_layers=list(c.moe_dense_layers),
+                  use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
+                  attention_bias=False, output_router_logits=False)
     elif c.use_moe:
-        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, sliding_window=None,
+        hf.update(num_local_experts=c.num_experts, num_experts_per_tok=c.top_k, sliding_window=c.sliding_window,
                   router_jitter_noise=0.0, output_router_logits=False)
+    elif arch == "MistralForCausalLM":
+        hf.update(sliding_window=c.sliding_window)
     else:
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     return hf
+
+
+def _export_architecture(model: DecoderModel) -> str:
+    """The HF class ``model`` is written as: the one it came from (``hf_architecture``), else Qwen3-MoE or Mixtral
+    (MoE), Mistral (a sliding window) or Llama. A model that class would compute differently is refused (a
+    ValueError naming the field), never dropped."""
+    c = model.config
+    qwen_moe = not c.moe_norm_topk_prob or bool(c.moe_dense_layers)
+    arch = c.hf_architecture or ("Qwen3MoeForCausalLM" if c.use_moe and qwen_moe else
+                                 "MixtralForCausalLM" if c.use_moe else
+                                 "MistralForCausalLM" if c.sliding_window is not None else "LlamaForCausalLM")
+    if arch not in _ARCH_TYPES:
+        raise ValueError(f"hf_architecture {arch!r} is not one the export writes ({', '.join(_ARCH_TYPES)})")
+    family = _ARCH_TYPES[arch]
+    if c.use_moe != (family in ("mixtral", "qwen3_moe")):
+        raise ValueError(f"a {'MoE' if c.use_moe else 'dense'} model cannot be written as {arch}")
+    if arch == "MixtralForCausalLM" and qwen_moe:
+        raise ValueError("Mixtral renormalises the top-k gates of every block's MoE; this model has "
+                         "moe_norm_topk_prob false or moe_dense_layers (Qwen3MoeForCausalLM's)")
+    if family in ("llama", "qwen2", "qwen3") and c.sliding_window is not None:
+        raise ValueError(f"{arch} has no sliding window here; this model has sliding_window set (write it as Mistral)")
+    wanted = {"qkv_bias": family == "qwen2", "qk_norm": family in ("qwen3", "qwen3_moe")}
+    for name, value in wanted.items():
+        if getattr(c, name) != value:
+            raise ValueError(f"{arch} has {name} {value}, but this model has {name} {getattr(c, name)}")
+    if family not in ("qwen2", "qwen3", "qwen3_moe") and c.head_dim != c.hidden_size // c.num_heads:
+        raise ValueError(f"{arch} has no head width of its own; this model has head_size {c.head_size}")
+    return arch
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -454,6 +528,8 @@ def _our_name(key: str) -> tuple[str, tuple[int, int, str] | None]:
     one tensor) its (layer, expert, w1|w2|w3) instead; an `HFFormatError` for a tensor neither model has."""
     if m := _EXPERT.match(key):
         return "", (int(m[1]), int(m[2]), m[3])
+    if m := _QWEN_EXPERT.match(key):
+        return "", (int(m[1]), int(m[2]), _QWEN_AS_MIXTRAL[m[3]])
     if m := _FUSED.match(key):
         return f"layers.{m[1]}.mlp.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}", None
     if m := _ROUTER.match(key):
@@ -604,6 +680,7 @@ def _state_dict_to_hf(model: DecoderModel) -> dict[str, Tensor]:
     """DecoderModel state_dict -> HF names/layouts (per-expert Mixtral form); tied lm_head left out."""
     out: dict[str, Tensor] = {}
     inter = model.config.moe_intermediate_size
+    qwen = _export_architecture(model) == "Qwen3MoeForCausalLM"  # per-expert names mlp.experts.E.gate_proj, ...
     for key, t in model.state_dict().items():
         t = t.detach()
         if key == "lm_head.weight":
@@ -612,15 +689,16 @@ def _state_dict_to_hf(model: DecoderModel) -> dict[str, Tensor]:
         elif key.endswith("routing_bias"):
             continue  # all zero (checked by _config_to_hf): routing is the router's alone, as in Mixtral
         elif m := re.match(r"^layers\.(\d+)\.mlp\.gate\.weight$", key):
-            out[f"model.layers.{m[1]}.block_sparse_moe.gate.weight"] = t
+            out[f"model.layers.{m[1]}.{'mlp' if qwen else 'block_sparse_moe'}.gate.weight"] = t
         elif m := re.match(r"^layers\.(\d+)\.mlp\.(w_gate_up|w_down)$", key):
-            prefix = f"model.layers.{m[1]}.block_sparse_moe.experts"
+            prefix = f"model.layers.{m[1]}.{'mlp' if qwen else 'block_sparse_moe'}.experts"
+            w1, w2, w3 = ("gate_proj", "down_proj", "up_proj") if qwen else ("w1", "w2", "w3")
             for e, w in enumerate(t):
                 if m[2] == "w_gate_up":  # (H, 2I)
-                    out[f"{prefix}.{e}.w1.weight"] = w[:, :inter].T.clone()
-                    out[f"{prefix}.{e}.w3.weight"] = w[:, inter:].T.clone()
+                    out[f"{prefix}.{e}.{w1}.weight"] = w[:, :inter].T.clone()
+                    out[f"{prefix}.{e}.{w3}.weight"] = w[:, inter:].T.clone()
                 else:  # (I, H)
-                    out[f"{prefix}.{e}.w2.weight"] = w.T.clone()
+                    out[f"{prefix}.{e}.{w2}.weight"] = w.T.clone()
         else:
             out[f"model.{key}"] = t
     return {k: v.contiguous() for k, v in out.items()}

@@ -43,16 +43,18 @@ from llm.models.lora import pin_base
 
 HF_CONFIG = "config.json"  # = llm.models.hf.CONFIG_NAME
 TOKENIZER_FILE = "tokenizer.json"  # the name llm.data.tokenizers uses too (models do not import data)
-HF_MODEL_TYPES = ("llama", "mixtral", "qwen2", "qwen3")
+HF_MODEL_TYPES = ("llama", "mixtral", "mistral", "qwen2", "qwen3", "qwen3_moe")
 # The fields that make the weights what they are: a run adopts them from its source, and a value the user sets
 # must agree. max_seq_len is adopted too but may be changed (RoPE has no learned positions); dropout and the MoE
 # loss coefficients are training choices, not part of the source.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                 "use_moe", "num_experts", "top_k", "moe_intermediate_size", "num_shared_experts", "rope_theta",
                 "norm_eps", "tie_embeddings",
-                # the HF family variants (issue 20): scaled rotary, q/k/v biases, QK-norm, head width, export class
+                # the HF family variants (issue 20): scaled rotary, q/k/v biases, QK-norm, head width, sliding
+                # window, Qwen3-MoE's gates and dense blocks, export class
                 "hf_architecture", "rope_type", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                "rope_original_max_seq_len", "qkv_bias", "qk_norm", "head_size")
+                "rope_original_max_seq_len", "qkv_bias", "qk_norm", "head_size", "sliding_window",
+                "moe_norm_topk_prob", "moe_dense_layers")
 ADOPTED_FIELDS = (*SHAPE_FIELDS, "max_seq_len")
 
 

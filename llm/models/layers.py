@@ -123,11 +123,23 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> T
     return k_pos[None, :] <= q_pos[:, None]
 
 
+def sliding_window_mask(q_len: int, k_len: int, window: int, device: torch.device | None = None) -> Tensor:
+    """Bool mask (q_len, k_len), True = attend: the causal rule of `causal_mask` (bottom-right aligned) limited to
+    the last ``window`` keys, the query's own included (Mistral's band: ``q - window < k <= q``)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    offset = q_pos[:, None] - k_pos[None, :]  # (q_len, k_len)
+    return (offset >= 0) & (offset < window)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (``num_kv_heads`` divides ``num_heads``) through SDPA.
 
     Reads ``hidden_size``, ``num_heads``, ``num_kv_heads`` (None = ``num_heads``) and ``dropout`` from ``config``;
-    ``causal=False`` attends in both directions (encoders).
+    ``causal=False`` attends in both directions (encoders). With ``sliding_window`` each query attends only the last
+    ``sliding_window`` keys (Mistral), through a banded bool mask, on every device: SDPA then runs its
+    memory-efficient kernel (flash takes no mask). Only a sequence longer than the window gets the mask, so
+    shorter ones run exactly as without the field.
     """
 
     def __init__(self, config: ModelConfig, causal: bool = True) -> None:
@@ -143,6 +155,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.causal = causal
+        self.sliding_window = config.sliding_window
+        if self.sliding_window is not None and (self.sliding_window < 1 or not causal):
+            raise ValueError(f"sliding_window must be >= 1 on a causal model, got {self.sliding_window} "
+                             f"(causal={causal})")
         bias = config.qkv_bias
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
@@ -167,6 +183,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, S, head_dim), S = cached + T
         S = k.shape[2]
+        if self.sliding_window is not None and S > self.sliding_window:
+            band = sliding_window_mask(T, S, self.sliding_window, x.device)  # (T, S)
+            attn_mask = band if attn_mask is None else attn_mask & band  # (B, 1, T, S) with padding
         if attn_mask is None and self.causal and T > 1 and S != T:
             attn_mask = causal_mask(T, S, x.device)
         is_causal = attn_mask is None and self.causal and T > 1

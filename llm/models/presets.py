@@ -131,6 +131,23 @@ PRESETS: dict[str, Preset] = {
         parameters=46_702_792_704, tokenizer="mistralai/Mixtral-8x7B-v0.1",
         note="Mixtral 8x7B: 8 experts of width 14336 per block, top-2, router without bias",
     ),
+    "mistral-7b-v0.3": Preset(
+        dict(vocab_size=32768, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+             max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False,
+             hf_architecture="MistralForCausalLM"),
+        parameters=7_248_023_552, tokenizer="mistralai/Mistral-7B-v0.3",
+        note="Mistral 7B v0.3: Llama's blocks with GQA 32/8 heads; its config has no sliding window (v0.1's was 4096, "
+             "--model-sliding-window 4096), and it exports as MistralForCausalLM",
+    ),
+    "qwen3-30b-a3b": Preset(
+        dict(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_size=128,
+             intermediate_size=6144, max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=False,
+             qk_norm=True, use_moe=True, num_experts=128, top_k=8, moe_intermediate_size=768,
+             moe_norm_topk_prob=True, hf_architecture="Qwen3MoeForCausalLM"),
+        parameters=30_532_122_624, tokenizer="Qwen/Qwen3-30B-A3B",
+        note="Qwen3 30B-A3B: 128 fine-grained experts of width 768 per block, top-8 (about 3.3B active per token), "
+             "Qwen3's QK-norm and 128-wide heads; exported as Qwen3MoeForCausalLM",
+    ),
 }
 
 

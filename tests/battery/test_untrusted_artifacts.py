@@ -102,6 +102,7 @@ CONFIG_VALUES = [
     ("rope_parameters", "[1, 2]", "rope_parameters is [1, 2]: must be an object"),
     ("architectures", '"LlamaForCausalLM"', "architectures is 'LlamaForCausalLM': must be a list of class names"),
     ("model_type", '"\\ud800"', "holds a lone surrogate escape"),
+    ("sliding_window", "8", "sliding_window is 8: llama has no sliding window"),  # never silently dropped
 ]
 
 

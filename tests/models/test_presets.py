@@ -22,6 +22,8 @@ ORIGINAL_COUNTS = {
     "qwen2.5-0.5b": 494_032_768,
     "qwen3-0.6b": 751_632_384 - 151936 * 1024,  # the Hub's count has the tied embedding twice (its file holds both)
     "mixtral-8x7b": 46_702_792_704,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "qwen3-30b-a3b": 30_532_122_624,
 }
 
 
@@ -54,7 +56,8 @@ def test_real_models_have_the_original_counts():
         ("llama3", 32.0, 8192)
 
 
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b"])
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.3",
+                                  "qwen3-30b-a3b"])
 def test_real_model_presets_are_transformers_own_models(name):
     """The preset's exported config.json builds, in transformers on the meta device, the published class with our
     parameter count, and its rope scaling / head width / biases are the original's."""
@@ -67,7 +70,8 @@ def test_real_model_presets_are_transformers_own_models(name):
     with torch.device("meta"):
         theirs = getattr(transformers, hf["architectures"][0])(config)
     assert theirs.num_parameters() == ours.num_parameters() == ORIGINAL_COUNTS[name]
-    expected_class = {"qwen2.5-0.5b": "Qwen2ForCausalLM", "qwen3-0.6b": "Qwen3ForCausalLM"}
+    expected_class = {"qwen2.5-0.5b": "Qwen2ForCausalLM", "qwen3-0.6b": "Qwen3ForCausalLM",
+                      "mistral-7b-v0.3": "MistralForCausalLM", "qwen3-30b-a3b": "Qwen3MoeForCausalLM"}
     assert type(theirs).__name__ == expected_class.get(name, "LlamaForCausalLM")
     if name.startswith("llama"):
         rope = config.rope_parameters

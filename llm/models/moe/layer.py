@@ -147,7 +147,8 @@ class MoELayer(nn.Module):
         return cls(
             c.hidden_size, c.num_experts, c.top_k, c.moe_intermediate_size,  # type: ignore[arg-type]  (resolved)
             num_shared_experts=c.num_shared_experts, aux_loss_coef=c.moe_aux_loss_coef, z_loss_coef=c.moe_z_loss_coef,
-            dispatch=dispatch, balance=c.moe_balance, bias_update_rate=c.moe_bias_update_rate,
+            norm_topk_prob=c.moe_norm_topk_prob, dispatch=dispatch, balance=c.moe_balance,
+            bias_update_rate=c.moe_bias_update_rate,
         )
 
     def extra_repr(self) -> str:
