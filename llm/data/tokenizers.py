@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from llm import fs
+from llm import fs, untrusted
 from llm.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,19 +46,18 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CONFIG = "config.json"
-_MAX_META_BYTES = 16 << 20  # a tokenizer's side file larger than this is not one (they are kilobytes)
+_MAX_META_BYTES = 16 << 20  # a tokenizer's side file larger than this is not one (templates are kilobytes)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    """A side file's JSON object (None when absent); a malformed or huge one is a one-line `ConfigError`."""
-    if not path.is_file():
+    """A side file's JSON object (None when nothing is at its name), read as untrusted input (`llm.untrusted`: a
+    regular file only, capped, plain JSON); anything else there is a one-line `ConfigError`."""
+    if not untrusted.exists(path):
         return None
-    if path.stat().st_size > _MAX_META_BYTES:
-        raise ConfigError(f"data.tokenizer: {str(path)!r} is larger than {_MAX_META_BYTES} bytes; not a tokenizer file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"data.tokenizer: cannot read {str(path)!r}: {exc}") from None
+        value = untrusted.read_json(path, _MAX_META_BYTES)
+    except untrusted.UntrustedFileError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"data.tokenizer: {str(path)!r} must hold a JSON object")
     return value
@@ -96,7 +95,8 @@ class TokenizerFiles:
         special_map = _read_json(d / SPECIAL_TOKENS_MAP)
         generation, model = _read_json(d / GENERATION_CONFIG), _read_json(d / MODEL_CONFIG)
         jinja = d / CHAT_TEMPLATE_FILE
-        if config is None and special_map is None and generation is None and model is None and not jinja.is_file():
+        has_jinja = untrusted.exists(jinja)
+        if config is None and special_map is None and generation is None and model is None and not has_jinja:
             return None
         tokens = {}
         for name in ("bos_token", "eos_token", "pad_token"):
@@ -110,10 +110,13 @@ class TokenizerFiles:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        if jinja.is_file():
-            if jinja.stat().st_size > _MAX_META_BYTES:
-                raise ConfigError(f"data.tokenizer: {str(jinja)!r} is larger than {_MAX_META_BYTES} bytes")
-            template = jinja.read_text(encoding="utf-8")
+        if has_jinja:  # transformers lets the file win over tokenizer_config.json's template
+            try:
+                template = untrusted.read_capped(jinja, _MAX_META_BYTES).decode("utf-8")
+            except untrusted.UntrustedFileError as exc:
+                raise ConfigError(f"data.tokenizer: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"data.tokenizer: {str(jinja)!r} is not UTF-8 text (byte {exc.start})") from None
         return cls(tokens, ids, template if isinstance(template, str) and template else None, dict(config or {}))
 
 

@@ -146,3 +146,20 @@ def test_tokenizers_without_a_template_keep_the_built_in_one():
     ids, mask = render([("user", "a"), ("assistant", "b")], tokenizer)
     assert bytes(ids.tolist()) == b"### User:\na\n\n### Assistant:\nb\x00"
     assert np.flatnonzero(mask).tolist() == [len(ids) - 2, len(ids) - 1]
+
+
+def test_bad_side_files_are_one_line_errors(folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "eos_token": "</s>"}')
+    with pytest.raises(ConfigError, match="tokenizer_config.json"):
+        HFTokenizer.from_file(broken / "tokenizer.json")
+    (broken / "tokenizer_config.json").write_text('{"eos_token": "<|nowhere|>"}')
+    with pytest.raises(ConfigError, match="eos_token '<|nowhere|>' is not in the vocabulary"):
+        HFTokenizer.from_file(broken / "tokenizer.json")
+    (broken / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    tokenizer = HFTokenizer.from_file(broken / "tokenizer.json")  # the .jinja file is the template
+    assert tokenizer.chat_template.startswith("{% for m in messages %}[")
