@@ -318,6 +318,7 @@ def test_chat_prints_only_the_answer_and_stops_at_the_end_of_turn(chat_run, monk
 
 def test_chat_on_real_runs_with_their_own_and_the_built_in_template(chat_run, run_dir):
     _, run = chat_run
+    assert "sft renders conversations with the tokenizer's own chat_template" in (run / "train.log").read_text()
     code, out = generate("--checkpoint", str(run), "--chat", "What is 2 + 3?", "--max-new-tokens", "8",
                          "--temperature", "0")
     assert code == 0 and "<|im_start|>" not in out and "What is" not in out

@@ -337,6 +337,7 @@ class SFTDataModule(SectionDataModule):
         self.tokenizer: Tokenizer = self._tokenizer()
         self.train_set: SFTExamples | None = None
         self.val_set: SFTExamples | None = None
+        self._told_template = False
 
     def _tokenizer(self) -> Tokenizer:
         spec = self.data.tokenizer
@@ -357,8 +358,6 @@ class SFTDataModule(SectionDataModule):
 
     def setup(self, stage: str = "fit") -> None:
         d = self.data
-        if self.rank == 0:
-            log.info("data: sft renders conversations with %s", template_name(self.tokenizer))
         records = self.records()
         order = np.random.default_rng(self.seed).permutation(len(records))
         num_val = max(1, round(len(records) * d.val_fraction))
@@ -390,6 +389,9 @@ class SFTDataModule(SectionDataModule):
 
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"
+        if self.rank == 0 and not self._told_template:  # once training starts: a refused run stays one line
+            log.info("data: sft renders conversations with %s", template_name(self.tokenizer))
+            self._told_template = True
         return self.make_loader(self.train_set, self.batch_size, train=True, collate_fn=self._collate())
 
     def val_dataloader(self) -> Iterable[Any] | None:
