@@ -234,13 +234,10 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
     return np.asarray(ids[:end], dtype=np.int64), np.asarray(answer[:end], dtype=bool)
 
 
-def _render_own_template(
-    messages: Sequence[Message], tokenizer: Tokenizer, info: TemplateInfo, max_tokens: int | None, where: str,
-    fields: Sequence[str] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`render` with the tokenizer's own chat template: the whole text tokenized at once (as transformers does),
-    the answer mask from the characters of each assistant span."""
-    assert isinstance(tokenizer, HFTokenizer)
+def _refuse_template_specials(messages: Sequence[Message], info: TemplateInfo, where: str = "",
+                              fields: Sequence[str] | None = None) -> None:
+    """A content that spells one of the tokenizer's special tokens (`<|im_start|>`) would open or end a turn of the
+    template there without a word: refused, naming the record and field."""
     for index, (_, content) in enumerate(messages):
         found = next((token for token in info.specials if token in content), None)
         if found is not None:
@@ -248,6 +245,16 @@ def _render_own_template(
             field = fields[index] if fields is not None else f"messages[{index}].content"
             raise ConfigError(f"{prefix}{field} holds the tokenizer's special token {show(found)} at character "
                               f"{content.find(found)}; the template's turns would break there: remove it from the data")
+
+
+def _render_own_template(
+    messages: Sequence[Message], tokenizer: Tokenizer, info: TemplateInfo, max_tokens: int | None, where: str,
+    fields: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render` with the tokenizer's own chat template: the whole text tokenized at once (as transformers does),
+    the answer mask from the characters of each assistant span."""
+    assert isinstance(tokenizer, HFTokenizer)
+    _refuse_template_specials(messages, info, where, fields)
     text, spans = assistant_spans(info.template, messages, info.end_of_turn, where)
     encoding = tokenizer.tok.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int64)
@@ -265,6 +272,7 @@ def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int
         raise ValueError("the conversation already ends with an assistant turn")
     info = chat_template_of(tokenizer)
     if info is not None:
+        _refuse_template_specials(messages, info)
         return tokenizer.encode(info.template.render(messages, add_generation_prompt=True))
     ids, _ = render(messages, tokenizer)
     return ids.tolist() + tokenizer.encode(HEADERS["assistant"])
