@@ -163,3 +163,38 @@ def test_bad_side_files_are_one_line_errors(folder, tmp_path):
     (broken / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
     tokenizer = HFTokenizer.from_file(broken / "tokenizer.json")  # the .jinja file is the template
     assert tokenizer.chat_template.startswith("{% for m in messages %}[")
+
+
+def test_sft_from_a_model_folder_then_export_keeps_its_template_and_ids(tmp_path):
+    """The acceptance path: init-from a Llama folder with a Qwen-style template -> sft -> export; transformers renders
+    the same chat text from the export, with the source's bos/eos ids (no <|im_start|> taken for bos)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llm.export import export_hf
+    from llm.training.train import main as train_main
+
+    folder = qwen_folder(tmp_path / "model")
+    ids = {name: HFTokenizer.from_file(folder / "tokenizer.json").tok.token_to_id(name) for name in SPECIALS}
+    generation = (folder / "generation_config.json").read_text()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(generation)  # Qwen's: two ids end a turn
+    run = tmp_path / "run"
+    assert train_main(["--task", "sft", "--model-init-from", str(folder), "--data-num-samples", "16",
+                       "--data-seq-len", "120", "--training-batch-size", "4", "--training-max-steps", "1",
+                       "--training-precision", "fp32", "--training-callbacks", "MetricsLogger",
+                       "--logging-log-dir", str(run)]) == 0
+    assert "own chat_template" in (run / "train.log").read_text()
+    out = export_hf(run, tmp_path / "export")
+    source, exported = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(out))
+    for chat in CHATS:
+        assert exported.apply_chat_template(as_dicts(chat), tokenize=False) == \
+            source.apply_chat_template(as_dicts(chat), tokenize=False)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == (ids["<|endoftext|>"], ids["<|im_end|>"])
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == json.loads(generation)[
+        "eos_token_id"]
