@@ -16,7 +16,10 @@ The export is complete for transformers: ``config.json`` (with bos/eos/pad ids),
 ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``, so ``AutoTokenizer`` and
 ``pipeline("text-generation")`` work on the folder. A byte-level run gets a byte-level ``tokenizer.json`` built here
 whose ids are our ByteTokenizer's (id = byte value; id 0, the document separator, is the special token
-``<|endoftext|>``, which is bos, eos and pad), so transformers encodes and decodes the same text. Every file gets the
+``<|endoftext|>``, which is bos, eos and pad), so transformers encodes and decodes the same text. A tokenizer that
+came from a model folder (`llm.data.tokenizers.TokenizerFiles`) is written with the tokens and ids that folder had
+(bos/eos/pad, generation_config.json's eos ids, its tokenizer_config.json) and its ``chat_template``, so
+``apply_chat_template`` on the export renders the same text as on the source. Every file gets the
 mode an ordinary ``open()`` gives (0644 under umask 022; safetensors alone would write 0600).
 
 An export never mixes models and never loses the previous one. It is written into a temp directory beside
@@ -49,13 +52,13 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
 from llm import fs
 from llm.artifacts.runs import RunFiles, load_run, resolve_run
-from llm.data.tokenizers import ByteTokenizer, Tokenizer, byte_level_tokenizer
+from llm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, byte_level_tokenizer
 from llm.errors import UserError
 from llm.models.decoder import DecoderModel
 from llm.models.hf import INDEX_NAME, save_hf
@@ -72,8 +75,10 @@ TEMP_MARK = ".export-tmp-"  # `.OUT.export-tmp-<pid>-<n>`: an export being writt
 ASIDE_MARK = ".export-old"  # `.OUT.export-old`: the previous export between the two renames of a swap
 
 
-# Names a start-of-text and a padding token go by in common tokenizer.json files; without one, eos stands in.
-BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|im_start|>")
+# Names a start-of-text and a padding token go by in common tokenizer.json files, for a bare tokenizer.json only
+# (one without a model folder's files to name them); without one, eos stands in. ChatML's <|im_start|> starts a
+# turn, not a sequence: it is no bos.
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
@@ -228,6 +233,8 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, max_length: int) 
     out = Path(out_dir)
     tok = byte_level_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer.tok
     tok.save(str(out / "tokenizer.json"))
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.files is not None:
+        return _write_source_tokenizer_files(tokenizer, out, max_length)
     eos_id = tokenizer.eos_id
 
     def first(candidates: tuple[str, ...]) -> int | None:
@@ -240,6 +247,23 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, max_length: int) 
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return ids
+
+
+def _write_source_tokenizer_files(tokenizer: HFTokenizer, out: Path, max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json and special_tokens_map.json as the source folder had them (its tokens, its chat
+    template); returns its ids (eos: every id of its generation_config.json, the first one in config.json)."""
+    files = tokenizer.files
+    assert files is not None
+    tokens = {name: value for name, value in files.tokens.items() if value is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, **files.config,
+              **files.tokens}
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
+    stops = tokenizer.stop_ids()
+    eos: Any = stops if len(stops) > 1 else tokenizer.eos_id
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
@@ -258,7 +282,14 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: torch.dtype | None
     try:
         with staging(out_dir) as tmp:
             token_ids = write_tokenizer(run.tokenizer, tmp, model.config.max_seq_len)
-            save_hf(model, tmp, max_shard_bytes=max_shard_bytes, token_ids=token_ids)
+            eos = token_ids.get("eos_token_id")
+            # config.json names one eos (the tokenizer's), generation_config.json every id that ends a turn.
+            save_hf(model, tmp, max_shard_bytes=max_shard_bytes,
+                    token_ids={**token_ids, "eos_token_id": eos[0] if isinstance(eos, list) else eos})
+            if isinstance(eos, list):
+                generation = json.loads((tmp / "generation_config.json").read_text())
+                (tmp / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": eos},
+                                                                       indent=2) + "\n")
             commit(tmp, out_dir, files, overwrite)
     except ValueError as e:
         raise ExportError(str(e)) from None

@@ -18,12 +18,20 @@ Asking for more than fits in the context is allowed: the model never runs past i
 trained on turn the text into gibberish), the window slides instead, each further token predicted from the last
 `max_seq_len` tokens (see `llm.models.generation`), and one warning line on stderr says from which generated
 token on. A prompt longer than the context slides from the first token.
+
+Chat: `--chat "question"` (or `--messages FILE.json`, a JSON list of {"role", "content"} messages, or an object
+with such a "messages" list, ending with a user turn) renders the conversation with the run's chat template and
+its generation prompt (the tokenizer's own `chat_template`, else the built-in SFT template, see `llm.data.sft`),
+generates until the template's end-of-turn token or an eos id of the tokenizer's files (`chat_stop_ids`), and
+prints only the answer. `--chat` without text reads the question from stdin when stdin is not a terminal; on a
+terminal it starts a multi-turn conversation (an empty line or end of input ends it).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -56,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     prompt.add_argument("--prompt-file",
                         help="read the prompt from this UTF-8 file, verbatim; '-': stdin (default: none, --prompt)")
+    prompt.add_argument("--chat", nargs="?", const="", default=None, metavar="QUESTION",
+                        help="ask QUESTION with the run's chat template and print only the answer; without QUESTION "
+                        "read it from stdin, or talk turn by turn on a terminal (default: off, continue text)")
+    prompt.add_argument("--messages", metavar="FILE.json",
+                        help="answer the conversation of this JSON file (a list of role/content messages) with the "
+                        "chat template (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens to generate; past the model's context the window slides, with a warning (default: "
                    f"{DEFAULT_MAX_NEW_TOKENS}, or fewer so that prompt and text fit the context)")
@@ -82,15 +96,48 @@ def stream_text(
     A `temperature` below `GREEDY_BELOW` decodes greedily (see the module docstring). When the context window
     slides (prompt plus generated tokens past `max_seq_len`), `warn` receives one line saying from which token.
     """
-    from llm.data.tokenizers import StreamDecoder
-
-    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     ids = tokenizer.encode(prompt)
     if not ids:
         if tokenizer.eos_id is None:
             raise UserError("prompt: empty, and this tokenizer has no end-of-text token to start from")
         ids = [tokenizer.eos_id]  # documents are separated by it, so it means "start of a document"
-    stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
+    stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    yield from stream_ids(model, tokenizer, ids, stops, max_new_tokens, temperature, top_k, top_p, seed, warn)
+
+
+def stream_chat(
+    model: Any, tokenizer: Any, messages: list[tuple[str, str]], max_new_tokens: int = 256, temperature: float = 0.8,
+    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Yield the text of the answer to ``messages`` ((role, content) pairs ending with a user turn): the chat
+    template's prompt with its generation prompt, cut at the template's end-of-turn or an eos token."""
+    from llm.data.sft import chat_stop_ids
+
+    ids = chat_prompt_ids(messages, tokenizer)
+    yield from stream_ids(model, tokenizer, ids, chat_stop_ids(tokenizer), max_new_tokens, temperature, top_k,
+                          top_p, seed, warn)
+
+
+def chat_prompt_ids(messages: list[tuple[str, str]], tokenizer: Any) -> list[int]:
+    """The prompt ids of a conversation (a template error is a one-line user error)."""
+    from llm.data.sft import render_prompt
+    from llm.errors import ConfigError
+
+    try:
+        return render_prompt(messages, tokenizer)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def stream_ids(
+    model: Any, tokenizer: Any, ids: list[int], stops: list[int], max_new_tokens: int, temperature: float,
+    top_k: int | None, top_p: float | None, seed: int | None, warn: Callable[[str], None] | None,
+) -> Iterator[str]:
+    """Yield the decoded text generated after the prompt ``ids``, up to (not including) the first of ``stops``."""
+    from llm.data.tokenizers import StreamDecoder
+
+    temperature = 0.0 if temperature < GREEDY_BELOW else temperature
     decoder = StreamDecoder(tokenizer)
 
     def on_slide(index: int) -> None:
@@ -99,10 +146,10 @@ def stream_text(
 
     tokens = model.generate_stream(
         torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop_tokens=stops, seed=seed, on_slide=on_slide, vocab_limit=tokenizer.vocab_size,  # padded ids are no text
+        stop_tokens=stops or None, seed=seed, on_slide=on_slide, vocab_limit=tokenizer.vocab_size,  # padding: no text
     )
     # The stop token is yielded by the model but is not text: decode up to it.
-    yield from decoder.stream(itertools.takewhile(lambda token: not stops or token != stops[0], tokens))
+    yield from decoder.stream(itertools.takewhile(lambda token: int(token) not in stops, tokens))
 
 
 def slide_message(prompt_tokens: int, context: int, index: int) -> str:
@@ -165,6 +212,33 @@ def read_prompt(args: argparse.Namespace) -> str:
                         f"{exc.start})") from None
 
 
+def read_messages(name: str) -> list[tuple[str, str]]:
+    """The conversation of a `--messages` file: a JSON list of {"role", "content"} (or {"messages": [...]}),
+    roles system/user/assistant, ending with a user turn."""
+    from llm.data.sft_records import ROLES
+
+    try:
+        data = json.loads(Path(name).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"--messages: cannot read {name!r}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"--messages: {name!r} is not valid UTF-8 JSON: {_first_line(exc)}") from None
+    if isinstance(data, dict):
+        data = data.get("messages")
+    if not isinstance(data, list) or not data:
+        raise UserError(f"--messages: {name!r} must hold a non-empty list of messages (or {{\"messages\": [...]}})")
+    messages = []
+    for i, message in enumerate(data):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise UserError(f"--messages: {name!r}: messages[{i}] needs a role in {ROLES} and a string content")
+        messages.append((role, content))
+    if messages[-1][0] == "assistant":
+        raise UserError(f"--messages: {name!r}: the conversation ends with an assistant turn; end it with the user's")
+    return messages
+
+
 def _device_memory(device: torch.device) -> int | None:
     """Total memory of `device` in bytes (None where it cannot be told)."""
     try:
@@ -200,12 +274,53 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+def _chat(args: argparse.Namespace, out: TextIO, stdin: TextIO) -> None:
+    """`--chat` / `--messages`: one answer, or a conversation turn by turn on a terminal."""
+    interactive = args.messages is None and not args.chat and stdin.isatty()
+    if args.chat:
+        read_prompt(argparse.Namespace(prompt=args.chat, prompt_file=None))  # refuses text that is not UTF-8
+    if args.messages is not None:
+        messages = read_messages(args.messages)
+    elif args.chat or interactive:
+        messages = [("user", args.chat)] if args.chat else []
+    else:
+        question = stdin.read()
+        if not question.strip():
+            raise UserError("--chat: no question given (none on the command line, stdin empty)")
+        messages = [("user", question.rstrip("\n"))]
+    device = _device(args.device)
+    run = load_run(args.checkpoint, device=device, warn=_warn)
+    model, tokenizer = run.model, run.tokenizer
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+            line = stdin.readline()
+            if not line.strip():
+                return
+            messages.append(("user", line.rstrip("\n")))
+        count = check_max_new_tokens(model, len(chat_prompt_ids(messages, tokenizer)), args.max_new_tokens, device)
+        answer = []
+        for piece in stream_chat(model, tokenizer, messages, count, args.temperature, args.top_k, args.top_p,
+                                 args.seed, warn=_warn):
+            answer.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        if not interactive:
+            return
+        messages.append(("assistant", "".join(answer)))
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None, stdin: TextIO | None = None) -> int:
     out = out or sys.stdout
 
     def body() -> None:
         args = build_parser().parse_args(argv)
         _check_args(args)
+        if args.chat is not None or args.messages is not None:
+            _chat(args, out, stdin or sys.stdin)
+            return
         prompt = read_prompt(args)
         device = _device(args.device)
         run = load_run(args.checkpoint, device=device, warn=_warn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 
@@ -253,3 +254,118 @@ def test_prompt_file_is_read_verbatim(run_dir, tmp_path):
     code, text = generate(*args, "--prompt-file", str(tmp_path / "prompt.txt"))
     assert code == 0 and text.startswith("def ")
     assert generate(*args, "--prompt", "def ") == (0, text)
+
+
+# ------------------------------------------------------------------------------------------- the chat template
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny sft run on a Qwen-style tokenizer folder (ChatML template, tokenizer_config/config/generation_config),
+    two steps: what a fine-tune of a downloaded model leaves."""
+    from data.test_chat_template import qwen_folder
+
+    root = tmp_path_factory.mktemp("chat")
+    folder = qwen_folder(root / "model")
+    args = [
+        "--task", "sft", "--data-tokenizer", str(folder / "tokenizer.json"), "--data-num-samples", "16",
+        "--data-seq-len", "120", "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "2",
+        "--model-max-seq-len", "128", "--training-batch-size", "4", "--training-max-steps", "2",
+        "--training-precision", "fp32", "--logging-log-dir", str(root / "run"),
+    ]
+    assert train_main(args) == 0
+    return folder, root / "run"
+
+
+class _ScriptedModel:
+    """Generates fixed ids whatever the prompt, and records the prompts it was given (for the chat CLI)."""
+
+    max_seq_len = 64
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids, self.prompts = ids, []
+        self.embed_tokens, self.layers = torch.nn.Embedding(1, 1), []
+
+    def generate_stream(self, input_ids, max_new_tokens, **kwargs):
+        self.prompts.append(input_ids.tolist())
+        yield from self.ids[:max_new_tokens]
+
+
+def test_chat_prints_only_the_answer_and_stops_at_the_end_of_turn(chat_run, monkeypatch, tmp_path):
+    import llm.generate as generate_module
+    from llm.data.sft import render_prompt
+
+    folder, run = chat_run
+    tokenizer = load_run(run).tokenizer
+    im_end, endoftext = (tokenizer.tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    answer = tokenizer.encode("It is 5.")
+    model = _ScriptedModel([*answer, im_end, *tokenizer.encode(" junk"), endoftext])
+    monkeypatch.setattr(generate_module, "load_run",
+                        lambda *a, **k: type("Run", (), {"model": model, "tokenizer": tokenizer}))
+    code, out = generate("--checkpoint", str(run), "--chat", "What is 2 + 3?")
+    assert (code, out) == (0, "It is 5.\n")
+    assert model.prompts[-1] == render_prompt([("user", "What is 2 + 3?")], tokenizer)
+    # Without a question, stdin (not a terminal) holds it; --messages reads a whole conversation.
+    assert main(["--checkpoint", str(run), "--chat"], out=io.StringIO(), stdin=io.StringIO("What is 2 + 3?\n")) == 0
+    assert model.prompts[-1] == render_prompt([("user", "What is 2 + 3?")], tokenizer)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2 + 3?"}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    assert generate("--checkpoint", str(run), "--messages", str(tmp_path / "chat.json")) == (0, "It is 5.\n")
+    assert model.prompts[-1] == render_prompt([(m["role"], m["content"]) for m in chat], tokenizer)
+    (tmp_path / "bad.json").write_text(json.dumps(chat[:3]))
+    code, _ = generate("--checkpoint", str(run), "--messages", str(tmp_path / "bad.json"))
+    assert code == 2
+    code, _ = generate("--checkpoint", str(run), "--chat", "x<|im_start|>system")  # no turn injected by the user
+    assert code == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_chat_on_a_terminal_is_a_conversation(chat_run, monkeypatch):
+    import llm.generate as generate_module
+    from llm.data.sft import render_prompt
+
+    _, run = chat_run
+    tokenizer = load_run(run).tokenizer
+    model = _ScriptedModel([*tokenizer.encode("It is 5."), tokenizer.tok.token_to_id("<|im_end|>")])
+    monkeypatch.setattr(generate_module, "load_run",
+                        lambda *a, **k: type("Run", (), {"model": model, "tokenizer": tokenizer}))
+    out = io.StringIO()
+    assert main(["--checkpoint", str(run), "--chat"], out=out, stdin=_Terminal("Hi\nAnd 2 + 3?\n\n")) == 0
+    assert out.getvalue() == "> It is 5.\n> It is 5.\n> "
+    expected = [("user", "Hi"), ("assistant", "It is 5."), ("user", "And 2 + 3?")]
+    assert model.prompts == [render_prompt(expected[:1], tokenizer), render_prompt(expected, tokenizer)]
+
+
+def test_chat_on_real_runs_with_their_own_and_the_built_in_template(chat_run, run_dir):
+    _, run = chat_run
+    assert "sft renders conversations with the tokenizer's own chat_template" in (run / "train.log").read_text()
+    code, out = generate("--checkpoint", str(run), "--chat", "What is 2 + 3?", "--max-new-tokens", "8",
+                         "--temperature", "0")
+    assert code == 0 and "<|im_start|>" not in out and "What is" not in out
+    code, out = generate("--checkpoint", str(run_dir), "--chat", "def ", "--max-new-tokens", "8", "--seed", "0")
+    assert code == 0 and "### User:" not in out
+
+
+def test_the_export_keeps_the_sources_tokens_ids_and_chat_template(chat_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llm.export import export_hf
+
+    folder, run = chat_run
+    out = export_hf(run, tmp_path / "export")
+    source, exported = AutoTokenizer.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2 + 3?"}]
+    for prompt in (False, True):
+        text = exported.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+        assert text == source.apply_chat_template(chat, tokenize=False, add_generation_prompt=prompt)
+    assert (exported.bos_token, exported.eos_token, exported.pad_token) == (None, "<|im_end|>", "<|endoftext|>")
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((folder / "config.json").read_text())
+    assert config["bos_token_id"] == original["bos_token_id"] != source.convert_tokens_to_ids("<|im_start|>")
+    assert config["eos_token_id"] == original["eos_token_id"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == json.loads((folder / "generation_config.json").read_text())["eos_token_id"]

@@ -28,6 +28,16 @@ Labels: the loss covers the assistant contents and their EOS, nothing else: ever
 (-100, the ignore index of `nn.CrossEntropyLoss` and `llm.models.loss.linear_cross_entropy`). Text is tokenized
 segment by segment, so the answer spans are exact for any tokenizer.
 
+The model's own template: when the tokenizer's files hold a `chat_template` (tokenizer_config.json or
+chat_template.jinja beside tokenizer.json, see `llm.data.tokenizers.TokenizerFiles`), conversations are rendered
+with it instead, as transformers' `apply_chat_template` renders them (`llm.data.chat_template`: a sandboxed jinja2,
+bounded output), and the whole text is tokenized once, so the ids equal `apply_chat_template(..., tokenize=True)`.
+The loss then covers each assistant message's tokens from its content through the template's end-of-turn token
+(`<|im_end|>`), found by rendering prefixes of the conversation (`assistant_spans`), whether or not the template
+marks `{% generation %}` blocks; the template writes BOS itself if it wants one. A content that holds any of the
+tokenizer's special tokens (`<|im_start|>`) is refused. The built-in template above is the fallback for tokenizers
+without one (bytes, a BPE trained here); the run's log says which one it used.
+
 Batching: one example per row, right-padded to the longest row of the batch (pad labels are ignored). Examples are
 not packed several to a window: `DecoderModel` takes a key-padding mask and one position vector for the whole
 batch, not a block-diagonal mask, so packed examples would attend to each other. Right padding needs no attention
@@ -54,6 +64,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from llm.data.chat_template import ChatTemplate, assistant_spans
 from llm.data.datamodule import SectionDataModule
 from llm.data.sft_records import (  # noqa: F401  (the records' API, re-exported: callers import it from here)
     BYTES_PER_TOKEN,
@@ -98,9 +109,53 @@ class SpecialTokens:
                 "token (e.g. </s>, <|endoftext|>); sft ends every answer with one"
             )
         bos = None
-        if isinstance(tokenizer, HFTokenizer):
+        if isinstance(tokenizer, HFTokenizer) and tokenizer.files is not None:
+            bos = tokenizer.bos_id  # what the model's own files say (None: it has none)
+        elif isinstance(tokenizer, HFTokenizer):  # a bare tokenizer.json names no bos: its well-known names
             bos = next((i for i in map(tokenizer.tok.token_to_id, _BOS_CANDIDATES) if i is not None), None)
         return cls(bos, tokenizer.eos_id)
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A tokenizer's own chat template, its end-of-turn token and the texts of its special tokens."""
+
+    template: ChatTemplate
+    end_of_turn: str | None
+    specials: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def chat_template_of(tokenizer: Tokenizer) -> TemplateInfo | None:
+    """The tokenizer's own chat template (None: it has none, the built-in template is used)."""
+    if not isinstance(tokenizer, HFTokenizer) or tokenizer.chat_template is None:
+        return None
+    where = f"data.tokenizer: {tokenizer.source}" if tokenizer.source else "data.tokenizer"
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.token_text(tokenizer.bos_id),
+                            tokenizer.token_text(tokenizer.eos_id), where)
+    specials = tuple(sorted({t.content for t in tokenizer.tok.get_added_tokens_decoder().values()
+                             if t.special and t.content}, key=len, reverse=True))
+    return TemplateInfo(template, template.end_of_turn(specials), specials)
+
+
+def template_name(tokenizer: Tokenizer) -> str:
+    """Which template renders conversations for ``tokenizer``, in words (for the run's log)."""
+    if chat_template_of(tokenizer) is None:
+        return "the built-in '### User:' template (the tokenizer has no chat_template)"
+    return f"the tokenizer's own chat_template ({getattr(tokenizer, 'source', '') or 'tokenizer.json'})"
+
+
+def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end an answer: the template's end-of-turn token and the tokenizer's eos ids."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    ids = tokenizer.stop_ids()
+    info = chat_template_of(tokenizer)
+    if info is not None and info.end_of_turn is not None:
+        end = tokenizer.tok.token_to_id(info.end_of_turn)
+        if end is not None and end not in ids:
+            ids.insert(0, end)
+    return ids
 
 
 @functools.lru_cache(maxsize=16)
@@ -148,6 +203,9 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
     With ``max_tokens``, the first that many only: no more text than they need is tokenized, so a long record costs
     the memory of a window. A content that holds one of the template's special tokens is refused (`ConfigError`);
     ``where`` ("file:line") and ``fields`` (each message's field, "messages[1].content" by default) name it."""
+    info = chat_template_of(tokenizer)
+    if info is not None:
+        return _render_own_template(messages, tokenizer, info, max_tokens, where, fields)
     special, texts = _template_tokens(tokenizer)
     limit = max_tokens if max_tokens is not None else float("inf")
     ids: list[int] = [special.bos] if special.bos is not None else []
@@ -176,10 +234,46 @@ def render(messages: Sequence[Message], tokenizer: Tokenizer, max_tokens: int | 
     return np.asarray(ids[:end], dtype=np.int64), np.asarray(answer[:end], dtype=bool)
 
 
+def _refuse_template_specials(messages: Sequence[Message], info: TemplateInfo, where: str = "",
+                              fields: Sequence[str] | None = None) -> None:
+    """A content that spells one of the tokenizer's special tokens (`<|im_start|>`) would open or end a turn of the
+    template there without a word: refused, naming the record and field."""
+    for index, (_, content) in enumerate(messages):
+        found = next((token for token in info.specials if token in content), None)
+        if found is not None:
+            prefix = f"data.path: {where}: " if where else ""
+            field = fields[index] if fields is not None else f"messages[{index}].content"
+            raise ConfigError(f"{prefix}{field} holds the tokenizer's special token {show(found)} at character "
+                              f"{content.find(found)}; the template's turns would break there: remove it from the data")
+
+
+def _render_own_template(
+    messages: Sequence[Message], tokenizer: Tokenizer, info: TemplateInfo, max_tokens: int | None, where: str,
+    fields: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render` with the tokenizer's own chat template: the whole text tokenized at once (as transformers does),
+    the answer mask from the characters of each assistant span."""
+    assert isinstance(tokenizer, HFTokenizer)
+    _refuse_template_specials(messages, info, where, fields)
+    text, spans = assistant_spans(info.template, messages, info.end_of_turn, where)
+    encoding = tokenizer.tok.encode(text, add_special_tokens=False)
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    starts = np.fromiter((start for start, _ in encoding.offsets), np.int64, len(ids))
+    answer = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        answer |= (starts >= start) & (starts < end)
+    return ids[:max_tokens], answer[:max_tokens]
+
+
 def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
-    """Token ids that prompt for the next assistant turn: the conversation so far, then the assistant header."""
+    """Token ids that prompt for the next assistant turn: the conversation so far, then the assistant header (the
+    tokenizer's own template with its generation prompt, where it has one)."""
     if messages and messages[-1][0] == "assistant":
         raise ValueError("the conversation already ends with an assistant turn")
+    info = chat_template_of(tokenizer)
+    if info is not None:
+        _refuse_template_specials(messages, info)
+        return tokenizer.encode(info.template.render(messages, add_generation_prompt=True))
     ids, _ = render(messages, tokenizer)
     return ids.tolist() + tokenizer.encode(HEADERS["assistant"])
 
@@ -251,6 +345,7 @@ class SFTDataModule(SectionDataModule):
         self.tokenizer: Tokenizer = self._tokenizer()
         self.train_set: SFTExamples | None = None
         self.val_set: SFTExamples | None = None
+        self._told_template = False
 
     def _tokenizer(self) -> Tokenizer:
         spec = self.data.tokenizer
@@ -302,6 +397,9 @@ class SFTDataModule(SectionDataModule):
 
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"
+        if self.rank == 0 and not self._told_template:  # once training starts: a refused run stays one line
+            log.info("data: sft renders conversations with %s", template_name(self.tokenizer))
+            self._told_template = True
         return self.make_loader(self.train_set, self.batch_size, train=True, collate_fn=self._collate())
 
     def val_dataloader(self) -> Iterable[Any] | None:

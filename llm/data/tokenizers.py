@@ -9,6 +9,11 @@ Notable choices:
   generation can stop there.
 - Trained BPE is byte-level (GPT-2 style), so every string round-trips exactly, with one special token,
   `<|endoftext|>`, as the separator.
+- A tokenizer.json of a Hugging Face model folder brings its files along (`TokenizerFiles`): the beginning-,
+  end-of-sequence and padding tokens of its `tokenizer_config.json` (or `special_tokens_map.json`), the ids of its
+  `generation_config.json` and `config.json` where the tokenizer names none, and its `chat_template`
+  (`tokenizer_config.json`, or a `chat_template.jinja` file, which wins as in transformers). A bare tokenizer.json
+  (one we trained, say) has none of them: its separator is the first of a few well-known names present.
 - `StreamDecoder` turns token ids into text as they arrive, holding back bytes of a character that is not
   complete yet, so a streaming CLI never prints a replacement character for half of a UTF-8 sequence.
 """
@@ -18,21 +23,101 @@ from __future__ import annotations
 import codecs
 import hashlib
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llm import fs
+from llm import fs, untrusted
 from llm.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|endoftext|>"
-# Names a separator token goes by in common tokenizer.json files; the first one present is used.
+# Names a separator token goes by in common tokenizer.json files; the first one present is used, for a bare
+# tokenizer.json only (one with no tokenizer_config.json, generation_config.json or config.json to name it).
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
+MODEL_CONFIG = "config.json"
+_MAX_META_BYTES = 16 << 20  # a tokenizer's side file larger than this is not one (templates are kilobytes)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A side file's JSON object (None when nothing is at its name), read as untrusted input (`llm.untrusted`: a
+    regular file only, capped, plain JSON); anything else there is a one-line `ConfigError`."""
+    if not untrusted.exists(path):
+        return None
+    try:
+        value = untrusted.read_json(path, _MAX_META_BYTES)
+    except untrusted.UntrustedFileError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"data.tokenizer: {str(path)!r} must hold a JSON object")
+    return value
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an AddedToken object ({"content": ...}) or
+    null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    """An id field of a (generation) config: an int, a list of them, or null."""
+    values = value if isinstance(value, list) else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What the files beside a tokenizer.json say about it (see the module docstring); ids not yet checked against
+    the vocabulary (`HFTokenizer` does that)."""
+
+    tokens: dict[str, str | None] = field(default_factory=dict)  # bos_token/eos_token/pad_token: the tokenizer's
+    ids: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bos/eos/pad_token_id: generation_config/config
+    chat_template: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json as read, for the export
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> TokenizerFiles | None:
+        """The side files of ``directory``; None when it holds none of them (a bare tokenizer.json)."""
+        d = Path(directory)
+        config = _read_json(d / TOKENIZER_CONFIG)
+        special_map = _read_json(d / SPECIAL_TOKENS_MAP)
+        generation, model = _read_json(d / GENERATION_CONFIG), _read_json(d / MODEL_CONFIG)
+        jinja = d / CHAT_TEMPLATE_FILE
+        has_jinja = untrusted.exists(jinja)
+        if config is None and special_map is None and generation is None and model is None and not has_jinja:
+            return None
+        tokens = {}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            source = config if config is not None and name in config else special_map or {}
+            tokens[name] = _token_text(source.get(name))
+        ids = {}
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # generation_config.json lists every id that ends a turn (Qwen: <|im_end|> and <|endoftext|>).
+            ids[name] = _ids((generation or {}).get(name)) or _ids((model or {}).get(name))
+        template = (config or {}).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if has_jinja:  # transformers lets the file win over tokenizer_config.json's template
+            try:
+                template = untrusted.read_capped(jinja, _MAX_META_BYTES).decode("utf-8")
+            except untrusted.UntrustedFileError as exc:
+                raise ConfigError(f"data.tokenizer: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"data.tokenizer: {str(jinja)!r} is not UTF-8 text (byte {exc.start})") from None
+        return cls(tokens, ids, template if isinstance(template, str) and template else None, dict(config or {}))
 
 
 class ByteTokenizer:
@@ -73,14 +158,50 @@ class HFTokenizer:
 
     name = "hf"
 
-    def __init__(self, tokenizer: object, source: str = "") -> None:
+    def __init__(self, tokenizer: object, source: str = "", files: TokenizerFiles | None = None) -> None:
         self.tok = tokenizer
         self.source = source
+        self.files = files
         self.vocab_size: int = self.tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id: int | None = next(
-            (i for i in (self.tok.token_to_id(n) for n in _EOS_CANDIDATES) if i is not None), None
-        )
+        guessed = next((i for i in (self.tok.token_to_id(n) for n in _EOS_CANDIDATES) if i is not None), None)
+        self.bos_id: int | None = self._special("bos", None)
+        self.eos_id: int | None = self._special("eos", guessed)
+        self.pad_id: int | None = self._special("pad", None)
         self.fingerprint = "hf-" + hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()[:16]
+        if self.eos_id != guessed:  # the separator is part of a token cache: another one is another cache
+            self.fingerprint += f"-eos{self.eos_id}"
+
+    def _special(self, kind: str, default: int | None) -> int | None:
+        """The id of the ``kind`` (bos/eos/pad) token the tokenizer's files name: its token, else the first id of
+        generation_config.json / config.json; ``default`` for a bare tokenizer.json. A name the vocabulary lacks
+        is refused: a guess would be a wrong token."""
+        if self.files is None:
+            return default
+        token = self.files.tokens.get(f"{kind}_token")
+        if token is not None:
+            found = self.tok.token_to_id(token)
+            if found is None:
+                raise ConfigError(f"data.tokenizer: {self.source!r}: its {kind}_token {token!r} is not in the "
+                                  "vocabulary")
+            return found
+        ids = [i for i in self.files.ids.get(f"{kind}_token_id", ()) if i < self.vocab_size]
+        return ids[0] if ids else None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template source of the tokenizer's files (None: the built-in SFT template is used)."""
+        return self.files.chat_template if self.files is not None else None
+
+    def token_text(self, token_id: int | None) -> str | None:
+        """The text of a special token id (None for None)."""
+        return None if token_id is None else self.tok.id_to_token(token_id)
+
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generated turn: the eos id and every eos id of generation_config.json / config.json."""
+        ids = [self.eos_id] if self.eos_id is not None else []
+        if self.files is not None:
+            ids += [i for i in self.files.ids.get("eos_token_id", ()) if i < self.vocab_size and i not in ids]
+        return ids
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, field: str = "data.tokenizer") -> HFTokenizer:
@@ -88,11 +209,13 @@ class HFTokenizer:
 
         if not os.path.isfile(path):
             raise ConfigError(f"{field}: tokenizer file not found: {str(path)!r}")
+        files = TokenizerFiles.read(Path(path).parent)
         try:
-            return cls(Tokenizer.from_file(str(path)), source=str(path))
+            tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception on malformed files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{field}: {str(path)!r} is not a valid tokenizer.json: {first}") from None
+        return cls(tok, source=str(path), files=files)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -143,6 +266,19 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         with fs.atomic_path(Path(directory) / TOKENIZER_FILE) as tmp:  # never through a link at the name
             self.tok.save(str(tmp))
+        self.save_files(directory)
+
+    def save_files(self, directory: str | os.PathLike) -> None:
+        """The side files as a run keeps them: tokenizer_config.json (the chat template inlined) and a
+        generation_config.json of the resolved ids, so that the run's tokenizer reads back the same tokens."""
+        if self.files is None:
+            return
+        config = {**self.files.config, **self.files.tokens}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        ids = {"bos_token_id": self.bos_id, "eos_token_id": self.stop_ids() or None, "pad_token_id": self.pad_id}
+        for name, value in ((TOKENIZER_CONFIG, config), (GENERATION_CONFIG, ids)):
+            fs.atomic_write(Path(directory) / name, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
@@ -213,6 +349,7 @@ def copy_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
         if target.is_symlink() or not target.exists() or not os.path.samefile(tokenizer.source, target):
             with fs.atomic_path(target) as tmp:  # replaces the file (or a link at its name), never its target
                 shutil.copyfile(tokenizer.source, tmp)
+            tokenizer.save_files(directory)
     else:
         tokenizer.save(directory)
 
