@@ -58,8 +58,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     # Every option's help ends with its default in words (a None default means something different per option).
     p = _Parser(prog="python -m llm.generate", description="Sample text from a trained lm run or checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, checkpoint directory or model.safetensors (required)")
+    p.add_argument("run", nargs="?", metavar="RUN",
+                   help="run directory, checkpoint directory or model.safetensors; this or --checkpoint (required)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the same as RUN (default: RUN)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: empty, start a new document)")
     prompt.add_argument("--prompt-file",
@@ -160,6 +162,11 @@ def slide_message(prompt_tokens: int, context: int, index: int) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.run is not None and args.checkpoint is not None and args.run != args.checkpoint:
+        raise UserError(f"RUN {args.run!r} and --checkpoint {args.checkpoint!r} name two models; give one")
+    args.checkpoint = args.checkpoint if args.checkpoint is not None else args.run
+    if args.checkpoint is None:
+        raise UserError("the run to sample from is required: python -m llm.generate RUN (or --checkpoint RUN)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: invalid value {args.max_new_tokens}; must be >= 1")
     if not math.isfinite(args.temperature) or args.temperature < 0:

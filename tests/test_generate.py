@@ -347,6 +347,16 @@ def test_chat_on_real_runs_with_their_own_and_the_built_in_template(chat_run, ru
     assert code == 0 and "<|im_start|>" not in out and "What is" not in out
     code, out = generate("--checkpoint", str(run_dir), "--chat", "def ", "--max-new-tokens", "8", "--seed", "0")
     assert code == 0 and "### User:" not in out
+    # `python -m llm.generate RUN --chat ...` as the README types it: RUN may come first instead of --checkpoint
+    assert generate(str(run), "--chat", "What is 2 + 3?", "--max-new-tokens", "8", "--temperature", "0") == \
+        generate("--checkpoint", str(run), "--chat", "What is 2 + 3?", "--max-new-tokens", "8", "--temperature", "0")
+
+
+def test_the_run_is_named_once(run_dir, capsys):
+    assert main(["--prompt", "x"]) == 2
+    assert "the run to sample from is required" in capsys.readouterr().err
+    assert main([str(run_dir), "--checkpoint", str(run_dir / "other"), "--prompt", "x"]) == 2
+    assert "name two models" in capsys.readouterr().err
 
 
 def test_the_export_keeps_the_sources_tokens_ids_and_chat_template(chat_run, tmp_path):
