@@ -235,6 +235,27 @@ def test_init_from_a_mistral_folder_keeps_the_window_and_scores_as_transformers(
     torch.testing.assert_close(_logits(back, ids), _logits(hf, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_qwen3_moe_through_init_from_one_step_and_export(tmp_path):
+    """The acceptance path for Qwen3-MoE: --model-init-from, one step at lr 1e-12, llm.export, and transformers'
+    model of the export computes the source's logits (QK-norm, fine-grained experts, a dense block)."""
+    tok = HFTokenizer.train_bpe([TEXT], 300)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3, "vocab_size": tok.vocab_size}, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                      norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1e4)
+    hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    _randomize_norms(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    assert train_main([*run_args(tmp_path, tmp_path / "hf", "--training-max-steps", "1", "--training-lr", "1e-12"),
+                       "--logging-log-dir", str(tmp_path / "run1")]) == 0
+    assert export_main([str(tmp_path / "run1"), "--to", "hf", str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "Qwen3MoeForCausalLM" and back.config.mlp_only_layers == [1]
+    ids = torch.randint(0, tok.vocab_size, (2, 20))
+    torch.testing.assert_close(_logits(back, ids), _logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------------- presets
 def test_mistral_preset_counts_as_transformers_model_of_its_config():
     from llm.models.presets import PRESETS
