@@ -97,6 +97,9 @@ def _job(rank: int, world: int, port: int, out: str, flags: list[str], what: str
                 weights = {k: v.float() for k, v in engine.unwrapped_model.state_dict().items()}
                 torch.save(weights, Path(out) / "weights.pt")
         (Path(out) / f"result-{rank}.json").write_text(json.dumps(result))
+        # Both ranks done before either tears gloo down: a rank that destroys its group while the peer still
+        # finishes the last collective's transfers sometimes aborts at exit (a run's final save ends with one too)
+        D.barrier()
     finally:
         D.destroy_process_group()
 
