@@ -109,7 +109,14 @@ def run(out: Path, flags: list[str], what: str, world: int) -> list[dict]:
     if world == 1:
         _job(0, 1, 0, str(out), flags, what)
     else:
-        mp.spawn(_job, args=(world, D.free_port(), str(out), flags, what), nprocs=world, join=True)
+        try:
+            mp.spawn(_job, args=(world, D.free_port(), str(out), flags, what), nprocs=world, join=True)
+        except mp.ProcessExitedException as exc:
+            # Known, not yet understood: under load a rank of these in-process jobs sometimes aborts while the
+            # interpreter exits ("terminate called without an active exception"), after its work is done. The
+            # results are still checked; an abort before every rank wrote its result still fails.
+            if exc.signal_name != "SIGABRT" or not all((out / f"result-{r}.json").exists() for r in range(world)):
+                raise
     return [json.loads((out / f"result-{r}.json").read_text()) for r in range(world)]
 
 
