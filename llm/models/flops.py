@@ -56,12 +56,18 @@ def active_parameters(model: nn.Module) -> float:
 
 def attention_width(model: nn.Module) -> int:
     """Sum over attention layers of query heads x head dim (the `n_layers * d_attn` of the attention term)."""
-    return sum(m.num_heads * m.head_dim for m in model.modules() if isinstance(m, Attention))
+    return sum(_heads(m) * m.head_dim for m in model.modules() if isinstance(m, Attention))
+
+
+def _heads(attention: nn.Module) -> int:
+    """The layer's query heads; under tensor parallelism an `Attention` holds its rank's share (`tensor_parallel`
+    is set by llm.training.parallel.tensor), and the FLOPs are the whole model's."""
+    return attention.num_heads * getattr(attention, "tensor_parallel", 1)
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 * N_active + 12 * n_layers * d_attn * seq_len, where a
     sliding-window layer (Mistral) attends ``min(seq_len, window)`` keys instead of ``seq_len``."""
-    windowed = sum(m.num_heads * m.head_dim * (min(seq_len, m.sliding_window) - seq_len) for m in model.modules()
+    windowed = sum(_heads(m) * m.head_dim * (min(seq_len, m.sliding_window) - seq_len) for m in model.modules()
                    if isinstance(m, Attention) and getattr(m, "sliding_window", None) is not None)
     return 6 * active_parameters(model) + 12 * (attention_width(model) * seq_len + windowed)

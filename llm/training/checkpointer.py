@@ -563,7 +563,8 @@ class Checkpointer:
     def _remap_world(self, path: Path, state: dict[str, Any], saved_world: int, own: bool) -> dict[str, Any]:
         """A trainer state of `saved_world` processes, for this rank of a run with another world size."""
         run, data = self.context, state["data"]
-        if data.get("world_size") != saved_world or "batch_size" not in data:
+        # The data module counts in data-parallel ranks (the processes over the tensor-parallel degree).
+        if not isinstance(data.get("world_size"), int) or "batch_size" not in data:
             raise ckpt.CheckpointError(
                 f"checkpoint: {path} was written by {saved_world} processes and this run has {run.world_size}, "
                 f"and the data position of {type(self.components['data']).__name__} cannot be remapped (it does not "
@@ -574,7 +575,7 @@ class Checkpointer:
         if not own:  # this rank did not exist: keep its own seeded RNG and start its metric window empty
             state["rng"], state["meter"] = ckpt.rng_state(), None
         if run.is_global_zero:
-            consumed = data.get("offset", 0) + data["batch"] * data["batch_size"] * saved_world
+            consumed = data.get("offset", 0) + data["batch"] * data["batch_size"] * data["world_size"]
             run.logger.warning("resuming a checkpoint of %d process(es) on %d: the data position is remapped to "
                                "sample %d of epoch %d", saved_world, run.world_size, consumed, data["epoch"])
         return state

@@ -56,6 +56,7 @@ from llm.training.parallel.distributed import (
     torchrun_env,
 )
 from llm.training.parallel.expert import check_expert_parallel
+from llm.training.parallel.tensor import check_composition
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
 from llm.training.tasks.lm_task import LMTask
@@ -271,6 +272,7 @@ def check_world_size(config: Config) -> None:
     divide it (the config alone could not tell)."""
     dist = config.distributed
     check_expert_parallel(dist.expert_parallel, job_world_size(config), config.model, dist.strategy)
+    check_composition(dist.tensor_parallel, job_world_size(config), config.model, config.training, dist)
 
 
 def setup_logging(rank: int, level: str, run_dir: Path | None = None,

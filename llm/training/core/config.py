@@ -174,6 +174,9 @@ class DistributedConfig(Freezable):
     expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp)
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
+    # Tensor parallelism (docs/scale-out.md): heads and MLP columns split over groups of this many consecutive ranks,
+    # which read the same batch (the data-parallel degree is the world size / T)
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -468,6 +471,9 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     from llm.training.optim.optimizers import check_strategy
 
     check_strategy(t.optimizer, dist.strategy)  # muon + fsdp: refused here, before anything is written
+    from llm.training.parallel.tensor import check_composition
+
+    check_composition(dist.tensor_parallel, None, m, t, dist)  # with what T > 1 cannot be combined
     _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
            f"must be > 0 and at most {MAX_TIMEOUT_MINUTES:g} (a year)")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")

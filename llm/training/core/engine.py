@@ -265,7 +265,8 @@ class TrainingEngine:
 
     def _setup_data(self) -> None:
         dm = self.data_module
-        dm.rank, dm.world_size = self.rank, self.world_size
+        # The data-parallel coordinates: the ranks of a tensor-parallel group read the same batch (parallel/plan.py).
+        dm.rank, dm.world_size = self.plan.data_rank, self.plan.data_parallel
         if self.is_global_zero:
             dm.prepare_data()
         barrier()
@@ -281,8 +282,8 @@ class TrainingEngine:
         self.steps_per_epoch = max(batches, 0) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0 and batches >= 0:  # 0 batches too: an epoch would never end a step
             raise UserError(
-                f"training.batch_size: {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x world size "
-                f"{self.world_size} is more than the {batches} training batches available per epoch"
+                f"training.batch_size: {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x data-parallel "
+                f"degree {self.plan.data_parallel} is more than the {batches} training batches available per epoch"
             )
         by_epochs = self.steps_per_epoch * cfg.epochs if self.steps_per_epoch else 0
         self.total_steps = min(s for s in (cfg.max_steps, by_epochs) if s) if (cfg.max_steps or by_epochs) else 0
@@ -473,8 +474,8 @@ class TrainingEngine:
             self._meter.add({**metrics, **extra}, weight=1.0 / accum)
             loss_sum = loss_sum + total.detach().float()
             self.data_module.advance(1)
-            self.state.samples_seen += samples * self.world_size
-            self.state.tokens_seen += tokens * self.world_size
+            self.state.samples_seen += samples * self.plan.data_parallel  # a tensor-parallel group's batch once
+            self.state.tokens_seen += tokens * self.plan.data_parallel
             self._window["samples"] += samples
             self._window["tokens"] += tokens
         return loss_sum
@@ -495,9 +496,9 @@ class TrainingEngine:
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         logs: dict[str, Any] = {f"train/{k}": v for k, v in values.items()}
         logs["lr"] = self.lr
-        logs["train/samples_per_s"] = self._window["samples"] * self.world_size / elapsed
+        logs["train/samples_per_s"] = self._window["samples"] * self.plan.data_parallel / elapsed
         if self._window["tokens"]:
-            logs["train/tokens_per_s"] = self._window["tokens"] * self.world_size / elapsed
+            logs["train/tokens_per_s"] = self._window["tokens"] * self.plan.data_parallel / elapsed
         logs["train/skipped_steps"] = self.state.skipped_steps
         logs.update(hooks.window_metrics(self.unwrapped_model, all_reduce_sum))  # summed over the ranks
         self._window_start, self._window = time.perf_counter(), {"samples": 0, "tokens": 0}

@@ -75,8 +75,9 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
-    """Shard `model` in place across the default process group; returns it (now an `FSDPModule`)."""
+def shard_model(model: nn.Module, device: torch.device, precision: str, mesh: Any = None) -> nn.Module:
+    """Shard `model` in place across the default process group, or over `mesh` (the data-parallel dimension of the
+    parallel plan's device mesh, whose caller has made the ranks' weights equal); returns it (now an `FSDPModule`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -85,12 +86,13 @@ def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Mo
             "training.precision: fp16 is not supported with distributed.strategy=fsdp (its loss scaler would "
             "need sharded gradients); use bf16, which needs no scaler"
         )
-    # Ranks seed differently (dropout must differ), so their fresh weights differ; DDP broadcasts rank 0's
-    # at construction, fully_shard does not: each rank would keep its shard of a different model.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor, src=0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if mesh is None:
+        # Ranks seed differently (dropout must differ), so their fresh weights differ; DDP broadcasts rank 0's
+        # at construction, fully_shard does not: each rank would keep its shard of a different model.
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     units = fsdp_units(model)

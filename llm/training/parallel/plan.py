@@ -1,17 +1,24 @@
 """The parallel plan: how one run spreads its model over the processes, and everything that depends on it.
 
 `ParallelPlan.from_config` reads the run's layout (`distributed.strategy` ddp/fsdp, `distributed.expert_parallel`,
-the world size, the device, `training.precision`); `plan.apply(model)` lays the model out (the global batch for the
-model's balance statistics, its experts sharded over expert-parallel groups, then DDP replicas or FSDP2 shards) and
-returns the module the training step calls. From then on the engine asks the plan for whatever the layout changes:
+`distributed.tensor_parallel`, the world size, the device, `training.precision`); `plan.apply(model)` lays the model
+out (the global batch for the model's balance statistics, its experts sharded over expert-parallel groups, or its
+heads and MLP columns split over tensor-parallel groups, then DDP replicas or FSDP2 shards) and returns the module
+the training step calls. From then on the engine asks the plan for whatever the layout changes:
 which micro-batch synchronises gradients (`no_sync`), how they are finished and clipped (`finish_gradients`,
 `clip_grad_norm`), when the model holds its full weights (`full_weights`), the optimizer state in its
 layout-independent form (`optimizer_state_dict` / `load_optimizer_state_dict`), whether validation forwards are
 collectives (`lockstep`, `lockstep_batches`); how weights are written is `llm.training.weights`' strategy.
 
-The plan sits above `distributed.py` (process group, collectives), `fsdp.py` (sharding) and `expert.py` (the
-degree's checks); the model-side expert machinery is the model's own (`llm.models.hooks.shard_experts`). A later
-layout (tensor parallelism on a device mesh) extends this object, not the engine.
+With tensor parallelism (T > 1) the plan builds the run's one `DeviceMesh` (mesh.py: dp x tp, a tensor-parallel
+group's ranks consecutive), splits the model over `mesh["tp"]` (tensor.py), and makes the data-parallel half over
+`mesh["dp"]`: FSDP2 over the dp sub-mesh, or DDP's averaging done by the plan itself after the backward (DDP's
+wrapper takes no DTensor parameters). The T ranks of a group read the same batch: the data module is given
+`data_rank` / `data_parallel` rather than the process's rank and world size.
+
+The plan sits above `distributed.py` (process group, collectives), `mesh.py`, `fsdp.py` (sharding), `tensor.py`
+(tensor parallelism) and `expert.py` (the degree's checks); the model-side expert machinery is the model's own
+(`llm.models.hooks.shard_experts`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from llm.models import hooks
+from llm.training.parallel import tensor
 from llm.training.parallel.expert import check_expert_parallel
 from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, shard_model
+from llm.training.parallel.mesh import MeshLayout, build_mesh
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,
@@ -61,12 +70,30 @@ class ParallelPlan:
         precision: str = "fp32",
         expert_parallel: int = 1,
         model_config: Any = None,
+        tensor_parallel: int = 1,
     ) -> None:
         self.strategy, self.world_size, self.rank = strategy, world_size, rank
         self.device = device if device is not None else torch.device("cpu")
         self.precision, self.expert_parallel, self.model_config = precision, expert_parallel, model_config
         self.experts: Any = None  # the model's expert sharding (llm.models.hooks.shard_experts), when applied
-        self.sharded = False  # the model's weights are FSDP shards
+        self.sharded = False  # the model's weights are DTensors (FSDP shards, tensor-parallel splits)
+        self.layout = MeshLayout(world_size, tensor_parallel)
+        self.mesh: Any = None  # the run's DeviceMesh (dp x tp), built by `apply` under tensor parallelism
+        self._model_params: list[nn.Parameter] = []
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.layout.tensor_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        """How many different batches one micro-step reads (the world size over the tensor-parallel degree)."""
+        return self.layout.data_parallel
+
+    @property
+    def data_rank(self) -> int:
+        """This process's data-parallel rank: the rank the data sampler shards by."""
+        return self.layout.data_rank(self.rank)
 
     @classmethod
     def from_config(cls, config: Any, rank: int, world_size: int, device: torch.device) -> ParallelPlan:
@@ -75,7 +102,7 @@ class ParallelPlan:
         return cls(
             strategy=getattr(dist_cfg, "strategy", "ddp"), world_size=world_size, rank=rank, device=device,
             precision=config.training.precision, expert_parallel=getattr(dist_cfg, "expert_parallel", 1),
-            model_config=getattr(config, "model", None),
+            model_config=getattr(config, "model", None), tensor_parallel=getattr(dist_cfg, "tensor_parallel", 1),
         )
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -85,6 +112,8 @@ class ParallelPlan:
         FSDP converts `model` in place (it then holds DTensor shards, and its optimizer is built on them); expert
         parallelism replaces the expert weights of `model` by this rank's share.
         """
+        if self.tensor_parallel > 1:
+            return self._apply_tensor_parallel(model)
         if self.world_size > 1:  # the balance statistics of the model see the global batch
             hooks.set_data_parallel_group(model, torch.distributed.group.WORLD)
         keep_local: list[str] = []
@@ -96,6 +125,24 @@ class ParallelPlan:
         self.sharded = is_fsdp(model)
         return wrapped
 
+    def _apply_tensor_parallel(self, model: nn.Module) -> nn.Module:
+        """Tensor parallelism over `mesh["tp"]`, then FSDP2 over `mesh["dp"]` or the plan's own DDP averaging."""
+        if self.expert_parallel > 1:
+            raise ValueError("expert parallelism with tensor parallelism (refused by the config check)")
+        # The ranks seed differently, so their fresh weights differ: every rank starts from rank 0's (as DDP does).
+        with torch.no_grad():
+            for value in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(value, src=0)
+        self.mesh = build_mesh(self.layout, self.device)
+        dp_group = self.mesh.get_group("dp") if self.data_parallel > 1 else None
+        hooks.set_data_parallel_group(model, dp_group)  # the balance statistics: the dp ranks' batches
+        tensor.parallelize(model, self.mesh["tp"])
+        if self.strategy == "fsdp" and self.data_parallel > 1:
+            shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
+        self.sharded = True
+        self._model_params = [p for p in model.parameters() if p.requires_grad]  # the DDP half's, in a fixed order
+        return model
+
     # -- the step -------------------------------------------------------------------------------
     def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only."""
@@ -104,7 +151,10 @@ class ParallelPlan:
         return contextlib.nullcontext()
 
     def finish_gradients(self) -> None:
-        """After the backward: gradients the wrapper does not reduce (sharded experts) become the global batch's."""
+        """After the backward: gradients the wrapper does not reduce (sharded experts; under tensor parallelism with
+        DDP, all of them: averaged over the data-parallel ranks) become the global batch's."""
+        if self.tensor_parallel > 1 and self.strategy == "ddp" and self.data_parallel > 1:
+            tensor.reduce_gradients(self._model_params, self.mesh.get_group("dp"), self.data_parallel)
         if self.experts is not None:
             self.experts.finish_gradients()
 
@@ -113,6 +163,8 @@ class ParallelPlan:
         plain scalar on every rank (sharded experts' norms span their group; FSDP's DTensor grads are combined)."""
         if self.experts is not None:
             return self.experts.clip_grad_norm(params, max_norm)
+        if self.tensor_parallel > 1:
+            return tensor.clip_grad_norm(params, max_norm)
         return clip_grad_norm(params, max_norm)
 
     # -- weights and state ----------------------------------------------------------------------
@@ -138,7 +190,7 @@ class ParallelPlan:
     def lockstep(self) -> bool:
         """Whether a forward is a collective (FSDP gathers weights, sharded experts exchange tokens), so that every
         rank must run as many as the others."""
-        return self.sharded or self.experts is not None
+        return self.sharded or self.experts is not None or self.tensor_parallel > 1
 
     def lockstep_batches(self, batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         """`(batch, real)` pairs: in lockstep, a rank out of batches runs throw-away forwards (real=False)."""
