@@ -52,8 +52,9 @@ def check_tensor_parallel_degree(size: int, world_size: int | None) -> None:
         raise ConfigError(f"distributed.tensor_parallel: {size} must be >= 1")
     if world_size is not None and world_size % size:
         raise ConfigError(
-            f"distributed.tensor_parallel: {size} must divide the number of processes ({world_size}: "
-            "--distributed-nproc-per-node or torchrun's --nnodes x --nproc-per-node)"
+            f"distributed.tensor_parallel: {size} must divide the number of processes ({world_size}); "
+            "--distributed-tensor-parallel must divide --distributed-nproc-per-node (or torchrun's --nnodes x "
+            "--nproc-per-node)"
         )
 
 

@@ -1,0 +1,152 @@
+"""Tensor parallelism (`--distributed-tensor-parallel`) held to one process, and its refusals (issue 23, item 1).
+
+One 4-process gloo launch trains, in turn:
+- TP2 x DP2 (DDP), stopped after step 2 with a checkpoint: its steps equal one process's;
+- TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group): 4 steps equal one process's;
+then two of its processes form a new 2-process group and resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards
+the tensor-parallel DTensors onto FSDP shards), and this process resumes it alone; both end where one uninterrupted
+process ends. Every comparison is to 1e-5 (fp32, AdamW), losses of every step, validation losses and final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
+from safetensors.torch import load_file
+
+from llm.artifacts.checkpoint import load_trainer_state
+from llm.training.core.callbacks import Callback
+from llm.training.parallel import distributed as D
+from llm.training.parallel.mesh import MeshLayout
+from llm.training.train import build_engine, main, prepare_run_dir
+
+COMMON = [*TINY_REGRESSION, *CKPT, "--data-num-samples", "330", "--training-max-steps", "4", "--training-val-interval",
+          "2", "--seed", "3", "--training-precision", "fp32", "--training-optimizer", "adamw"]
+MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
+TP2 = ["--distributed-tensor-parallel", "2"]
+
+
+class StopAfter(Callback):
+    """Stops the run after `step` (the run's end writes its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_batch_end(self, logs=None) -> None:
+        if self.engine.state.step == self.step:
+            self.engine.should_stop = True
+
+
+def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> None:
+    config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world))
+    if rank == 0:
+        prepare_run_dir(config)
+    if world > 1:
+        D.barrier()
+    engine = build_engine(config, task, rank, world)
+    if stop:
+        engine.callbacks.callbacks.append(StopAfter(stop))
+    engine.run()
+    if world > 1:
+        D.barrier()
+
+
+def _group(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init_process_group(rank, world, "gloo", torch.device("cpu"), 1.0)
+
+
+def _job(rank: int, ports: tuple[int, int], root: str) -> None:
+    """Rank `rank` of 4: the TP2 x DP2 and TP2 x FSDP2 (MoE) runs; then ranks 0-1 resume the first with FSDP 2."""
+    torch.set_num_threads(1)
+    root_path = Path(root)
+    _group(rank, 4, ports[0])
+    try:
+        _train(root_path / "tp2-dp2", [*COMMON, *TP2, "--training-batch-size", "8"], rank, 4, stop=2)
+        _train(root_path / "tp2-fsdp2-moe", [*COMMON, *MOE, *TP2, "--distributed-strategy", "fsdp",
+                                             "--training-batch-size", "8"], rank, 4)
+    finally:
+        D.destroy_process_group()
+    if rank < 2:
+        _group(rank, 2, ports[1])
+        try:
+            _train(root_path / "fsdp2-resume", [*COMMON, "--distributed-strategy", "fsdp", "--training-batch-size", "8",
+                                                "--checkpoint-resume", str(_checkpoint(root_path))], rank, 2)
+        finally:
+            D.destroy_process_group()
+    (root_path / f"done-{rank}").write_text(json.dumps(rank))
+
+
+def _checkpoint(root: Path) -> Path:
+    return root / "tp2-dp2" / "run" / "checkpoints" / "step-00000002"
+
+
+def _by_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+def assert_same(run_dir: Path, ref_dir: Path, steps: range, weights: bool = True, tol: float = 1e-5) -> None:
+    for key in ("train/loss", "val/loss"):
+        got, want = _by_step(run_dir, key), _by_step(ref_dir, key)
+        want = {s: v for s, v in want.items() if s in steps}
+        assert got.keys() == want.keys() and got, (key, got, want)
+        assert list(got.values()) == pytest.approx(list(want.values()), abs=tol), (run_dir.name, key)
+    if weights:
+        got, want = load_file(run_dir / "model.safetensors"), load_file(ref_dir / "model.safetensors")
+        assert got.keys() == want.keys()
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        assert worst < tol, f"{run_dir.parent.name}: final weights differ by {worst}"
+
+
+@pytest.mark.slow  # a 4-process job
+def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
+    mp.spawn(_job, args=((D.free_port(), D.free_port()), str(tmp_path)), nprocs=4, join=True)
+    assert all((tmp_path / f"done-{r}").exists() for r in range(4))
+    for name, extra in (("dense", []), ("moe", MOE)):  # one process, the same global batch of 16
+        _train(tmp_path / name, [*COMMON, *extra, "--training-batch-size", "16"], 0, 1)
+    _train(tmp_path / "one-resume", [*COMMON, "--training-batch-size", "16", "--checkpoint-resume",
+                                     str(_checkpoint(tmp_path))], 0, 1)
+    dense = tmp_path / "dense" / "run"
+    # The TP checkpoint is the sharded (DCP) format, whole tensors' names, readable on any layout.
+    assert (_checkpoint(tmp_path) / "sharded" / ".metadata").is_file()
+    assert_same(tmp_path / "tp2-dp2" / "run", dense, range(1, 3), weights=False)
+    assert_same(tmp_path / "tp2-fsdp2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
+    for resumed in ("fsdp2-resume", "one-resume"):
+        assert_same(tmp_path / resumed / "run", dense, range(3, 5))
+    # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
+    state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
+    assert state["state"]["samples_seen"] == 2 * 16
+
+
+def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
+    layout = MeshLayout(world_size=8, tensor_parallel=2)
+    assert layout.data_parallel == 4
+    assert [layout.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [layout.tensor_rank(r) for r in range(8)] == [0, 1] * 4
+
+
+@pytest.mark.parametrize("flags, other", [
+    (["--model-num-heads", "4", "--distributed-tensor-parallel", "3", "--distributed-nproc-per-node", "3"],
+     "--model-num-heads"),
+    (["--model-num-kv-heads", "1", *TP2, "--distributed-nproc-per-node", "2"], "--model-num-kv-heads"),
+    (["--model-intermediate-size", "33", *TP2, "--distributed-nproc-per-node", "2"], "--model-intermediate-size"),
+    ([*TP2, "--distributed-nproc-per-node", "3"], "--distributed-nproc-per-node"),
+    ([*MOE, "--distributed-expert-parallel", "2", *TP2, "--distributed-nproc-per-node", "4"],
+     "--distributed-expert-parallel"),
+    (["--training-optimizer", "muon", *TP2, "--distributed-nproc-per-node", "2"], "--training-optimizer adamw"),
+    (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
+    (["--training-compile", *TP2, "--distributed-nproc-per-node", "2"], "--training-compile"),
+])
+def test_a_composition_tensor_parallelism_cannot_take_is_one_line_naming_both_flags(tmp_path, flags, other):
+    proc = call_main(main, [*TINY_REGRESSION, "--logging-log-dir", str(tmp_path / "run"), *flags], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "--distributed-tensor-parallel" in lines[0] and other in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()  # refused before any process starts or anything is written
