@@ -33,9 +33,12 @@ def schedule_summary(run: RunContext) -> str:
 
 def data_summary(run: RunContext) -> str:
     cfg, dm = run.config.training, run.data_module
-    per_step = cfg.batch_size * cfg.grad_accum_steps * run.world_size
+    # The ranks of a tensor-parallel group read the same batch: the global batch counts data-parallel ranks.
+    tp = getattr(getattr(run.config, "distributed", None), "tensor_parallel", 1)
+    dp, ranks = run.world_size // tp, "processes" if tp == 1 else f"data-parallel ranks of {tp} processes"
+    per_step = cfg.batch_size * cfg.grad_accum_steps * dp
     parts = [f"{run.steps_per_epoch} steps per epoch of {per_step} samples "
-             f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {run.world_size} processes)"]
+             f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dp} {ranks})"]
     for split in ("train", "val"):
         dataset = getattr(dm, f"{split}_set", None)
         try:
