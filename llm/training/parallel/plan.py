@@ -78,17 +78,15 @@ class ParallelPlan:
         self.experts: Any = None  # the model's expert sharding (llm.models.hooks.shard_experts), when applied
         self.sharded = False  # the model's weights are DTensors (FSDP shards, tensor-parallel splits)
         self.layout = MeshLayout(world_size, tensor_parallel)
+        # How many different batches one micro-step reads (the world size over the tensor-parallel degree); an
+        # attribute, read by the engine's counters at every micro-batch.
+        self.data_parallel = self.layout.data_parallel
         self.mesh: Any = None  # the run's DeviceMesh (dp x tp), built by `apply` under tensor parallelism
         self._model_params: list[nn.Parameter] = []
 
     @property
     def tensor_parallel(self) -> int:
         return self.layout.tensor_parallel
-
-    @property
-    def data_parallel(self) -> int:
-        """How many different batches one micro-step reads (the world size over the tensor-parallel degree)."""
-        return self.layout.data_parallel
 
     @property
     def data_rank(self) -> int:

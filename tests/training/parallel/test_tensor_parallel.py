@@ -142,6 +142,7 @@ def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
     (["--training-optimizer", "muon", *TP2, "--distributed-nproc-per-node", "2"], "--training-optimizer adamw"),
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-compile", *TP2, "--distributed-nproc-per-node", "2"], "--training-compile"),
+    (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
 ])
 def test_a_composition_tensor_parallelism_cannot_take_is_one_line_naming_both_flags(tmp_path, flags, other):
     proc = call_main(main, [*TINY_REGRESSION, "--logging-log-dir", str(tmp_path / "run"), *flags], tmp_path)
