@@ -636,11 +636,12 @@ class Checkpointer:
         sharded, fsdp_run = ckpt.SHARDED_METADATA in manifest["files"], self.weights.sharded
         # One process runs FSDP unsharded; DCP still reads the shards of any world size into its plain model.
         if sharded != fsdp_run and not (sharded and run.world_size == 1):
-            written, needed = ("fsdp", "ddp") if sharded else ("ddp", "fsdp")
-            raise ckpt.CheckpointError(
-                f"checkpoint: {path} was written with distributed.strategy={written} and this run uses {needed}; "
-                f"resume with --distributed-strategy {written}"
-            )
+            # Shards come from FSDP or tensor parallelism (--distributed-tensor-parallel), which both read them.
+            why = ("was written sharded (distributed.strategy=fsdp or tensor parallelism) and this run uses ddp; "
+                   "resume with --distributed-strategy fsdp" if sharded else
+                   "holds whole weights (distributed.strategy=ddp) and this run shards them (fsdp or tensor "
+                   "parallelism); resume with --distributed-strategy ddp --distributed-tensor-parallel 1")
+            raise ckpt.CheckpointError(f"checkpoint: {path} {why}")
         self.weights.load(path, sharded)
         return sharded
 
