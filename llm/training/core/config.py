@@ -174,9 +174,8 @@ class DistributedConfig(Freezable):
     expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp)
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
-    # Tensor parallelism (docs/scale-out.md): heads and MLP columns split over groups of this many consecutive ranks,
-    # which read the same batch (the data-parallel degree is the world size / T)
-    tensor_parallel: int = 1
+    # Tensor parallelism (docs/scale-out.md): the T consecutive ranks of a group read the same batch
+    tensor_parallel: int = 1  # split attention heads and MLP columns over this many ranks
 
 
 @dataclass
