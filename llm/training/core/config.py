@@ -300,11 +300,11 @@ def _check_lora(config: Config) -> None:
            f"expert adapters ({' '.join(experts)}) are not split across expert-parallel ranks; use 1 or leave them "
            "out of training.lora_targets")
     if t.lora_quantize != "none":
+        check_lora_quantize(t.lora_quantize, device=t.device)  # first: on most machines this is the reason
         _check(bool(getattr(config.model, "init_from", "")), "training.lora_quantize", t.lora_quantize,
                "quantizes a pretrained base: name it with model.init_from")
         _check(dist.strategy == "ddp", "training.lora_quantize", t.lora_quantize,
                "4-bit bases are not sharded by fsdp; use distributed.strategy=ddp")
-        check_lora_quantize(t.lora_quantize, device=t.device)
 
 
 def _check(ok: bool, field: str, value: Any, valid: str, candidates: Any = None) -> None:
