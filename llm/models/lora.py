@@ -212,11 +212,13 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def _quantize_bases(model: nn.Module, targets: Sequence[str]) -> None:
-    """Swap each targeted `nn.Linear` for a bitsandbytes NF4 `Linear4bit` holding its weight (quantized when the
-    model moves to CUDA, and again whenever a plain state dict gives it new base weights: `_load_pre_hook`)."""
+    """Swap each targeted projection (`nn.Linear`) for a bitsandbytes NF4 `Linear4bit` holding its weight (quantized
+    when the model moves to CUDA, and again whenever a plain state dict gives it new base weights: `_load_pre_hook`).
+    An MoE router (``gate``) stays in full precision: it is tiny, and routing reads its weight's dtype."""
     import bitsandbytes as bnb
 
-    for name in [n for n in linear_names(model) if any(_matches(n, t) for t in targets)]:
+    quantized = [t for t in targets if t != "gate"]
+    for name in [n for n in linear_names(model) if any(_matches(n, t) for t in quantized)]:
         parent_name, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
@@ -225,6 +227,7 @@ def _quantize_bases(model: nn.Module, targets: Sequence[str]) -> None:
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    model.is_loaded_in_4bit = True  # how peft knows to wrap Linear4bit layers with its 4-bit LoRA layer
 
 
 def _requantize(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -351,17 +354,23 @@ def describe(model: nn.Module) -> str | None:
     if not is_adapted(model):
         return None
     settings = getattr(model, _SETTINGS)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_weights_in(p) for p in model.parameters())
+    trainable = sum(_weights_in(p) for p in model.parameters() if p.requires_grad)
     carriers = _adapted_layers(model) + list(expert_adapters(model))
     kinds: dict[str, int] = {}
     for name in carriers:
         leaf = name.rpartition(".")[2]
         kinds[leaf] = kinds.get(leaf, 0) + 1
-    variant = settings["variant"] + (", base in NF4" if settings["quantize"] == "nf4" else "")
+    nf4 = " (base in NF4)" if settings["quantize"] == "nf4" else ""
     return (f"adapters: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%); "
-            f"{variant} rank {settings['rank']} alpha {settings['alpha']:g} on {len(carriers)} modules: "
-            + ", ".join(f"{leaf} x{n}" for leaf, n in kinds.items()))
+            f"{settings['variant']} rank {settings['rank']} alpha {settings['alpha']:g}{nf4} on {len(carriers)} "
+            "modules: " + ", ".join(f"{leaf} x{n}" for leaf, n in kinds.items()))
+
+
+def _weights_in(param: torch.Tensor) -> int:
+    """The weights a parameter holds: a bitsandbytes 4-bit one packs two per byte (its quant_state has the shape)."""
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
 
 
 # ----------------------------------------------------------------------------------------------------- export

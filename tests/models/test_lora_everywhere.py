@@ -27,7 +27,8 @@ from llm.training.train import main as train_main
 MOE = {"use_moe": True, "num_experts": 4, "top_k": 2, "hidden_size": 32, "num_heads": 2}
 # Every name the README documents, on a model that has it.
 TARGETS = [*[(t, {}) for t in lora.DEFAULT_TARGETS], ("gate", MOE), ("w_gate_up", MOE), ("w_down", MOE),
-           ("lm_head", {})]
+           ("lm_head", {}), ("up_proj", {**MOE, "num_shared_experts": 1})]  # the last: an MoE layer's shared experts
+IDS = [t if not o.get("num_shared_experts") else f"shared-{t}" for t, o in TARGETS]
 assert {t for t, _ in TARGETS} == set(lora.TARGETS)
 
 
@@ -51,7 +52,7 @@ def step(model: nn.Module, steps: int = 1) -> None:
 
 
 @pytest.mark.parametrize("variant", lora.VARIANTS)
-@pytest.mark.parametrize(("target", "overrides"), TARGETS, ids=[t for t, _ in TARGETS])
+@pytest.mark.parametrize(("target", "overrides"), TARGETS, ids=IDS)
 def test_each_documented_target_s_adapter_moves_after_one_step(target, overrides, variant):
     model = adapted([target], variant, **overrides)
     adapters = lora.adapter_parameters(model)
