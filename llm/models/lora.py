@@ -163,7 +163,7 @@ def apply_lora(
             f"training.lora_dropout: invalid value {dropout!r} with expert targets {experts}: their adapters change "
             "the stacked weights, not a layer's inputs, so there is nothing to drop out; set 0 or leave them out"
         )
-    check_quantize(quantize, model)
+    check_quantize(quantize)
     if linears:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -197,7 +197,7 @@ def quantize_unavailable(quantize: str, device: str = "auto") -> str | None:
     return None
 
 
-def check_quantize(quantize: str, model: nn.Module | None = None, device: str = "auto") -> None:
+def check_quantize(quantize: str, device: str = "auto") -> None:
     """ConfigError naming ``training.lora_quantize`` when ``quantize`` is unknown or cannot run here."""
     if quantize not in QUANTIZERS:
         raise ConfigError(f"training.lora_quantize: invalid value {quantize!r}; expected one of "
