@@ -203,6 +203,9 @@ def test_fsdp_two_processes_equal_one_with_resume_and_the_base_pin(tmp_path):
     got, want = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")  # merged, plain names
     assert got.keys() == want.keys() and not any(lora.is_adapter_key(k) for k in got)
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    # What export/evaluate/generate rebuild from an adapters-only checkpoint (base + DoRA, experts): the run's merge.
+    rebuilt = load_run(one / "checkpoints" / "step-00000004", tokenizer=False).model.state_dict()
+    assert all(torch.equal(rebuilt[k], want[k]) for k in want)
     step2 = two / "checkpoints" / "step-00000002"
     assert json.loads((step2 / MANIFEST).read_text())[base_pin.MANIFEST_KEY]["path"] == str(base)
     shards = b"".join(p.read_bytes() for p in (step2 / "sharded").glob("*"))
