@@ -340,7 +340,8 @@ def _merge_lora_checkpoint(config: Config, state: dict[str, torch.Tensor], files
         raise CheckpointError(f"checkpoint: {files.weights} holds LoRA adapters without their base and its config "
                               f"{files.config} names no model.init_from to rebuild the base from")
     model = apply_lora(DecoderModel(**fields), rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                       targets=t.lora_targets, adapters_only=adapters_only)
+                       targets=t.lora_targets, adapters_only=adapters_only,
+                       variant=getattr(t, "lora_variant", "lora"))
     if adapters_only:
         load_init_from(model, config.model.init_from)
         manifest = read_manifest(files.checkpoint_dir) if files.checkpoint_dir is not None else None

@@ -252,6 +252,14 @@ class MoELayer(nn.Module):
         return counts if counts is not None else torch.zeros(self.num_experts, dtype=torch.long,
                                                              device=self.gate.weight.device)
 
+    def expert_weight(self, name: str) -> Tensor:
+        """The stacked expert weight ``name`` (``w_gate_up`` or ``w_down``) as the experts compute with it: the
+        parameter, or, when a LoRA adapter is attached as submodule ``lora_<name>`` (llm.models.lora_experts), the
+        parameter with the adapter applied."""
+        weight = self._parameters[name]
+        adapter = self._modules.get("lora_" + name)
+        return weight if adapter is None else adapter(weight)
+
     # ---------------------------------------------------------------------------------------------- dispatch
     def _use_grouped_mm(self, x: Tensor) -> bool:
         if self.dispatch in ("loop", "padded"):
@@ -289,7 +297,8 @@ class MoELayer(nn.Module):
         k = self.top_k
         if N == 0:
             # No tokens at all: keep every expert weight in the graph so DDP still reduces its (zero) gradient.
-            return x.new_zeros(0, H) + 0.0 * (self.w_gate_up.sum() + self.w_down.sum())
+            weights = self.expert_weight("w_gate_up").sum() + self.expert_weight("w_down").sum()
+            return x.new_zeros(0, H) + 0.0 * weights
         order = experts.reshape(-1).argsort(stable=True)  # (N*k,) token copies grouped by expert
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)  # (N*k,) sorted slot of each copy
@@ -298,7 +307,7 @@ class MoELayer(nn.Module):
         # for a Linear.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        w_gate_up, w_down = self.w_gate_up.to(dtype), self.w_down.to(dtype)
+        w_gate_up, w_down = self.expert_weight("w_gate_up").to(dtype), self.expert_weight("w_down").to(dtype)
         x_in = x.to(dtype)
         path = self._path(x_in)
         if path == "padded":

@@ -37,6 +37,10 @@ from llm.config.yaml_file import MAX_YAML_BYTES, load_yaml  # noqa: F401
 from llm.errors import ConfigError, did_you_mean, invalid, shorten, show
 from llm.models.config import ModelConfig  # the model section is the model's own config
 from llm.models.lora import DEFAULT_TARGETS as LORA_TARGETS
+from llm.models.lora import EXPERT_TARGETS as LORA_EXPERT_TARGETS
+from llm.models.lora import QUANTIZERS as LORA_QUANTIZERS
+from llm.models.lora import VARIANTS as LORA_VARIANTS
+from llm.models.lora import check_quantize as check_lora_quantize
 from llm.models.lora import require_peft
 from llm.training.optim.precision import PRECISIONS
 
@@ -137,7 +141,11 @@ class TrainingConfig(Freezable):
     lora_rank: int = 0  # LoRA adapter rank (0 = off); needs peft
     lora_alpha: float = 16.0  # LoRA scale: x lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on LoRA adapter inputs
-    lora_targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # nn.Linear names LoRA adapts
+    # LoRA targets (README, "Adapters"): the projections (default), gate (MoE router), w_gate_up w_down (MoE experts),
+    # lm_head (untied)
+    lora_targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # + gate w_gate_up w_down (MoE) lm_head
+    lora_variant: str = "lora"  # lora | dora | rslora (peft's variants)
+    lora_quantize: str = "none"  # none | nf4 (QLoRA: 4-bit base, CUDA + bitsandbytes)
 
 
 @dataclass
@@ -281,6 +289,26 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_lora(config: Config) -> None:
+    """The LoRA settings that depend on each other or on the machine (the targets are checked on the model)."""
+    t, dist = config.training, config.distributed
+    require_peft()
+    _check(t.lora_variant in LORA_VARIANTS, "training.lora_variant", t.lora_variant,
+           f"expected one of {', '.join(LORA_VARIANTS)}")
+    _check(t.lora_quantize in LORA_QUANTIZERS, "training.lora_quantize", t.lora_quantize,
+           f"expected one of {', '.join(LORA_QUANTIZERS)}")
+    experts = [x for x in t.lora_targets if x in LORA_EXPERT_TARGETS]
+    _check(not experts or dist.expert_parallel == 1, "distributed.expert_parallel", dist.expert_parallel,
+           f"expert adapters ({' '.join(experts)}) are not split across expert-parallel ranks; use 1 or leave them "
+           "out of training.lora_targets")
+    if t.lora_quantize != "none":
+        check_lora_quantize(t.lora_quantize, device=t.device)  # first: on most machines this is the reason
+        _check(bool(getattr(config.model, "init_from", "")), "training.lora_quantize", t.lora_quantize,
+               "quantizes a pretrained base: name it with model.init_from")
+        _check(dist.strategy == "ddp", "training.lora_quantize", t.lora_quantize,
+               "4-bit bases are not sharded by fsdp; use distributed.strategy=ddp")
+
+
 def _check(ok: bool, field: str, value: Any, valid: str, candidates: Any = None) -> None:
     if not ok:
         raise invalid(field, value, valid, candidates)
@@ -388,8 +416,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         _check(t.lora_alpha > 0, "training.lora_alpha", t.lora_alpha, "must be > 0")
         _check(0.0 <= t.lora_dropout < 1.0, "training.lora_dropout", t.lora_dropout, "must be in [0, 1)")
         _check(bool(t.lora_targets), "training.lora_targets", t.lora_targets, "name at least one nn.Linear layer")
-        _check(dist.strategy == "ddp", "distributed.strategy", dist.strategy, "LoRA (training.lora_rank) runs on ddp")
-        require_peft()
+        _check_lora(config)
     _check(t.step_size >= 1, "training.step_size", t.step_size, "must be >= 1")
     _check(t.gamma > 0, "training.gamma", t.gamma, "must be > 0")
     if t.gamma > 1 and t.scheduler_type in ("step", "exponential"):  # legal (a warm-up by hand), rarely meant

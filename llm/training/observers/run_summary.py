@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from llm.models.flops import active_parameters, num_parameters
+from llm.models.lora import describe as describe_adapters
 from llm.training.observers.context import RunContext
 from llm.training.optim.optimizers import describe_optimizer
 
@@ -59,6 +60,9 @@ def announce_run(run: RunContext) -> None:
     log.info("device: %s x %d process(es), precision %s%s", run.device, run.world_size, cfg.precision,
              ", compiled" if cfg.compile else "")
     log.info("model: %s, %s parameters%s", type(run.model).__name__, _count(total), active_text)
+    adapters = describe_adapters(run.model)
+    if adapters:  # a LoRA run: what trains, and where the adapters sit
+        log.info("%s", adapters)
     log.info("data: %s", data_summary(run))
     log.info("optimizer: %s", describe_optimizer(run.lr_schedule.optimizer))
     log.info("schedule: %s", schedule_summary(run))

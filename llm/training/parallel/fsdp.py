@@ -21,6 +21,7 @@ The bytes on disk (safetensors writes, safe DCP readers) are `llm.artifacts.shar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from llm.artifacts.sharded import (
     write_safetensors,
 )
 from llm.errors import UserError
+from llm.models import lora
 from llm.training.parallel.distributed import all_gather_object, any_rank, broadcast_object
 
 _END = object()
@@ -125,13 +127,18 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 def save_full_weights(model: nn.Module, path: str | os.PathLike, step: int | None = None) -> None:
-    """Gather the full weights to rank 0's CPU and write them there as one safetensors file (a collective)."""
+    """Gather the full weights to rank 0's CPU and write them there as one safetensors file (a collective).
+
+    A LoRA model's file holds the plain model with its adapters merged, as under DDP: every tensor (the base too,
+    also of an adapters-only model) is gathered, and rank 0 merges them (`llm.models.lora.merge_state`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     groups = tied_groups(model)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapted = lora.is_adapted(model)
+    with lora.full_state(model) if adapted else contextlib.nullcontext():
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        write_safetensors(state, Path(path), groups, step)
+        write_safetensors(lora.merge_state(model, state) if adapted else state, Path(path), groups, step)
 
 
 # ---------------------------------------------------------------------------------------------

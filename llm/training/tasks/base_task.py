@@ -104,6 +104,7 @@ class TrainingTask:
         return apply_lora(
             model, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=t.lora_targets,
             adapters_only=bool(getattr(self.config.model, "init_from", "")),
+            variant=getattr(t, "lora_variant", "lora"), quantize=getattr(t, "lora_quantize", "none"),
         )
 
     def build_optimizer(self, model: nn.Module) -> optim.Optimizer:

@@ -97,7 +97,9 @@ def test_lora_fields_are_validated():
     with pytest.raises(ConfigError, match=r"training.lora_dropout: invalid value 1.0"):
         validate_config(config, check_names=False)
     config.training.lora_dropout, config.distributed.strategy = 0.0, "fsdp"
-    with pytest.raises(ConfigError, match="distributed.strategy: .*LoRA"):
+    validate_config(config, check_names=False)  # LoRA runs under FSDP too (issue 21)
+    config.training.lora_variant = "qlora"
+    with pytest.raises(ConfigError, match=r"training.lora_variant: invalid value 'qlora'"):
         validate_config(config, check_names=False)
 
 
