@@ -137,13 +137,14 @@ def read_preference_records(path: str, max_file_bytes: int = 0, max_line: int = 
 
 # ------------------------------------------------------------------------------------------------- demo set
 def demo_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` seeded records "a+b=" (a, b < 10): chosen the sum, rejected the classic slip of writing the operands
-    side by side ("4+8=" -> "48" instead of "12"); a third of them in the chat-message format (rendered to the
-    same tokens)."""
+    """``n`` seeded records "a+b=" (2 <= a <= 9, b <= 9): chosen the sum, rejected the classic slip of writing the
+    operands side by side ("4+8=" -> "48" instead of "12"); a third of them in the chat-message format (rendered to
+    the same tokens). (With a = 1 a slip "1b" would begin as the sums from 10 up do, which a from-scratch demo
+    model confuses for a few dozen steps.)"""
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     for _ in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
+        a, b = rng.randrange(2, 10), rng.randrange(10)
         prompt, right, wrong = f"{a}+{b}=", str(a + b), f"{a}{b}"
         if rng.randrange(3):
             records.append({"prompt": prompt, "chosen": right, "rejected": wrong})

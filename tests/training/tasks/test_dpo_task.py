@@ -28,8 +28,8 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accu
 
 def test_dpo_on_the_demo_raises_val_reward_accuracy_above_0_9(tmp_path):
     run = tmp_path / "run"
-    assert train_main([*TINY_DPO, "--data-num-samples", "800", "--training-max-steps", "40", "--training-val-interval",
-                       "40", "--training-log-interval", "5", "--logging-log-dir", str(run)]) == 0
+    assert train_main([*TINY_DPO, "--data-num-samples", "800", "--training-max-steps", "20", "--training-val-interval",
+                       "20", "--training-log-interval", "5", "--logging-log-dir", str(run)]) == 0
     records = read_metrics(run)
     train = [r for r in records if "train/loss" in r]
     [val] = [r for r in records if "val/loss" in r]
