@@ -112,17 +112,9 @@ class AdaptersOff(Reference):
             self.model.train(was_training)
 
 
-def starting_reference(model: nn.Module, copy_weights: bool = True) -> Reference:
-    """The reference of a policy at its starting weights: adapters off under LoRA; else a frozen copy (or, with
-    ``copy_weights=False``, for a use before the first step, the policy itself in eval mode)."""
-    if is_adapted(model):
-        return AdaptersOff(model)
-    if copy_weights:
-        return FrozenCopy(model)
-    return _EvalMode(model)
-
-
 class _EvalMode(Reference):
+    """The policy itself in eval mode: its starting weights while no step has run (precomputing)."""
+
     @contextlib.contextmanager
     def weights(self) -> Iterator[nn.Module]:
         was_training = self.model.training
@@ -131,6 +123,16 @@ class _EvalMode(Reference):
             yield self.model
         finally:
             self.model.train(was_training)
+
+
+def starting_reference(model: nn.Module, copy_weights: bool = True) -> Reference:
+    """The reference of a policy at its starting weights: adapters off under LoRA; else a frozen copy (or, with
+    ``copy_weights=False``, for a use before the first step, the policy itself in eval mode)."""
+    if is_adapted(model):
+        return AdaptersOff(model)
+    if copy_weights:
+        return FrozenCopy(model)
+    return _EvalMode(model)
 
 
 class PreferenceCriterion:
