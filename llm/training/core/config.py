@@ -146,6 +146,12 @@ class TrainingConfig(Freezable):
     lora_targets: List[str] = field(default_factory=lambda: list(LORA_TARGETS))  # + gate w_gate_up w_down (MoE) lm_head
     lora_variant: str = "lora"  # lora | dora | rslora (peft's variants)
     lora_quantize: str = "none"  # none | nf4 (QLoRA: 4-bit base, CUDA + bitsandbytes)
+    # Preference tuning: the dpo task (llm/training/tasks/dpo_task.py, preference_losses.py); it checks these.
+    preference_loss: str = "dpo"  # dpo task: dpo | ipo | simpo | orpo | package.module:LossSpec
+    dpo_beta: float = 0.1  # dpo task: the loss's beta (ipo: tau, orpo: lambda)
+    dpo_label_smoothing: float = 0.0  # dpo, simpo: share of labels taken as flipped
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    dpo_precompute_ref: bool = False  # dpo, ipo: reference log-probs computed once, before training
 
 
 @dataclass

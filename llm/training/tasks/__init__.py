@@ -6,4 +6,10 @@ registry is the one list of tasks wherever it is read: the train CLI, and the ru
 (`llm.artifacts.runs`), which asks a run's task whether it trains a decoder (`TrainingTask.model_kind`).
 """
 
-from llm.training.tasks import classification_task, lm_task, regression_task, sft_task  # noqa: F401  (registers them)
+from llm.training.tasks import (  # noqa: F401  (registers them)
+    classification_task,
+    dpo_task,
+    lm_task,
+    regression_task,
+    sft_task,
+)

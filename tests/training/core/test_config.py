@@ -90,7 +90,7 @@ def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monk
     # A comment explaining a derived default stands in for the value (None), not beside it.
     assert _default_of(text, "--model-num-kv-heads") == "num_heads"
     assert _default_of(text, "--logging-log-dir") == "runs/<task>-<timestamp>"
-    assert "one of classification, lm, regression" in text
+    assert "one of classification, dpo, lm, regression" in text
 
 
 def test_help_shows_the_selected_task_and_yaml_defaults(capsys, monkeypatch, tmp_path):
@@ -413,8 +413,9 @@ def test_huge_values_are_shortened_in_messages(tmp_path):
     cfg.write_text("training:\n  ? " + "x" * 2**20 + "\n  : 1\n")  # a huge unknown key (YAML's explicit key form)
     with pytest.raises(ConfigError) as info:
         parse_config(["--task", "regression", "--config", str(cfg)])
-    # the valid keys are listed (about 1000 characters with the training section's fields), the huge key is cut
-    assert "unknown key" in str(info.value) and len(str(info.value)) < 2000
+    from llm.errors import MAX_MESSAGE_CHARS  # the cap: the valid keys of 'training' (~100) are listed
+
+    assert "unknown key" in str(info.value) and len(str(info.value)) <= MAX_MESSAGE_CHARS
 
 
 def test_user_error_messages_are_capped_as_text():
