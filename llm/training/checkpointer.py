@@ -323,6 +323,7 @@ class Checkpointer:
             return
         self._candidate = (step, value)
         if step == self._last_saved_step:
+            self._collect_write()  # an asynchronous write of that step commits (and marks its best) first
             self._take_candidate(step)  # that checkpoint already holds these weights
             if self.context.is_global_zero:
                 try:

@@ -128,3 +128,25 @@ def test_keep_last_with_async_saves_counts_only_complete_checkpoints(tmp_path):
     assert [(s, present) for s, _, present in saves.saves] == [
         (1, [1]), (2, [1, 2]), (3, [2, 3]), (4, [3, 4]), (5, [4, 5])]
     assert sorted(os.listdir(tmp_path / "run/checkpoints")) == ["step-00000004", "step-00000005"]
+
+
+@pytest.mark.slow
+def test_two_processes_commit_once_every_rank_has_written_and_resume_bitwise(tmp_path):
+    """Each rank's writer thread reports through a marker file; rank 0 commits a manifest covering both trainer
+    states, and the async run resumed on 2 processes ends where the synchronous one does."""
+    from helpers import TINY_REGRESSION, run_cli
+
+    flags = [*TINY_REGRESSION, *CKPT, "--distributed-nproc-per-node", "2", "--training-batch-size", "8",
+             "--checkpoint-interval", "2", "--training-scheduler-type", "constant"]
+    # The async run stops at 5 (steps 2 and 4 saved in the background, 5 by the final save), then resumes to 6.
+    for name, steps, extra in (("sync", "6", ()), ("async", "5", ASYNC), ("async", "6", ASYNC)):
+        result = run_cli([*flags, *extra, "--training-max-steps", steps, "--logging-log-dir", str(tmp_path / name)],
+                         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=240)
+        assert result.returncode == 0, result.stderr
+        if steps == "5":
+            assert "step-00000004 (interval, async)" in result.stderr
+    step4 = tmp_path / "async/checkpoints" / ckpt.step_dir_name(4)
+    assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt", ckpt.WEIGHTS} <= set(
+        ckpt.verify_checkpoint(step4)["files"])
+    assert not [name for name in os.listdir(step4) if name.endswith(".tmp")]  # the ranks' markers are gone
+    assert_bitwise(weights(tmp_path / "async/model.safetensors"), weights(tmp_path / "sync/model.safetensors"))
