@@ -813,6 +813,10 @@ class Checkpointer:
             saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
         except ckpt.CheckpointError:  # only a warning depends on it; the checkpoint's soundness was checked before
             return
+        training = saved.get("training")
+        if isinstance(training, dict) and isinstance(training.get("activation_checkpointing"), bool):
+            # written when the field was a switch: false/true are the modes none/full, not a change
+            training["activation_checkpointing"] = "full" if training["activation_checkpointing"] else "none"
         config = self.context.config
         try:  # the defaults of this run's config class: fields the saved config predates and this run leaves alone
             defaults = type(config)().to_dict()

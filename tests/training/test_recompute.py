@@ -4,13 +4,15 @@ each mode recomputes, the flag's spellings old and new, and a bad value as one l
 from __future__ import annotations
 
 import collections
+import json
 
 import pytest
 import torch
-from helpers import call_main
+from helpers import CKPT, call_main
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy
 
+from llm.artifacts.checkpoint import write_manifest
 from llm.errors import ConfigError
 from llm.models.decoder import DecoderModel, TransformerBlock
 from llm.models.recompute import SAVED_OPS, _keep_matmuls, parse_mode
@@ -96,3 +98,21 @@ def test_a_bad_mode_is_one_line_exit_2(tmp_path):
 
 def test_a_block_left_alone_does_not_recompute():
     assert TransformerBlock.activation_checkpointing == "none"
+
+
+
+
+def test_a_checkpoint_written_when_the_field_was_a_switch_resumes_without_a_change_warning(make_engine, caplog):
+    engine = make_engine(*CKPT, "--training-max-steps", "2", run=True)
+    saved = engine.run_dir / "checkpoints" / "step-00000002"
+    text = (saved / "config.yaml").read_text()
+    assert "activation_checkpointing: none" in text
+    old = text.replace("activation_checkpointing: none", "activation_checkpointing: false")  # as an old run wrote it
+    (saved / "config.yaml").write_text(old)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    write_manifest(saved, 2, 1, {k: v for k, v in manifest.items() if k in ("task", "reason")})
+    caplog.set_level("INFO", logger="llm")
+    make_engine(*CKPT, "--training-max-steps", "3", run=True)
+    assert any(f"resumed from {saved}" in r.getMessage() for r in caplog.records)
+    changes = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+    assert not any("activation_checkpointing" in line for line in changes), changes
