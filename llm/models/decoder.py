@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from llm.models import flops, hooks
+from llm.models import flops, hooks, recompute
 from llm.models.config import ModelConfig, build_config, default_intermediate_size
 from llm.models.generation import GenerationMixin, KVCache, LayerKVCache
 from llm.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rotary, causal_mask, rotate_half
@@ -55,12 +54,13 @@ class TransformerBlock(nn.Module):
 
     ``TransformerBlock(config, causal=...)`` or ``TransformerBlock(hidden_size=..., num_heads=..., ...)`` (fields
     of ``ModelConfig``; the model-level ones such as ``vocab_size`` are accepted and unused). ``num_layers`` only
-    sets the init scale of the residual output projections (1/sqrt(2*num_layers)). Setting
-    ``activation_checkpointing = True`` recomputes the block's activations in backward instead of storing them
-    (non-reentrant ``torch.utils.checkpoint``; only when grad is on and no KV cache is used).
+    sets the init scale of the residual output projections (1/sqrt(2*num_layers)). ``activation_checkpointing``
+    is a recomputation mode of :mod:`llm.models.recompute` (``"none"``, ``"full"``: the whole block's activations
+    are recomputed in backward, ``"selective"``: all but the matmul and attention outputs; ``True`` means full):
+    only when grad is on and no KV cache is used.
     """
 
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = "none"
 
     def __init__(self, config: ModelConfig | None = None, /, *, causal: bool = True, **fields: Any) -> None:
         super().__init__()
@@ -92,8 +92,9 @@ class TransformerBlock(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
         cache: LayerKVCache | None = None,
     ) -> Tensor:
-        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, attn_mask, None, use_reentrant=False)
+        mode = self.activation_checkpointing
+        if mode and mode != "none" and cache is None and torch.is_grad_enabled():
+            return recompute.run_block(self._forward, mode, x, cos, sin, attn_mask, None)
         return self._forward(x, cos, sin, attn_mask, cache)
 
     def _forward(

@@ -31,6 +31,12 @@ writes the weights and config and, once all ranks report success, the manifest a
 error on any rank (disk full, permissions) fails the save on every rank with one clear error naming the file
 (`llm.fs.write_failure_reason`: "No space left on device" where that is the cause) and leaves the previous
 checkpoint untouched.
+
+With `checkpoint.async_save` (`--checkpoint-async`) the interval and best saves are staged into host memory at the
+step boundary and written by a background thread (async_save.py), under the same protocol: the final and signal
+saves, a rollback and the run's end wait for the pending write; a failed write fails the run at the next step
+boundary; in a multi-process run each rank's thread reports to rank 0 through a marker file in the temp directory,
+and rank 0's thread commits once every rank's files are written.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -56,6 +63,7 @@ from llm.artifacts.lock import live_holder
 from llm.config import MODES, is_better, resume_tables
 from llm.errors import ConfigError
 from llm.fs import atomic_write, is_write_error, write_durable, write_failure_reason
+from llm.training.async_save import BackgroundWriter, stage
 from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.parallel.distributed import DeferredVote, all_agree, any_rank, broadcast_object
@@ -112,6 +120,44 @@ def writing_to(path: Path) -> Iterator[None]:
         if not is_write_error(exc):
             raise
         raise _WriteFailed(path, write_failure_reason(exc)) from exc
+
+
+def _failure(error: BaseException, tmp: Path) -> str:
+    """'FILE: reason' of a failed checkpoint write (the file the writer named, else the temp directory)."""
+    if isinstance(error, _WriteFailed):
+        return f"{error.path}: {error.reason}"
+    return f"{getattr(error, 'filename', None) or tmp}: {write_failure_reason(error)}"
+
+
+# An asynchronous save in a multi-process run: each rank's writer thread leaves one of these in the temp directory
+# when its files are written ("ok") or failed (the reason); rank 0's thread commits once every rank has one. They end
+# in ".tmp", which the manifest never lists, and are removed before it is written.
+def _marker(tmp: Path, rank: int) -> Path:
+    return tmp / f".rank{rank}.written.tmp"
+
+
+def _write_marker(tmp: Path, rank: int, failure: str | None) -> None:
+    part = tmp / f".rank{rank}.partial.tmp"
+    with open(part, "w", encoding="utf-8") as f:
+        f.write("ok" if failure is None else failure)
+    os.replace(part, _marker(tmp, rank))
+
+
+def _await_markers(tmp: Path, world_size: int, timeout: float) -> str:
+    """Rank 0's writer: wait for every other rank's marker; returns what failed ('' when all wrote their files)."""
+    deadline = time.monotonic() + timeout
+    failures = []
+    for rank in range(1, world_size):
+        marker = _marker(tmp, rank)
+        while not marker.is_file():
+            if time.monotonic() > deadline:
+                return f"its files (rank {rank} reported nothing in {timeout:.0f} s)"
+            time.sleep(0.005)
+        text = marker.read_text(encoding="utf-8")
+        marker.unlink()
+        if text != "ok":
+            failures.append(text)
+    return "; ".join(failures)
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
@@ -202,6 +248,8 @@ class Checkpointer:
         # Checkpoints of another trajectory in this run directory (a branch or `resume=none` with
         # `checkpoint.overwrite`): never pruned, until this run saves the same step over one of them.
         self._foreign: set[str] = set()
+        # checkpoint.async_save: the background write in flight (one at a time); a synchronous run has none.
+        self._writer = BackgroundWriter() if getattr(options, "async_save", False) else None
 
     @property
     def root(self) -> Path:
@@ -237,6 +285,8 @@ class Checkpointer:
             # Re-applied here because creating the data iterator after the load draws from the RNG.
             ckpt.set_rng_state(self._resume_rng)
             self._resume_rng = None
+        if self._writer is not None and self._writer.done:  # one attribute read while a write runs
+            self._collect_write()  # reports the save, or raises its error: the run fails at this step
         if self._pending is not None:
             self.save(self._pending)
 
@@ -273,6 +323,7 @@ class Checkpointer:
             return
         self._candidate = (step, value)
         if step == self._last_saved_step:
+            self._collect_write()  # an asynchronous write of that step commits (and marks its best) first
             self._take_candidate(step)  # that checkpoint already holds these weights
             if self.context.is_global_zero:
                 try:
@@ -296,6 +347,7 @@ class Checkpointer:
             run = self.context
             if run.world_size > 1:
                 self._vote.collect()  # no reduction left in flight past the run's end
+            self._collect_write()  # the pending write ends (or fails the run) before the final save
             if self._last_saved_step != run.step:
                 self.save("final")
             name = self._stopped_by or (signal.Signals(self._signal).name if self._signal is not None else None)
@@ -311,6 +363,11 @@ class Checkpointer:
 
     def abort(self) -> None:
         self._restore_signal_handlers()
+        if self._writer is not None and self._writer.pending:  # the run failed: let the write end, report it
+            try:
+                self._collect_write()
+            except Exception as exc:  # noqa: BLE001  (the run's own error is the one raised)
+                self.context.logger.error("%s", exc)
         self._join_removals()
 
     # -- best -----------------------------------------------------------------------------------
@@ -326,11 +383,13 @@ class Checkpointer:
         self._candidate = None
         return True
 
-    def _write_best_marker(self) -> None:
+    def _write_best_marker(self, best_step: int | None = None, best_value: Any = None) -> None:
         """`checkpoints/best.json` names the best checkpoint; `checkpoints/best` links to it where possible."""
-        name = ckpt.step_dir_name(self.best_step)
-        info = {"step": self.best_step, "dir": name, "monitor": self.options.monitor, "mode": self.options.mode,
-                "value": self.best_value}
+        if best_step is None:
+            best_step, best_value = self.best_step, self.best_value
+        name = ckpt.step_dir_name(best_step)
+        info = {"step": best_step, "dir": name, "monitor": self.options.monitor, "mode": self.options.mode,
+                "value": best_value}
         atomic_write(self.root / "best.json", json.dumps(info, indent=1))  # via best.json.tmp
         link, tmp_link = self.root / "best", self.root / ".best.tmp"
         try:
@@ -342,7 +401,13 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------------
     def save(self, reason: str = "manual") -> Path:
-        """Write the checkpoint of the current step (every rank must call this). Returns its path."""
+        """Write the checkpoint of the current step (every rank must call this). Returns its path.
+
+        With `checkpoint.async_save`, interval and best saves return once the state is staged and the write runs in
+        the background; every save first waits for the one in flight."""
+        self._collect_write()
+        if self._writer is not None and reason in ("interval", "best"):
+            return self._save_async(reason)
         run, start = self.context, time.perf_counter()
         step = run.step
         self._pending = None
@@ -386,11 +451,7 @@ class Checkpointer:
             raise ckpt.CheckpointError(f"{error}{kept}")
         if error is None:
             raise ckpt.CheckpointError(f"checkpoint: another rank failed to {what} {tmp}{kept}")
-        if isinstance(error, _WriteFailed):
-            where, detail = error.path, error.reason
-        else:
-            where, detail = getattr(error, "filename", None) or tmp, write_failure_reason(error)
-        raise ckpt.CheckpointError(f"checkpoint: cannot {what} {where}: {detail}{kept}") from None
+        raise ckpt.CheckpointError(f"checkpoint: cannot {what} {_failure(error, tmp)}{kept}") from None
 
     def _prepare_temp(self, tmp: Path) -> None:
         if self.context.is_global_zero:
@@ -409,25 +470,126 @@ class Checkpointer:
             with writing_to(tmp / ckpt.CONFIG):
                 write_durable(tmp / ckpt.CONFIG, run.config.to_yaml().encode())
 
-    def _commit(self, tmp: Path, final: Path, step: int, is_best: bool) -> None:
+    def _commit(self, tmp: Path, final: Path, step: int, is_best: bool, extra: dict[str, Any] | None = None,
+                best: tuple[int | None, Any] | None = None) -> None:
+        """Rank 0: the manifest, the rename, then the best marker and pruning. `extra` and `best` (the manifest's
+        extra fields, the best step and value) are given by an asynchronous save, which took them at its step."""
         if not self.context.is_global_zero:
             return
-        extra = {"task": self.context.config.task, "reason": "best" if is_best else "checkpoint",
-                 **base_pin.record(getattr(self.weights, "model", None))}  # adapters saved without their base name it
+        extra = self._manifest_extra(is_best) if extra is None else extra
+        best_step, best_value = (self.best_step, self.best_value) if best is None else best
         with writing_to(tmp / ckpt.MANIFEST):
             ckpt.write_manifest(tmp, step, self.context.world_size, extra)
         ckpt.commit_checkpoint(tmp, final)
         # The checkpoint is safe now: failures below cost tidiness, not the save.
         try:
             if is_best:
-                self._write_best_marker()
-            protect = {ckpt.step_dir_name(self.best_step)} if self.best_step is not None else set()
+                self._write_best_marker(best_step, best_value)
+            protect = {ckpt.step_dir_name(best_step)} if best_step is not None else set()
             self._foreign.discard(final.name)
             for path in ckpt.prune_checkpoints(self.root, self.options.keep_last, step, protect, self._remove_later,
                                                foreign=self._foreign):
                 self.context.logger.debug("deleted old checkpoint %s", path)
         except OSError as exc:
             self.context.logger.warning("checkpoint %s saved, but pruning or marking the best failed: %s", final, exc)
+
+    def _manifest_extra(self, is_best: bool) -> dict[str, Any]:
+        return {"task": self.context.config.task, "reason": "best" if is_best else "checkpoint",
+                **base_pin.record(getattr(self.weights, "model", None))}  # adapters saved without their base name it
+
+    # -- asynchronous saves (checkpoint.async_save; async_save.py) --------------------------------------------------
+    def _save_async(self, reason: str) -> Path:
+        """Stage the state of this step in host memory (the pause training sees) and start its write in the
+        background. The temp directory is created and the weights staged collectively, as in a synchronous save."""
+        run, start = self.context, time.perf_counter()
+        step = run.step
+        self._pending = None
+        is_best = self._take_candidate(step)
+        self.before_save()
+        final, tmp = self.root / ckpt.step_dir_name(step), self.root / f"{ckpt.TMP_PREFIX}{ckpt.step_dir_name(step)}"
+        self._collective_io(lambda: self._prepare_temp(tmp), tmp, "create")
+        state = stage(self.components.state_dict())
+        unsafe = unsafe_entries(state)
+        if unsafe:
+            self._collective_io(_nothing, tmp, "write", ckpt.CheckpointError(
+                f"checkpoint: the trainer state holds values that cannot be loaded safely: {', '.join(unsafe)}; "
+                "state_dict() must return tensors and plain Python data"))
+        staged: list[Callable[[], None]] = []
+        self._collective_io(lambda: staged.append(self.weights.stage(tmp)), tmp, "write")
+        if self.weights.sharded:  # the optimizer state is in the shards
+            state = {**state, "optimizer": None}
+        config = run.config.to_yaml() if run.is_global_zero else ""
+        extra = self._manifest_extra(is_best) if run.is_global_zero else {}
+        best = (self.best_step, self.best_value)
+        self._last_saved_step = step
+        staging = time.perf_counter() - start
+
+        def write() -> None:
+            self._write_in_background(tmp, final, step, state, staged[0], config, extra, is_best, best)
+
+        self._writer.submit(write, (final, reason, start, staging))
+        return final
+
+    def _write_in_background(self, tmp: Path, final: Path, step: int, state: dict[str, Any],
+                             write_weights: Callable[[], None], config: str, extra: dict[str, Any], is_best: bool,
+                             best: tuple[int | None, Any]) -> None:
+        """The writer thread's half of an asynchronous save: this rank's files, then (rank 0, once every rank's
+        files are written) the manifest, the rename and pruning. Raises a one-line CheckpointError on failure,
+        after removing the temp directory (rank 0)."""
+        run = self.context
+        error: Exception | None = None
+        try:
+            write_weights()
+            with writing_to(tmp / ckpt.trainer_state_name(run.rank)):
+                ckpt.save_trainer_state(state, tmp / ckpt.trainer_state_name(run.rank))
+            if run.is_global_zero:
+                with writing_to(tmp / ckpt.CONFIG):
+                    write_durable(tmp / ckpt.CONFIG, config.encode())
+        except Exception as exc:  # noqa: BLE001  (reported below with the file and the reason)
+            if not (isinstance(exc, _WriteFailed) or is_write_error(exc)):
+                raise
+            error = exc
+        if run.world_size > 1:
+            if not run.is_global_zero:
+                _write_marker(tmp, run.rank, None if error is None else _failure(error, tmp))
+                if error is not None:
+                    raise ckpt.CheckpointError(f"checkpoint: cannot write {_failure(error, tmp)}") from None
+                return
+            failed = _await_markers(tmp, run.world_size, self._marker_timeout())
+            if error is None and failed:
+                raise self._discard(tmp, ckpt.CheckpointError(f"checkpoint: another rank failed to write {failed}"))
+        if error is not None:
+            raise self._discard(tmp, ckpt.CheckpointError(f"checkpoint: cannot write {_failure(error, tmp)}"))
+        try:
+            self._commit(tmp, final, step, is_best, extra, best)
+        except Exception as exc:  # noqa: BLE001
+            if not (isinstance(exc, _WriteFailed) or is_write_error(exc)):
+                raise
+            raise self._discard(tmp, ckpt.CheckpointError(f"checkpoint: cannot commit {_failure(exc, tmp)}")) from None
+
+    def _discard(self, tmp: Path, error: ckpt.CheckpointError) -> ckpt.CheckpointError:
+        """Remove a failed save's temp directory (rank 0); the error, naming the checkpoint that is kept."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = [p.name for _, p in ckpt.list_checkpoints(self.root) if (p / ckpt.MANIFEST).is_file()]
+        kept = f"; the previous checkpoint {latest[-1]} is intact" if latest else ""
+        return ckpt.CheckpointError(f"{error}{kept}")
+
+    def _marker_timeout(self) -> float:
+        distributed = getattr(self.context.config, "distributed", None)
+        return 60.0 * float(getattr(distributed, "timeout_minutes", 10.0))
+
+    def _collect_write(self) -> None:
+        """Wait for the pending asynchronous write, if any, and report it (log line, `on_save_checkpoint`); its
+        failure is raised here, on the training thread."""
+        if self._writer is None or not self._writer.pending:
+            return
+        final, reason, start, staging = self._writer.label
+        self._writer.wait()
+        self.last_save_seconds = staging
+        self.context.logger.info("saved checkpoint %s (%s, async) in %.3f s (training paused %.3f s to stage it)",
+                                 final, reason, time.perf_counter() - start, staging)
+        self.callbacks.on_save_checkpoint({"step": ckpt.checkpoint_step(final), "path": str(final), "reason": reason,
+                                           "seconds": staging})
 
     def _remove_later(self, path: Path) -> None:
         """Delete a renamed-away old checkpoint in the background: training need not wait for it."""
@@ -474,6 +636,7 @@ class Checkpointer:
         """Load the newest checkpoint of this run, of a step before `before`, that verifies (the loss-spike
         rollback, optim/spike.py): the resume path, applied to a run under way. None when there is none."""
         run = self.context
+        self._collect_write()  # the checkpoint to roll back to may be the one being written
         choice: Any = None
         if run.is_global_zero:
 
@@ -652,6 +815,10 @@ class Checkpointer:
             saved = ckpt.read_checkpoint_config(path / ckpt.CONFIG)
         except ckpt.CheckpointError:  # only a warning depends on it; the checkpoint's soundness was checked before
             return
+        training = saved.get("training")
+        if isinstance(training, dict) and isinstance(training.get("activation_checkpointing"), bool):
+            # written when the field was a switch: false/true are the modes none/full, not a change
+            training["activation_checkpointing"] = "full" if training["activation_checkpointing"] else "none"
         config = self.context.config
         try:  # the defaults of this run's config class: fields the saved config predates and this run leaves alone
             defaults = type(config)().to_dict()

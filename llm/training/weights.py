@@ -20,6 +20,7 @@ from torch import nn
 
 from llm.artifacts import checkpoint as ckpt
 from llm.models.lora import exportable
+from llm.training.async_save import StagedModel, stage_tensors
 from llm.training.checkpointer import writing_to
 from llm.training.parallel.fsdp import load_sharded, save_full_weights, save_sharded
 
@@ -54,6 +55,19 @@ class FileWeights:
                 with writing_to(directory / ckpt.WEIGHTS):
                     ckpt.save_checkpoint_weights(self.model, directory / ckpt.WEIGHTS)
 
+    def stage(self, directory: Path) -> Callable[[], None]:
+        """An asynchronous save's first half (every rank calls it; the gather is a collective): the weights copied
+        to host memory now; the call returned writes them into `directory` (in the background thread)."""
+        with self.full_weights():
+            staged = stage_tensors(self.model.state_dict()) if self.is_writer else None
+
+        def write() -> None:
+            if staged is not None:
+                with writing_to(directory / ckpt.WEIGHTS):
+                    ckpt.save_checkpoint_weights(StagedModel(staged), directory / ckpt.WEIGHTS)
+
+        return write
+
     def load(self, directory: Path, sharded: bool) -> None:
         """Load a checkpoint's weights; `sharded`: an FSDP checkpoint, read into this process's whole model."""
         if sharded:
@@ -80,6 +94,12 @@ class ShardedWeights:
     def save(self, directory: Path) -> None:
         with writing_to(directory / ckpt.SHARDED_DIR):  # a collective
             save_sharded(self.model, self.optimizer, directory / ckpt.SHARDED_DIR)
+
+    def stage(self, directory: Path) -> Callable[[], None]:
+        """An asynchronous save's first half: the shards are written now, on the training thread (a collective of
+        torch's distributed checkpoint); the trainer states, the hashing and the commit still go to the background."""
+        self.save(directory)
+        return lambda: None
 
     def load(self, directory: Path, sharded: bool) -> None:
         load_shards(self.model, self.optimizer, directory)  # the checkpointer refuses unsharded ones before

@@ -147,7 +147,7 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
         group = parser.add_argument_group(f"{section} - {doc}" if doc else section)
         types, docs, plain = field_types(cls), field_help(cls), cls()
         for f in dataclasses.fields(cls):
-            names = [f"--{section}-{kebab(f.name)}"]
+            names = [f"--{section}-{kebab(f.name)}", *f.metadata.get("flag_aliases", ())]
             if BARE_ALIASES.get(f.name) == section:
                 names.append(f"--{kebab(f.name)}")
             value = getattr(getattr(defaults, section), f.name)
@@ -156,6 +156,11 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
             base, optional = unwrap_optional(types[f.name])
             if base is bool:
                 group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            elif "bool_values" in f.metadata:  # a former switch: bare = its true value, --no-X = its false value
+                off, on = f.metadata["bool_values"]
+                group.add_argument(*names, nargs="?", const=on, metavar=base.__name__.upper(), **kwargs)
+                group.add_argument(*(f"--no-{n[2:]}" for n in names), dest=kwargs["dest"], action="store_const",
+                                   const=off, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             elif typing.get_origin(base) in (list, typing.List):
                 inner = typing.get_args(base)[0]
                 group.add_argument(*names, nargs="*", type=_scalar_type(inner, False), metavar=inner.__name__.upper(),

@@ -109,7 +109,7 @@ class TrainingConfig(Freezable):
     plateau_monitor: str = "val/loss"  # plateau: validation metric watched
     plateau_patience: int = 10  # plateau: validations without improvement before a cut
     plateau_factor: float = 0.1  # plateau: lr multiplier on a cut
-    precision: str = "auto"  # auto (bf16 where the device runs it fast, else fp32) | fp32 | bf16 | fp16 (+ GradScaler)
+    precision: str = "auto"  # auto (bf16 if fast, else fp32) | fp32 | bf16 | fp16 | fp8
     val_interval: int = field(
         default=0, metadata=on_resume("expected")
     )  # validate every N optimizer steps (0 = at epoch end only)
@@ -124,7 +124,9 @@ class TrainingConfig(Freezable):
     early_stopping_patience: int = 3  # EarlyStopping: validations without improvement before stopping
     early_stopping_min_delta: float = 0.0  # EarlyStopping: smallest change counted as improvement
     compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    activation_checkpointing: str = field(
+        default="none", metadata={"bool_values": ("none", "full")}
+    )  # none | full | selective (recompute all but matmuls)
     nan_policy: str = "raise"  # on a non-finite loss or grad norm: raise | skip the update
     max_skipped_steps: int = 10  # skip policy: stop after this many consecutive skipped steps
     # Loss-spike recovery (llm/training/optim/spike.py; docs/checkpointing.md, "Loss spikes and rollback"). Their
@@ -152,6 +154,10 @@ class TrainingConfig(Freezable):
     dpo_label_smoothing: float = 0.0  # dpo, simpo: share of labels taken as flipped
     simpo_gamma: float = 0.5  # simpo: target reward margin
     dpo_precompute_ref: bool = False  # dpo, ipo: reference log-probs computed once, before training
+    # Profiling (issue 23; llm/training/observers/profiler.py).
+    profile_steps: str = field(
+        default="", metadata=on_resume("expected")
+    )  # A:B: torch.profiler trace of steps A..B in RUN/profile/
 
 
 @dataclass
@@ -176,6 +182,10 @@ class CheckpointConfig(Freezable):
     monitor: str = ""  # also keep the best checkpoint by this validation metric (e.g. val/loss)
     mode: str = "min"  # best checkpoint: min | max
     overwrite: bool = False  # let resume=none or a branch from an older checkpoint save over later checkpoints
+    # Asynchronous saves (issue 23; llm/training/async_save.py).
+    async_save: bool = field(
+        default=False, metadata={"flag_aliases": ("--checkpoint-async",)}
+    )  # save in a background thread
 
 
 @dataclass
@@ -250,6 +260,9 @@ SECTIONS: dict[str, type] = {
     "distributed": DistributedConfig,
 }
 TOP_LEVEL = ("task", "seed", "plugins")
+# Fields that were switches, with the values their old booleans mean (field metadata "bool_values": (false, true)).
+_BOOL_VALUES = {key: {f.name: f.metadata["bool_values"] for f in dataclasses.fields(cls) if "bool_values" in f.metadata}
+                for key, cls in SECTIONS.items()}
 
 
 def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
@@ -271,6 +284,9 @@ def apply_dict(config: Config, data: dict[str, Any], source: str) -> None:
                         f"{shorten(source)}: unknown key {show(f'{key}.{name}')}{did_you_mean(name, types)}; "
                         f"valid keys of '{key}': {', '.join(types)}"
                     )
+                legacy = _BOOL_VALUES[key].get(name)  # a field that was a switch takes its old YAML booleans
+                if legacy and isinstance(item, bool):
+                    item = legacy[item]
                 coerced = coerce(f"{key}.{name}", item, types[name])
                 setattr(section, name, append_or_replace(f"{key}.{name}", getattr(section, name), coerced))
         elif key in TOP_LEVEL:
@@ -313,6 +329,23 @@ def _check_lora(config: Config) -> None:
                "quantizes a pretrained base: name it with model.init_from")
         _check(dist.strategy == "ddp", "training.lora_quantize", t.lora_quantize,
                "4-bit bases are not sharded by fsdp; use distributed.strategy=ddp")
+
+
+def _check_scale_fields(t: TrainingConfig) -> None:
+    """Issue 23's training fields: the recompute mode (its boolean spellings normalized in place), float8's needs,
+    the profiled steps."""
+    from llm.models.recompute import parse_mode
+    from llm.training.observers.profiler import parse_profile_steps
+    from llm.training.optim.precision import float8_refusal
+
+    mode = parse_mode(t.activation_checkpointing)
+    if mode != t.activation_checkpointing:  # true/false: recorded as the mode they mean
+        t.activation_checkpointing = mode
+    if t.precision == "fp8":
+        why = float8_refusal(t.device)
+        if why:
+            raise invalid("training.precision", t.precision, why)
+    parse_profile_steps(t.profile_steps)
 
 
 def _check(ok: bool, field: str, value: Any, valid: str, candidates: Any = None) -> None:
@@ -441,6 +474,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(0 < t.decay_fraction <= 1, "training.decay_fraction", t.decay_fraction, "must be in (0, 1]")
     _check(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}", PRECISIONS)
+    _check_scale_fields(t)
     _check(t.nan_policy in NAN_POLICIES, "training.nan_policy", t.nan_policy, "raise or skip", NAN_POLICIES)
     _check(
         t.scheduler_interval in INTERVALS, "training.scheduler_interval", t.scheduler_interval, "step or epoch",

@@ -34,17 +34,19 @@ from llm.artifacts.runs import load_init_from
 from llm.errors import UserError
 from llm.fs import atomic_write, is_write_error, write_failure
 from llm.models import hooks
+from llm.models.recompute import parse_mode
 from llm.training.checkpointer import Checkpointer, ModelCheckpoint
 from llm.training.core.callbacks import build_callbacks
 from llm.training.core.config import CheckpointConfig
 from llm.training.observers.context import RunContext
 from llm.training.observers.hooks import Callback, CallbackList
 from llm.training.observers.metrics import MetricAccumulator
+from llm.training.observers.profiler import requested_profiler
 from llm.training.observers.run_summary import announce_run
 from llm.training.observers.sinks import MetricSink, build_sinks, close_quietly
 from llm.training.observers.val_progress import validation_progress
 from llm.training.optim.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (NonFiniteLossError: re-exported)
-from llm.training.optim.precision import autocast
+from llm.training.optim.precision import autocast, prepare_for_precision
 from llm.training.optim.schedulers import LRSchedule
 from llm.training.optim.spike import SpikeRecovery
 from llm.training.parallel.distributed import all_agree, all_reduce_sum, barrier, resolve_device
@@ -124,6 +126,7 @@ class TrainingEngine:
         self.logger = logging.getLogger("llm")
         self.data_module = data_module if data_module is not None else task.build_data_module()
         callbacks = list(callbacks) if callbacks is not None else build_callbacks(config)
+        callbacks += requested_profiler(config)  # training.profile_steps, whatever the callback list
         self.callbacks = CallbackList(callbacks)
         self.sinks: list[MetricSink] = build_sinks(config, callbacks) if self.is_global_zero else []
         self.run_dir = Path(config.logging.log_dir or ".")
@@ -196,8 +199,10 @@ class TrainingEngine:
         model = self.task.adapt_model(self.task.build_model()).to(self.device)  # LoRA adapters when configured
         if getattr(getattr(self.config, "model", None), "init_from", ""):  # fresh run state; a resume replaces them
             load_init_from(model, self.config.model.init_from)
-        if cfg.activation_checkpointing:
-            self._enable_activation_checkpointing(model)
+        recompute_mode = parse_mode(cfg.activation_checkpointing)  # a mode; the old switch's booleans too
+        if recompute_mode != "none":
+            self._enable_activation_checkpointing(model, recompute_mode)
+        model = prepare_for_precision(model, cfg.precision)  # fp8: torchao's float8 linears, before the plan
         self.unwrapped_model = model
         # The parallel layout (parallel/plan.py) may convert the module in place (sharded weights), so the
         # optimizer is built on `unwrapped_model` after it.
@@ -290,12 +295,12 @@ class TrainingEngine:
         if not self.total_steps:
             raise UserError("training.max_steps: the data loader has no length; set --training-max-steps")
 
-    def _enable_activation_checkpointing(self, model: nn.Module) -> None:
+    def _enable_activation_checkpointing(self, model: nn.Module, mode: str) -> None:
         flagged = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
         if not flagged:
             raise UserError("training.activation_checkpointing: this task's model has no checkpointable blocks")
         for module in flagged:
-            module.activation_checkpointing = True
+            module.activation_checkpointing = mode
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -535,7 +535,7 @@ def test_resume_policies_are_declared_beside_the_fields():
     expected, applied, refused = resume_tables()
     assert set(expected) == {"training.max_steps", "training.epochs", "training.callbacks", "training.log_interval",
                              "training.val_interval", "logging.", "checkpoint.", "distributed.", "plugins",
-                             "training.lr"}
+                             "training.lr", "training.profile_steps"}
     assert applied == {"training.lr": "the schedule's peak lr (its position is kept)",
                        "training.max_steps": "the schedule's horizon", "training.epochs": "the schedule's horizon"}
     assert refused == {"task": "--task", "training.optimizer": "--training-optimizer",
