@@ -13,6 +13,7 @@ from llm.config.fields import (
     coerce,
     field_help,
     field_types,
+    for_tasks,
     is_better,
     on_resume,
     resume_policy,
@@ -25,6 +26,6 @@ from llm.config.yaml_file import MAX_YAML_BYTES, load_yaml
 
 __all__ = [
     "MAX_YAML_BYTES", "MODES", "is_better", "Freezable", "FrozenConfigError", "ResumePolicy", "append_or_replace",
-    "coerce", "field_help", "field_types", "freeze", "is_frozen", "load_yaml", "on_resume", "replace_values",
-    "resume_policy", "resume_tables", "thawed", "type_name", "unwrap_optional",
+    "coerce", "field_help", "field_types", "for_tasks", "freeze", "is_frozen", "load_yaml", "on_resume",
+    "replace_values", "resume_policy", "resume_tables", "thawed", "type_name", "unwrap_optional",
 ]

@@ -63,6 +63,13 @@ def on_resume(kind: str, note: str = "") -> dict[str, ResumePolicy]:
     return {"resume": ResumePolicy(kind, note)}
 
 
+def for_tasks(*names: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata naming the only tasks that read the field: `field(default=0.1, metadata=for_tasks("dpo"))`.
+    The train CLI's `--help` lists such a field only under those tasks (a flag is still accepted everywhere), so one
+    task's help is not buried under every other task's knobs."""
+    return {"tasks": names}
+
+
 def resume_tables(root: type) -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
     """The resume policies of every field under the dataclass `root` as a checkpointer reads them: (prefixes of the
     fields expected to change, a section as "section."; {field: what an applied change does}; {field: the flag that

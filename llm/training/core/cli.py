@@ -142,6 +142,7 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
                      help=f"{helps['seed']} (default: {defaults.seed})")
     run.add_argument("--plugins", dest="plugins", nargs="*", metavar="MODULE", default=argparse.SUPPRESS,
                      help=_help_text(helps["plugins"], defaults.plugins, []))
+    hidden: dict[str, int] = {}  # other tasks' own flags, left out of this task's help: {task: count}
     for section, cls in SECTIONS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0].rstrip(".") if cls.__doc__ else ""
         group = parser.add_argument_group(f"{section} - {doc}" if doc else section)
@@ -152,6 +153,11 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
                 names.append(f"--{kebab(f.name)}")
             value = getattr(getattr(defaults, section), f.name)
             text = _help_text(docs.get(f.name, ""), value, getattr(plain, f.name)).replace("%", "%%")
+            owners = f.metadata.get("tasks")
+            if owners and defaults.task not in owners:
+                text = argparse.SUPPRESS
+                for owner in owners:
+                    hidden[owner] = hidden.get(owner, 0) + 1
             kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "help": text}
             base, optional = unwrap_optional(types[f.name])
             if base is bool:
@@ -167,6 +173,9 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
                                    **kwargs)
             else:
                 group.add_argument(*names, type=_scalar_type(base, optional), metavar=base.__name__.upper(), **kwargs)
+    if hidden:
+        parser.epilog = "Flags read only by other tasks are not listed here: " + ", ".join(
+            f"{n} of task {task} (--task {task} --help)" for task, n in sorted(hidden.items())) + "."
     return parser
 
 

@@ -20,7 +20,7 @@ from typing import Any, List
 
 import yaml
 
-from llm.config import MODES, Freezable, ResumePolicy, on_resume
+from llm.config import MODES, Freezable, ResumePolicy, for_tasks, on_resume
 from llm.config import resume_policy as _resume_policy
 from llm.config import resume_tables as _resume_tables
 
@@ -149,11 +149,13 @@ class TrainingConfig(Freezable):
     lora_variant: str = "lora"  # lora | dora | rslora (peft's variants)
     lora_quantize: str = "none"  # none | nf4 (QLoRA: 4-bit base, CUDA + bitsandbytes)
     # Preference tuning: the dpo task (llm/training/tasks/dpo_task.py, preference_losses.py); it checks these.
-    preference_loss: str = "dpo"  # dpo task: dpo | ipo | simpo | orpo | package.module:LossSpec
-    dpo_beta: float = 0.1  # dpo task: the loss's beta (ipo: tau, orpo: lambda)
-    dpo_label_smoothing: float = 0.0  # dpo, simpo: share of labels taken as flipped
-    simpo_gamma: float = 0.5  # simpo: target reward margin
-    dpo_precompute_ref: bool = False  # dpo, ipo: reference log-probs computed once, before training
+    # (`--help` lists them under `--task dpo` only.)
+    preference_loss: str = field(default="dpo", metadata=for_tasks("dpo"))  # dpo | ipo | simpo | orpo | pkg.mod:Loss
+    dpo_beta: float = field(default=0.1, metadata=for_tasks("dpo"))  # the loss's beta (ipo: tau, orpo: lambda)
+    dpo_label_smoothing: float = field(default=0.0, metadata=for_tasks("dpo"))  # dpo, simpo: share of flipped labels
+    simpo_gamma: float = field(default=0.5, metadata=for_tasks("dpo"))  # simpo: target reward margin
+    # dpo, ipo: reference log-probs computed once, before training
+    dpo_precompute_ref: bool = field(default=False, metadata=for_tasks("dpo"))
     # Profiling (issue 23; llm/training/observers/profiler.py).
     profile_steps: str = field(
         default="", metadata=on_resume("expected")

@@ -67,24 +67,31 @@ def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monk
         assert heading in lines
         body = text.split(heading, 1)[1].split("\n\n", 1)[0]  # the section's own entries
         for f in dataclasses.fields(cls):
-            fields += 1
             flag = f"--{section}-{f.name.replace('_', '-')}"
             if f.type in ("bool", bool):
                 flag = f"--[no-]{section}-{f.name.replace('_', '-')}"
             entry = rf"^  {re.escape(flag)}[ ,\n]"
+            if "lm" not in f.metadata.get("tasks", ("lm",)):  # another task's own flag: listed under that task only
+                assert not re.search(entry, text, flags=re.M), flag
+                continue
+            fields += 1
             assert len(re.findall(entry, text, flags=re.M)) == 1, flag  # one entry, and not in the usage line
             assert re.search(entry, body, flags=re.M), f"{flag} not under {section}"
     assert "cosine, step, plateau, exponential" in text  # the field's comment is its help
     resolved, _, _ = parse_config([])  # exactly what a run without flags uses
     for section, cls in SECTIONS.items():
         derived = {name for name, doc in field_help(cls).items() if "(default:" in doc}  # checked below
-        for name, value in ((f.name, getattr(getattr(resolved, section), f.name)) for f in dataclasses.fields(cls)):
+        for name, value in ((f.name, getattr(getattr(resolved, section), f.name)) for f in dataclasses.fields(cls)
+                            if "lm" in f.metadata.get("tasks", ("lm",))):
             shown = {True: "true", False: "false", None: None, "": "''"}.get(value, value) \
                 if isinstance(value, (bool, str, type(None))) else value
             if name not in derived:
                 expected = " ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
                 flag = f"--{section}-{name.replace('_', '-')}"
                 assert _default_of(text, f"--[no-]{flag[2:]}" if isinstance(value, bool) else flag) == expected
+    assert "Flags read only by other tasks are not listed here: 5 of task dpo (--task dpo --help)." in text
+    dpo = _help(capsys, monkeypatch, ["--task", "dpo"])
+    assert "--training-dpo-beta FLOAT" in dpo and "(default: 0.1)" in dpo and "other tasks" not in dpo
     # One default per flag: every field, plus --task, --seed and --plugins; no argparse-added duplicates.
     assert text.count("(default:") == fields + 3
     # A comment explaining a derived default stands in for the value (None), not beside it.
