@@ -67,8 +67,8 @@ class DataConfig(Freezable):
     cache_dir: str = ""  # token cache directory (default: ~/.cache/llm)
     sampling: str = "random"  # lm windows: random (shuffled, new cut each epoch) | sequential
     # Packing and document masks (issue 21; README "Packing and document masks")
-    packing: bool = False  # sft: pack examples into rows of seq_len (best fit); each attends only to itself
-    document_mask: bool = False  # lm: windows cross documents but attention never does (needs EOS separators)
+    packing: bool = False  # sft: pack examples into full rows, none attending to another
+    document_mask: bool = False  # lm: attention never crosses a document (EOS) boundary
 
 
 @dataclass
