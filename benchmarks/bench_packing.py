@@ -58,7 +58,7 @@ def batches(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_s
             count: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """`count` batches in a seeded random order, as the training loader would draw them."""
     items: Any = PackedExamples(examples, seq_len).rows if packed else examples
-    collate: Any = PackCollate(0, IGNORE_INDEX) if packed else PadCollate(0)
+    collate: Any = PackCollate(0, IGNORE_INDEX, seq_len) if packed else PadCollate(0)  # as SFTDataModule's
     order = np.random.default_rng(seed).permutation(len(items))
     return [collate([items[i] for i in order[b * batch_size:(b + 1) * batch_size]]) for b in range(count)]
 

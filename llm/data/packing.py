@@ -8,8 +8,8 @@ shuffles examples unpacked). BFD is within 11/9 of the optimal number of bins (p
 percent of the tokens on realistic length mixes.
 
 `PackedExamples` is the data set of packed rows: each item is (input_ids, labels, document_ids), the row's
-examples concatenated, document ids 0, 1, ... per example. `PackCollate` right-pads a batch of rows to its longest
-row: pad labels are ignored and the pads form one more document of their own, so no real token attends to them
+examples concatenated, document ids 0, 1, ... per example. `PackCollate` right-pads a batch of rows to the full row
+length: pad labels are ignored and the pads form one more document of their own, so no real token attends to them
 and none of them attends to a real token (`DecoderModel(..., document_ids=...)`, `llm.models.masks`). Labels are each
 example's own (next-token targets inside the example, the last input's target its own last token), so packing
 changes no target: with the document mask every example's loss and gradients are the ones it gets alone.
@@ -89,13 +89,19 @@ class PackedExamples(Dataset):
 
 
 class PackCollate:
-    """Right-pads packed rows to the longest: (input_ids, labels, document_ids), each (B, T) int64."""
+    """Right-pads packed rows to ``length`` (None: the batch's longest): (input_ids, labels, document_ids), each
+    (B, T) int64. The data module pads to the full ``seq_len``: one shape for every batch, which a compiled model
+    and FlexAttention's kernels (compiled per shape) want."""
 
-    def __init__(self, pad_id: int, ignore_index: int) -> None:
-        self.pad_id, self.ignore_index = pad_id, ignore_index
+    def __init__(self, pad_id: int, ignore_index: int, length: int | None = None) -> None:
+        self.pad_id, self.ignore_index, self.length = pad_id, ignore_index, length
 
     def __call__(self, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, ...]:
         length = max(len(ids) for ids, _, _ in rows)
+        if self.length is not None:
+            if length > self.length:
+                raise ValueError(f"a packed row of {length} tokens is longer than {self.length}")
+            length = self.length
         input_ids = np.full((len(rows), length), self.pad_id, dtype=np.int64)  # (B, T)
         labels = np.full((len(rows), length), self.ignore_index, dtype=np.int64)  # (B, T)
         document_ids = np.empty((len(rows), length), dtype=np.int64)  # (B, T)

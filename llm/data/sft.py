@@ -408,7 +408,7 @@ class SFTDataModule(SectionDataModule):
 
     def _collate(self) -> PadCollate | PackCollate:
         pad = SpecialTokens.of(self.tokenizer).eos
-        return PackCollate(pad, IGNORE_INDEX) if self.packing else PadCollate(pad)
+        return PackCollate(pad, IGNORE_INDEX, self.data.seq_len) if self.packing else PadCollate(pad)
 
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"

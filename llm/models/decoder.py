@@ -254,7 +254,8 @@ class DecoderModel(GenerationMixin, nn.Module):
         dropout = self.training and self.config.dropout > 0  # FlexAttention has no attention dropout
         return masks.build_document_mask(document_ids, padding, causal=self.causal,
                                          sliding_window=self.config.sliding_window,
-                                         backend=self.document_mask_backend, dropout=dropout)
+                                         backend=self.document_mask_backend, dropout=dropout,
+                                         head_dim=self.config.head_dim)
 
     # ------------------------------------------------------------------------ what a training engine reads
     def fsdp_units(self) -> list[nn.Module]:

@@ -12,7 +12,8 @@ of them. From the ids this module derives what the decoder needs, without a host
   ``flex``  FlexAttention with a `BlockMask` built from the same rule (window and padding folded in); blocks of
             128 x 128 that lie wholly outside every document are skipped, so a row of many short documents costs
             about the sum of their squares, not T^2. The CUDA default; `flex_attention` is compiled there (eager it
-            materialises the scores, which is what the CPU tests use to check it against ``sdpa``).
+            materialises the scores, which is what the CPU tests use to check it against ``sdpa``); heads
+            narrower than 16 use ``sdpa``.
 
 A backend returns either a bool tensor (the attention layer passes it to SDPA as before) or an object with
 ``attend(q, k, v, enable_gqa=...)`` that runs its own kernel (`FlexDocumentMask`). A query whose keys are all
@@ -89,10 +90,12 @@ class FlexDocumentMask:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, enable_gqa: bool) -> Tensor:
         """Attention of q (B, n_heads, T, hd) over k, v (B, n_kv, T, hd) within the mask's documents."""
-        if self.compiled:
-            return _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
         from torch.nn.attention.flex_attention import flex_attention
 
+        if torch.compiler.is_compiling():  # inside a compiled model: its graph compiles the kernel
+            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
+        if self.compiled:
+            return _compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
         with warnings.catch_warnings():  # eager is the reference path of the tests, slow on purpose
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=enable_gqa)
@@ -105,7 +108,7 @@ def _compiled_flex() -> Any:
     if "flex" not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED["flex"] = torch.compile(flex_attention)
     return _COMPILED["flex"]
 
 
@@ -127,7 +130,8 @@ def _flex_mask(document_ids: Tensor, padding: Tensor | None, *, causal: bool, sl
             keep = (keep & keys[b, kv]) | (q == kv)
         return keep
 
-    compiled = document_ids.is_cuda if compiled is None else compiled
+    if compiled is None:  # a compiled model compiles the mask's construction with its own graph
+        compiled = document_ids.is_cuda and not torch.compiler.is_compiling()
     block_mask = create_block_mask(mask_mod, B, None, T, T, device=document_ids.device, _compile=compiled)
     return FlexDocumentMask(block_mask, compiled)
 
@@ -136,9 +140,10 @@ register_document_mask_backend("sdpa", _sdpa_mask)
 register_document_mask_backend("flex", _flex_mask)
 
 
-def default_backend(device: torch.device, dropout: bool = False) -> str:
-    """``flex`` on CUDA (compiled FlexAttention) unless attention dropout is on; ``sdpa`` elsewhere."""
-    if device.type == "cuda" and not dropout:
+def default_backend(device: torch.device, dropout: bool = False, head_dim: int = 64) -> str:
+    """``flex`` on CUDA (compiled FlexAttention) unless attention dropout is on or the heads are narrower than its
+    kernels take (16); ``sdpa`` elsewhere."""
+    if device.type == "cuda" and not dropout and head_dim >= 16:
         try:
             import torch.nn.attention.flex_attention  # noqa: F401
         except ImportError:  # pragma: no cover - torch builds without it
@@ -149,11 +154,14 @@ def default_backend(device: torch.device, dropout: bool = False) -> str:
 
 def build_document_mask(document_ids: Tensor, padding: Tensor | None = None, *, causal: bool = True,
                         sliding_window: int | None = None, backend: str | None = None,
-                        dropout: bool = False) -> Any:
+                        dropout: bool = False, head_dim: int = 64) -> Any:
     """The attention mask of packed documents for ``backend`` (None: `default_backend` of the ids' device).
 
-    ``padding`` (B, T): 1/True = real key. Returns a bool tensor (B, 1, T, T) or an object with ``attend``."""
-    name = backend or default_backend(document_ids.device, dropout)
+    ``padding`` (B, T): 1/True = real key; ``dropout``: attention dropout will run (only ``sdpa`` has it). Returns a
+    bool tensor (B, 1, T, T) or an object with ``attend``."""
+    name = backend or default_backend(document_ids.device, dropout, head_dim)
     if name not in DOCUMENT_MASK_BACKENDS:
         raise ValueError(f"unknown document mask backend {name!r}: expected one of {', '.join(DOCUMENT_MASK_BACKENDS)}")
+    if dropout and name != "sdpa":
+        raise ValueError(f"document mask backend {name!r} has no attention dropout; use 'sdpa' or dropout 0")
     return DOCUMENT_MASK_BACKENDS[name](document_ids, padding, causal=causal, sliding_window=sliding_window)

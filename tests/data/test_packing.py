@@ -123,6 +123,7 @@ def test_ranks_see_the_packed_rows_one_process_sees(tmp_path):
         rows = {tuple(r[r != 0].tolist()) for b in (r0[step], r1[step]) for r in b[0]}
         assert rows == {tuple(r[r != 0].tolist()) for r in one[step][0]}
         assert len(one[step]) == 3 and one[step][2].shape == one[step][0].shape  # (ids, labels, document ids)
+        assert one[step][0].shape[1] == 160  # full rows: one shape for every batch
 
 
 # --------------------------------------------------------------------------------------------- runs of sft

@@ -81,7 +81,7 @@ def test_gradients_with_activation_checkpointing_equal_without():
 def test_flex_backend_on_cuda_equals_sdpa_in_forward_and_gradients():
     """The CUDA default (compiled FlexAttention with a block mask) against the bool-mask SDPA path, fp32."""
     torch.manual_seed(0)
-    model = DecoderModel.tiny(sliding_window=6).cuda()
+    model = DecoderModel.tiny(hidden_size=64, sliding_window=6).cuda()  # head_dim 16: flex's narrowest
     _, ids, doc_ids = _packed(lengths=(40, 200, 3, 13, 100))
     ids, doc_ids = ids.cuda(), doc_ids.cuda()
     assert masks.default_backend(ids.device) == "flex"
