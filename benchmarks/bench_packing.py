@@ -10,8 +10,10 @@ byte vocabulary), fp32, the same batch size (rows per step) both ways:
   second half of each example is the answer: the mix where one long example pads a whole batch.
 Padded: one example per row, right-padded to the batch's longest (as `sft` batches without packing). Packed: rows of
 seq_len by best-fit decreasing (`llm.data.packing`). The sides alternate within each round (order swapped every
-round) so machine load hits both alike; each round reports answer tokens/s of `--steps` steps per side, and the
-result is the ratio of the medians. This is a benchmark, not a test: numbers go to RESULTS.md.
+round) so machine load hits both alike; each round trains `--steps` batches of its own per side and reports their
+answer tokens/s, per wall-clock second and per CPU second of the process; the result is the ratio of the medians.
+Also printed, independent of load: token positions computed per answer token over all of an epoch's batches.
+This is a benchmark, not a test: numbers go to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -64,16 +66,17 @@ def batches(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_s
 
 
 def throughput(task: SFTTask, model: torch.nn.Module, opt: torch.optim.Optimizer, data: list[tuple[torch.Tensor, ...]],
-               criterion: torch.nn.Module) -> float:
-    """Answer tokens per second of training steps over ``data``."""
+               criterion: torch.nn.Module) -> tuple[float, float]:
+    """Answer tokens per second of training steps over ``data``: per wall-clock second and per CPU second of this
+    process (the second depends less on what else the machine runs)."""
     answer = sum(int((b[1] != IGNORE_INDEX).sum()) for b in data)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in data:
         loss = task._loss(batch, model, criterion)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return answer / (time.perf_counter() - start)
+    return answer / (time.perf_counter() - start), answer / (time.process_time() - cpu)
 
 
 def compare(name: str, examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, args: argparse.Namespace) -> None:
@@ -83,22 +86,33 @@ def compare(name: str, examples: list[tuple[np.ndarray, np.ndarray]], seq_len: i
     model = DecoderModel(vocab_size=256, hidden_size=args.hidden, num_layers=2, num_heads=4, intermediate_multiple_of=8,
                          max_seq_len=seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sides = {packed: batches(examples, seq_len, args.batch_size, packed, args.steps, seed=1)
+    # Every round trains on its own `--steps` batches, so the medians span rounds x steps batches per side.
+    sides = {packed: batches(examples, seq_len, args.batch_size, packed, args.steps * args.rounds, seed=1)
              for packed in (False, True)}
     fill = PackedExamples(examples, seq_len).fill()
     throughput(task, model, opt, sides[True][:1], criterion)  # warm-up of both paths
     throughput(task, model, opt, sides[False][:1], criterion)
-    rates: dict[bool, list[float]] = {False: [], True: []}
+    rates: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for r in range(args.rounds):
         for packed in ((False, True) if r % 2 == 0 else (True, False)):
-            rates[packed].append(throughput(task, model, opt, sides[packed], criterion))
-    padded, packed = statistics.median(rates[False]), statistics.median(rates[True])
+            data = sides[packed][r * args.steps:(r + 1) * args.steps]
+            rates[packed].append(throughput(task, model, opt, data, criterion))
     lengths = [len(x) for x, _ in examples]
     print(f"{name}: {len(examples)} examples, length median {int(np.median(lengths))} max {max(lengths)}, seq_len "
           f"{seq_len}, batch {args.batch_size}, packed rows {fill:.1%} filled")
-    print(f"  padded: {padded:8.0f} answer tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in rates[False])})")
-    print(f"  packed: {packed:8.0f} answer tokens/s  (rounds: {', '.join(f'{x:.0f}' for x in rates[True])})")
-    print(f"  packed / padded = {packed / padded:.2f}x")
+    everything = {packed: batches(examples, seq_len, args.batch_size, packed,
+                                  len(PackedExamples(examples, seq_len) if packed else examples) // args.batch_size)
+                  for packed in (False, True)}
+    slots = {side: sum(b[0].numel() for b in data) / sum(int((b[1] != IGNORE_INDEX).sum()) for b in data)
+             for side, data in everything.items()}  # load-independent: positions computed per answer token, all batches
+    print(f"  token positions per answer token: padded {slots[False]:.1f}, packed {slots[True]:.1f} "
+          f"({slots[False] / slots[True]:.2f}x fewer packed)")
+    for which, clock in ((0, "wall"), (1, "CPU")):
+        padded = statistics.median(x[which] for x in rates[False])
+        packed = statistics.median(x[which] for x in rates[True])
+        print(f"  per {clock} second: padded {padded:.0f}, packed {packed:.0f} answer tokens/s; packed / padded = "
+              f"{packed / padded:.2f}x (rounds: padded {', '.join(f'{x[which]:.0f}' for x in rates[False])}; "
+              f"packed {', '.join(f'{x[which]:.0f}' for x in rates[True])})")
 
 
 def main() -> None:
