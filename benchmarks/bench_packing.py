@@ -1,6 +1,6 @@
 """Packed vs padded SFT: answer tokens per second of training steps (issue 21, `--data-packing`).
 
-    python -m benchmarks.bench_packing [--rounds 5] [--steps 4] [--threads 2] [--hidden 64]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_packing [--rounds 5] [--steps 4] [--threads 1] [--hidden 64]
 
 Two data sets, each trained both ways with the sft task's own loss (`SFTTask._loss`: the model, its document mask
 on packed rows, cross-entropy on answer tokens), AdamW steps on a small model (hidden `--hidden` 64, 4 heads, 2 layers,
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="training steps per side per round")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin-waits)")
     parser.add_argument("--hidden", type=int, default=64, help="model width (4 heads, 2 layers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
