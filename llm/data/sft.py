@@ -38,12 +38,15 @@ marks `{% generation %}` blocks; the template writes BOS itself if it wants one.
 tokenizer's special tokens (`<|im_start|>`) is refused. The built-in template above is the fallback for tokenizers
 without one (bytes, a BPE trained here); the run's log says which one it used.
 
-Batching: one example per row, right-padded to the longest row of the batch (pad labels are ignored). Examples are
-not packed several to a window: `DecoderModel` takes a key-padding mask and one position vector for the whole
-batch, not a block-diagonal mask, so packed examples would attend to each other. Right padding needs no attention
-mask: under the causal mask no real token attends to a later pad. An example longer than `data.seq_len + 1`
-tokens is cut to that length (its answer may be cut short); one with no answer token left is dropped, both counted
-in a warning.
+Batching: one example per row, right-padded to the longest row of the batch (pad labels are ignored). Right
+padding needs no attention mask: under the causal mask no real token attends to a later pad. With `data.packing`
+(`--data-packing`) examples are packed several to a row of `data.seq_len` tokens instead (best-fit decreasing,
+`llm.data.packing`), and batches are (input_ids, labels, document_ids): the model attends only within each example
+and restarts its positions there (`DecoderModel(..., document_ids=...)`), so each example's loss and gradients are
+the ones it gets alone, and a batch of rows holds several times the answer tokens of a padded one. Validation is
+packed too; its metrics are sums over the split's answer tokens, so they do not change. An example longer than
+`data.seq_len + 1` tokens is cut to that length (its answer may be cut short); one with no answer token left is
+dropped, both counted in a warning (packed or not).
 
 Without `data.path` the module generates a demo set (`demo_records`): `data.num_samples` arithmetic and
 string-manipulation instructions with exact answers, seeded, so `python -m llm.training.train --task sft` runs
@@ -66,6 +69,7 @@ from torch.utils.data import Dataset
 
 from llm.data.chat_template import ChatTemplate, assistant_spans
 from llm.data.datamodule import SectionDataModule
+from llm.data.packing import PackCollate, PackedExamples
 from llm.data.sft_records import (  # noqa: F401  (the records' API, re-exported: callers import it from here)
     BYTES_PER_TOKEN,
     MIN_RECORD_BYTES,
@@ -338,13 +342,15 @@ def tokenize_records(
 # ------------------------------------------------------------------------------------------------ data module
 @register_data_module("sft")
 class SFTDataModule(SectionDataModule):
-    """Instruction records -> padded (input_ids, labels) batches, labels `IGNORE_INDEX` outside the answers."""
+    """Instruction records -> padded (input_ids, labels) batches, labels `IGNORE_INDEX` outside the answers; with
+    `data.packing`, packed (input_ids, labels, document_ids) batches."""
 
     def __init__(self, data: Any, *, batch_size: int, seed: int = 0, run_dir: str = "") -> None:
         super().__init__(data, batch_size=batch_size, seed=seed, run_dir=run_dir)
         self.tokenizer: Tokenizer = self._tokenizer()
-        self.train_set: SFTExamples | None = None
-        self.val_set: SFTExamples | None = None
+        self.train_set: SFTExamples | PackedExamples | None = None
+        self.val_set: SFTExamples | PackedExamples | None = None
+        self.packing = bool(getattr(data, "packing", False))  # rows of several examples, document ids per token
         self._told_template = False
 
     def _tokenizer(self) -> Tokenizer:
@@ -382,18 +388,27 @@ class SFTDataModule(SectionDataModule):
                         "them kept no answer token and were dropped", cut, len(records), d.seq_len + 1, dropped)
         val_examples = [examples[i] for i in order[:num_val] if examples[i] is not None]
         train_examples = [examples[i] for i in order[num_val:] if examples[i] is not None]
-        self.train_set, self.val_set = SFTExamples(train_examples), SFTExamples(val_examples)
+        if self.packing:  # packed once, before sharding: every rank and world size sees the same rows
+            self.train_set = PackedExamples(train_examples, d.seq_len)
+            self.val_set = PackedExamples(val_examples, d.seq_len)
+            if self.rank == 0:
+                log.info("data: packed %d training examples into %d rows of %d tokens (%.1f%% filled)",
+                         len(train_examples), len(self.train_set), d.seq_len, 100 * self.train_set.fill())
+        else:
+            self.train_set, self.val_set = SFTExamples(train_examples), SFTExamples(val_examples)
         global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:
+            what = "packed rows" if self.packing else "training examples"
             raise ConfigError(
-                f"training.batch_size: {len(self.train_set)} training examples are fewer than one global batch "
+                f"training.batch_size: {len(self.train_set)} {what} are fewer than one global batch "
                 f"({global_batch}); use more records or a smaller batch"
             )
         if not len(self.val_set):
             raise ConfigError("data.seq_len: no validation example keeps an answer token; raise data.seq_len")
 
-    def _collate(self) -> PadCollate:
-        return PadCollate(SpecialTokens.of(self.tokenizer).eos)
+    def _collate(self) -> PadCollate | PackCollate:
+        pad = SpecialTokens.of(self.tokenizer).eos
+        return PackCollate(pad, IGNORE_INDEX, self.data.seq_len) if self.packing else PadCollate(pad)
 
     def train_dataloader(self) -> Iterable[Any]:
         assert self.train_set is not None, "call setup() first"

@@ -33,6 +33,13 @@ deterministic), with `sequential` they are read in order from offset 0. Batches 
 resume exactly through `DataModule.make_loader`; each batch is one fancy-indexed read of the memmapped shards
 (`TokenStore.gather`), and windows are defined on global token positions, so how the tokens are cut into shards
 changes nothing about the batches.
+
+Document masks (`data.document_mask`, `--data-document-mask`): windows still cross documents (no token is wasted),
+but the model never attends across them. Preparation ends every document with the tokenizer's end-of-sequence token
+(the separator); `window_document_ids` turns a window's tokens into document ids on the device (a cumulative sum
+over the separators, no host sync), and the separator belongs to the document it ends: it sees that document, and
+its target (the next document's first token) is predicted from it alone. Data without separators (a tokenizer
+without one, a `.bin` that holds none) is refused: there would be no boundary to mask.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ from llm.errors import ConfigError
 from llm.registry import register_data_module
 
 __all__ = ["CacheMismatch", "TextDataModule", "TokenStore", "TokenWindows", "bits_per_byte", "cache_root",
-           "clean_stale_temporaries", "open_bin", "split_point"]
+           "clean_stale_temporaries", "open_bin", "split_point", "window_document_ids"]
 
 log = logging.getLogger("llm")
 
@@ -249,6 +256,13 @@ def collate_windows(data: Any) -> Any:
     return torch.utils.data.default_collate(data)
 
 
+def window_document_ids(input_ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """Document ids (B, T) of windows (B, T) cut from a stream whose documents each end with ``separator``: 0 from
+    the window's first token, one more after each separator (the separator belongs to the document it ends)."""
+    ends = (input_ids == separator).to(torch.int64)  # (B, T)
+    return ends.cumsum(dim=1) - ends  # (B, T)
+
+
 def split_point(store: TokenStore, val_fraction: float) -> int:
     """First validation token: the last `val_fraction` of the tokens, at a document boundary if one is near."""
     n = store.num_tokens
@@ -278,6 +292,8 @@ class TextDataModule(SectionDataModule):
         self.train_tokens_per_byte = 1.0
         self.val_tokens_per_byte = 1.0
         self._declared_bytes = False  # a .bin whose sidecar gives num_bytes
+        # data.document_mask: the token that ends every document (set by `setup`; None = no document mask)
+        self.document_separator: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -288,6 +304,8 @@ class TextDataModule(SectionDataModule):
             self._load()
         assert self.store is not None
         d = self.data
+        if getattr(d, "document_mask", False):
+            self.document_separator = self._document_separator()
         split = split_point(self.store, d.val_fraction)
         random = d.sampling == "random"
         self.train_set = TokenWindows(self.store, 0, split, d.seq_len, phase_seed=self.seed if random else None)
@@ -327,6 +345,24 @@ class TextDataModule(SectionDataModule):
             self._load()
         assert self.tokenizer is not None
         copy_tokenizer(self.tokenizer, directory)
+
+    def _document_separator(self) -> int:
+        """The separator that ends the documents, once the data is seen to hold it; else a `ConfigError`."""
+        assert self.store is not None and self.tokenizer is not None
+        eos, store = self.tokenizer.eos_id, self.store
+        source = repr(self.data.path) if self.data.path else "the embedded corpus"
+        found = False
+        if eos is not None and self.cache_path is not None:  # an index: the last token of each document
+            ends = store.doc_ends[store.doc_ends > 0][:1024]
+            found = bool((store.gather(ends - 1) == eos).any())
+        elif eos is not None:  # a .bin has no document index: look for the separator itself
+            found = bool((store.tokens() == eos).any())
+        if not found:
+            why = ("the tokenizer has no end-of-sequence token" if eos is None
+                   else f"the tokenizer's end-of-sequence token {eos} never occurs in it")
+            raise ConfigError(f"data.document_mask: {source} marks no document boundaries ({why}); drop "
+                              "--data-document-mask, or prepare the data with a tokenizer that has a separator")
+        return eos
 
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> None:

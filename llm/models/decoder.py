@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llm.models import flops, hooks, recompute
+from llm.models import flops, hooks, masks, recompute
 from llm.models.config import ModelConfig, build_config, default_intermediate_size
 from llm.models.generation import GenerationMixin, KVCache, LayerKVCache
 from llm.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding, apply_rotary, causal_mask, rotate_half
@@ -195,23 +195,37 @@ class DecoderModel(GenerationMixin, nn.Module):
         positions: Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, T, vocab) of ``input_ids`` (B, T) or ``inputs_embeds`` (B, T, hidden).
 
         ``attention_mask`` (B, S) marks real (1/True) vs padding (0) keys, S = cached + T. ``positions`` (T,)
         defaults to cached + arange(T). ``cache`` enables incremental decoding (see :meth:`generate`).
         ``return_hidden`` returns the final-norm hidden states (B, T, hidden) instead of logits, for fused or
-        chunked output-layer losses.
+        chunked output-layer losses. ``document_ids`` (B, T) integer: several documents packed in a row (equal id =
+        one document, a contiguous run); each attends only within itself, causally, and its rotary positions
+        restart at 0 (`llm.models.masks`; not with ``cache``).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         T = x.shape[1]
         start = cache.length if cache is not None else 0
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache: generation decodes one document")
+            document_ids = masks.check_document_ids(document_ids, (x.shape[0], T)).to(x.device)
+            if positions is None:
+                positions = masks.document_positions(document_ids)  # (B, T): 0 at each document's start
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)
-        cos, sin = self.rotary(positions)  # (T, head_dim) each
-        attn_mask = self._attention_mask(attention_mask, T, start + T, x.device)
+        cos, sin = self.rotary(positions)  # (T, head_dim) each, or (B, T, head_dim) for per-row positions
+        if cos.ndim == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim): broadcast over the heads
+        if document_ids is None:
+            attn_mask = self._attention_mask(attention_mask, T, start + T, x.device)
+        else:
+            attn_mask = self._document_mask(document_ids, attention_mask)
         x = self.embed_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, cache.layers[i] if cache is not None else None)  # (B, T, H)
@@ -230,6 +244,19 @@ class DecoderModel(GenerationMixin, nn.Module):
         # letting it see itself keeps the row finite, and padded rows are ignored by the loss anyway.
         q_pos = torch.arange(k_len - q_len, k_len, device=device)
         return mask | (torch.arange(k_len, device=device)[None, :] == q_pos[:, None])  # (B, 1, T, S)
+
+    #: The document-mask backend (`llm.models.masks`): None picks flex on CUDA, sdpa elsewhere.
+    document_mask_backend: str | None = None
+
+    def _document_mask(self, document_ids: Tensor, padding: Tensor | None) -> Any:
+        """The block-diagonal (and causal) mask of packed documents, built once per forward for every layer."""
+        if padding is not None:
+            padding = padding.to(document_ids.device)
+        dropout = self.training and self.config.dropout > 0  # FlexAttention has no attention dropout
+        return masks.build_document_mask(document_ids, padding, causal=self.causal,
+                                         sliding_window=self.config.sliding_window,
+                                         backend=self.document_mask_backend, dropout=dropout,
+                                         head_dim=self.config.head_dim)
 
     # ------------------------------------------------------------------------ what a training engine reads
     def fsdp_units(self) -> list[nn.Module]:

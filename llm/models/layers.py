@@ -44,9 +44,10 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding tables (HF Llama "rotate half" convention).
 
-    ``forward(positions)`` returns ``(cos, sin)`` of shape ``(T, head_dim)`` in fp32. They are computed on the fly
-    from ``inv_freq`` (a few thousand multiplies per forward, shared by all layers), which needs no host sync
-    and works for positions beyond ``max_seq_len`` (kept as the model's nominal context length).
+    ``forward(positions)`` returns ``(cos, sin)`` of shape ``(T, head_dim)`` in fp32 for positions (T,), or
+    ``(B, T, head_dim)`` for per-row positions (B, T) (packed documents, :mod:`llm.models.masks`). They are computed
+    on the fly from ``inv_freq`` (a few thousand multiplies per forward, shared by all layers), which needs no host
+    sync and works for positions beyond ``max_seq_len`` (kept as the model's nominal context length).
     """
 
     inv_freq: Tensor
@@ -74,8 +75,8 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        freqs = positions.float()[..., None] * self.inv_freq  # (T, head_dim / 2) or (B, T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim) or (B, T, head_dim)
         return emb.cos(), emb.sin()
 
 
@@ -109,7 +110,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (B, n_heads, T, head_dim) by the angles in ``cos``/``sin`` (T, head_dim)."""
+    """Rotate ``x`` (B, n_heads, T, head_dim) by the angles in ``cos``/``sin``: (T, head_dim) shared by the rows, or
+    (B, 1, T, head_dim) per row (broadcast over the heads)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
@@ -172,7 +174,9 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None = None,
         cache: LayerKVCache | None = None,
     ) -> Tensor:
-        """``attn_mask``: bool, True = attend, broadcastable to (B, n_heads, T, S); it replaces the causal rule."""
+        """``attn_mask``: bool, True = attend, broadcastable to (B, n_heads, T, S); it replaces the causal rule. Or a
+        document mask that runs its own kernel (an object with ``attend``, see :mod:`llm.models.masks`), which holds
+        the causal rule, the sliding window and the padding already."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
@@ -180,6 +184,9 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, the last axis
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if attn_mask is not None and not isinstance(attn_mask, Tensor):  # a document mask with its own kernel
+            y = attn_mask.attend(q, k, v, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, n_heads, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, hidden)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, n_kv, S, head_dim), S = cached + T
         S = k.shape[2]

@@ -70,6 +70,9 @@ class DataConfig(Freezable):
     num_workers: int = 0  # DataLoader worker processes
     cache_dir: str = ""  # token cache directory (default: ~/.cache/llm)
     sampling: str = "random"  # lm windows: random (shuffled, new cut each epoch) | sequential
+    # Packing and document masks (issue 21; README "Packing and document masks")
+    packing: bool = False  # sft: pack examples into full rows, none attending to another
+    document_mask: bool = False  # lm: attention never crosses a document (EOS) boundary
 
 
 @dataclass

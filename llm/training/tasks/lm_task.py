@@ -4,7 +4,9 @@ Batches are `(input_ids, targets)` from `TextDataModule`. The loss is mean cross
 add bits per byte (`bpb`: loss / ln 2 * tokens per byte of the split, so tokenizers compare fairly; the
 byte tokenizer's ratio is 1) and validation perplexity, both derived from the reduced mean loss
 (`reduce_metrics`): every window has `seq_len` tokens, so the engine's sample-weighted mean is the token-weighted
-mean, and perplexity is exp of it. The MoE auxiliary loss is added by the engine, not here.
+mean, and perplexity is exp of it. The MoE auxiliary loss is added by the engine, not here. With
+`data.document_mask` the model gets each window's document ids (`window_document_ids`: a separator ends its
+document), so no token attends across a document boundary while windows still cross them.
 
 `model.vocab_size` follows the tokenizer unless the user set it: a value other than the dataclass default (or,
 with `model.preset`, the preset's vocabulary, which the preset's own tokenizer reproduces) must be at least the
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from llm.data.shards import is_prepared
-from llm.data.text import SAMPLING_MODES, TextDataModule, bits_per_byte
+from llm.data.text import SAMPLING_MODES, TextDataModule, bits_per_byte, window_document_ids
 from llm.data.tokenizers import TOKENIZER_FILE, resolve_vocab_size
 from llm.errors import ConfigError, invalid
 from llm.models.decoder import DecoderModel
@@ -90,6 +92,8 @@ class LMTask(TrainingTask):
     # Fields derived from others unless the user set them (YAML or flag); the train CLI applies them.
     derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {"model.max_seq_len": cover_seq_len}
     data_module_class = TextDataModule
+    #: Whether `data.packing` means something to this task (sft packs its examples; lm windows are full rows).
+    packs_examples: ClassVar[bool] = False
 
     @classmethod
     def resolved_values(cls, config: Any) -> dict[str, Any]:
@@ -119,6 +123,9 @@ class LMTask(TrainingTask):
             raise invalid("data.sampling", d.sampling, "random or sequential", SAMPLING_MODES)
         if d.seq_len > m.max_seq_len:
             raise invalid("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+        if d.packing and not cls.packs_examples:
+            raise invalid("data.packing", True, f"the {config.task} task's data is not packed (lm windows are full "
+                          "rows already; --data-document-mask keeps them from attending across documents)")
 
     def build_data_module(self) -> Any:
         self.data_module = super().build_data_module()
@@ -139,7 +146,11 @@ class LMTask(TrainingTask):
 
     def _loss(self, batch: Any, model: nn.Module, criterion: nn.Module) -> torch.Tensor:
         input_ids, targets = batch
-        logits = model(input_ids)  # (B, T, V)
+        separator = getattr(getattr(self, "data_module", None), "document_separator", None)
+        if separator is None:
+            logits = model(input_ids)  # (B, T, V)
+        else:  # data.document_mask: attention stays inside each document of the window
+            logits = model(input_ids, document_ids=window_document_ids(input_ids, separator))  # (B, T, V)
         # fp32 logits for the softmax: under bf16 autocast a 4k-way log-softmax loses precision.
         return criterion(logits.flatten(0, 1).float(), targets.flatten())
 

@@ -4,11 +4,15 @@ Data, template and labels are `llm.data.sft`'s (`SFTDataModule`): batches are `(
 labels `IGNORE_INDEX` everywhere but the assistant answers and their end-of-sequence token. Without `data.path` the
 task trains on the generated demo set, so `python -m llm.training.train --task sft` runs out of the box.
 
-The training loss is the mean cross-entropy over a micro-batch's answer tokens. Validation reports, over all
-answer tokens of the split (token-weighted, exact across batches and ranks): `val/loss`, `val/accuracy` (the
-share of answer tokens that greedy next-token prediction gets right) and `val/ppl`. A batch's sums reach
-`reduce_metrics` as per-sample means (the engine weights validation batches by their size), and the ratio of two
-such means is the ratio of the sums.
+With `data.packing` batches are `(input_ids, labels, document_ids)`: several examples per row, each attending only
+to itself (`DecoderModel(..., document_ids=...)`); the loss is computed exactly as unpacked.
+
+The training loss is the mean cross-entropy over a micro-batch's answer tokens (packed or not: every answer token
+of the micro-batch weighs the same; the engine averages micro-batches and ranks as for any task).
+Validation reports, over all answer tokens of the split (token-weighted, exact across batches and ranks):
+`val/loss`, `val/accuracy` (the share of answer tokens that greedy next-token prediction gets right) and `val/ppl`.
+A batch's sums reach `reduce_metrics` as per-sample (per-row) means (the engine weights validation batches by their
+size), and the ratio of two such means is the ratio of the sums, so packed and unpacked validation agree.
 
 Everything else is the `lm` task's: the model follows the tokenizer's vocabulary, `model.max_seq_len` covers
 `data.seq_len`, and `--training-lora-rank R` fine-tunes LoRA adapters instead of every weight (`adapt_model` of
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.data.sft import IGNORE_INDEX, SFTDataModule
-from llm.errors import ConfigError
+from llm.errors import ConfigError, invalid
 from llm.registry import register_task
 from llm.training.tasks.lm_task import LMTask
 
@@ -55,15 +59,21 @@ class SFTTask(LMTask):
     def validate_config(cls, config: Any) -> None:
         if config.data.tokenizer == "bpe":
             raise ConfigError("data.tokenizer: sft does not train a BPE tokenizer; use 'byte' or a tokenizer.json")
+        if config.data.document_mask:
+            raise invalid("data.document_mask", True, "it applies to the lm task's windows; sft examples are masked "
+                          "from each other with --data-packing")
         super().validate_config(config)
 
     def build_criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
+    packs_examples: ClassVar[bool] = True  # `data.packing` is this task's (see LMTask.validate_config)
+
     def _logits(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, labels = batch
-        # fp32 logits for the softmax, as in the lm task
-        return model(input_ids).flatten(0, 1).float(), labels.flatten()  # (B*T, V), (B*T,)
+        input_ids, labels = batch[0], batch[1]
+        # packed rows carry their examples' document ids; fp32 logits for the softmax, as in the lm task
+        logits = model(input_ids) if len(batch) == 2 else model(input_ids, document_ids=batch[2])  # (B, T, V)
+        return logits.flatten(0, 1).float(), labels.flatten()  # (B*T, V), (B*T,)
 
     def _loss(self, batch: Any, model: nn.Module, criterion: nn.Module) -> torch.Tensor:
         logits, labels = self._logits(batch, model)
