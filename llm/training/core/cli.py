@@ -174,8 +174,8 @@ def build_parser(task_names: list[str] | None = None, defaults: Config | None = 
             else:
                 group.add_argument(*names, type=_scalar_type(base, optional), metavar=base.__name__.upper(), **kwargs)
     if hidden:
-        parser.epilog = "Flags read only by other tasks are not listed here: " + ", ".join(
-            f"{n} of task {task} (--task {task} --help)" for task, n in sorted(hidden.items())) + "."
+        counts = ", ".join(f"{task} {n}" for task, n in sorted(hidden.items()))
+        parser.epilog = f"Other tasks' own flags ({counts}) are listed by --task NAME --help."
     return parser
 
 

@@ -71,8 +71,8 @@ class DataConfig(Freezable):
     cache_dir: str = ""  # token cache directory (default: ~/.cache/llm)
     sampling: str = "random"  # lm windows: random (shuffled, new cut each epoch) | sequential
     # Packing and document masks (issue 21; README "Packing and document masks")
-    packing: bool = False  # sft: pack examples into full rows, none attending to another
-    document_mask: bool = False  # lm: attention never crosses a document (EOS) boundary
+    packing: bool = field(default=False, metadata=for_tasks("sft"))  # pack examples into full rows, none seeing another
+    document_mask: bool = field(default=False, metadata=for_tasks("lm"))  # attention never crosses an EOS boundary
 
 
 @dataclass
