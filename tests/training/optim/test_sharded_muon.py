@@ -8,7 +8,9 @@ One 2-process gloo launch checks several things (each rank writes what it saw; t
 - a sharded checkpoint (DCP, `save_sharded`) written after step 3 and loaded into a fresh FSDP model continues
   steps 4-5 to bitwise the same weights and momentum as the uninterrupted run;
 - the same checkpoint loads in one process into a plain model and a plain `torch.optim.Muon` (the layout-independent
-  form: sharded momentum becomes whole momentum), equal to the full state the FSDP run gathered.
+  form: sharded momentum becomes whole momentum), equal to the full state the FSDP run gathered;
+- matrices sharded by rows (FSDP), by columns (a row-parallel tensor-parallel linear) or replicated, uneven shards
+  included, step exactly as torch's Muon on the whole matrices.
 A fast in-process test checks that the refusal of FSDP + Muon is gone at config time.
 """
 
@@ -67,6 +69,32 @@ def _full_state(model, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+def _placements_match_plain_muon() -> bool:
+    """ShardedMuon over matrices split by rows (FSDP), by columns (a row-parallel TP linear) and replicated equals
+    torch's Muon over the whole matrices, bit for bit, over two steps (uneven shards included: 5 rows, 7 columns)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from llm.training.optim.sharded_muon import ShardedMuon
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    gen = torch.Generator().manual_seed(7)
+    shapes_placements = [((5, 12), Shard(0)), ((8, 7), Shard(1)), ((6, 4), Replicate()), ((12, 5), Shard(0))]
+    full = [torch.randn(shape, generator=gen) for shape, _ in shapes_placements]
+    grads = [[torch.randn(shape, generator=gen) for shape, _ in shapes_placements] for _ in range(2)]
+    plain = [torch.nn.Parameter(t.clone()) for t in full]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl]))
+               for t, (_, pl) in zip(full, shapes_placements)]
+    options = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ref, opt = torch.optim.Muon(plain, **options), ShardedMuon(sharded, **options)
+    for step in grads:
+        for p, q, g, (_, pl) in zip(plain, sharded, step, shapes_placements):
+            p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), mesh, [pl])
+        ref.step()
+        opt.step()
+    return all(torch.equal(p.detach(), q.detach().full_tensor()) for p, q in zip(plain, sharded))
+
+
 def _job(rank: int, world: int, port: int, out: str) -> None:
     from llm.training.optim import sharded_muon
     from llm.training.parallel.fsdp import load_sharded, save_sharded
@@ -85,6 +113,8 @@ def _job(rank: int, world: int, port: int, out: str) -> None:
     sharded_muon._zeropower_via_newtonschulz = counted
     cpu, result = torch.device("cpu"), {}
     try:
+        result["placements"] = _placements_match_plain_muon()
+        calls[0] = 0
         ddp = parallelize(_model(), "ddp", world, cpu, "fp32")
         ddp_opt = build_optimizer(ddp.module, CFG)
         _train(ddp, ddp_opt, range(STEPS), rank)
@@ -132,6 +162,7 @@ def test_fsdp_muon_follows_ddp_muon_and_resumes_bitwise(tmp_path):
     for r in results:
         assert r["kinds"] == ["AdamW", "ShardedMuon"] and r["described"] == "muon"  # logged as DDP's muon
         assert r["fsdp_vs_ddp"] <= BOUND, r
+        assert r["placements"], r
         assert r["resume_keys"] and r["resume_bitwise"], r
     # Owner scheme: each rank orthogonalised its half of the matrices per step, not all of them.
     matrices = results[0]["muon_matrices"]
