@@ -9,7 +9,6 @@ import shlex
 import pytest
 from helpers import REPO
 
-from llm.errors import ConfigError
 from llm.training.train import parse_config
 
 DOC = REPO / "docs" / "scale-out.md"
@@ -58,12 +57,3 @@ def test_doc_command_parses(command, tmp_path, monkeypatch):
     config, _, _ = parse_config(argv)
     assert config.task == argv[argv.index("--task") + 1]
     assert not any(tmp_path.iterdir())  # parsing writes nothing
-
-
-def test_fsdp_with_muon_is_one_line_naming_the_fix(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError) as err:
-        parse_config(["--task", "lm", "--distributed-strategy", "fsdp", "--training-precision", "bf16"])
-    message = str(err.value)
-    assert "\n" not in message and "--training-optimizer adamw" in message and message.startswith("training.optimizer")
-    assert not any(tmp_path.iterdir())

@@ -139,11 +139,16 @@ def _step_unless(opt: Optimizer, found_inf: torch.Tensor) -> None:
     opt.step()
     refused = found_inf > 0
     for p, old in zip(params, before):
-        p.copy_(torch.where(refused, old, p))
+        _local(p).copy_(torch.where(refused, _local(old), _local(p)))  # DTensors (ShardedMuon): each rank its shard
         saved = state_before.get(id(p), {})
         for key, value in opt.state[p].items():
             if torch.is_tensor(value):
                 # State the step created starts at zero (Muon's momentum, Adam's moments and step count): a refused
                 # first step leaves it as freshly made.
                 old_value = saved.get(key, torch.zeros_like(value))
-                value.copy_(torch.where(refused, old_value, value))
+                _local(value).copy_(torch.where(refused, _local(old_value), _local(value)))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view under no_grad), else the tensor: `found_inf` is a plain tensor."""
+    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor

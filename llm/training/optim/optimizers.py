@@ -18,6 +18,9 @@ is scaled to AdamW's, 0.2 * sqrt(max(fan_in, fan_out)) * lr), so both follow one
 match alone (scale 1) trained the default lm far worse than AdamW; scales 2/4/8/16 measured 400-step val bpb
 2.07 (4), 1.99 (8), 1.97 (16) against AdamW's 2.46, hence the default 8 (Keller Jordan's lr 0.02 at hidden 128 is
 about 9). Weight decay is `training.weight_decay` on both (decoupled, lr * wd, as in AdamW).
+
+Under FSDP or tensor parallelism (DTensor parameters) the Muon child is `ShardedMuon` (sharded_muon.py): each matrix
+is still orthogonalised whole, so the algorithm does not change with the layout.
 """
 
 from __future__ import annotations
@@ -31,21 +34,15 @@ from llm.errors import ConfigError
 from llm.models.hooks import router_parameters
 from llm.registry import OPTIMIZERS, register_optimizer
 from llm.training.optim.composite import CompositeOptimizer
+from llm.training.optim.sharded_muon import whole_matrix_muon
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "describe_optimizer", "group_lrs", "param_groups",
            "split_muon_params"]
 
-# One line that names the fix: FSDP shards every matrix, and Muon orthogonalises whole ones. The lm task defaults to
-# muon, so a newcomer who only adds --distributed-strategy fsdp meets this first.
-MUON_FSDP = ("training.optimizer: 'muon' (the lm task's default) needs whole matrices and distributed.strategy=fsdp "
-             "shards them; add --training-optimizer adamw (or keep muon with --distributed-strategy ddp)")
-
-
 def check_strategy(optimizer: str, strategy: str) -> None:
     """Refuse an optimizer the parallel strategy would silently change (run by config validation, before any
-    process starts or anything is written)."""
-    if optimizer == "muon" and strategy == "fsdp":
-        raise ConfigError(MUON_FSDP)
+    process starts or anything is written). Every strategy keeps every registered optimizer's algorithm today:
+    Muon on sharded matrices orthogonalises them whole (sharded_muon.py)."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -109,9 +106,6 @@ def split_muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 @register_optimizer("muon")
 def _muon(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     muon_params, rest = split_muon_params(model)
-    if any(type(p).__name__ == "DTensor" for p in muon_params):
-        # Orthogonalising a shard is not orthogonalising the matrix: FSDP would silently change the algorithm.
-        raise ConfigError(MUON_FSDP)
     if not muon_params:
         raise ConfigError(f"training.optimizer: 'muon' found no 2-D hidden-layer matrices in {type(model).__name__}")
     children = [torch.optim.Muon(muon_params, lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
@@ -119,7 +113,8 @@ def _muon(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     # AdamW first: the engine logs param_groups[0]'s lr, which is then training.lr along the schedule.
     if rest:
         children.insert(0, _adamw(_grouped(model, rest, cfg.weight_decay), cfg))
-    return CompositeOptimizer(children)
+    # Orthogonalising a shard is not orthogonalising the matrix: over DTensor shards (FSDP, TP) Muon gathers them.
+    return CompositeOptimizer([whole_matrix_muon(child) for child in children])
 
 
 _muon.takes_model = True  # type: ignore[attr-defined]  # it splits the model's parameters itself
@@ -162,6 +157,8 @@ def _parts(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str:
+    if isinstance(optimizer, torch.optim.Muon):
+        return "muon"  # ShardedMuon (FSDP/TP) is Muon: the same names in the logs on every layout
     return type(optimizer).__name__.lower()  # adamw, muon, sgd, ... (a user's class: its own name)
 
 
