@@ -55,11 +55,6 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
             "are replicated across a tensor-parallel group); use --distributed-expert-parallel 1 or "
             "--distributed-tensor-parallel 1"
         )
-    if training.optimizer == "muon":
-        raise ConfigError(
-            f"training.optimizer: 'muon' (the lm task's default) needs whole matrices and {flag} splits them; add "
-            "--training-optimizer adamw"
-        )
     if training.lora_rank:
         raise ConfigError(f"training.lora_rank: {training.lora_rank} (LoRA) is not supported with {flag}; use "
                           "--training-lora-rank 0 or --distributed-tensor-parallel 1")
