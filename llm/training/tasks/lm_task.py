@@ -67,6 +67,30 @@ def resolve_model_vocab(requested: int, tokenizer_vocab: int, follow: int = _DEF
     return requested
 
 
+# Sequence-length warmup (`training.seq_len_warmup`, issue 24): at most this many halvings of the window.
+MAX_HALVINGS = 3
+
+
+def rows_per_window(step: int, warmup: int, seq_len: int) -> int:
+    """Into how many rows each training window of ``seq_len`` tokens is cut at optimizer step ``step`` (0-based):
+    the warmup's first third of steps 8 (T/8 tokens a row), then 4, then 2, then 1 from step ``warmup`` on (fewer
+    halvings where ``seq_len`` has fewer factors of 2). A pure function of the step: the same rows on resume and on
+    every rank, and every token of the batch is still scored (only the context before it is shorter)."""
+    if step >= warmup:
+        return 1
+    halvings = 0
+    while halvings < MAX_HALVINGS and seq_len % (2 ** (halvings + 1)) == 0:
+        halvings += 1
+    return 2 ** (halvings - step * halvings // warmup)
+
+
+def split_rows(batch: tuple[torch.Tensor, torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) windows and targets as (B * rows, T / rows): each window's tokens in ``rows`` consecutive rows."""
+    input_ids, targets = batch
+    b, t = input_ids.shape
+    return input_ids.reshape(b * rows, t // rows), targets.reshape(b * rows, t // rows)
+
+
 @register_task("lm")
 class LMTask(TrainingTask):
     """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
@@ -90,6 +114,7 @@ class LMTask(TrainingTask):
     # Fields derived from others unless the user set them (YAML or flag); the train CLI applies them.
     derived_defaults: ClassVar[dict[str, Callable[[Any], Any]]] = {"model.max_seq_len": cover_seq_len}
     data_module_class = TextDataModule
+    splits_windows: ClassVar[bool] = True  # its train step honours training.seq_len_warmup (validate_config)
 
     @classmethod
     def resolved_values(cls, config: Any) -> dict[str, Any]:
@@ -119,6 +144,13 @@ class LMTask(TrainingTask):
             raise invalid("data.sampling", d.sampling, "random or sequential", SAMPLING_MODES)
         if d.seq_len > m.max_seq_len:
             raise invalid("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+        if config.training.seq_len_warmup:
+            if cls.train_step is not LMTask.train_step:  # e.g. sft: rows of a chat, with their own masks
+                raise invalid("training.seq_len_warmup", config.training.seq_len_warmup,
+                              f"0: the task {config.task!r} has its own train step, which does not split windows")
+            if d.seq_len % 2:
+                raise invalid("training.seq_len_warmup", config.training.seq_len_warmup,
+                              f"0: data.seq_len={d.seq_len} is odd and cannot be halved")
 
     def build_data_module(self) -> Any:
         self.data_module = super().build_data_module()
@@ -144,6 +176,9 @@ class LMTask(TrainingTask):
         return criterion(logits.flatten(0, 1).float(), targets.flatten())
 
     def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+        warmup = self.config.training.seq_len_warmup
+        if warmup and self.context is not None and self.context.step < warmup:
+            batch = split_rows(batch, rows_per_window(self.context.step, warmup, batch[0].shape[1]))
         return self._loss(batch, model, criterion), {}
 
     def validation_step(
