@@ -11,7 +11,8 @@ embeddings or not. Both sides get:
 - exactly the same training windows in the same order (side B iterates our `TextDataModule`'s train loader, which
   the engine also reads: one seeded permutation per epoch) and the same validation windows (our val loader, capped
   at `training.val_max_batches` like the engine's validation);
-- the same batch, peak lr, warmup and cosine decay to `min_lr_ratio` (HF `cosine_with_min_lr`), weight decay, Adam
+- the same batch, peak lr, warmup and decay to `min_lr_ratio` (cosine: HF `cosine_with_min_lr`; WSD: HF
+  `warmup_stable_decay` with our decay steps and shape), weight decay, Adam
   betas, gradient clipping, bf16 autocast (when our `precision` resolves to bf16), seed and one intra-op thread;
 - validation every `training.val_interval` steps and at the end, scored with our `bits_per_byte` helper.
 Known differences, the peers' own conventions: HF's warmup starts from lr 0 (ours from lr/warmup), HF decays the
@@ -190,8 +191,7 @@ def hf_worker(flags: list[str], muon: bool = False) -> None:
         args = TrainingArguments(
             output_dir=out, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
             per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum_steps,
-            learning_rate=t.lr, warmup_steps=t.warmup, lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio}, weight_decay=t.weight_decay,
+            learning_rate=t.lr, warmup_steps=t.warmup, **_hf_schedule(t), weight_decay=t.weight_decay,
             adam_beta1=t.betas[0], adam_beta2=t.betas[1], max_grad_norm=t.grad_clip or 1e9,
             optim="adamw_torch_fused", bf16=t.precision == "bf16", use_cpu=device.type == "cpu",
             eval_strategy="steps", eval_steps=val_interval, logging_steps=t.log_interval, save_strategy="no",
@@ -205,6 +205,20 @@ def hf_worker(flags: list[str], muon: bool = False) -> None:
         trainer.train()
         if t.max_steps % val_interval:
             trainer.evaluate()
+
+
+def _hf_schedule(t: Any) -> dict[str, Any]:
+    """Our schedule in the Trainer's terms: cosine to `min_lr_ratio` (`cosine_with_min_lr`), or WSD
+    (`warmup_stable_decay`: the same decay steps, shape and floor; ours decays over the last `decay_fraction` of the
+    steps after warmup)."""
+    if t.scheduler_type == "cosine":
+        return {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": t.min_lr_ratio}}
+    if t.scheduler_type == "wsd":
+        decay = max(1, round(max(1, t.max_steps - t.warmup) * t.decay_fraction))
+        return {"lr_scheduler_type": "warmup_stable_decay",
+                "lr_scheduler_kwargs": {"num_decay_steps": decay, "min_lr_ratio": t.min_lr_ratio,
+                                        "decay_type": {"linear": "linear", "sqrt": "1-sqrt"}[t.decay_shape]}}
+    raise SystemExit(f"the HF peer follows training.scheduler_type cosine or wsd, not {t.scheduler_type!r}")
 
 
 def _muon_and_adamw(model: Any, t: Any, trainer_class: Any) -> Any:
