@@ -199,14 +199,17 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """One line for the run's start: `muon (hidden matrices, 1,024 params) + adamw (rest, 96 params)`."""
+    """One line for the run's start: `muon (hidden matrices, 1,024 params) + adamw (rest, 96 params)` (`hidden
+    matrices, embeddings` under `training.muon_embeddings`)."""
     parts = _parts(optimizer)
     # The composite keeps AdamW first (the logged `lr` is its first group's); the line names the split's owner first.
     parts.sort(key=lambda part: _kind(part) not in _ROLES)
     text = []
     for part in parts:
         count = sum(p.numel() for group in part.param_groups for p in group["params"])
-        role = _ROLES.get(_kind(part), "rest") + ", " if len(parts) > 1 else ""
+        role = _ROLES.get(_kind(part), "rest")
+        role += ", embeddings" if _kind(part) == "muon" and len(part.param_groups) > 1 else ""  # _muon_groups
+        role = role + ", " if len(parts) > 1 else ""
         text.append(f"{_kind(part)} ({role}{count:,} params)")
     return " + ".join(text)
 
