@@ -103,7 +103,7 @@ class LMTask(TrainingTask):
     # AdamW in 1500 (1.698), for 8-12% more time per step, so the run is shorter and better (issue 15). The schedule
     # is warmup, stable, then a 1-sqrt decay over the last 20% (WSD): 0.050 bits per byte below warmup + cosine at the
     # 400-step ablation budget, at the same cost per step; the embedding table trains with Muon too (no weight decay),
-    # 0.087 below AdamW for it at that budget (issue 24, "Main-job levers" in benchmarks/RESULTS.md).
+    # a further 0.037 below it on AdamW (with WSD) at that budget (issue 24, "Main-job levers", benchmarks/RESULTS.md).
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_multiple_of": 8,
                   "max_seq_len": 256},
