@@ -279,6 +279,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: torch.dtype | None
     files = RunFiles(run.weights_path, None, run.run_dir, run.checkpoint_dir)
     check_target(out_dir, files, overwrite)
     model = run.model
+    refuse_unexportable(model)
     try:
         with staging(out_dir) as tmp:
             token_ids = write_tokenizer(run.tokenizer, tmp, model.config.max_seq_len)
@@ -302,6 +303,15 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: torch.dtype | None
             raise
         raise ExportError(fs.write_failure(exc, out_dir)) from None
     return Path(out_dir)
+
+
+def refuse_unexportable(model: DecoderModel) -> None:
+    """Refuse a model trained with a lever no stock transformers class represents (`ModelConfig.export_blockers`):
+    the export would load without it and generate other text."""
+    blockers = model.config.export_blockers()
+    if blockers:
+        raise ExportError(f"the model has {', '.join(blockers)}, which no Llama/Qwen/Mistral/Mixtral class of "
+                          "transformers represents; it cannot be exported (train without it to export)")
 
 
 def _parse_size(text: str) -> int:

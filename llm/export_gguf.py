@@ -92,6 +92,9 @@ def _hyperparameters(model: DecoderModel) -> dict[str, Any]:
     """The model's Llama config.json fields; refuses what the ``llama`` GGUF architecture cannot state."""
     if model.config.use_moe:
         raise GGUFExportError("a GGUF export of a Mixture-of-Experts model is not supported; export it with --to hf")
+    if model.config.export_blockers():  # a lever the llama architecture lacks (issue 24: logit soft-capping)
+        raise GGUFExportError(f"the model has {', '.join(model.config.export_blockers())}, which the GGUF llama "
+                              "export cannot state; it cannot be exported")
     try:
         hf = _config_to_hf(model)
     except ValueError as exc:

@@ -79,12 +79,15 @@ class ModelConfig(Freezable):
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept as they are
     rope_original_max_seq_len: int = 8192  # llama3: the context length the unscaled frequencies were trained for
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2/2.5)
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys before the rotary embedding (Qwen3)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys, before rotary (Qwen3)
     head_size: int | None = None  # width of one attention head (default: hidden_size / num_heads; Qwen3 sets it)
     # Mistral and Qwen3-MoE (issue 20): None / the defaults are the plain Llama/Mixtral model, bitwise.
     sliding_window: int | None = None  # attend only the last N positions, its own included (default: all; Mistral)
     moe_norm_topk_prob: bool = True  # renormalise the top-k gates to sum to 1 (Qwen3-MoE's norm_topk_prob)
     moe_dense_layers: List[int] = field(default_factory=list)  # blocks with a dense MLP under use_moe (default: none)
+    # Recipe levers (issue 24); off by default, so older configs build the same model, bitwise.
+    zero_init_output: bool = False  # o_proj/down_proj start at zero (blocks start as the identity)
+    logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the logits (0 = off; not exportable)
 
     @property
     def head_dim(self) -> int:
@@ -107,8 +110,8 @@ class ModelConfig(Freezable):
         return self.use_moe and index not in self.moe_dense_layers
 
     def check_moe(self, section: str = "model") -> None:
-        """Refuse MoE field values the layers cannot take (and a sliding window under 1): a ConfigError naming
-        ``section.field``."""
+        """Refuse MoE field values the layers cannot take (and a sliding window under 1, a negative logit soft cap):
+        a ConfigError naming ``section.field``."""
         for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
             if not getattr(self, name) >= 0:
                 raise invalid(f"{section}.{name}", getattr(self, name), "must be >= 0")
@@ -119,6 +122,13 @@ class ModelConfig(Freezable):
         if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
             raise invalid(f"{section}.moe_dense_layers", self.moe_dense_layers,
                           f"block indices in [0, num_layers={self.num_layers})")
+        if not self.logit_softcap >= 0:  # the recipe levers' one range (issue 24)
+            raise invalid(f"{section}.logit_softcap", self.logit_softcap, "must be >= 0 (0 = off)")
+
+    def export_blockers(self) -> list[str]:
+        """The fields whose values a stock Llama/Qwen/Mistral/Mixtral class of transformers cannot represent (an
+        export would load and run a different model): ``logit_softcap`` (Gemma2 has one, in another architecture)."""
+        return [f"logit_softcap={self.logit_softcap:g}"] if self.logit_softcap else []
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -70,12 +70,14 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.mlp: nn.Module = MoELayer.from_config(c) if c.use_moe else MLP(c.hidden_size, c.intermediate_size)
         self.resid_dropout = nn.Dropout(c.dropout)
-        self.init_weights(c.num_layers)
+        self.init_weights(c.num_layers, zero_output=c.zero_init_output)
 
-    def init_weights(self, num_layers: int = 1, std: float = INIT_STD) -> None:
+    def init_weights(self, num_layers: int = 1, std: float = INIT_STD, zero_output: bool = False) -> None:
         """Normal(0, std) everywhere; projections writing into the residual stream get std/sqrt(2*num_layers)
-        so the residual variance does not grow with depth (GPT-2 / nanoGPT)."""
-        resid_std = std / math.sqrt(2 * num_layers)
+        so the residual variance does not grow with depth (GPT-2 / nanoGPT), or zero with ``zero_output``
+        (``model.zero_init_output``: each block starts as the identity, as in modded-nanogpt; their gradients are
+        not zero, since their inputs are not, so they train from the first step)."""
+        resid_std = 0.0 if zero_output else std / math.sqrt(2 * num_layers)
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight"):
                 nn.init.ones_(p)
@@ -84,7 +86,7 @@ class TransformerBlock(nn.Module):
             elif name.endswith(".bias"):  # Qwen2's q/k/v biases start at zero
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "w_down")):
-                nn.init.normal_(p, std=resid_std)
+                nn.init.normal_(p, std=resid_std) if resid_std else nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
 
@@ -230,7 +232,17 @@ class DecoderModel(GenerationMixin, nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, cache.layers[i] if cache is not None else None)  # (B, T, H)
         x = self.norm(x)  # (B, T, H)
-        return x if return_hidden else self.lm_head(x)  # (B, T, vocab)
+        return x if return_hidden else self.logits(x)  # (B, T, vocab)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The output head on final-norm ``hidden`` states: ``lm_head``, then ``model.logit_softcap``'s
+        ``cap * tanh(logits / cap)`` where set (generation reads these logits too). A loss fused with the head
+        (``return_hidden`` + `llm.models.loss.linear_cross_entropy`) computes plain ``lm_head`` logits: with a cap
+        set, compute the loss on these instead."""
+        logits = self.lm_head(hidden)  # (B, T, vocab)
+        cap = self.config.logit_softcap
+        # In fp32: under bf16 autocast the tanh of large logits would round to a handful of values.
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def _attention_mask(self, padding: Tensor | None, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
         """Combine a (B, S) key-padding mask with the causal rule into a (B, 1, T, S) bool mask (None: no padding,

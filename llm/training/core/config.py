@@ -84,7 +84,7 @@ class TrainingConfig(Freezable):
     )  # peak learning rate
     epochs: int = field(
         default=10, metadata=on_resume("applied", "the schedule's horizon")
-    )  # passes over the training data (max_steps, when set, ends the run earlier)
+    )  # passes over the data (max_steps, when set, ends the run earlier)
     max_steps: int = field(
         default=0, metadata=on_resume("applied", "the schedule's horizon")
     )  # stop after this many optimizer steps (0 = no limit)
@@ -97,7 +97,7 @@ class TrainingConfig(Freezable):
     weight_decay: float = 0.0  # decoupled weight decay (never applied to norms, biases, embeddings)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam betas
     momentum: float = 0.9  # SGD momentum
-    muon_lr_scale: float = 8.0  # muon: hidden matrices' lr / lr (RMS-matched to AdamW; 8 measured best of 1-16)
+    muon_lr_scale: float = 8.0  # muon: hidden matrices' lr / lr (RMS-matched to AdamW)
     scheduler_type: str = field(
         default="cosine", metadata=on_resume("refused", "--training-scheduler-type")
     )  # cosine, step, plateau, exponential, linear, constant, wsd, none
@@ -106,7 +106,7 @@ class TrainingConfig(Freezable):
     )  # step the scheduler per optimizer 'step' or per 'epoch'
     step_size: int = 30  # StepLR period (in scheduler intervals)
     gamma: float = 0.1  # StepLR/ExponentialLR decay factor
-    warmup: int = 0  # linear warmup length in optimizer steps, composed with any scheduler
+    warmup: int = 0  # linear warmup, in optimizer steps, before any scheduler
     min_lr_ratio: float = 0.0  # floor of cosine/linear/wsd decay as a fraction of lr
     decay_fraction: float = 0.2  # wsd: share of the run spent decaying
     plateau_monitor: str = "val/loss"  # plateau: validation metric watched
@@ -163,6 +163,15 @@ class TrainingConfig(Freezable):
     profile_steps: str = field(
         default="", metadata=on_resume("expected")
     )  # A:B: torch.profiler trace of steps A..B in RUN/profile/
+    # Recipe levers (issue 24): off, or torch's Muon defaults, unless set (benchmarks/RESULTS.md ranks them).
+    decay_shape: str = "linear"  # wsd: decay to min_lr_ratio: linear | sqrt (1-sqrt)
+    seq_len_warmup: int = field(default=0, metadata=for_tasks("lm"))  # first N steps: rows of T/8, T/4, T/2 (0 = off)
+    muon_momentum: float = 0.95  # muon: momentum of torch.optim.Muon
+    muon_nesterov: bool = True  # muon: Nesterov momentum
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations
+    muon_ns_coefficients: List[float] = field(default_factory=lambda: [3.4445, -4.775, 2.0315])  # muon: a b c
+    muon_embeddings: bool = False  # muon: embedding tables train with Muon too (else AdamW)
+    adamw_lr_scale: float = 1.0  # muon: the AdamW side's lr / lr
 
 
 @dataclass
@@ -478,6 +487,7 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
            "must be >= 0")
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _check(0 < t.decay_fraction <= 1, "training.decay_fraction", t.decay_fraction, "must be in (0, 1]")
+    _check_levers(t)
     _check(t.precision in PRECISIONS, "training.precision", t.precision, f"one of {', '.join(PRECISIONS)}", PRECISIONS)
     _check_scale_fields(t)
     _check(t.nan_policy in NAN_POLICIES, "training.nan_policy", t.nan_policy, "raise or skip", NAN_POLICIES)
@@ -566,10 +576,26 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
         registry.OPTIMIZERS.get(t.optimizer)
         if check_scheduler and t.scheduler_type != "none":
             registry.SCHEDULERS.get(t.scheduler_type)
+        if t.seq_len_warmup and config.task in registry.TASKS.names():  # the lm task's lever (issue 24)
+            _check(getattr(registry.TASKS.get(config.task), "splits_windows", False), "training.seq_len_warmup",
+                   t.seq_len_warmup, f"0: the task {config.task!r} has no token windows to split")
         if d.module:
             from llm.data import datamodule  # noqa: F401
 
             registry.DATA_MODULES.get(d.module)
+
+
+def _check_levers(t: TrainingConfig) -> None:
+    """The recipe levers' ranges (issue 24)."""
+    from llm.training.optim.schedulers import DECAY_SHAPES
+
+    _check(t.decay_shape in DECAY_SHAPES, "training.decay_shape", t.decay_shape, "linear or sqrt", DECAY_SHAPES)
+    _check(t.seq_len_warmup >= 0, "training.seq_len_warmup", t.seq_len_warmup, "must be >= 0 (0 = off)")
+    _check(0 <= t.muon_momentum < 1, "training.muon_momentum", t.muon_momentum, "must be in [0, 1)")
+    _check(t.muon_ns_steps >= 1, "training.muon_ns_steps", t.muon_ns_steps, "must be >= 1")
+    _check(len(t.muon_ns_coefficients) == 3, "training.muon_ns_coefficients", t.muon_ns_coefficients,
+           "three values a b c (torch's: 3.4445 -4.775 2.0315)")
+    _check(t.adamw_lr_scale > 0, "training.adamw_lr_scale", t.adamw_lr_scale, "must be > 0")
 
 
 def _same_tokenizer(a: str, b: str) -> bool:

@@ -21,6 +21,10 @@ about 9). Weight decay is `training.weight_decay` on both (decoupled, lr * wd, a
 
 Under FSDP or tensor parallelism (DTensor parameters) the Muon child is `ShardedMuon` (sharded_muon.py): each matrix
 is still orthogonalised whole, so the algorithm does not change with the layout.
+
+Issue 24's levers, all off by default: torch's own Muon options (`training.muon_momentum`, `muon_nesterov`,
+`muon_ns_steps`, `muon_ns_coefficients`), Muon on the embedding tables too (`muon_embeddings`, without weight decay)
+and the AdamW side's lr as a multiple of `training.lr` (`adamw_lr_scale`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from llm.registry import OPTIMIZERS, register_optimizer
 from llm.training.optim.composite import CompositeOptimizer
 from llm.training.optim.sharded_muon import whole_matrix_muon
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "describe_optimizer", "group_lrs", "param_groups",
-           "split_muon_params"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "check_strategy", "describe_optimizer", "group_lrs", "muon_options",
+           "param_groups", "split_muon_params"]
 
 def check_strategy(optimizer: str, strategy: str) -> None:
     """Refuse an optimizer the parallel strategy would silently change (run by config validation, before any
@@ -86,13 +90,15 @@ def _hidden_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in between for p in m.parameters(recurse=False)}  # not a container holding the head
 
 
-def split_muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(Muon's parameters, the rest): 2-D trainable matrices of the hidden layers, minus embeddings and MoE routers.
+def split_muon_params(model: nn.Module, embeddings: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's parameters, the rest): 2-D trainable matrices of the hidden layers, minus embeddings and MoE routers;
+    with ``embeddings`` (`training.muon_embeddings`) the input embedding tables too (a tied output head with them).
 
     The rest is returned in `model.parameters()` order; a parameter shared by both (tied weights) counts once."""
-    excluded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    excluded = set() if embeddings else set(embedding_ids)
     excluded |= {id(p) for p in router_parameters(model)}  # logits over choices: like a head, not a hidden map
-    hidden = _hidden_param_ids(model)
+    hidden = _hidden_param_ids(model) | (embedding_ids if embeddings else set())
     muon, rest, seen = [], [], set()
     for param in model.parameters():
         if not param.requires_grad or id(param) in seen:
@@ -103,16 +109,44 @@ def split_muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return muon, rest
 
 
+# torch.optim.Muon's own defaults, the `training.muon_*` fields' too: a config object without them (a hand-made
+# namespace) gets torch's behaviour.
+MUON_DEFAULTS: dict[str, Any] = {"muon_momentum": 0.95, "muon_nesterov": True, "muon_ns_steps": 5,
+                                 "muon_ns_coefficients": [3.4445, -4.775, 2.0315], "muon_embeddings": False,
+                                 "adamw_lr_scale": 1.0}
+
+
+def _opt(cfg: Any, name: str) -> Any:
+    return getattr(cfg, name, MUON_DEFAULTS[name])
+
+
+def muon_options(cfg: Any) -> dict[str, Any]:
+    """`torch.optim.Muon`'s keyword arguments from the run's `training` section: lr (`lr * muon_lr_scale`), weight
+    decay, and its own options (`muon_momentum`, `muon_nesterov`, `muon_ns_steps`, `muon_ns_coefficients`)."""
+    return {"lr": cfg.lr * cfg.muon_lr_scale, "weight_decay": cfg.weight_decay,
+            "momentum": _opt(cfg, "muon_momentum"), "nesterov": _opt(cfg, "muon_nesterov"),
+            "ns_steps": _opt(cfg, "muon_ns_steps"), "ns_coefficients": tuple(_opt(cfg, "muon_ns_coefficients")),
+            "adjust_lr_fn": "match_rms_adamw"}
+
+
+def _muon_groups(model: nn.Module, params: list[nn.Parameter]) -> list[dict[str, Any]]:
+    """Muon's parameter groups: the hidden matrices, then embedding tables (no weight decay, as under AdamW)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    hidden = [p for p in params if id(p) not in embedding_ids]
+    tables = [p for p in params if id(p) in embedding_ids]
+    return [g for g in ({"params": hidden}, {"params": tables, "weight_decay": 0.0}) if g["params"]]
+
+
 @register_optimizer("muon")
 def _muon(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    muon_params, rest = split_muon_params(model)
+    muon_params, rest = split_muon_params(model, embeddings=_opt(cfg, "muon_embeddings"))
     if not muon_params:
         raise ConfigError(f"training.optimizer: 'muon' found no 2-D hidden-layer matrices in {type(model).__name__}")
-    children = [torch.optim.Muon(muon_params, lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay,
-                                 adjust_lr_fn="match_rms_adamw")]
-    # AdamW first: the engine logs param_groups[0]'s lr, which is then training.lr along the schedule.
+    children = [torch.optim.Muon(_muon_groups(model, muon_params), **muon_options(cfg))]
+    # AdamW first: the engine logs param_groups[0]'s lr, which is then training.lr (times adamw_lr_scale).
     if rest:
-        children.insert(0, _adamw(_grouped(model, rest, cfg.weight_decay), cfg))
+        groups = _grouped(model, rest, cfg.weight_decay)
+        children.insert(0, _adamw([{**g, "lr": cfg.lr * _opt(cfg, "adamw_lr_scale")} for g in groups], cfg))
     # Orthogonalising a shard is not orthogonalising the matrix: over DTensor shards (FSDP, TP) Muon gathers them.
     return CompositeOptimizer([whole_matrix_muon(child) for child in children])
 
@@ -163,14 +197,17 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
-    """One line for the run's start: `muon (hidden matrices, 1,024 params) + adamw (rest, 96 params)`."""
+    """One line for the run's start: `muon (hidden matrices, 1,024 params) + adamw (rest, 96 params)` (`hidden
+    matrices, embeddings` under `training.muon_embeddings`)."""
     parts = _parts(optimizer)
     # The composite keeps AdamW first (the logged `lr` is its first group's); the line names the split's owner first.
     parts.sort(key=lambda part: _kind(part) not in _ROLES)
     text = []
     for part in parts:
         count = sum(p.numel() for group in part.param_groups for p in group["params"])
-        role = _ROLES.get(_kind(part), "rest") + ", " if len(parts) > 1 else ""
+        role = _ROLES.get(_kind(part), "rest")
+        role += ", embeddings" if _kind(part) == "muon" and len(part.param_groups) > 1 else ""  # _muon_groups
+        role = role + ", " if len(parts) > 1 else ""
         text.append(f"{_kind(part)} ({role}{count:,} params)")
     return " + ".join(text)
 

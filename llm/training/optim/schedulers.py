@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, LRScheduler, Reduc
 from llm.errors import ConfigError, did_you_mean
 from llm.registry import SCHEDULERS, register_scheduler
 
-__all__ = ["SCHEDULERS", "LRSchedule", "build_scheduler"]
+__all__ = ["DECAY_SHAPES", "SCHEDULERS", "LRSchedule", "build_scheduler"]
 
 
 class _Horizon:
@@ -51,18 +51,31 @@ class _Linear(_Horizon):
         return self.floor + (1 - self.floor) * max(0.0, 1 - step / self.total)
 
 
-class _WarmupStableDecay(_Horizon):
-    """Hold the peak, then decay linearly to `floor` over the last `fraction` of the run."""
+# How a WSD schedule's decay falls from the peak to its floor: progress p in [0, 1] -> the share of (peak - floor)
+# left. 1-sqrt falls faster at first and spends longer near the floor (Hägele et al., 2024, "Scaling Laws and
+# Compute-Optimal Training Beyond Fixed Training Durations").
+DECAY_SHAPES: dict[str, Any] = {
+    "linear": lambda p: 1 - p,
+    "sqrt": lambda p: 1 - math.sqrt(p),
+}
 
-    def __init__(self, total: int, floor: float, fraction: float) -> None:
+
+class _WarmupStableDecay(_Horizon):
+    """Hold the peak, then decay to `floor` over the last `fraction` of the run, in `shape` (`DECAY_SHAPES`).
+    With `training.warmup` before it this is the trapezoid: warmup, stable, decay."""
+
+    def __init__(self, total: int, floor: float, fraction: float, shape: str = "linear") -> None:
         self.total, self.floor = max(1, total), floor
         self.decay = max(1, round(self.total * fraction))
+        if shape != "linear":  # recorded only when set, so a linear schedule's saved state is what it always was
+            self.shape = shape
 
     def __call__(self, step: int) -> float:
         into_decay = step - (self.total - self.decay)
         if into_decay <= 0:
             return 1.0
-        return self.floor + (1 - self.floor) * max(0.0, 1 - into_decay / self.decay)
+        progress = min(1.0, into_decay / self.decay)
+        return self.floor + (1 - self.floor) * DECAY_SHAPES[getattr(self, "shape", "linear")](progress)
 
 
 @register_scheduler("cosine")
@@ -77,7 +90,8 @@ def _linear(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
 
 @register_scheduler("wsd")
 def _wsd(opt: Optimizer, cfg: Any, total: int) -> LRScheduler:
-    return LambdaLR(opt, _WarmupStableDecay(total, cfg.min_lr_ratio, cfg.decay_fraction))
+    return LambdaLR(opt, _WarmupStableDecay(total, cfg.min_lr_ratio, cfg.decay_fraction,
+                                            getattr(cfg, "decay_shape", "linear")))
 
 
 @register_scheduler("constant")

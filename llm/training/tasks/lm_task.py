@@ -69,6 +69,30 @@ def resolve_model_vocab(requested: int, tokenizer_vocab: int, follow: int = _DEF
     return requested
 
 
+# Sequence-length warmup (`training.seq_len_warmup`, issue 24): at most this many halvings of the window.
+MAX_HALVINGS = 3
+
+
+def rows_per_window(step: int, warmup: int, seq_len: int) -> int:
+    """Into how many rows each training window of ``seq_len`` tokens is cut at optimizer step ``step`` (0-based):
+    the warmup's first third of steps 8 (T/8 tokens a row), then 4, then 2, then 1 from step ``warmup`` on (fewer
+    halvings where ``seq_len`` has fewer factors of 2). A pure function of the step: the same rows on resume and on
+    every rank, and every token of the batch is still scored (only the context before it is shorter)."""
+    if step >= warmup:
+        return 1
+    halvings = 0
+    while halvings < MAX_HALVINGS and seq_len % (2 ** (halvings + 1)) == 0:
+        halvings += 1
+    return 2 ** (halvings - step * halvings // warmup)
+
+
+def split_rows(batch: tuple[torch.Tensor, torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) windows and targets as (B * rows, T / rows): each window's tokens in ``rows`` consecutive rows."""
+    input_ids, targets = batch
+    b, t = input_ids.shape
+    return input_ids.reshape(b * rows, t // rows), targets.reshape(b * rows, t // rows)
+
+
 @register_task("lm")
 class LMTask(TrainingTask):
     """Causal language modelling; `make train` runs it with these defaults on the embedded corpus."""
@@ -78,13 +102,17 @@ class LMTask(TrainingTask):
     # not Llama's 256, so a wider model keeps the rule, not the number) and a step count that leaves room for the
     # two full validations (half-way and final), sampling and start-up within the 8-minute budget. Muon (hidden
     # matrices; AdamW for the rest, training.muon_lr_scale 8) reaches a lower val bpb in 1000 steps (1.564) than
-    # AdamW in 1500 (1.698), for 8-12% more time per step, so the run is shorter and better (issue 15).
+    # AdamW in 1500 (1.698), for 8-12% more time per step, so the run is shorter and better (issue 15). The schedule
+    # is warmup, stable, then a 1-sqrt decay over the last 20% (WSD): 0.050 bits per byte below warmup + cosine at the
+    # 400-step ablation budget, at the same cost per step; the embedding table trains with Muon too (no weight decay),
+    # a further 0.037 below it on AdamW (with WSD) at that budget (issue 24, "Main-job levers", benchmarks/RESULTS.md).
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_multiple_of": 8,
                   "max_seq_len": 256},
         "data": {"seq_len": 256},
         "training": {
             "optimizer": "muon", "lr": 1e-3, "batch_size": 16, "max_steps": 1000, "warmup": 100, "min_lr_ratio": 0.1,
+            "scheduler_type": "wsd", "decay_fraction": 0.2, "decay_shape": "sqrt", "muon_embeddings": True,
             "weight_decay": 0.1, "val_interval": 500, "val_max_batches": 0, "log_interval": 20,
             "callbacks": ["+TextSampler"],  # appended to the framework's default callbacks
         },
@@ -94,6 +122,7 @@ class LMTask(TrainingTask):
     data_module_class = TextDataModule
     #: Whether `data.packing` means something to this task (sft packs its examples; lm windows are full rows).
     packs_examples: ClassVar[bool] = False
+    splits_windows: ClassVar[bool] = True  # its train step honours training.seq_len_warmup (validate_config)
 
     @classmethod
     def resolved_values(cls, config: Any) -> dict[str, Any]:
@@ -126,6 +155,13 @@ class LMTask(TrainingTask):
         if d.packing and not cls.packs_examples:
             raise invalid("data.packing", True, f"the {config.task} task's data is not packed (lm windows are full "
                           "rows already; --data-document-mask keeps them from attending across documents)")
+        if config.training.seq_len_warmup:
+            if cls.train_step is not LMTask.train_step:  # e.g. sft: rows of a chat, with their own masks
+                raise invalid("training.seq_len_warmup", config.training.seq_len_warmup,
+                              f"0: the task {config.task!r} has its own train step, which does not split windows")
+            if d.seq_len % 2:
+                raise invalid("training.seq_len_warmup", config.training.seq_len_warmup,
+                              f"0: data.seq_len={d.seq_len} is odd and cannot be halved")
 
     def build_data_module(self) -> Any:
         self.data_module = super().build_data_module()
@@ -155,6 +191,9 @@ class LMTask(TrainingTask):
         return criterion(logits.flatten(0, 1).float(), targets.flatten())
 
     def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
+        warmup = self.config.training.seq_len_warmup
+        if warmup and self.context is not None and self.context.step < warmup:
+            batch = split_rows(batch, rows_per_window(self.context.step, warmup, batch[0].shape[1]))
         return self._loss(batch, model, criterion), {}
 
     def validation_step(

@@ -103,3 +103,26 @@ def test_a_saved_schedule_refuses_another_scheduler_class():
     same.load_state_dict(saved)  # the same class resumes
     older = {k: v for k, v in saved.items() if k != "scheduler_class"}  # checkpoints written before the record
     schedule(lambda o: ExponentialLR(o, gamma=0.9)).load_state_dict(older)
+
+
+def test_wsd_trapezoid_with_a_1_minus_sqrt_decay_and_its_resume():
+    # warmup 2, stable, then the last 4 of 10 scheduled steps decay to the 0.1 floor along 1 - sqrt(progress)
+    lrs = _lrs("wsd", steps=12, warmup=2, decay_fraction=0.4, min_lr_ratio=0.1, decay_shape="sqrt")
+    assert lrs[:2] == pytest.approx([0.5, 1.0]) and lrs[2:9] == pytest.approx([1.0] * 7)
+    assert lrs[9:] == pytest.approx([0.1 + 0.9 * (1 - math.sqrt(p / 4)) for p in (1, 2, 3)])
+    linear = _lrs("wsd", steps=12, warmup=2, decay_fraction=0.4, min_lr_ratio=0.1)
+    assert linear[9:] == pytest.approx([0.1 + 0.9 * (1 - p / 4) for p in (1, 2, 3)])  # the default is unchanged
+    assert all(s < lin for s, lin in zip(lrs[9:], linear[9:]))
+    # Resumed half-way through the decay, the schedule continues bit for bit.
+    cfg = TrainingConfig(lr=1.0, scheduler_type="wsd", decay_fraction=0.4, decay_shape="sqrt")
+    opts = [optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2)]
+    a, b = (LRSchedule(o, build_scheduler(o, cfg, 10)) for o in opts)
+    for _ in range(7):
+        opts[0].step()
+        a.step_batch()
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        for opt, schedule in zip(opts, (a, b)):
+            opt.step()
+            schedule.step_batch()
+        assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] < 1.0
