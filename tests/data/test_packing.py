@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import call_main, read_metrics
+from helpers import call_main, read_metrics, run_cli
 from safetensors.torch import load_file
 
 from llm.data.packing import PackCollate, PackedExamples, best_fit_decreasing
@@ -124,6 +124,23 @@ def test_ranks_see_the_packed_rows_one_process_sees(tmp_path):
         assert rows == {tuple(r[r != 0].tolist()) for r in one[step][0]}
         assert len(one[step]) == 3 and one[step][2].shape == one[step][0].shape  # (ids, labels, document ids)
         assert one[step][0].shape[1] == 160  # full rows: one shape for every batch
+
+
+@pytest.mark.slow  # two 2-process jobs
+def test_two_processes_train_packed_and_unpacked_sft_as_one(tmp_path):
+    """N processes = 1 process: the ranks hold different numbers of answer tokens, and every token of the global
+    micro-batch still weighs the same (sft_task._loss), packed or not."""
+    for packing in ([], ["--data-packing"]):
+        common = [*SFT, *packing, "--training-max-steps", "4", "--training-log-interval", "1",
+                  "--training-val-max-batches", "2", "--training-optimizer", "adamw"]
+        one, two = tmp_path / f"one{len(packing)}", tmp_path / f"two{len(packing)}"
+        assert train_main([*common, "--training-batch-size", "8", "--logging-log-dir", str(one)]) == 0
+        proc = run_cli([*common, "--distributed-nproc-per-node", "2", "--logging-log-dir", str(two)], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, packing
+        la, lb = ([r["train/loss"] for r in read_metrics(run) if "train/loss" in r] for run in (one, two))
+        assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5), packing
 
 
 # --------------------------------------------------------------------------------------------- runs of sft

@@ -8,7 +8,8 @@ With `data.packing` batches are `(input_ids, labels, document_ids)`: several exa
 to itself (`DecoderModel(..., document_ids=...)`); the loss is computed exactly as unpacked.
 
 The training loss is the mean cross-entropy over a micro-batch's answer tokens (packed or not: every answer token
-of the micro-batch weighs the same; the engine averages micro-batches and ranks as for any task).
+of the micro-batch weighs the same), over all ranks' micro-batches together: N processes train as one process
+with their global batch (the engine averages micro-batches as for any task).
 Validation reports, over all answer tokens of the split (token-weighted, exact across batches and ranks):
 `val/loss`, `val/accuracy` (the share of answer tokens that greedy next-token prediction gets right) and `val/ppl`.
 A batch's sums reach `reduce_metrics` as per-sample (per-row) means (the engine weights validation batches by their
@@ -77,7 +78,18 @@ class SFTTask(LMTask):
 
     def _loss(self, batch: Any, model: nn.Module, criterion: nn.Module) -> torch.Tensor:
         logits, labels = self._logits(batch, model)
-        return criterion(logits, labels)
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return criterion(logits, labels)
+        # Several processes: every answer token of the global micro-batch weighs the same, as in one process. Each
+        # rank's mean would weigh a rank's tokens by 1 / its own count (ranks hold different numbers of answer
+        # tokens, packed or not); instead each rank divides its sum by the global count, times the world size that
+        # the gradient average divides by again. A tensor-parallel group counts its shared batch T times and is T
+        # times in the world size, so the two cancel. One scalar all-reduce per micro-batch, on the device.
+        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (labels != IGNORE_INDEX).sum().to(nll.dtype)
+        dist.all_reduce(count)
+        return nll * dist.get_world_size() / count
 
     def validation_step(
         self, batch: Any, model: nn.Module, criterion: nn.Module
