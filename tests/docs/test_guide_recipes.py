@@ -188,11 +188,11 @@ def test_recipe_3_new_task_trains(workspace):
     assert_learned(workspace[1] / "r3")
 
 
-@pytest.mark.slow  # a whole training run (120 steps) in a real process
+@pytest.mark.slow  # a whole training run (60 steps; the guide's hidden-512 MoE model learns within them)
 @pytest.mark.parametrize("needle", ["--config config.yaml", "--model-use-moe"])
 def test_recipe_4_moe_layers_present(workspace, needle):
     name = "r4" + str(len(needle))
-    proc = run_guide_command(workspace, command(workspace, needle), name, *FAST, "--training-max-steps", "120")
+    proc = run_guide_command(workspace, command(workspace, needle), name, *FAST, "--training-max-steps", "60")
     assert proc.returncode == 0, proc.stderr
     run = workspace[1] / name
     assert_learned(run)
