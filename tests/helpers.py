@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from llm.training.core.callbacks import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny regression run used across the suite: a couple of seconds end to end.
@@ -192,3 +194,28 @@ def disk_filling_open(fails: Callable[[str, str], bool]) -> Callable[..., Any]:
         return HalfWritten(f) if fails(str(path), mode) else f
 
     return half_open
+
+
+class Crash(Callback):
+    """Simulates a crash (an exception) after optimizer step `at_step`."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_batch_end(self, logs=None) -> None:
+        if self.engine.state.step == self.at_step:
+            raise RuntimeError(f"simulated crash at step {self.at_step}")
+
+
+def gpu_lm_args(tmp_path: Path, device: str, *extra: str, hidden: int = 64, batch: int = 8) -> list[str]:
+    """The GPU tier's small lm run (tests/gpu/): a generated code corpus, 2 layers of 4 heads (2 KV heads)."""
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)), "utf-8")
+    return ["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
+            "--data-seq-len", "64", "--model-max-seq-len", "64", "--model-hidden-size", str(hidden),
+            "--model-num-layers", "2", "--model-num-heads", "4", "--model-num-kv-heads", "2", "--training-batch-size",
+            str(batch), "--training-log-interval", "1", "--training-val-max-batches", "2", "--training-device", device,
+            "--training-callbacks", "MetricsLogger", *extra]
+

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llm.data.sft import IGNORE_INDEX, SFTDataModule, SpecialTokens, render, to_example
+from llm.data.sft import IGNORE_INDEX, SFTDataModule, SpecialTokens, kept, render, to_example, val_split
 from llm.data.sft_records import (
     ROLES,
     Message,
@@ -260,17 +260,13 @@ class PreferenceDataModule(SFTDataModule):
     def setup(self, stage: str = "fit") -> None:
         d = self.data
         records = self.records()
-        order = np.random.default_rng(self.seed).permutation(len(records))
-        num_val = max(1, round(len(records) * d.val_fraction))
-        if num_val >= len(records):
-            raise ConfigError(f"data.val_fraction: {len(records)} records leave none for training at {d.val_fraction}")
+        order, num_val = val_split(len(records), self.seed, d.val_fraction)
         pairs, cut, dropped = tokenize_pairs(records, self.tokenizer, d.seq_len)  # file order: first bad one named
         if (cut or dropped) and self.rank == 0:
             log.warning("data: %d of %d preference pairs have a side longer than data.seq_len + 1 = %d tokens and "
                         "were cut; %d of them lost a whole completion and were dropped", cut, len(records),
                         d.seq_len + 1, dropped)
-        val = [pairs[i] for i in order[:num_val] if pairs[i] is not None]
-        train = [pairs[i] for i in order[num_val:] if pairs[i] is not None]
+        val, train = kept(pairs, order[:num_val]), kept(pairs, order[num_val:])
         self.train_set, self.val_set = PreferencePairs(train), PreferencePairs(val)  # type: ignore[assignment]
         global_batch = self.batch_size * self.world_size
         if len(self.train_set) < global_batch:

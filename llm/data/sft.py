@@ -341,6 +341,21 @@ def tokenize_records(
 
 # ------------------------------------------------------------------------------------------------ data module
 @register_data_module("sft")
+def val_split(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, int]:
+    """The seeded order of ``n`` records and how many of its first go to validation (at least one); a fraction that
+    leaves no record for training is refused."""
+    order = np.random.default_rng(seed).permutation(n)
+    num_val = max(1, round(n * val_fraction))
+    if num_val >= n:
+        raise ConfigError(f"data.val_fraction: {n} records leave none for training at {val_fraction}")
+    return order, num_val
+
+
+def kept(items: list[Any], indices: Any) -> list[Any]:
+    """``items`` at ``indices``, leaving out the records tokenization dropped (None)."""
+    return [items[i] for i in indices if items[i] is not None]
+
+
 class SFTDataModule(SectionDataModule):
     """Instruction records -> padded (input_ids, labels) batches, labels `IGNORE_INDEX` outside the answers; with
     `data.packing`, packed (input_ids, labels, document_ids) batches."""
@@ -373,10 +388,7 @@ class SFTDataModule(SectionDataModule):
     def setup(self, stage: str = "fit") -> None:
         d = self.data
         records = self.records()
-        order = np.random.default_rng(self.seed).permutation(len(records))
-        num_val = max(1, round(len(records) * d.val_fraction))
-        if num_val >= len(records):
-            raise ConfigError(f"data.val_fraction: {len(records)} records leave none for training at {d.val_fraction}")
+        order, num_val = val_split(len(records), self.seed, d.val_fraction)
         # Tokenized in file order, so that the first bad record of the file is the one reported.
         examples, cut, dropped = [], 0, 0
         for record in records:
@@ -386,8 +398,7 @@ class SFTDataModule(SectionDataModule):
         if (cut or dropped) and self.rank == 0:
             log.warning("data: %d of %d records are longer than data.seq_len + 1 = %d tokens and were cut; %d of "
                         "them kept no answer token and were dropped", cut, len(records), d.seq_len + 1, dropped)
-        val_examples = [examples[i] for i in order[:num_val] if examples[i] is not None]
-        train_examples = [examples[i] for i in order[num_val:] if examples[i] is not None]
+        val_examples, train_examples = kept(examples, order[:num_val]), kept(examples, order[num_val:])
         if self.packing:  # packed once, before sharding: every rank and world size sees the same rows
             self.train_set = PackedExamples(train_examples, d.seq_len)
             self.val_set = PackedExamples(val_examples, d.seq_len)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import make_config, read_metrics
+from helpers import gpu_lm_args, make_config, read_metrics
 
 from llm.config import replace_values
 from llm.models import DecoderModel
@@ -27,15 +27,7 @@ pytestmark = [
 
 
 def lm_args(tmp_path, *extra: str) -> list[str]:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)), "utf-8")
-    return ["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
-            "--data-seq-len", "64", "--model-max-seq-len", "64", "--model-hidden-size", "64", "--model-num-layers",
-            "2", "--model-num-heads", "4", "--model-num-kv-heads", "2", "--training-batch-size", "8",
-            "--training-log-interval", "1", "--training-val-max-batches", "2", "--training-device", DEVICE,
-            "--training-callbacks", "MetricsLogger", *extra]
+    return gpu_lm_args(tmp_path, DEVICE, *extra)
 
 
 def train(tmp_path, *args: str, name: str = "run") -> list[dict]:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import make_config, read_metrics
+from helpers import gpu_lm_args, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.training.optim.precision import float8_refusal
@@ -24,17 +24,9 @@ pytestmark = [
 
 
 def lm_args(tmp_path, *extra: str) -> list[str]:
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)), "utf-8")
     # Every linear layer's dimensions are multiples of 16 (float8's rule): hidden 128, 4 heads of 32, 2 KV heads.
-    return ["--task", "lm", "--data-path", str(corpus), "--data-cache-dir", str(tmp_path / "cache"),
-            "--data-seq-len", "64", "--model-max-seq-len", "64", "--model-hidden-size", "128", "--model-num-layers",
-            "2", "--model-num-heads", "4", "--model-num-kv-heads", "2", "--training-batch-size", "16",
-            "--training-log-interval", "1", "--training-val-max-batches", "2", "--training-device", DEVICE,
-            "--training-callbacks", "MetricsLogger", "--training-lr", "3e-3", "--training-warmup", "0",
-            "--training-scheduler-type", "constant", *extra]
+    return gpu_lm_args(tmp_path, DEVICE, "--training-lr", "3e-3", "--training-warmup", "0",
+                       "--training-scheduler-type", "constant", *extra, hidden=128, batch=16)
 
 
 def losses(tmp_path, *args: str, name: str) -> list[float]:

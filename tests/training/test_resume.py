@@ -13,23 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CKPT, make_config, read_metrics, tiny_engine
+from helpers import CKPT, Crash, make_config, read_metrics, tiny_engine
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import MANIFEST, CheckpointError, list_checkpoints, verify_checkpoint
 from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
-
-
-class Crash(Callback):
-    """Simulates a crash (an exception) after optimizer step `at_step`."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_batch_end(self, logs=None) -> None:
-        if self.engine.state.step == self.at_step:
-            raise RuntimeError(f"simulated crash at step {self.at_step}")
 
 
 class LogCapture(logging.Handler):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import read_metrics, run_cli, tiny_engine
+from helpers import Crash, read_metrics, run_cli, tiny_engine
 from safetensors.torch import load_file
 
 from llm.errors import ConfigError
-from llm.training.core.callbacks import Callback
 from llm.training.core.config import Config
 from llm.training.tasks.dpo_task import AdaptersOff, DPOTask, FrozenCopy
 from llm.training.train import main as train_main
@@ -142,17 +141,6 @@ def test_a_users_loss_by_module_path(tmp_path, monkeypatch):
     assert train_main([*SMALL, "--training-preference-loss", "my_pref:HALF", "--training-max-steps", "1",
                        "--training-log-interval", "1", "--logging-log-dir", str(run)]) == 0
     assert read_metrics(run)[0]["train/rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
-
-
-class Crash(Callback):
-    """An exception after optimizer step `at_step` (as tests/training/test_resume.py crashes)."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_batch_end(self, logs=None) -> None:
-        if self.engine.state.step == self.at_step:
-            raise RuntimeError(f"simulated crash at step {self.at_step}")
 
 
 @pytest.mark.parametrize("flags", [
