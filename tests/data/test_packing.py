@@ -127,20 +127,25 @@ def test_ranks_see_the_packed_rows_one_process_sees(tmp_path):
 
 
 @pytest.mark.slow  # a 2-process job
-def test_two_processes_train_packed_sft_as_one(tmp_path):
+def test_two_processes_train_packed_lora_sft_as_one(tmp_path):
     """N processes = 1 process: the ranks hold different numbers of answer tokens, and every token of the global
-    micro-batch still weighs the same (sft_task._loss; unpacked batches take the same path)."""
-    for packing in (["--data-packing"],):
-        common = [*SFT, *packing, "--training-max-steps", "4", "--training-log-interval", "1",
-                  "--training-val-max-batches", "2", "--training-optimizer", "adamw"]
-        one, two = tmp_path / f"one{len(packing)}", tmp_path / f"two{len(packing)}"
-        assert train_main([*common, "--training-batch-size", "8", "--logging-log-dir", str(one)]) == 0
-        proc = run_cli([*common, "--distributed-nproc-per-node", "2", "--logging-log-dir", str(two)], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, packing
-        la, lb = ([r["train/loss"] for r in read_metrics(run) if "train/loss" in r] for run in (one, two))
-        assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5), packing
+    micro-batch still weighs the same (sft_task._loss; unpacked batches take the same path). With LoRA adapters:
+    DDP starts every rank from rank 0's weights, so the frozen base stays the single process's bit for bit."""
+    common = [*SFT, "--data-packing", "--training-lora-rank", "4", "--training-max-steps", "4",
+              "--training-log-interval", "1", "--training-val-max-batches", "2", "--training-optimizer", "adamw"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train_main([*common, "--training-batch-size", "8", "--logging-log-dir", str(one)]) == 0
+    proc = run_cli([*common, "--distributed-nproc-per-node", "2", "--logging-log-dir", str(two)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")  # merged weights
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    la, lb = ([r["train/loss"] for r in read_metrics(run) if "train/loss" in r] for run in (one, two))
+    assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5)
+    a, b = (load_file(run / "checkpoints" / "step-00000004" / "model.safetensors") for run in (one, two))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
+    trained = [k for k in b if "lora_B" in k]
+    assert trained and all(b[k].abs().sum() > 0 for k in trained)  # B starts at zero: the adapters trained
 
 
 # --------------------------------------------------------------------------------------------- runs of sft

@@ -157,27 +157,6 @@ def test_resume_none_and_explicit_path(tmp_path):
     assert done.find_callback(StepProbe).first_step is None  # a finished run resumes as finished
 
 
-@pytest.mark.slow
-def test_two_process_gloo_save_and_resume(tmp_path):
-    """Every rank writes its own trainer state; resuming 2 processes matches an uninterrupted 2-process run.
-
-    A constant schedule makes `--training-max-steps 6` then 12 the same trajectory as 12 straight.
-    """
-    from helpers import TINY_REGRESSION, run_cli
-
-    flags = [*TINY_REGRESSION, *CKPT, "--distributed-nproc-per-node", "2", "--scheduler-type", "constant",
-             "--training-batch-size", "8", "--checkpoint-interval", "3"]
-    env = {"OMP_NUM_THREADS": "1"}
-    for run, steps in (("straight", "12"), ("resumed", "6"), ("resumed", "12")):
-        result = run_cli([*flags, "--training-max-steps", steps, "--logging-log-dir", str(tmp_path / run)],
-                         cwd=tmp_path, env=env, timeout=180)
-        assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stderr and "step-00000006" in result.stderr
-    final = tmp_path / "resumed" / "checkpoints" / "step-00000012"
-    assert set(verify_checkpoint(final)["files"]) >= {"trainer_state_rank0.pt", "trainer_state_rank1.pt"}
-    assert_same_run(tmp_path, "straight", "resumed")
-
-
 # -- resume rules (issue 12, item 5) and elastic data positions (item 11) ---------------------------------------
 
 SCHEDULE = ["--scheduler-type", "cosine", "--training-warmup", "2", "--checkpoint-interval", "3"]
