@@ -3,7 +3,7 @@
 One 4-process gloo launch trains, in turn:
 - TP2 x DP2 (DDP), stopped after step 2 with a checkpoint: its steps equal one process's;
 - TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group): 4 steps equal one process's;
-- TP2 x DP2 with Muon: within Muon's bf16 bound of one process;
+- TP2 x DP2 and TP2 x FSDP2 (a 2-D mesh) with Muon: within Muon's bf16 bound of one process;
 then two of its processes form a new 2-process group and resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards
 the tensor-parallel DTensors onto FSDP shards), and this process resumes it alone; both end where one uninterrupted
 process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation
@@ -75,6 +75,8 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         _train(root_path / "tp2-fsdp2-moe", [*COMMON, *MOE, *TP2, "--distributed-strategy", "fsdp",
                                              "--training-batch-size", "8"], rank, 4)
         _train(root_path / "tp2-dp2-muon", [*MUON, *TP2, "--training-batch-size", "8"], rank, 4)
+        _train(root_path / "tp2-fsdp2-muon", [*MUON, *TP2, "--distributed-strategy", "fsdp", "--training-batch-size",
+                                              "8"], rank, 4)
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -125,6 +127,8 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     # process (docs/scale-out.md; measured for 4 steps here: DDP 2 differs by 1.1e-3 in weights and 9e-6 in loss,
     # TP 2 by 1.8e-3 and 4.6e-5).
     assert_same(tmp_path / "tp2-dp2-muon" / "run", tmp_path / "muon" / "run", range(1, 5), tol=5e-3)
+    # The 2-D mesh: FSDP shards of tensor-parallel splits, each matrix gathered whole for its owner's Newton-Schulz.
+    assert_same(tmp_path / "tp2-fsdp2-muon" / "run", tmp_path / "muon" / "run", range(1, 5), tol=5e-3)
     for resumed in ("fsdp2-resume", "one-resume"):
         assert_same(tmp_path / resumed / "run", dense, range(3, 5))
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
