@@ -5,7 +5,8 @@ One 4-process gloo launch trains, in turn:
 - TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group): 4 steps equal one process's;
 - TP2 x DP2 and TP2 x FSDP2 (a 2-D mesh) with Muon: within Muon's bf16 bound of one process;
 then two of its processes form a new 2-process group and resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards
-the tensor-parallel DTensors onto FSDP shards), and this process resumes it alone; both end where one uninterrupted
+the tensor-parallel DTensors onto FSDP shards) and train the decoder tasks (lm, sft, dpo) with TP2,
+and this process resumes the checkpoint alone and trains each task; both end where one uninterrupted
 process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation
 losses and final weights.
 """
@@ -35,6 +36,21 @@ TP2 = ["--distributed-tensor-parallel", "2"]
 MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogonalised whole (sharded_muon.py)
 
 
+# The decoder tasks under TP2 (no data parallelism), 2 steps each: their model, loss and collectives (sft's global
+# answer-token count, dpo's frozen reference copied from the split policy) equal one process's. The regression task is
+# the runs above; classification trains regression's encoder with a cross-entropy (it passed this check once, then was
+# left out: its data set's scikit-learn import costs each process about 10 s).
+TASK_BASE = ["--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads", "4", "--training-max-steps",
+             "2", "--training-val-interval", "2", "--training-val-max-batches", "1", "--training-log-interval", "1",
+             "--training-precision", "fp32", "--training-optimizer", "adamw", "--training-device", "cpu",
+             "--training-callbacks", "MetricsLogger", "LRSchedulerCallback", "--seed", "3"]
+TASKS = {
+    "lm": ["--task", "lm", "--data-seq-len", "32", "--training-batch-size", "4"],
+    "sft": ["--task", "sft", "--data-num-samples", "64", "--training-batch-size", "4"],
+    "dpo": ["--task", "dpo", "--data-num-samples", "40", "--training-batch-size", "4"],
+}
+
+
 class StopAfter(Callback):
     """Stops the run after `step` (the run's end writes its checkpoint)."""
 
@@ -46,8 +62,8 @@ class StopAfter(Callback):
             self.engine.should_stop = True
 
 
-def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> None:
-    config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world))
+def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0, base: list[str] | None = None) -> None:
+    config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world), base=base)
     if rank == 0:
         prepare_run_dir(config)
     if world > 1:
@@ -84,6 +100,8 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         try:
             _train(root_path / "fsdp2-resume", [*COMMON, "--distributed-strategy", "fsdp", "--training-batch-size", "8",
                                                 "--checkpoint-resume", str(_checkpoint(root_path))], rank, 2)
+            for name, flags in TASKS.items():
+                _train(root_path / f"tp2-{name}", [*TASK_BASE, *flags, *TP2], rank, 2, base=[])
         finally:
             D.destroy_process_group()
     (root_path / f"done-{rank}").write_text(json.dumps(rank))
@@ -131,6 +149,9 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     assert_same(tmp_path / "tp2-fsdp2-muon" / "run", tmp_path / "muon" / "run", range(1, 5), tol=5e-3)
     for resumed in ("fsdp2-resume", "one-resume"):
         assert_same(tmp_path / resumed / "run", dense, range(3, 5))
+    for name, flags in TASKS.items():
+        _train(tmp_path / name, [*TASK_BASE, *flags], 0, 1, base=[])
+        assert_same(tmp_path / f"tp2-{name}" / "run", tmp_path / name / "run", range(1, 3))
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
     state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
     assert state["state"]["samples_seen"] == 2 * 16
