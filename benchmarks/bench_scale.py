@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_scale recompute [--device cpu|cuda] [--hidden 256 --layers 4 --seq-len 256 --batch 8]
     python -m benchmarks.bench_scale async [--device cpu|cuda] [--hidden 512 --layers 4 --steps 40 --interval 8]
+        [--fsdp 2]
     python -m benchmarks.bench_scale fp8 [--device cuda] [--preset byte-125m --compile]
 
 - `recompute`: time per training step (forward, backward, AdamW) and the step's peak memory of `none`, `full` and
@@ -12,7 +13,8 @@
 - `async`: one engine run per side (sync, then async) of the lm task at a model big enough that a checkpoint write
   lasts several steps; per step the wall time from `on_batch_start` to `on_batch_end` (after a CUDA synchronize) and
   whether an asynchronous write was in flight. Reports the median step time with a write in flight over the median
-  without (target <= 1.1), and the pause per save: the synchronous save's duration vs the asynchronous staging.
+  without (target <= 1.1), and the pause per save: the synchronous save's duration vs the asynchronous staging. With
+  `--fsdp N` both runs are FSDP over N spawned gloo processes (sharded checkpoints) and rank 0's steps are reported.
 - `fp8`: the engine's tokens/s (ThroughputMonitor) with `--training-precision bf16` and `fp8`, alternated; needs a
   CUDA GPU of compute capability >= 8.9 and torchao (elsewhere it says why and exits 0).
 """
@@ -110,6 +112,31 @@ def _shape_flags(args: argparse.Namespace) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------- async
 def async_side(args: argparse.Namespace, asynchronous: bool) -> dict[str, Any]:
+    """One run (sync or async): in this process, or with `--fsdp N` in N spawned FSDP processes (gloo), rank 0's
+    step times and pauses."""
+    flags = ["--task", "lm", "--data-max-bytes", "2000000", "--model-hidden-size", str(args.hidden),
+             "--model-num-layers", str(args.layers), "--model-num-heads", str(args.heads), "--data-seq-len",
+             str(args.seq_len), "--training-batch-size", str(args.batch), "--training-max-steps", str(args.steps),
+             "--training-device", args.device, "--training-precision", "bf16" if args.device.startswith("cuda")
+             else "fp32", "--training-val-interval", "0", "--training-val-max-batches", "1",
+             "--training-log-interval", "1000", "--training-callbacks", "LRSchedulerCallback",
+             "--checkpoint-interval", str(args.interval), "--checkpoint-keep-last", "2", "--logging-loggers", "jsonl"]
+    if asynchronous:
+        flags.append("--checkpoint-async")
+    with tempfile.TemporaryDirectory(dir=args.tmp or None) as tmp:
+        if not args.fsdp:
+            return _async_rank(0, 1, args, flags, tmp, 0)
+        import torch.multiprocessing as mp
+
+        from llm.training.parallel.distributed import free_port
+
+        flags += ["--distributed-strategy", "fsdp", "--distributed-nproc-per-node", str(args.fsdp)]
+        mp.spawn(_async_rank, args=(args.fsdp, args, flags, tmp, free_port()), nprocs=args.fsdp, join=True)
+        return json.loads((Path(tmp) / "rank0.json").read_text())
+
+
+def _async_rank(rank: int, world: int, args: argparse.Namespace, flags: list[str], tmp: str,
+                port: int) -> dict[str, Any]:
     import torch
 
     from llm.training.core.callbacks import Callback, build_callbacks
@@ -136,33 +163,43 @@ def async_side(args: argparse.Namespace, asynchronous: bool) -> dict[str, Any]:
         def on_save_checkpoint(self, logs: Any = None) -> None:
             self.pauses.append(float(logs["seconds"]))
 
-    flags = ["--task", "lm", "--data-max-bytes", "2000000", "--model-hidden-size", str(args.hidden),
-             "--model-num-layers", str(args.layers), "--model-num-heads", str(args.heads), "--data-seq-len",
-             str(args.seq_len), "--training-batch-size", str(args.batch), "--training-max-steps", str(args.steps),
-             "--training-device", args.device, "--training-precision", "bf16" if args.device.startswith("cuda")
-             else "fp32", "--training-val-interval", "0", "--training-val-max-batches", "1",
-             "--training-log-interval", "1000", "--training-callbacks", "LRSchedulerCallback",
-             "--checkpoint-interval", str(args.interval), "--checkpoint-keep-last", "2", "--logging-loggers", "jsonl"]
-    if asynchronous:
-        flags.append("--checkpoint-async")
-    with tempfile.TemporaryDirectory(dir=args.tmp or None) as tmp:
+    if world > 1:
+        from llm.training.parallel import distributed as D
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        D.init_process_group(rank, world, "gloo", torch.device(args.device), 10.0)
+    try:
         config, task_class, _ = parse_config([*flags, "--logging-log-dir", str(Path(tmp) / "run")])
-        prepare_run_dir(config)
+        if rank == 0:
+            prepare_run_dir(config)
+        if world > 1:
+            D.barrier()
         timer = StepTimes()
-        engine = build_engine(config, task_class, callbacks=[*build_callbacks(config), timer])
+        engine = build_engine(config, task_class, rank, world, callbacks=[*build_callbacks(config), timer])
         timer.engine_ref = engine
         engine.run()
-        size = sum(f.stat().st_size for f in (Path(tmp) / "run/checkpoints").rglob("*") if f.is_file()) / 2
+        if world > 1:
+            D.barrier()
+    finally:
+        if world > 1:
+            D.destroy_process_group()
+    size = sum(f.stat().st_size for f in (Path(tmp) / "run/checkpoints").rglob("*") if f.is_file()) / 2
     steps = timer.rows[2:]  # the first steps warm the allocator up
-    return {"in_flight": [t for t, p in steps if p], "idle": [t for t, p in steps if not p],
-            "pauses": timer.pauses[:-1] or timer.pauses,  # the last one is the (synchronous) final save
-            "params": sum(p.numel() for p in engine.unwrapped_model.parameters()), "ckpt_mib": size / 2**20}
+    result = {"in_flight": [t for t, p in steps if p], "idle": [t for t, p in steps if not p],
+              "pauses": timer.pauses[:-1] or timer.pauses,  # the last one is the (synchronous) final save
+              "params": sum(p.numel() for p in engine.unwrapped_model.parameters()), "ckpt_mib": size / 2**20}
+    if world > 1 and rank == 0:
+        (Path(tmp) / "rank0.json").write_text(json.dumps(result))
+    return result
 
 
 def async_main(args: argparse.Namespace) -> None:
     sync, asyn = async_side(args, False), async_side(args, True)
     idle, busy = statistics.median(asyn["idle"]), statistics.median(asyn["in_flight"] or [float("nan")])
-    print(f"async checkpoints on {args.device}: {asyn['params'] / 1e6:.1f}M parameters, checkpoint "
+    where = f"{args.device}, FSDP over {args.fsdp} processes (rank 0's steps)" if args.fsdp else args.device
+    print(f"async checkpoints on {where}: {asyn['params'] / 1e6:.1f}M parameters, checkpoint "
           f"~{asyn['ckpt_mib']:.0f} MiB, a save every {args.interval} steps, {args.steps} steps")
     print(f"  step time, async run: {idle * 1e3:.1f} ms without a write in flight ({len(asyn['idle'])} steps), "
           f"{busy * 1e3:.1f} ms with one ({len(asyn['in_flight'])} steps): ratio {busy / idle:.3f} (target <= 1.1)")
@@ -205,6 +242,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--interval", type=int, default=8, help="async: optimizer steps between saves")
+    parser.add_argument("--fsdp", type=int, default=0, help="async: N spawned FSDP processes (gloo) instead of one")
     parser.add_argument("--tmp", default="", help="async: where the run directories go (default: the system's)")
     parser.add_argument("--preset", default="byte-125m", help="fp8: a bench_overhead preset")
     parser.add_argument("--compile", action="store_true")

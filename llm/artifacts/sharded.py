@@ -1,5 +1,6 @@
-"""Sharded and single-file weights on disk: safetensors writes that keep tied names, and safe readers of a
-`torch.distributed.checkpoint` directory.
+"""Sharded and single-file weights on disk: safetensors writes that keep tied names, the writer of a staged sharded
+state (`write_shards`, an asynchronous save's background half), and safe readers of a `torch.distributed.checkpoint`
+directory.
 
 Every read of a DCP directory goes through `shard_reader` and `safe_load_planner`, never DCP's defaults: DCP unpickles
 `.metadata` with plain `pickle` and non-tensor entries of the shards with `torch.load(weights_only=False)`, so a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +76,22 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, groups: list[l
         metadata[FINAL_STEP_KEY] = str(step)
     with fs.atomic_path(path) as tmp:  # `<name>.tmp` beside it
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata or None)
+
+
+def write_shards(state: dict[str, Any], directory: Path, groups: list[list[str]], process_group: Any) -> None:
+    """Write a sharded state staged in host memory (DTensors whose local shards are host copies) as a DCP directory,
+    coordinating the ranks over `process_group` (a collective of that group: every rank calls it, in the same order).
+
+    An asynchronous save calls this in its writer thread, so the group must be one the training thread never uses:
+    DCP's plan exchange would otherwise interleave with training's collectives. `groups` (the model's tied names) go
+    to `TIED_FILE`, written by the group's rank 0, as a synchronous save does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    with plain_errors("saving the shards"):
+        dcp.save(state, checkpoint_id=str(directory), process_group=process_group)
+    if groups and dist.get_rank(process_group) == 0:
+        fs.write_durable(directory / TIED_FILE, json.dumps(groups).encode())
 
 
 @contextlib.contextmanager

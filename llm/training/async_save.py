@@ -5,7 +5,9 @@ A save has two halves. Staging runs on the training thread at the step boundary 
 trainer state (optimizer, schedule, counters, data position, callbacks, RNG) and the weights are copied into host
 memory (`stage`), so the next steps can change the live tensors. Writing (serializing, fsyncing, hashing the files
 for the manifest, the rename that commits the directory, pruning) runs in a `BackgroundWriter` thread while training
-continues. The checkpointer (checkpointer.py) keeps the format's guarantees on top of this:
+continues; a sharded state (FSDP, tensor parallelism) is staged shard by shard and written there by torch's
+distributed checkpoint (weights.py, `ShardedWeights.stage`). The checkpointer (checkpointer.py) keeps the format's
+guarantees on top of this:
 
 - one write in flight: a save, a rollback, the final save and the run's end first wait for the pending write;
 - a failed write is kept and raised on the training thread at the next step boundary (or at the end of the run),
@@ -26,7 +28,9 @@ import torch
 
 def stage(obj: Any) -> Any:
     """A copy of a state in host memory: every tensor copied to the CPU, every container rebuilt (a callback's list
-    that grows after the step must not grow in the staged copy); plain values are immutable and kept."""
+    that grows after the step must not grow in the staged copy); plain values are immutable and kept. A DTensor (a
+    shard of FSDP or tensor parallelism) stays a DTensor of the same mesh and placements whose local shard is the
+    host copy, which torch's distributed checkpoint writes as it writes the live one."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if type(obj) in (list, tuple, set):

@@ -36,7 +36,8 @@ With `checkpoint.async_save` (`--checkpoint-async`) the interval and best saves 
 step boundary and written by a background thread (async_save.py), under the same protocol: the final and signal
 saves, a rollback and the run's end wait for the pending write; a failed write fails the run at the next step
 boundary; in a multi-process run each rank's thread reports to rank 0 through a marker file in the temp directory,
-and rank 0's thread commits once every rank's files are written.
+and rank 0's thread commits once every rank's files are written. Sharded weights (FSDP, tensor parallelism) are
+staged shard by shard and written by the ranks' writer threads too, over a process group of their own.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 - `FileWeights`: one safetensors file written by rank 0 (one process, or DDP replicas). A model split over ranks
   in some other way (expert parallelism) supplies `full_weights`, a block in which the model holds all of its
   weights (a collective, entered by every rank), around every write and read.
-- `ShardedWeights`: FSDP; every rank writes its shards of the weights and the optimizer state (torch's
-  distributed checkpoint), so a sharded checkpoint restores the optimizer too.
+- `ShardedWeights`: FSDP or tensor parallelism; every rank writes its shards of the weights and the optimizer state
+  (torch's distributed checkpoint), so a sharded checkpoint restores the optimizer too. An asynchronous save stages
+  the shards in host memory and writes them in the checkpointer's background thread, over a process group of its own.
 
 The engine picks the strategy (`build_weights`); the checkpointer only calls `save`, `load` and `save_final`.
 """
@@ -14,13 +15,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from llm.artifacts import checkpoint as ckpt
+from llm.artifacts.sharded import tied_groups, write_shards
 from llm.models.lora import exportable
-from llm.training.async_save import StagedModel, stage_tensors
+from llm.training.async_save import StagedModel, stage, stage_tensors
 from llm.training.checkpointer import writing_to
 from llm.training.parallel.fsdp import load_sharded, save_full_weights, save_sharded
 
@@ -84,22 +87,41 @@ class FileWeights:
 
 
 class ShardedWeights:
-    """FSDP: every rank's shards of the weights and of the optimizer state."""
+    """FSDP or tensor parallelism: every rank's shards of the weights and of the optimizer state."""
 
     sharded = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
+        self._writer_group: Any = None  # the asynchronous writes' process group, made at the first one
 
     def save(self, directory: Path) -> None:
         with writing_to(directory / ckpt.SHARDED_DIR):  # a collective
             save_sharded(self.model, self.optimizer, directory / ckpt.SHARDED_DIR)
 
     def stage(self, directory: Path) -> Callable[[], None]:
-        """An asynchronous save's first half: the shards are written now, on the training thread (a collective of
-        torch's distributed checkpoint); the trainer states, the hashing and the commit still go to the background."""
-        self.save(directory)
-        return lambda: None
+        """An asynchronous save's first half (every rank calls it, at the same step): this rank's shards of the
+        weights and optimizer state copied to host memory now; the call returned writes them (torch's distributed
+        checkpoint, in the background thread) into `directory`.
+
+        The write's plan exchange and commit are collectives, run by every rank's writer thread while the training
+        threads run theirs: they go over a gloo group of their own (created here once, by every rank; gloo also moves
+        the plans of a CUDA run through host memory), which the training thread never uses."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        staged = stage({"model": model_state, "optimizer": optim_state})  # DTensors keep their mesh and placements
+        groups = tied_groups(self.model)
+        if self._writer_group is None:
+            self._writer_group = dist.new_group(backend="gloo")
+        group = self._writer_group
+
+        def write() -> None:
+            with writing_to(directory / ckpt.SHARDED_DIR):
+                write_shards(staged, directory / ckpt.SHARDED_DIR, groups, group)
+
+        return write
 
     def load(self, directory: Path, sharded: bool) -> None:
         load_shards(self.model, self.optimizer, directory)  # the checkpointer refuses unsharded ones before

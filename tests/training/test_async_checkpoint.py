@@ -130,23 +130,64 @@ def test_keep_last_with_async_saves_counts_only_complete_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path / "run/checkpoints")) == ["step-00000004", "step-00000005"]
 
 
+def _two_process_job(rank: int, port: int, root: str) -> None:
+    """Rank `rank` of 2, for each strategy: a synchronous run of 6 steps, an asynchronous one stopped at 5 (steps 2
+    and 4 written in the background, 5 by the final save), resumed to 6. Records the threads that wrote the shards."""
+    from helpers import make_config
+
+    from llm.training import weights as weights_module
+    from llm.training.parallel import distributed as D
+    from llm.training.train import build_engine, prepare_run_dir
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init_process_group(rank, 2, "gloo", torch.device("cpu"), 1.0)
+    writers: list[str] = []
+    real_write = weights_module.write_shards
+
+    def write_shards(*args, **kwargs):  # the shards' DCP write: which thread runs it
+        writers.append(threading.current_thread().name)
+        real_write(*args, **kwargs)
+
+    weights_module.write_shards = write_shards
+    try:
+        for strategy in ("ddp", "fsdp"):
+            for name, steps, extra in (("sync", "6", ()), ("async", "5", ASYNC), ("async", "6", ASYNC)):
+                config, task = make_config(Path(root) / f"{strategy}-{name}", *CKPT,
+                                           "--distributed-nproc-per-node", "2", "--distributed-strategy", strategy,
+                                           "--training-batch-size", "8", "--checkpoint-interval", "2",
+                                           "--training-scheduler-type", "constant", *extra,
+                                           "--training-max-steps", steps)
+                if rank == 0:
+                    prepare_run_dir(config)
+                D.barrier()
+                build_engine(config, task, rank, 2).run()
+                D.barrier()
+    finally:
+        D.destroy_process_group()
+    (Path(root) / f"writers-{rank}.txt").write_text(",".join(writers))
+
+
 @pytest.mark.slow
 def test_two_processes_commit_once_every_rank_has_written_and_resume_bitwise(tmp_path):
     """Each rank's writer thread reports through a marker file; rank 0 commits a manifest covering both trainer
-    states, and the async run resumed on 2 processes ends where the synchronous one does."""
-    from helpers import TINY_REGRESSION, run_cli
+    states, and the async run resumed on 2 processes ends where the synchronous one does, with DDP (rank 0 writes
+    the weights file in the background) and with FSDP (every rank's writer thread writes its shards, torch's
+    distributed checkpoint over a process group of its own, while its training thread trains on)."""
+    import torch.multiprocessing as mp
 
-    flags = [*TINY_REGRESSION, *CKPT, "--distributed-nproc-per-node", "2", "--training-batch-size", "8",
-             "--checkpoint-interval", "2", "--training-scheduler-type", "constant"]
-    # The async run stops at 5 (steps 2 and 4 saved in the background, 5 by the final save), then resumes to 6.
-    for name, steps, extra in (("sync", "6", ()), ("async", "5", ASYNC), ("async", "6", ASYNC)):
-        result = run_cli([*flags, *extra, "--training-max-steps", steps, "--logging-log-dir", str(tmp_path / name)],
-                         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=240)
-        assert result.returncode == 0, result.stderr
-        if steps == "5":
-            assert "step-00000004 (interval, async)" in result.stderr
-    step4 = tmp_path / "async/checkpoints" / ckpt.step_dir_name(4)
-    assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt", ckpt.WEIGHTS} <= set(
-        ckpt.verify_checkpoint(step4)["files"])
-    assert not [name for name in os.listdir(step4) if name.endswith(".tmp")]  # the ranks' markers are gone
-    assert_bitwise(weights(tmp_path / "async/model.safetensors"), weights(tmp_path / "sync/model.safetensors"))
+    from llm.training.parallel import distributed as D
+
+    mp.spawn(_two_process_job, args=(D.free_port(), str(tmp_path)), nprocs=2, join=True)
+    for strategy, weights_file in (("ddp", ckpt.WEIGHTS), ("fsdp", f"{ckpt.SHARDED_DIR}/.metadata")):
+        run_dir = tmp_path / f"{strategy}-async" / "run"
+        step4 = run_dir / "checkpoints" / ckpt.step_dir_name(4)
+        assert {"trainer_state_rank0.pt", "trainer_state_rank1.pt", weights_file} <= set(
+            ckpt.verify_checkpoint(step4)["files"])
+        assert not [name for name in os.listdir(step4) if name.endswith(".tmp")]  # the ranks' markers are gone
+        assert_bitwise(weights(run_dir / "model.safetensors"),
+                       weights(tmp_path / f"{strategy}-sync" / "run" / "model.safetensors"))
+    # The shards of steps 2 and 4 were written by each rank's writer thread, none on the training thread (the final
+    # and synchronous saves write theirs with the training thread's collective, not through write_shards).
+    for rank in range(2):
+        assert (tmp_path / f"writers-{rank}.txt").read_text() == "llm-checkpoint-writer,llm-checkpoint-writer"

@@ -61,8 +61,6 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
     if training.precision == "fp16":
         raise ConfigError(f"training.precision: fp16 is not supported with {flag} (its loss scaler would need "
                           "split gradients); use --training-precision bf16")
-    if training.compile:
-        raise ConfigError(f"training.compile: not supported with {flag} yet (untested); drop --training-compile")
     if model_config is None:
         return
     m = model_config.resolved() if hasattr(model_config, "resolved") else model_config

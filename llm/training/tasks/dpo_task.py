@@ -15,7 +15,10 @@ resumed run has the reference of the run it continues. It is a frozen copy (eval
 dtype) or, under LoRA, the policy itself with its adapters switched off through peft's `enable_adapters` (no second
 copy in memory). With `training.dpo_precompute_ref` the reference's log-probs of every pair are computed once, at
 the same point, attached to the data sets (`PreferencePairs.set_reference`) and carried in the batches; no
-reference is kept. simpo and orpo need none.
+reference is kept. simpo and orpo need none. Under tensor parallelism the criterion is built after the plan has
+split the policy, so the frozen copy is split the same way (each rank holds 1/T of its attention and MLP matrices) and
+its forward runs the same collectives as the policy's; tested to equal one process (tests/training/parallel/
+test_tensor_parallel.py). The dpo task runs on ddp, not fsdp (refused by `validate_config`).
 
 Metrics (train and `val/`, means over pairs, reduced with the engine's one sync per log): `rewards/chosen`,
 `rewards/rejected`, `rewards/margin`, `rewards/accuracy` (the share of pairs whose chosen reward is the higher),
