@@ -17,6 +17,15 @@ for the duration of a `with` block (checkpoint weights, the run's model.safetens
 expert parallelism and resumes on any expert-parallel degree. The optimizer state is gathered and sliced the same
 way (`full_optimizer_state` / `local_optimizer_state`). The gather holds a full copy of the experts on every rank
 while it runs: a checkpoint of a model whose experts do not fit one host's memory would need sharded (DCP) files.
+
+On a device mesh (`mesh`, for a trainer that lays the rest of the model out as DTensors, e.g. tensor parallelism):
+the groups are the mesh's dimension "ep" (the S ranks that split the experts) and "ep_replicate" (the ranks that
+hold the same experts), every other dimension holds copies (each tensor-parallel rank of a group computes the same
+experts on the same tokens and exchanges with its peers of the same tensor-parallel coordinate). After the trainer
+has made the rest of the model DTensors, `distribute()` makes each rank's share a DTensor of the whole (E, ...)
+weight, `Shard(0)` over "ep": checkpoints (torch's distributed checkpoint), full-state gathers and gradient norms
+then see the whole experts through the DTensor machinery, and `full_experts` / the optimizer-state methods have
+nothing to do. Gradients are summed over "ep_replicate" and divided by the number of different batches (`batches`).
 """
 
 from __future__ import annotations
@@ -33,13 +42,28 @@ from llm.models.moe.exchange import ExpertShard
 from llm.models.moe.layer import MoELayer, moe_layers
 
 EXPERT_WEIGHTS = ("w_gate_up", "w_down")
+EP_DIM, REPLICA_DIM = "ep", "ep_replicate"  # the dimensions of a device mesh (`ExpertParallel(mesh=...)`)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor, or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 class ExpertParallel:
     """The expert-parallel layout of this rank and the collectives that keep experts consistent."""
 
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
-        self.size, self.rank, self.world_size = size, rank, world_size
+    def __init__(self, size: int, rank: int, world_size: int, mesh: Any = None) -> None:
+        self.size, self.rank, self.world_size, self.mesh = size, rank, world_size, mesh
+        self.distributed = False  # the expert weights are DTensors of the whole experts (`distribute`)
+        self.layers: list[MoELayer] = []
+        if mesh is not None:
+            self.group, self.replica_group = mesh.get_group(EP_DIM), mesh.get_group(REPLICA_DIM)
+            self.ep_rank, self.replicas = mesh.get_local_rank(EP_DIM), mesh.size(mesh.mesh_dim_names.index(REPLICA_DIM))
+            self.batches = size * self.replicas  # other dimensions (tensor parallel) hold copies of one batch
+            return
+        self.replicas, self.batches = world_size // size, world_size
         # Every rank creates every group, in the same order (new_group is collective over the world).
         self.group = self.replica_group = None
         for start in range(0, world_size, size):
@@ -51,19 +75,38 @@ class ExpertParallel:
             if rank % size == offset:
                 self.replica_group = group
         self.ep_rank = rank % size
-        self.layers: list[MoELayer] = []
 
     # -- sharding -------------------------------------------------------------------------------
     def shard(self, model: nn.Module) -> None:
-        """Keep this rank's experts of every MoE layer, taken from rank 0's initialisation."""
+        """Keep this rank's experts of every MoE layer, taken from rank 0's initialisation (on a mesh, the caller
+        has made every rank's weights rank 0's)."""
         self.layers = moe_layers(model)
         for layer in self.layers:
             shard = ExpertShard(self.group, self.ep_rank, self.size, layer.num_experts)
             for name in EXPERT_WEIGHTS:
                 full = getattr(layer, name).data
-                dist.broadcast(full, src=0)  # every rank starts from the same experts, as DDP does for the rest
+                if self.mesh is None:
+                    dist.broadcast(full, src=0)  # every rank starts from the same experts, as DDP does for the rest
                 setattr(layer, name, nn.Parameter(full[shard.first:shard.first + shard.local].clone()))
             layer.ep = shard
+
+    def distribute(self) -> None:
+        """On a mesh: make each expert weight (this rank's share, plain or a DTensor of copies on a sub-mesh, as
+        the trainer left it) a DTensor of the whole (E, ...) weight, `Shard(0)` over "ep" and copies elsewhere.
+        Call it before the optimizer is built (the parameters are new objects); the module computes on the local
+        share (its owner swaps DTensor parameters for their local tensors, as tensor parallelism's does)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        placements = [Shard(0) if dim == EP_DIM else Replicate() for dim in self.mesh.mesh_dim_names]
+        for layer in self.layers:
+            for name in EXPERT_WEIGHTS:
+                param = layer._parameters[name]
+                local = _local(param.data)
+                shape = (layer.num_experts, *local.shape[1:])
+                whole = DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
+                                           stride=torch.empty(shape, device="meta").stride())
+                layer._parameters[name] = nn.Parameter(whole, requires_grad=param.requires_grad)
+        self.distributed = True
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [getattr(layer, name) for layer in self.layers for name in EXPERT_WEIGHTS]
@@ -81,12 +124,14 @@ class ExpertParallel:
         for param in self.expert_parameters():
             if param.grad is None:  # one process would give these experts a zero gradient, not none
                 param.grad = torch.zeros_like(param)
-            if self.world_size > self.size:
-                dist.all_reduce(param.grad, group=self.replica_group)
-            param.grad.div_(self.world_size)
+            grad = _local(param.grad)
+            if self.replicas > 1:
+                dist.all_reduce(grad, group=self.replica_group)
+            grad.div_(self.batches)
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm."""
+        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm. (Not
+        for DTensor experts (`distribute`): their `Shard(0)` placement tells a DTensor-aware norm what to sum.)"""
         experts = {id(p) for p in self.expert_parameters()}
         shared = [p.grad for p in params if id(p) not in experts and p.grad is not None]
         local = [p.grad for p in params if id(p) in experts and p.grad is not None]
@@ -113,7 +158,11 @@ class ExpertParallel:
     @contextlib.contextmanager
     def full_experts(self, load: bool = False) -> Iterator[None]:
         """Inside the block the expert weights are full (E, ...) on every rank (a collective on entry); after it,
-        this rank's share again: of what was loaded into them if `load`, else unchanged."""
+        this rank's share again: of what was loaded into them if `load`, else unchanged. DTensor experts
+        (`distribute`) are whole to every reader already: nothing to do."""
+        if self.distributed:
+            yield
+            return
         saved = []
         for layer in self.layers:
             for name in EXPERT_WEIGHTS:
@@ -135,6 +184,8 @@ class ExpertParallel:
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """`optimizer.state_dict()` with every expert's state (a collective): the same on every degree."""
         state = optimizer.state_dict()
+        if self.distributed:  # DTensor state: whole to its readers
+            return state
         slots = self._expert_state_slots(optimizer)
         per_param = dict(state["state"])
         for index in sorted(slots):  # the same order on every rank: the collectives pair up
@@ -151,6 +202,8 @@ class ExpertParallel:
 
     def local_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
         """A full optimizer state (`full_optimizer_state`, or a run without expert parallelism) for this rank."""
+        if self.distributed:
+            return state
         slots = self._expert_state_slots(optimizer)
         per_param = dict(state["state"])
         for index, layer in slots.items():

@@ -1,5 +1,7 @@
 """The expert-parallel degree (`distributed.expert_parallel` = S) a run may take: S divides the world and the
-experts, the model has experts, the strategy keeps whole replicas (DDP).
+experts, the model has experts, the strategy keeps whole replicas (DDP). With tensor parallelism (T) the experts are
+split over S data-parallel ranks of each tensor-parallel coordinate, so S must also divide W / T (checked with the
+other tensor-parallel compositions, `tensor.check_composition`).
 
 The machinery (sharding the experts, their gradients, norms, full weights and optimizer state) is the model's
 (`llm.models.hooks.shard_experts`); the parallel plan (plan.py) applies it.

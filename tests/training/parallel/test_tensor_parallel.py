@@ -3,11 +3,14 @@
 One 4-process gloo launch trains, in turn:
 - TP2 x DP2 (DDP), stopped after step 2 with a checkpoint: its steps equal one process's;
 - TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group): 4 steps equal one process's;
+- TP2 x EP2 with the MoE model (the experts split over the 2 data-parallel ranks of each tensor-parallel coordinate),
+  stopped after step 2 with a checkpoint: its steps equal one process's, and each rank holds half of the experts;
 - TP2 x DP2 with Muon: within Muon's bf16 bound of one process;
 then two of its processes form a new 2-process group and resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards
 the tensor-parallel DTensors onto FSDP shards), and this process resumes it alone; both end where one uninterrupted
-process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation
-losses and final weights.
+process ends. This process also resumes the TP2 x EP2 checkpoint alone (its experts written whole) and ends where the
+uninterrupted MoE process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every
+step, validation losses and final weights.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import load_trainer_state
+from llm.models.moe import moe_layers
 from llm.training.core.callbacks import Callback
+from llm.training.core.engine import TrainingEngine
 from llm.training.parallel import distributed as D
 from llm.training.parallel.mesh import MeshLayout
 from llm.training.train import build_engine, main, prepare_run_dir
@@ -32,6 +37,7 @@ COMMON = [*TINY_REGRESSION, *CKPT, "--data-num-samples", "330", "--training-max-
           "2", "--seed", "3", "--training-precision", "fp32", "--training-optimizer", "adamw"]
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 TP2 = ["--distributed-tensor-parallel", "2"]
+EP2 = ["--distributed-expert-parallel", "2"]
 MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogonalised whole (sharded_muon.py)
 
 
@@ -46,7 +52,7 @@ class StopAfter(Callback):
             self.engine.should_stop = True
 
 
-def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> None:
+def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> TrainingEngine:
     config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world))
     if rank == 0:
         prepare_run_dir(config)
@@ -58,6 +64,7 @@ def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) ->
     engine.run()
     if world > 1:
         D.barrier()
+    return engine
 
 
 def _group(rank: int, world: int, port: int) -> None:
@@ -75,6 +82,10 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         _train(root_path / "tp2-fsdp2-moe", [*COMMON, *MOE, *TP2, "--distributed-strategy", "fsdp",
                                              "--training-batch-size", "8"], rank, 4)
         _train(root_path / "tp2-dp2-muon", [*MUON, *TP2, "--training-batch-size", "8"], rank, 4)
+        engine = _train(root_path / "tp2-ep2-moe", [*COMMON, *MOE, *TP2, *EP2, "--training-batch-size", "8"], rank, 4,
+                        stop=2)
+        experts = moe_layers(engine.unwrapped_model)[0].w_gate_up
+        assert experts.shape[0] == 4 and experts.to_local().shape[0] == 2  # whole to readers, half held here
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -87,8 +98,8 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
     (root_path / f"done-{rank}").write_text(json.dumps(rank))
 
 
-def _checkpoint(root: Path) -> Path:
-    return root / "tp2-dp2" / "run" / "checkpoints" / "step-00000002"
+def _checkpoint(root: Path, run: str = "tp2-dp2") -> Path:
+    return root / run / "run" / "checkpoints" / "step-00000002"
 
 
 def _by_step(run_dir: Path, key: str) -> dict[int, float]:
@@ -116,11 +127,15 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
         _train(tmp_path / name, [*flags, "--training-batch-size", "16"], 0, 1)
     _train(tmp_path / "one-resume", [*COMMON, "--training-batch-size", "16", "--checkpoint-resume",
                                      str(_checkpoint(tmp_path))], 0, 1)
+    _train(tmp_path / "moe-resume", [*COMMON, *MOE, "--training-batch-size", "16", "--checkpoint-resume",
+                                     str(_checkpoint(tmp_path, "tp2-ep2-moe"))], 0, 1)
     dense = tmp_path / "dense" / "run"
     # The TP checkpoint is the sharded (DCP) format, whole tensors' names, readable on any layout.
     assert (_checkpoint(tmp_path) / "sharded" / ".metadata").is_file()
     assert_same(tmp_path / "tp2-dp2" / "run", dense, range(1, 3), weights=False)
     assert_same(tmp_path / "tp2-fsdp2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
+    assert_same(tmp_path / "tp2-ep2-moe" / "run", tmp_path / "moe" / "run", range(1, 3), weights=False)
+    assert_same(tmp_path / "moe-resume" / "run", tmp_path / "moe" / "run", range(3, 5))
     # Muon orthogonalises in bf16, so split sums reach it rounded differently: the bound DDP + Muon has to one
     # process (docs/scale-out.md; measured for 4 steps here: DDP 2 differs by 1.1e-3 in weights and 9e-6 in loss,
     # TP 2 by 1.8e-3 and 4.6e-5).
@@ -145,8 +160,7 @@ def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
     (["--model-num-kv-heads", "1", *TP2, "--distributed-nproc-per-node", "2"], "--model-num-kv-heads"),
     (["--model-intermediate-size", "33", *TP2, "--distributed-nproc-per-node", "2"], "--model-intermediate-size"),
     ([*TP2, "--distributed-nproc-per-node", "3"], "--distributed-nproc-per-node"),
-    ([*MOE, "--distributed-expert-parallel", "2", *TP2, "--distributed-nproc-per-node", "4"],
-     "--distributed-expert-parallel"),
+    ([*MOE, *EP2, *TP2, "--distributed-nproc-per-node", "6"], "--distributed-expert-parallel"),  # dp 3
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-compile", *TP2, "--distributed-nproc-per-node", "2"], "--training-compile"),
     (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
