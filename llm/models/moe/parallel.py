@@ -26,12 +26,14 @@ has made the rest of the model DTensors, `distribute()` makes each rank's share 
 weight, `Shard(0)` over "ep": checkpoints (torch's distributed checkpoint), full-state gathers and gradient norms
 then see the whole experts through the DTensor machinery, and `full_experts` / the optimizer-state methods have
 nothing to do. Gradients are summed over "ep_replicate" and divided by the number of different batches (`batches`).
+A sharding wrapper that must not take the experts (FSDP2 shards whatever parameters it finds) is applied inside
+`detached()`, a block in which the expert weights are out of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -78,23 +80,22 @@ class ExpertParallel:
 
     # -- sharding -------------------------------------------------------------------------------
     def shard(self, model: nn.Module) -> None:
-        """Keep this rank's experts of every MoE layer, taken from rank 0's initialisation (on a mesh, the caller
-        has made every rank's weights rank 0's)."""
+        """Keep this rank's experts of every MoE layer, taken from rank 0's initialisation."""
         self.layers = moe_layers(model)
         for layer in self.layers:
             shard = ExpertShard(self.group, self.ep_rank, self.size, layer.num_experts)
             for name in EXPERT_WEIGHTS:
                 full = getattr(layer, name).data
-                if self.mesh is None:
-                    dist.broadcast(full, src=0)  # every rank starts from the same experts, as DDP does for the rest
+                dist.broadcast(full, src=0)  # every rank starts from the same experts, as DDP does for the rest
                 setattr(layer, name, nn.Parameter(full[shard.first:shard.first + shard.local].clone()))
             layer.ep = shard
 
     def distribute(self) -> None:
         """On a mesh: make each expert weight (this rank's share, plain or a DTensor of copies on a sub-mesh, as
         the trainer left it) a DTensor of the whole (E, ...) weight, `Shard(0)` over "ep" and copies elsewhere.
-        Call it before the optimizer is built (the parameters are new objects); the module computes on the local
-        share (its owner swaps DTensor parameters for their local tensors, as tensor parallelism's does)."""
+        Call it before the optimizer is built (the parameters are new objects). The layer computes on the local
+        share: its hooks swap the DTensors for their local tensors around each forward (autograd gives the DTensor
+        its gradient), unless an earlier hook (tensor parallelism's) has swapped them already."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         placements = [Shard(0) if dim == EP_DIM else Replicate() for dim in self.mesh.mesh_dim_names]
@@ -106,7 +107,20 @@ class ExpertParallel:
                 whole = DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
                                            stride=torch.empty(shape, device="meta").stride())
                 layer._parameters[name] = nn.Parameter(whole, requires_grad=param.requires_grad)
+            layer.register_forward_pre_hook(_swap_in_local)
+            layer.register_forward_hook(_swap_back, always_call=True)
         self.distributed = True
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """A block in which the expert weights are not parameters of the model (for a wrapper that would take them
+        as its own); they are back, the same objects, after it."""
+        taken = [(layer, name, layer._parameters.pop(name)) for layer in self.layers for name in EXPERT_WEIGHTS]
+        try:
+            yield
+        finally:
+            for layer, name, param in taken:
+                layer._parameters[name] = param
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [getattr(layer, name) for layer in self.layers for name in EXPERT_WEIGHTS]
@@ -129,14 +143,21 @@ class ExpertParallel:
                 dist.all_reduce(grad, group=self.replica_group)
             grad.div_(self.batches)
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm. (Not
-        for DTensor experts (`distribute`): their `Shard(0)` placement tells a DTensor-aware norm what to sum.)"""
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float,
+                       shared_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None) -> torch.Tensor:
+        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm.
+
+        `shared_norm(params, inf)` measures the other parameters' norm where their gradients are sharded (FSDP's
+        DTensors); without it they are whole on every rank (DDP replicas)."""
         experts = {id(p) for p in self.expert_parameters()}
         shared = [p.grad for p in params if id(p) not in experts and p.grad is not None]
-        local = [p.grad for p in params if id(p) in experts and p.grad is not None]
+        local = [_local(p.grad) for p in params if id(p) in experts and p.grad is not None]
         zero = torch.zeros((), device=params[0].device)
-        shared_sq = torch.stack([g.float().square().sum() for g in shared]).sum() if shared else zero
+        if shared_norm is not None:
+            shared_sq = shared_norm([p for p in params if id(p) not in experts], float("inf")).float().square()
+            shared = [_local(g) for g in shared]
+        else:
+            shared_sq = torch.stack([g.float().square().sum() for g in shared]).sum() if shared else zero
         expert_sq = torch.stack([g.float().square().sum() for g in local]).sum() if local else zero.clone()
         dist.all_reduce(expert_sq, group=self.group)
         norm = (shared_sq + expert_sq).sqrt()
@@ -216,3 +237,20 @@ class ExpertParallel:
                 for key, value in entry.items()
             }
         return {**state, "state": per_param}
+
+
+def _swap_in_local(layer: nn.Module, args: Any) -> None:
+    """Before the forward: DTensor expert weights as their local tensors (autograd flows back into the DTensor)."""
+    saved = []
+    for name in EXPERT_WEIGHTS:
+        param = layer._parameters[name]
+        if hasattr(param, "to_local"):  # a DTensor
+            saved.append((name, param))
+            layer._parameters[name] = param.to_local()
+    layer._ep_saved = saved
+
+
+def _swap_back(layer: nn.Module, args: Any, output: Any) -> None:
+    for name, param in getattr(layer, "_ep_saved", None) or ():
+        layer._parameters[name] = param
+    layer._ep_saved = None

@@ -65,8 +65,9 @@ def build_mesh(layout: MeshLayout, device: torch.device) -> torch.distributed.de
     return init_device_mesh(device.type, (layout.data_parallel, layout.tensor_parallel), mesh_dim_names=DIMS)
 
 
-# Expert parallelism composed with tensor parallelism: the data-parallel dimension cut into groups of S consecutive
-# data-parallel ranks that split the experts ("ep"), across which the same experts repeat ("ep_replicate").
+# Expert parallelism composed with tensor parallelism or FSDP (T = 1): the data-parallel dimension cut into groups of
+# S consecutive data-parallel ranks that split the experts ("ep"), across which the same experts repeat
+# ("ep_replicate").
 EXPERT_DIMS = ("ep_replicate", "ep", "tp")
 
 

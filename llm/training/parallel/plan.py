@@ -119,11 +119,24 @@ class ParallelPlan:
         keep_local: list[str] = []
         if self.expert_parallel > 1:
             check_expert_parallel(self.expert_parallel, self.world_size, self.model_config, self.strategy)
+            if self.strategy == "fsdp":
+                return self._apply_fsdp_experts(model)
             self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size)
             keep_local = self.experts.expert_parameter_names(model)
         wrapped = parallelize(model, self.strategy, self.world_size, self.device, self.precision, keep_local)
         self.sharded = is_fsdp(model)
         return wrapped
+
+    def _apply_fsdp_experts(self, model: nn.Module) -> nn.Module:
+        """FSDP x EP: the experts split over expert-parallel groups (a `(W / S) x S x 1` mesh) and left out of FSDP2,
+        which shards everything else over all W ranks; the experts become DTensors of the whole experts."""
+        expert_mesh = build_expert_mesh(self.layout, self.expert_parallel, self.device)
+        self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size, expert_mesh)
+        with self.experts.detached():  # FSDP shards (and broadcasts) the parameters it finds: not the experts
+            shard_model(model, self.device, self.precision)
+        self.experts.distribute()
+        self.sharded = True
+        return model
 
     def _apply_tensor_parallel(self, model: nn.Module) -> nn.Module:
         """Tensor parallelism over `mesh["tp"]`, then FSDP2 over `mesh["dp"]` or the plan's own DDP averaging."""
@@ -169,8 +182,8 @@ class ParallelPlan:
         plain scalar on every rank (sharded experts' norms span their group; FSDP's DTensor grads are combined)."""
         if self.tensor_parallel > 1:  # DTensor gradients, sharded experts among them (Shard(0) over "ep")
             return tensor.clip_grad_norm(params, max_norm)
-        if self.experts is not None:
-            return self.experts.clip_grad_norm(params, max_norm)
+        if self.experts is not None:  # under FSDP the other gradients are shards: their norm spans the ranks
+            return self.experts.clip_grad_norm(params, max_norm, clip_grad_norm if self.sharded else None)
         return clip_grad_norm(params, max_norm)
 
     # -- weights and state ----------------------------------------------------------------------
