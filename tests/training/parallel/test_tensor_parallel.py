@@ -30,7 +30,7 @@ from llm.models.moe import moe_layers
 from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
 from llm.training.parallel import distributed as D
-from llm.training.parallel.mesh import MeshLayout
+from llm.training.parallel.mesh import MeshLayout, build_expert_mesh
 from llm.training.train import build_engine, main, prepare_run_dir
 
 COMMON = [*TINY_REGRESSION, *CKPT, "--data-num-samples", "330", "--training-max-steps", "4", "--training-val-interval",
@@ -155,6 +155,20 @@ def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
     assert layout.data_parallel == 4
     assert [layout.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [layout.tensor_rank(r) for r in range(8)] == [0, 1] * 4
+
+
+def test_the_expert_mesh_splits_experts_over_dp_ranks_of_one_tensor_parallel_coordinate():
+    """TP2 x EP2 on 8 ranks, seen from rank 5 (dp 2, tp 1): it exchanges tokens with rank 7 (dp 3, same tp
+    coordinate) and sums its expert gradients with rank 1 only (the same experts: dp 0, same tp coordinate)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=5, world_size=8)
+    try:
+        mesh = build_expert_mesh(MeshLayout(world_size=8, tensor_parallel=2), 2, torch.device("cpu"))
+        assert mesh["ep"].mesh.tolist() == [5, 7] and mesh.get_local_rank("ep") == 0
+        assert mesh["ep_replicate"].mesh.tolist() == [1, 5] and mesh["tp"].mesh.tolist() == [4, 5]
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("flags, other", [
