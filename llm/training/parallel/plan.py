@@ -152,10 +152,11 @@ class ParallelPlan:
             expert_mesh = build_expert_mesh(self.layout, self.expert_parallel, self.device)
             self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size, expert_mesh)
         tensor.parallelize(model, self.mesh["tp"])
+        if self.strategy == "fsdp" and self.data_parallel > 1:  # FSDP shards what it finds: not the experts
+            with self.experts.detached() if self.experts is not None else contextlib.nullcontext():
+                shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
         if self.experts is not None:
             self.experts.distribute()  # DTensors of the whole experts, Shard(0) over the expert-parallel group
-        if self.strategy == "fsdp" and self.data_parallel > 1:
-            shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
         self.sharded = True
         # The DDP half's, in a fixed order; the experts' gradients are the expert machinery's (`finish_gradients`).
         experts = {id(p) for p in self.experts.expert_parameters()} if self.experts is not None else set()

@@ -50,12 +50,6 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
         return
     flag = f"--distributed-tensor-parallel {size}"
     ep = distributed.expert_parallel
-    if ep > 1 and distributed.strategy == "fsdp":
-        raise ConfigError(
-            f"distributed.expert_parallel: {ep} with {flag} works with --distributed-strategy ddp, not fsdp (not "
-            "implemented: FSDP over tensor-parallel splits with the experts kept out of it); use "
-            "--distributed-expert-parallel 1, --distributed-tensor-parallel 1 or --distributed-strategy ddp"
-        )
     if ep > 1 and world_size is not None and (world_size // size) % ep:  # the experts split over dp ranks
         raise ConfigError(
             f"distributed.expert_parallel: {ep} must divide the data-parallel degree {world_size // size} (processes "

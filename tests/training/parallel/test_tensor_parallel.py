@@ -5,12 +5,14 @@ One 4-process gloo launch trains, in turn:
 - TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group): 4 steps equal one process's;
 - TP2 x DP2 with Muon: within Muon's bf16 bound of one process;
 - TP2 x EP2 with the MoE model (the experts split over the 2 data-parallel ranks of each tensor-parallel coordinate),
-  stopped after step 2 with a checkpoint: its steps equal one process's, and each rank holds half of the experts;
+  DDP and FSDP, stopped after step 2 (FSDP: with a checkpoint): their steps equal one process's, and each rank holds
+  half of the experts;
 then two of its processes form a new 2-process group, resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards the
 tensor-parallel DTensors onto FSDP shards) and train FSDP2 x EP2 (the MoE model's experts split over the two ranks
 and kept out of FSDP's sharding: 4 steps equal one process's). This process resumes the TP2 x DP2 checkpoint alone,
-and the TP2 x EP2 one (its experts written whole); each ends where one uninterrupted process ends. Every comparison
-is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation losses and final weights.
+and the TP2 x FSDP2 x EP2 one (its experts written whole); each ends where one uninterrupted process ends. Every
+comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation losses and final
+weights.
 """
 
 from __future__ import annotations
@@ -82,10 +84,11 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         _train(root_path / "tp2-fsdp2-moe", [*COMMON, *MOE, *TP2, "--distributed-strategy", "fsdp",
                                              "--training-batch-size", "8"], rank, 4)
         _train(root_path / "tp2-dp2-muon", [*MUON, *TP2, "--training-batch-size", "8"], rank, 4)
-        engine = _train(root_path / "tp2-ep2-moe", [*COMMON, *MOE, *TP2, *EP2, "--training-batch-size", "8"], rank, 4,
-                        stop=2)
-        experts = moe_layers(engine.unwrapped_model)[0].w_gate_up
-        assert experts.shape[0] == 4 and experts.to_local().shape[0] == 2  # whole to readers, half held here
+        for name, strategy in (("tp2-ep2-moe", "ddp"), ("tp2-fsdp2-ep2-moe", "fsdp")):
+            engine = _train(root_path / name, [*COMMON, *MOE, *TP2, *EP2, "--distributed-strategy", strategy,
+                                               "--training-batch-size", "8"], rank, 4, stop=2)
+            experts = moe_layers(engine.unwrapped_model)[0].w_gate_up
+            assert experts.shape[0] == 4 and experts.to_local().shape[0] == 2  # whole to readers, half held here
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -130,13 +133,14 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     _train(tmp_path / "one-resume", [*COMMON, "--training-batch-size", "16", "--checkpoint-resume",
                                      str(_checkpoint(tmp_path))], 0, 1)
     _train(tmp_path / "moe-resume", [*COMMON, *MOE, "--training-batch-size", "16", "--checkpoint-resume",
-                                     str(_checkpoint(tmp_path, "tp2-ep2-moe"))], 0, 1)
+                                     str(_checkpoint(tmp_path, "tp2-fsdp2-ep2-moe"))], 0, 1)
     dense = tmp_path / "dense" / "run"
     # The TP checkpoint is the sharded (DCP) format, whole tensors' names, readable on any layout.
     assert (_checkpoint(tmp_path) / "sharded" / ".metadata").is_file()
     assert_same(tmp_path / "tp2-dp2" / "run", dense, range(1, 3), weights=False)
     assert_same(tmp_path / "tp2-fsdp2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
-    assert_same(tmp_path / "tp2-ep2-moe" / "run", tmp_path / "moe" / "run", range(1, 3), weights=False)
+    for name in ("tp2-ep2-moe", "tp2-fsdp2-ep2-moe"):
+        assert_same(tmp_path / name / "run", tmp_path / "moe" / "run", range(1, 3), weights=False)
     assert_same(tmp_path / "moe-resume" / "run", tmp_path / "moe" / "run", range(3, 5))
     assert_same(tmp_path / "fsdp2-ep2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
     # Muon orthogonalises in bf16, so split sums reach it rounded differently: the bound DDP + Muon has to one
@@ -178,8 +182,6 @@ def test_the_expert_mesh_splits_experts_over_dp_ranks_of_one_tensor_parallel_coo
     (["--model-intermediate-size", "33", *TP2, "--distributed-nproc-per-node", "2"], "--model-intermediate-size"),
     ([*TP2, "--distributed-nproc-per-node", "3"], "--distributed-nproc-per-node"),
     ([*MOE, *EP2, *TP2, "--distributed-nproc-per-node", "6"], "--distributed-expert-parallel"),  # dp 3
-    ([*MOE, *EP2, *TP2, "--distributed-strategy", "fsdp", "--distributed-nproc-per-node", "4"],
-     "--distributed-expert-parallel"),
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-compile", *TP2, "--distributed-nproc-per-node", "2"], "--training-compile"),
     (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
