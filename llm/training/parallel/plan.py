@@ -15,8 +15,9 @@ group's ranks consecutive), splits the model over `mesh["tp"]` (tensor.py), and 
 `mesh["dp"]`: FSDP2 over the dp sub-mesh, or DDP's averaging done by the plan itself after the backward (DDP's
 wrapper takes no DTensor parameters). The T ranks of a group read the same batch: the data module is given
 `data_rank` / `data_parallel` rather than the process's rank and world size. Expert parallelism composes with it
-(TP x EP, DDP): the experts split over S data-parallel ranks of each tensor-parallel coordinate on a second mesh
-(`build_expert_mesh`), DTensors of the whole experts; the plan's DDP averaging leaves them to the expert machinery.
+(TP x EP, DDP or FSDP): the experts split over S data-parallel ranks of each tensor-parallel coordinate on a second
+mesh (`build_expert_mesh`), DTensors of the whole experts, left out of the plan's DDP averaging and of FSDP's
+sharding (the expert machinery reduces them); FSDP x EP without tensor parallelism does the same on a T = 1 mesh.
 
 The plan sits above `distributed.py` (process group, collectives), `mesh.py`, `fsdp.py` (sharding), `tensor.py`
 (tensor parallelism) and `expert.py` (the degree's checks); the model-side expert machinery is the model's own
