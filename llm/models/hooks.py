@@ -124,11 +124,12 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------------------- expert layout
-def shard_experts(model: nn.Module, size: int, rank: int, world_size: int) -> ExpertParallel:
+def shard_experts(model: nn.Module, size: int, rank: int, world_size: int, mesh: Any = None) -> ExpertParallel:
     """Split the experts of every expert layer of `model` over groups of `size` consecutive ranks (collective:
-    every rank calls it) and return the `ExpertParallel` that keeps them consistent (see its module)."""
+    every rank calls it), or over the "ep" dimension of the DeviceMesh `mesh` (its "ep_replicate" dimension: the
+    ranks holding the same experts), and return the `ExpertParallel` that keeps them consistent (see its module)."""
     from llm.models.moe.parallel import ExpertParallel
 
-    experts = ExpertParallel(size, rank, world_size)
+    experts = ExpertParallel(size, rank, world_size, mesh)
     experts.shard(model)
     return experts

@@ -17,12 +17,23 @@ for the duration of a `with` block (checkpoint weights, the run's model.safetens
 expert parallelism and resumes on any expert-parallel degree. The optimizer state is gathered and sliced the same
 way (`full_optimizer_state` / `local_optimizer_state`). The gather holds a full copy of the experts on every rank
 while it runs: a checkpoint of a model whose experts do not fit one host's memory would need sharded (DCP) files.
+
+On a device mesh (`mesh`, for a trainer that lays the rest of the model out as DTensors, e.g. tensor parallelism):
+the groups are the mesh's dimension "ep" (the S ranks that split the experts) and "ep_replicate" (the ranks that
+hold the same experts), every other dimension holds copies (each tensor-parallel rank of a group computes the same
+experts on the same tokens and exchanges with its peers of the same tensor-parallel coordinate). After the trainer
+has made the rest of the model DTensors, `distribute()` makes each rank's share a DTensor of the whole (E, ...)
+weight, `Shard(0)` over "ep": checkpoints (torch's distributed checkpoint), full-state gathers and gradient norms
+then see the whole experts through the DTensor machinery, and `full_experts` / the optimizer-state methods have
+nothing to do. Gradients are summed over "ep_replicate" and divided by the number of different batches (`batches`).
+A sharding wrapper that must not take the experts (FSDP2 shards whatever parameters it finds) is applied inside
+`detached()`, a block in which the expert weights are out of the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,13 +44,28 @@ from llm.models.moe.exchange import ExpertShard
 from llm.models.moe.layer import MoELayer, moe_layers
 
 EXPERT_WEIGHTS = ("w_gate_up", "w_down")
+EP_DIM, REPLICA_DIM = "ep", "ep_replicate"  # the dimensions of a device mesh (`ExpertParallel(mesh=...)`)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor, or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 class ExpertParallel:
     """The expert-parallel layout of this rank and the collectives that keep experts consistent."""
 
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
-        self.size, self.rank, self.world_size = size, rank, world_size
+    def __init__(self, size: int, rank: int, world_size: int, mesh: Any = None) -> None:
+        self.size, self.rank, self.world_size, self.mesh = size, rank, world_size, mesh
+        self.distributed = False  # the expert weights are DTensors of the whole experts (`distribute`)
+        self.layers: list[MoELayer] = []
+        if mesh is not None:
+            self.group, self.replica_group = mesh.get_group(EP_DIM), mesh.get_group(REPLICA_DIM)
+            self.ep_rank, self.replicas = mesh.get_local_rank(EP_DIM), mesh.size(mesh.mesh_dim_names.index(REPLICA_DIM))
+            self.batches = size * self.replicas  # other dimensions (tensor parallel) hold copies of one batch
+            return
+        self.replicas, self.batches = world_size // size, world_size
         # Every rank creates every group, in the same order (new_group is collective over the world).
         self.group = self.replica_group = None
         for start in range(0, world_size, size):
@@ -51,7 +77,6 @@ class ExpertParallel:
             if rank % size == offset:
                 self.replica_group = group
         self.ep_rank = rank % size
-        self.layers: list[MoELayer] = []
 
     # -- sharding -------------------------------------------------------------------------------
     def shard(self, model: nn.Module) -> None:
@@ -64,6 +89,38 @@ class ExpertParallel:
                 dist.broadcast(full, src=0)  # every rank starts from the same experts, as DDP does for the rest
                 setattr(layer, name, nn.Parameter(full[shard.first:shard.first + shard.local].clone()))
             layer.ep = shard
+
+    def distribute(self) -> None:
+        """On a mesh: make each expert weight (this rank's share, plain or a DTensor of copies on a sub-mesh, as
+        the trainer left it) a DTensor of the whole (E, ...) weight, `Shard(0)` over "ep" and copies elsewhere.
+        Call it before the optimizer is built (the parameters are new objects). The layer computes on the local
+        share: its hooks swap the DTensors for their local tensors around each forward (autograd gives the DTensor
+        its gradient), unless an earlier hook (tensor parallelism's) has swapped them already."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        placements = [Shard(0) if dim == EP_DIM else Replicate() for dim in self.mesh.mesh_dim_names]
+        for layer in self.layers:
+            for name in EXPERT_WEIGHTS:
+                param = layer._parameters[name]
+                local = _local(param.data)
+                shape = (layer.num_experts, *local.shape[1:])
+                whole = DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
+                                           stride=torch.empty(shape, device="meta").stride())
+                layer._parameters[name] = nn.Parameter(whole, requires_grad=param.requires_grad)
+            layer.register_forward_pre_hook(_swap_in_local)
+            layer.register_forward_hook(_swap_back, always_call=True)
+        self.distributed = True
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """A block in which the expert weights are not parameters of the model (for a wrapper that would take them
+        as its own); they are back, the same objects, after it."""
+        taken = [(layer, name, layer._parameters.pop(name)) for layer in self.layers for name in EXPERT_WEIGHTS]
+        try:
+            yield
+        finally:
+            for layer, name, param in taken:
+                layer._parameters[name] = param
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return [getattr(layer, name) for layer in self.layers for name in EXPERT_WEIGHTS]
@@ -81,17 +138,26 @@ class ExpertParallel:
         for param in self.expert_parameters():
             if param.grad is None:  # one process would give these experts a zero gradient, not none
                 param.grad = torch.zeros_like(param)
-            if self.world_size > self.size:
-                dist.all_reduce(param.grad, group=self.replica_group)
-            param.grad.div_(self.world_size)
+            grad = _local(param.grad)
+            if self.replicas > 1:
+                dist.all_reduce(grad, group=self.replica_group)
+            grad.div_(self.batches)
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm."""
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float,
+                       shared_norm: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None) -> torch.Tensor:
+        """`clip_grad_norm_` over all parameters with the expert norms of the whole group; returns the norm.
+
+        `shared_norm(params, inf)` measures the other parameters' norm where their gradients are sharded (FSDP's
+        DTensors); without it they are whole on every rank (DDP replicas)."""
         experts = {id(p) for p in self.expert_parameters()}
         shared = [p.grad for p in params if id(p) not in experts and p.grad is not None]
-        local = [p.grad for p in params if id(p) in experts and p.grad is not None]
+        local = [_local(p.grad) for p in params if id(p) in experts and p.grad is not None]
         zero = torch.zeros((), device=params[0].device)
-        shared_sq = torch.stack([g.float().square().sum() for g in shared]).sum() if shared else zero
+        if shared_norm is not None:
+            shared_sq = shared_norm([p for p in params if id(p) not in experts], float("inf")).float().square()
+            shared = [_local(g) for g in shared]
+        else:
+            shared_sq = torch.stack([g.float().square().sum() for g in shared]).sum() if shared else zero
         expert_sq = torch.stack([g.float().square().sum() for g in local]).sum() if local else zero.clone()
         dist.all_reduce(expert_sq, group=self.group)
         norm = (shared_sq + expert_sq).sqrt()
@@ -113,7 +179,11 @@ class ExpertParallel:
     @contextlib.contextmanager
     def full_experts(self, load: bool = False) -> Iterator[None]:
         """Inside the block the expert weights are full (E, ...) on every rank (a collective on entry); after it,
-        this rank's share again: of what was loaded into them if `load`, else unchanged."""
+        this rank's share again: of what was loaded into them if `load`, else unchanged. DTensor experts
+        (`distribute`) are whole to every reader already: nothing to do."""
+        if self.distributed:
+            yield
+            return
         saved = []
         for layer in self.layers:
             for name in EXPERT_WEIGHTS:
@@ -135,6 +205,8 @@ class ExpertParallel:
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """`optimizer.state_dict()` with every expert's state (a collective): the same on every degree."""
         state = optimizer.state_dict()
+        if self.distributed:  # DTensor state: whole to its readers
+            return state
         slots = self._expert_state_slots(optimizer)
         per_param = dict(state["state"])
         for index in sorted(slots):  # the same order on every rank: the collectives pair up
@@ -151,6 +223,8 @@ class ExpertParallel:
 
     def local_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
         """A full optimizer state (`full_optimizer_state`, or a run without expert parallelism) for this rank."""
+        if self.distributed:
+            return state
         slots = self._expert_state_slots(optimizer)
         per_param = dict(state["state"])
         for index, layer in slots.items():
@@ -163,3 +237,20 @@ class ExpertParallel:
                 for key, value in entry.items()
             }
         return {**state, "state": per_param}
+
+
+def _swap_in_local(layer: nn.Module, args: Any) -> None:
+    """Before the forward: DTensor expert weights as their local tensors (autograd flows back into the DTensor)."""
+    saved = []
+    for name in EXPERT_WEIGHTS:
+        param = layer._parameters[name]
+        if hasattr(param, "to_local"):  # a DTensor
+            saved.append((name, param))
+            layer._parameters[name] = param.to_local()
+    layer._ep_saved = saved
+
+
+def _swap_back(layer: nn.Module, args: Any, output: Any) -> None:
+    for name, param in getattr(layer, "_ep_saved", None) or ():
+        layer._parameters[name] = param
+    layer._ep_saved = None

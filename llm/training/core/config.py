@@ -209,7 +209,7 @@ class DistributedConfig(Freezable):
     nproc_per_node: int = 1  # local worker processes to spawn (torchrun sets its own)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     strategy: str = "ddp"  # ddp | fsdp
-    expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp)
+    expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp, fsdp)
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
     # Tensor parallelism (docs/scale-out.md): the T consecutive ranks of a group read the same batch

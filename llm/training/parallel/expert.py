@@ -1,5 +1,8 @@
 """The expert-parallel degree (`distributed.expert_parallel` = S) a run may take: S divides the world and the
-experts, the model has experts, the strategy keeps whole replicas (DDP).
+experts, the model has experts. Under DDP the experts are left out of its reduction; under FSDP2 out of its
+sharding (each rank's share is its own, its gradient summed over the ranks holding the same experts). With tensor
+parallelism (T) the experts are split over S data-parallel ranks of each tensor-parallel coordinate, so S must also
+divide W / T (checked with the other tensor-parallel compositions, `tensor.check_composition`).
 
 The machinery (sharding the experts, their gradients, norms, full weights and optimizer state) is the model's
 (`llm.models.hooks.shard_experts`); the parallel plan (plan.py) applies it.
@@ -13,8 +16,8 @@ from llm.errors import ConfigError
 
 
 def check_expert_parallel(size: int, world_size: int | None, model_config: Any, strategy: str) -> None:
-    """Refuse a `distributed.expert_parallel` that the world size (None: not known yet), the model or the
-    strategy cannot take."""
+    """Refuse a `distributed.expert_parallel` that the world size (None: not known yet) or the model cannot take
+    (`strategy`: either takes it)."""
     if size == 1:
         return
     if size < 1:
@@ -26,9 +29,4 @@ def check_expert_parallel(size: int, world_size: int | None, model_config: Any, 
     if model_config.num_experts % size:
         raise ConfigError(
             f"distributed.expert_parallel: {size} must divide model.num_experts ({model_config.num_experts})"
-        )
-    if strategy != "ddp":
-        raise ConfigError(
-            f"distributed.expert_parallel: {size} works with distributed.strategy=ddp, not {strategy!r} (FSDP would "
-            "treat the ranks' different experts as one replicated tensor); use --distributed-strategy ddp"
         )

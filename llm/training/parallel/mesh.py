@@ -63,3 +63,23 @@ def build_mesh(layout: MeshLayout, device: torch.device) -> torch.distributed.de
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device.type, (layout.data_parallel, layout.tensor_parallel), mesh_dim_names=DIMS)
+
+
+# Expert parallelism composed with tensor parallelism or FSDP (T = 1): the data-parallel dimension cut into groups of
+# S consecutive data-parallel ranks that split the experts ("ep"), across which the same experts repeat
+# ("ep_replicate").
+EXPERT_DIMS = ("ep_replicate", "ep", "tp")
+
+
+def build_expert_mesh(layout: MeshLayout, expert_parallel: int,
+                      device: torch.device) -> torch.distributed.device_mesh.DeviceMesh:
+    """A second DeviceMesh over every process for the experts, `(dp / S) x S x tp` (a collective): rank r keeps its
+    `dp x tp` coordinates (`(r // T) = replica * S + ep rank`, `r % T`), so an expert-parallel group is S ranks of
+    one tensor-parallel coordinate in consecutive tensor-parallel groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if layout.data_parallel % expert_parallel:
+        raise ConfigError(f"distributed.expert_parallel: {expert_parallel} must divide the data-parallel degree "
+                          f"{layout.data_parallel} (processes / --distributed-tensor-parallel)")
+    shape = (layout.data_parallel // expert_parallel, expert_parallel, layout.tensor_parallel)
+    return init_device_mesh(device.type, shape, mesh_dim_names=EXPERT_DIMS)

@@ -14,7 +14,10 @@ With tensor parallelism (T > 1) the plan builds the run's one `DeviceMesh` (mesh
 group's ranks consecutive), splits the model over `mesh["tp"]` (tensor.py), and makes the data-parallel half over
 `mesh["dp"]`: FSDP2 over the dp sub-mesh, or DDP's averaging done by the plan itself after the backward (DDP's
 wrapper takes no DTensor parameters). The T ranks of a group read the same batch: the data module is given
-`data_rank` / `data_parallel` rather than the process's rank and world size.
+`data_rank` / `data_parallel` rather than the process's rank and world size. Expert parallelism composes with it
+(TP x EP, DDP or FSDP): the experts split over S data-parallel ranks of each tensor-parallel coordinate on a second
+mesh (`build_expert_mesh`), DTensors of the whole experts, left out of the plan's DDP averaging and of FSDP's
+sharding (the expert machinery reduces them); FSDP x EP without tensor parallelism does the same on a T = 1 mesh.
 
 The plan sits above `distributed.py` (process group, collectives), `mesh.py`, `fsdp.py` (sharding), `tensor.py`
 (tensor parallelism) and `expert.py` (the degree's checks); the model-side expert machinery is the model's own
@@ -35,7 +38,7 @@ from llm.models import hooks
 from llm.training.parallel import tensor
 from llm.training.parallel.expert import check_expert_parallel
 from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, shard_model
-from llm.training.parallel.mesh import MeshLayout, build_mesh
+from llm.training.parallel.mesh import MeshLayout, build_expert_mesh, build_mesh
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,
@@ -117,16 +120,27 @@ class ParallelPlan:
         keep_local: list[str] = []
         if self.expert_parallel > 1:
             check_expert_parallel(self.expert_parallel, self.world_size, self.model_config, self.strategy)
+            if self.strategy == "fsdp":
+                return self._apply_fsdp_experts(model)
             self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size)
             keep_local = self.experts.expert_parameter_names(model)
         wrapped = parallelize(model, self.strategy, self.world_size, self.device, self.precision, keep_local)
         self.sharded = is_fsdp(model)
         return wrapped
 
+    def _apply_fsdp_experts(self, model: nn.Module) -> nn.Module:
+        """FSDP x EP: the experts split over expert-parallel groups (a `(W / S) x S x 1` mesh) and left out of FSDP2,
+        which shards everything else over all W ranks; the experts become DTensors of the whole experts."""
+        expert_mesh = build_expert_mesh(self.layout, self.expert_parallel, self.device)
+        self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size, expert_mesh)
+        with self.experts.detached():  # FSDP shards (and broadcasts) the parameters it finds: not the experts
+            shard_model(model, self.device, self.precision)
+        self.experts.distribute()
+        self.sharded = True
+        return model
+
     def _apply_tensor_parallel(self, model: nn.Module) -> nn.Module:
         """Tensor parallelism over `mesh["tp"]`, then FSDP2 over `mesh["dp"]` or the plan's own DDP averaging."""
-        if self.expert_parallel > 1:
-            raise ValueError("expert parallelism with tensor parallelism (refused by the config check)")
         # The ranks seed differently, so their fresh weights differ: every rank starts from rank 0's (as DDP does).
         with torch.no_grad():
             for value in [*model.parameters(), *model.buffers()]:
@@ -134,11 +148,20 @@ class ParallelPlan:
         self.mesh = build_mesh(self.layout, self.device)
         dp_group = self.mesh.get_group("dp") if self.data_parallel > 1 else None
         hooks.set_data_parallel_group(model, dp_group)  # the balance statistics: the dp ranks' batches
+        if self.expert_parallel > 1:  # TP x EP: the experts split over S dp ranks of each tensor-parallel coordinate
+            check_expert_parallel(self.expert_parallel, self.world_size, self.model_config, self.strategy)
+            expert_mesh = build_expert_mesh(self.layout, self.expert_parallel, self.device)
+            self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size, expert_mesh)
         tensor.parallelize(model, self.mesh["tp"])
-        if self.strategy == "fsdp" and self.data_parallel > 1:
-            shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
+        if self.strategy == "fsdp" and self.data_parallel > 1:  # FSDP shards what it finds: not the experts
+            with self.experts.detached() if self.experts is not None else contextlib.nullcontext():
+                shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
+        if self.experts is not None:
+            self.experts.distribute()  # DTensors of the whole experts, Shard(0) over the expert-parallel group
         self.sharded = True
-        self._model_params = [p for p in model.parameters() if p.requires_grad]  # the DDP half's, in a fixed order
+        # The DDP half's, in a fixed order; the experts' gradients are the expert machinery's (`finish_gradients`).
+        experts = {id(p) for p in self.experts.expert_parameters()} if self.experts is not None else set()
+        self._model_params = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
         return model
 
     # -- the step -------------------------------------------------------------------------------
@@ -159,10 +182,10 @@ class ParallelPlan:
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip `params`' gradients to the global norm `max_norm` (inf: measure only); returns the norm, the same
         plain scalar on every rank (sharded experts' norms span their group; FSDP's DTensor grads are combined)."""
-        if self.experts is not None:
-            return self.experts.clip_grad_norm(params, max_norm)
-        if self.tensor_parallel > 1:
+        if self.tensor_parallel > 1:  # DTensor gradients, sharded experts among them (Shard(0) over "ep")
             return tensor.clip_grad_norm(params, max_norm)
+        if self.experts is not None:  # under FSDP the other gradients are shards: their norm spans the ranks
+            return self.experts.clip_grad_norm(params, max_norm, clip_grad_norm if self.sharded else None)
         return clip_grad_norm(params, max_norm)
 
     # -- weights and state ----------------------------------------------------------------------

@@ -49,11 +49,12 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
     if size == 1:
         return
     flag = f"--distributed-tensor-parallel {size}"
-    if distributed.expert_parallel > 1:
+    ep = distributed.expert_parallel
+    if ep > 1 and world_size is not None and (world_size // size) % ep:  # the experts split over dp ranks
         raise ConfigError(
-            f"distributed.expert_parallel: {distributed.expert_parallel} cannot be combined with {flag} (the experts "
-            "are replicated across a tensor-parallel group); use --distributed-expert-parallel 1 or "
-            "--distributed-tensor-parallel 1"
+            f"distributed.expert_parallel: {ep} must divide the data-parallel degree {world_size // size} (processes "
+            f"/ {flag}); pick --distributed-expert-parallel and --distributed-tensor-parallel whose product divides "
+            "the number of processes"
         )
     if training.lora_rank:
         raise ConfigError(f"training.lora_rank: {training.lora_rank} (LoRA) is not supported with {flag}; use "

@@ -133,7 +133,6 @@ def test_routing_metrics_per_layer():
     (2, 2, {"use_moe": False}, "ddp", "needs an MoE model"),
     (3, 3, {"use_moe": True, "num_experts": 4}, "ddp", "must divide model.num_experts"),
     (2, 3, {"use_moe": True}, "ddp", "must divide the number of processes (3)"),
-    (2, 2, {"use_moe": True}, "fsdp", "works with distributed.strategy=ddp"),
 ])
 def test_expert_parallel_degree_is_checked(size, world, fields, strategy, message):
     with pytest.raises(ConfigError, match=r"distributed\.expert_parallel") as err:

@@ -5,11 +5,16 @@ One 4-process gloo launch trains, in turn:
 - TP2 x FSDP2 with an MoE model (experts replicated over the tensor-parallel group), its step-2 checkpoint written
   asynchronously: 4 steps equal one process's;
 - TP2 x DP2 and TP2 x FSDP2 (a 2-D mesh) with Muon: within Muon's bf16 bound of one process;
-then two of its processes form a new 2-process group and resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards
-the tensor-parallel DTensors onto FSDP shards), train the decoder tasks (lm, sft, dpo) with TP2 and train a compiled
-TP2 model (`--training-compile`); this process resumes the checkpoint alone and trains each of those in one eager
-process; all end where one uninterrupted process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16
-bound), losses of every step, validation losses and final weights.
+- TP2 x EP2 with the MoE model (the experts split over the 2 data-parallel ranks of each tensor-parallel coordinate),
+  DDP and FSDP, stopped after step 2 (FSDP: with a checkpoint): their steps equal one process's, and each rank holds
+  half of the experts;
+then two of its processes form a new 2-process group, resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards the
+tensor-parallel DTensors onto FSDP shards), train FSDP2 x EP2 (the MoE model's experts split over the two ranks and
+kept out of FSDP's sharding: 4 steps equal one process's), the decoder tasks (lm, sft, dpo) with TP2 and a compiled
+TP2 model (`--training-compile`). This process resumes the TP2 x DP2 checkpoint alone, and the TP2 x FSDP2 x EP2 one
+(its experts written whole), and trains each of the others in one eager process; all end where one uninterrupted
+process ends. Every comparison is to 1e-5 (fp32, AdamW; Muon to its bf16 bound), losses of every step, validation
+losses and final weights.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -26,15 +30,18 @@ from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import load_trainer_state, verify_checkpoint
+from llm.models.moe import moe_layers
 from llm.training.core.callbacks import Callback
+from llm.training.core.engine import TrainingEngine
 from llm.training.parallel import distributed as D
-from llm.training.parallel.mesh import MeshLayout
+from llm.training.parallel.mesh import MeshLayout, build_expert_mesh
 from llm.training.train import build_engine, main, prepare_run_dir
 
 COMMON = [*TINY_REGRESSION, *CKPT, "--data-num-samples", "330", "--training-max-steps", "4", "--training-val-interval",
           "2", "--seed", "3", "--training-precision", "fp32", "--training-optimizer", "adamw"]
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 TP2 = ["--distributed-tensor-parallel", "2"]
+EP2 = ["--distributed-expert-parallel", "2"]
 MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogonalised whole (sharded_muon.py)
 
 
@@ -68,7 +75,8 @@ class StopAfter(Callback):
             self.engine.should_stop = True
 
 
-def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0, base: list[str] | None = None) -> Any:
+def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0,
+           base: list[str] | None = None) -> TrainingEngine:
     config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world), base=base)
     if rank == 0:
         prepare_run_dir(config)
@@ -102,6 +110,11 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         _train(root_path / "tp2-dp2-muon", [*MUON, *TP2, "--training-batch-size", "8"], rank, 4)
         _train(root_path / "tp2-fsdp2-muon", [*MUON, *TP2, "--distributed-strategy", "fsdp", "--training-batch-size",
                                               "8"], rank, 4)
+        for name, strategy in (("tp2-ep2-moe", "ddp"), ("tp2-fsdp2-ep2-moe", "fsdp")):
+            engine = _train(root_path / name, [*COMMON, *MOE, *TP2, *EP2, "--distributed-strategy", strategy,
+                                               "--training-batch-size", "8"], rank, 4, stop=2)
+            experts = moe_layers(engine.unwrapped_model)[0].w_gate_up
+            assert experts.shape[0] == 4 and experts.to_local().shape[0] == 2  # whole to readers, half held here
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -114,13 +127,15 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
             os.environ["LLM_COMPILE_BACKEND"] = "aot_eager"
             engine = _train(root_path / "tp2-compiled", [*COMPILED, *TP2], rank, 2, base=[])
             (root_path / f"compiled-{rank}").write_text(json.dumps(hasattr(engine.model, "_orig_mod")))
+            _train(root_path / "fsdp2-ep2-moe", [*COMMON, *MOE, *EP2, "--distributed-strategy", "fsdp",
+                                                 "--training-batch-size", "8"], rank, 2)
         finally:
             D.destroy_process_group()
     (root_path / f"done-{rank}").write_text(json.dumps(rank))
 
 
-def _checkpoint(root: Path) -> Path:
-    return root / "tp2-dp2" / "run" / "checkpoints" / "step-00000002"
+def _checkpoint(root: Path, run: str = "tp2-dp2") -> Path:
+    return root / run / "run" / "checkpoints" / "step-00000002"
 
 
 def _by_step(run_dir: Path, key: str) -> dict[int, float]:
@@ -148,6 +163,8 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
         _train(tmp_path / name, [*flags, "--training-batch-size", "16"], 0, 1)
     _train(tmp_path / "one-resume", [*COMMON, "--training-batch-size", "16", "--checkpoint-resume",
                                      str(_checkpoint(tmp_path))], 0, 1)
+    _train(tmp_path / "moe-resume", [*COMMON, *MOE, "--training-batch-size", "16", "--checkpoint-resume",
+                                     str(_checkpoint(tmp_path, "tp2-fsdp2-ep2-moe"))], 0, 1)
     dense = tmp_path / "dense" / "run"
     # The TP checkpoint is the sharded (DCP) format, whole tensors' names, readable on any layout.
     assert (_checkpoint(tmp_path) / "sharded" / ".metadata").is_file()
@@ -155,6 +172,10 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     assert_same(tmp_path / "tp2-fsdp2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
     written = verify_checkpoint(tmp_path / "tp2-fsdp2-moe" / "run" / "checkpoints" / "step-00000002")["files"]
     assert {"sharded/.metadata", *(f"trainer_state_rank{r}.pt" for r in range(4))} <= set(written)
+    for name in ("tp2-ep2-moe", "tp2-fsdp2-ep2-moe"):
+        assert_same(tmp_path / name / "run", tmp_path / "moe" / "run", range(1, 3), weights=False)
+    assert_same(tmp_path / "moe-resume" / "run", tmp_path / "moe" / "run", range(3, 5))
+    assert_same(tmp_path / "fsdp2-ep2-moe" / "run", tmp_path / "moe" / "run", range(1, 5))
     # Muon orthogonalises in bf16, so split sums reach it rounded differently: the bound DDP + Muon has to one
     # process (docs/scale-out.md; measured for 4 steps here: DDP 2 differs by 1.1e-3 in weights and 9e-6 in loss,
     # TP 2 by 1.8e-3 and 4.6e-5).
@@ -182,14 +203,27 @@ def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
     assert [layout.tensor_rank(r) for r in range(8)] == [0, 1] * 4
 
 
+def test_the_expert_mesh_splits_experts_over_dp_ranks_of_one_tensor_parallel_coordinate():
+    """TP2 x EP2 on 8 ranks, seen from rank 5 (dp 2, tp 1): it exchanges tokens with rank 7 (dp 3, same tp
+    coordinate) and sums its expert gradients with rank 1 only (the same experts: dp 0, same tp coordinate)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=5, world_size=8)
+    try:
+        mesh = build_expert_mesh(MeshLayout(world_size=8, tensor_parallel=2), 2, torch.device("cpu"))
+        assert mesh["ep"].mesh.tolist() == [5, 7] and mesh.get_local_rank("ep") == 0
+        assert mesh["ep_replicate"].mesh.tolist() == [1, 5] and mesh["tp"].mesh.tolist() == [4, 5]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("flags, other", [
     (["--model-num-heads", "4", "--distributed-tensor-parallel", "3", "--distributed-nproc-per-node", "3"],
      "--model-num-heads"),
     (["--model-num-kv-heads", "1", *TP2, "--distributed-nproc-per-node", "2"], "--model-num-kv-heads"),
     (["--model-intermediate-size", "33", *TP2, "--distributed-nproc-per-node", "2"], "--model-intermediate-size"),
     ([*TP2, "--distributed-nproc-per-node", "3"], "--distributed-nproc-per-node"),
-    ([*MOE, "--distributed-expert-parallel", "2", *TP2, "--distributed-nproc-per-node", "4"],
-     "--distributed-expert-parallel"),
+    ([*MOE, *EP2, *TP2, "--distributed-nproc-per-node", "6"], "--distributed-expert-parallel"),  # dp 3
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
 ])
