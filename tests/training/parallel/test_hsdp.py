@@ -1,8 +1,9 @@
 """HSDP (`--distributed-strategy hsdp --distributed-shard-size S`) held to one process, and its refusals (issue 23).
 
 One 4-process gloo launch (the tensor-parallel test's harness) trains, in turn:
-- HSDP 2 replicas x 2 shards, 4 steps with a checkpoint at step 2, gradients clipped (the norm must count each
-  shard once, not once per replica): every step's loss and gradient norm and the final weights equal one process's;
+- HSDP 2 replicas x 2 shards with full activation checkpointing, 4 steps with a checkpoint at step 2, gradients
+  clipped (the norm must count each shard once, not once per replica): every step's loss and gradient norm and the
+  final weights equal one process's;
 - FSDP over the 4 ranks for 2 steps, whose checkpoint HSDP 2 x 2 resumes for steps 3-4 (DCP reshards 1-D shards onto
   the 2-D mesh);
 then this process resumes the HSDP checkpoint alone. Every comparison is to 1e-5 (fp32, AdamW).
@@ -26,7 +27,8 @@ from llm.training.train import main
 from tests.training.parallel.test_tensor_parallel import COMMON, _by_step, _group, _train, assert_same
 
 CLIP = ["--training-grad-clip", "0.05", "--checkpoint-interval", "2"]  # clipping engages at every step (checked)
-HSDP = ["--distributed-strategy", "hsdp", "--distributed-shard-size", "2", "--training-batch-size", "4"]
+HSDP = ["--distributed-strategy", "hsdp", "--distributed-shard-size", "2", "--training-batch-size", "4",
+        "--training-activation-checkpointing", "full"]  # recomputing the blocks changes nothing (checked at 1e-5)
 FSDP = ["--distributed-strategy", "fsdp", "--training-batch-size", "4"]
 
 
