@@ -215,7 +215,7 @@ class DistributedConfig(Freezable):
     # Tensor parallelism (docs/scale-out.md): the T consecutive ranks of a group read the same batch
     tensor_parallel: int = 1  # split attention heads and MLP columns over this many ranks
     # HSDP (docs/scale-out.md, "HSDP"): distributed.strategy=hsdp shards within groups of shard_size ranks
-    shard_size: int = 0  # hsdp: data-parallel ranks per shard group (0 = those of one node)
+    shard_size: int = 0  # hsdp: processes per shard group (0 = those of one node)
 
 
 @dataclass
