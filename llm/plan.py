@@ -4,7 +4,8 @@
         [--nodes K] [--precision bf16] [--optimizer muon|adamw]
 
 For every candidate plan (DDP; FSDP; FSDP + tensor parallel T in {2, 4, 8} where T divides the attention and KV
-heads and fits a node; activation checkpointing none/selective/full; micro-batch sizes) it predicts, per device,
+heads and fits a node; on several nodes HSDP: sharded over one node's GPUs, replicated across the nodes;
+activation checkpointing none/selective/full; micro-batch sizes) it predicts, per device,
 the bytes of parameters, gradients, optimizer state and activations and the peak, and a step time; it prints the
 table and the fastest plan that fits, as the training CLI's flags. Nothing is allocated: the model is built on the
 meta device from its preset (`DecoderModel.from_preset`), and MoE presets count total and active parameters.
@@ -12,11 +13,12 @@ meta device from its preset (`DecoderModel.from_preset`), and MoE presets count 
 The memory model (per device; D = data-parallel degree, T = tensor-parallel degree, FSDP shards over D x T ranks):
 - weights fp32 (master weights; bf16 runs compute in bf16 from them), gradients fp32, optimizer state fp32: AdamW
   2 moments per parameter, Muon 1 momentum per hidden matrix entry plus AdamW's 2 for the rest. DDP holds them
-  whole plus its reducer's gradient buckets (a second fp32 copy of the gradients); FSDP divides all by D x T.
+  whole plus its reducer's gradient buckets (a second fp32 copy of the gradients); FSDP divides all by D x T, HSDP
+  by S (the GPUs of one node).
 - transients: bf16 under DDP keeps autocast's bf16 copy of every weight saved for the backward (2 bytes each);
   FSDP holds the gathered compute-dtype weights of two blocks (the one running and the prefetched one), the root's
   (embeddings, head) and one block's unsharded fp32 gradients before the reduce-scatter; ShardedMuon holds one
-  bucket of D x T whole matrices (fp32 + bf16).
+  bucket of D x T (HSDP: S, each replica orthogonalises on its own) whole matrices (fp32 + bf16).
 - activations, counted from `TransformerBlock`'s saved tensors (SDPA in a fused kernel: no T x T term): per token
   and layer, fp32: `4 * (4h + 3q + 2kv + 4i)` bytes (h hidden, q query width, kv key/value width, i MLP width);
   bf16 autocast: fp32 residual at the two norms, bf16 elsewhere, each of q/k/v and gate/up casting its input anew.
@@ -39,7 +41,10 @@ reduce-scatter, ShardedMuon's gather and broadcast) overlaps compute and counts 
 all-reduces (4 per layer and step, forward and backward) are on the critical path. Bandwidths: `--intra-node-gbps`
 (default 300 GB/s, NVLink bus bandwidth) inside a node, `--inter-node-gbps` (default 40 GB/s, 8 x 400 Gb/s
 InfiniBand per node shared by its GPUs) across nodes. A ring moves 2(n-1)/n of the bytes per all-reduce, (n-1)/n
-per all-gather or reduce-scatter.
+per all-gather or reduce-scatter. FSDP on several nodes runs its gathers and reduce-scatters over all D ranks at the
+cross-node bandwidth; HSDP runs them over the S ranks of a node at the intra-node bandwidth and sends across nodes only
+the all-reduce of each rank's 1/S gradient shard over the D / S replicas (and Muon's gather and broadcast stay inside
+the node); the two parts are added (FSDP2 issues the all-reduce after the reduce-scatter).
 """
 
 from __future__ import annotations
@@ -136,16 +141,18 @@ def model_shape(preset: str, seq_len: int, **overrides: Any) -> ModelShape:
 # ------------------------------------------------------------------------------------------------ candidates
 @dataclass(frozen=True)
 class Candidate:
-    """One plan: strategy (ddp | fsdp), tensor-parallel degree, activation checkpointing, micro-batch."""
+    """One plan: strategy (ddp | fsdp | hsdp), tensor-parallel degree, activation checkpointing, micro-batch, and
+    under hsdp the shard group's data-parallel ranks."""
 
     strategy: str
     tp: int
     ac: str
     batch: int
+    shard: int = 0  # hsdp: the ranks each weight is sharded over (one node's GPUs); 0 otherwise
 
     @property
     def label(self) -> str:
-        return "ddp" if self.strategy == "ddp" else ("fsdp" if self.tp == 1 else f"fsdp+tp{self.tp}")
+        return self.strategy if self.tp == 1 else f"{self.strategy}+tp{self.tp}"
 
 
 @dataclass
@@ -173,14 +180,15 @@ class Plan:
 def candidates(shape: ModelShape, gpus: int, nodes: int, batch: int | None) -> list[Candidate]:
     """Every plan to consider for `shape` on `gpus` GPUs over `nodes` nodes."""
     per_node = gpus // nodes
-    layouts = [("ddp", 1)]
+    layouts = [("ddp", 1, 0)]
     if gpus > 1:
-        layouts.append(("fsdp", 1))
-        layouts += [("fsdp", t) for t in TP_DEGREES
-                    if t <= per_node and per_node % t == 0 and shape.heads % t == 0 and shape.kv_heads % t == 0
-                    and gpus // t >= 1]
+        degrees = [1, *(t for t in TP_DEGREES
+                        if t <= per_node and per_node % t == 0 and shape.heads % t == 0 and shape.kv_heads % t == 0)]
+        layouts += [("fsdp", t, 0) for t in degrees]
+        if nodes > 1 and per_node > 1:  # HSDP: shard over one node's GPUs, replicate across the nodes (no TP yet)
+            layouts.append(("hsdp", 1, per_node))
     batches = (batch,) if batch else MICRO_BATCHES
-    return [Candidate(s, t, ac, b) for s, t in layouts for ac in AC_MODES for b in batches]
+    return [Candidate(s, t, ac, b, shard) for s, t, shard in layouts for ac in AC_MODES for b in batches]
 
 
 # ------------------------------------------------------------------------------------------------ the models
@@ -211,11 +219,11 @@ def predict(shape: ModelShape, cand: Candidate, gpus: int, nodes: int, memory: i
             precision: str = "bf16", optimizer: str = "muon", gpu_tflops: float = 400.0,
             intra_gbps: float = 300.0, inter_gbps: float = 40.0) -> Plan:
     """The prediction for one candidate (see the module docstring for the model)."""
-    shards = gpus if cand.strategy == "fsdp" else 1
     t = cand.tp
+    shards = {"fsdp": gpus, "hsdp": cand.shard * t}.get(cand.strategy, 1)  # ranks one weight is spread over
     P = shape.params
     # tensor parallelism splits the blocks' matrices T ways; FSDP then shards what each rank holds over the rest
-    held = (P - shape.tp_params + shape.tp_params / t) / (shards / t) if cand.strategy == "fsdp" else P
+    held = (P - shape.tp_params + shape.tp_params / t) / (shards / t) if cand.strategy != "ddp" else P
     weights = 4 * held
     grads = 4 * held
     muon_fraction = shape.muon_params / P if optimizer == "muon" else 0.0
@@ -249,18 +257,23 @@ def predict(shape: ModelShape, cand: Candidate, gpus: int, nodes: int, memory: i
     if dp > 1 and cand.strategy == "ddp":
         dp_bytes = 2 * (dp - 1) / dp * 4 * P
     elif dp > 1 or shards > 1:
-        n = shards
+        n = shards if cand.strategy == "fsdp" else cand.shard
         per_rank = (P - shape.tp_params + shape.tp_params / t)
         dp_bytes = (n - 1) / n * per_rank * (2 * compute_bytes + 4)  # 2 all-gathers (fwd, bwd) + reduce-scatter
         if optimizer == "muon":
             dp_bytes += (n - 1) / n * shape.muon_params * 4 + shape.muon_params * 2  # gather + bf16 broadcast
     else:
         dp_bytes = 0.0
+    dp_s = dp_bytes / bw_dp
+    if cand.strategy == "hsdp":  # the shard group inside a node; across nodes the all-reduce of a 1/S gradient shard
+        replicas = dp // cand.shard
+        cross = 2 * (replicas - 1) / replicas * 4 * per_rank / cand.shard
+        dp_s = dp_bytes / (intra_gbps * 1e9) + cross / (inter_gbps * 1e9)
     tp_s = 0.0
     if t > 1:
         tp_bytes = 4 * shape.layers * 2 * (t - 1) / t * tokens * shape.hidden * compute_bytes
         tp_s = tp_bytes / (intra_gbps * 1e9)
-    step_s = max(compute_s, dp_bytes / bw_dp) + tp_s
+    step_s = max(compute_s, dp_s) + tp_s
     tokens_per_s = tokens * dp / step_s if step_s > 0 else 0.0
     return Plan(cand, gpus, weights, grads, optim, activations, transient + opt_transient, peak, step_s,
                 tokens_per_s, peak <= memory, parts)
@@ -273,6 +286,8 @@ def flags(plan: Plan, preset: str, seq_len: int, precision: str, optimizer: str)
     out = ["--task", "lm", "--model-preset", preset, "--data-seq-len", str(seq_len)]
     if plan.gpus > 1:
         out += ["--distributed-strategy", c.strategy]
+    if c.strategy == "hsdp":
+        out += ["--distributed-shard-size", str(c.shard)]
     if c.tp > 1:
         out += ["--distributed-tensor-parallel", str(c.tp)]
     out += ["--training-activation-checkpointing", c.ac, "--training-batch-size", str(c.batch),

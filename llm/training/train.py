@@ -56,6 +56,7 @@ from llm.training.parallel.distributed import (
     torchrun_env,
 )
 from llm.training.parallel.expert import check_expert_parallel
+from llm.training.parallel.mesh import check_hsdp
 from llm.training.parallel.tensor import check_composition
 from llm.training.tasks.base_task import TrainingTask
 from llm.training.tasks.classification_task import ClassificationTask
@@ -273,6 +274,8 @@ def check_world_size(config: Config) -> None:
     dist = config.distributed
     check_expert_parallel(dist.expert_parallel, job_world_size(config), config.model, dist.strategy)
     check_composition(dist.tensor_parallel, job_world_size(config), config.model, config.training, dist)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if torchrun_env() is not None else dist.nproc_per_node
+    check_hsdp(dist.strategy, dist.shard_size, job_world_size(config), dist.tensor_parallel, local)
 
 
 def setup_logging(rank: int, level: str, run_dir: Path | None = None,

@@ -47,7 +47,7 @@ from llm.training.optim.precision import PRECISIONS
 NAN_POLICIES = ("raise", "skip")
 SPIKE_POLICIES = ("off", "rollback")
 INTERVALS = ("step", "epoch")
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "hsdp")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -208,12 +208,14 @@ class DistributedConfig(Freezable):
 
     nproc_per_node: int = 1  # local worker processes to spawn (torchrun sets its own)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    strategy: str = "ddp"  # ddp | fsdp
+    strategy: str = "ddp"  # ddp | fsdp | hsdp (fsdp within shard groups, replicated across them)
     expert_parallel: int = 1  # MoE: split each layer's experts over this many ranks (all-to-all dispatch; ddp, fsdp)
     timeout_minutes: float = 10.0  # a collective waiting longer than this fails the job
     master_port: int = 0  # rendezvous port for spawned workers (0 = a free port)
     # Tensor parallelism (docs/scale-out.md): the T consecutive ranks of a group read the same batch
     tensor_parallel: int = 1  # split attention heads and MLP columns over this many ranks
+    # HSDP (docs/scale-out.md, "HSDP"): distributed.strategy=hsdp shards within groups of shard_size ranks
+    shard_size: int = 0  # hsdp: processes per shard group (0 = those of one node)
 
 
 @dataclass
@@ -545,7 +547,10 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
 
     _check(dist.nproc_per_node >= 1, "distributed.nproc_per_node", dist.nproc_per_node, "must be >= 1")
     _check(dist.backend in BACKENDS, "distributed.backend", dist.backend, "auto, gloo or nccl", BACKENDS)
-    _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp or fsdp", STRATEGIES)
+    _check(dist.strategy in STRATEGIES, "distributed.strategy", dist.strategy, "ddp, fsdp or hsdp", STRATEGIES)
+    from llm.training.parallel.mesh import check_hsdp
+
+    check_hsdp(dist.strategy, dist.shard_size, None, dist.tensor_parallel)  # with the world size: check_world_size
     from llm.training.parallel.expert import check_expert_parallel
 
     check_expert_parallel(dist.expert_parallel, None, m, dist.strategy)

@@ -9,6 +9,8 @@ orthogonalising the matrix, so under sharding the update of each matrix is compu
 3. one *owner* rank per matrix (round-robin over the mesh's ranks, in parameter order) orthogonalises it with
    torch's own Newton-Schulz (`torch.optim._muon._zeropower_via_newtonschulz`: bf16, as torch's Muon does) and
    broadcasts the bf16 result to the mesh's ranks (asynchronously, one bucket of one matrix per owner at a time);
+   Under HSDP the owners are the ranks of this rank's replica (`_owner_mesh`): each replica orthogonalises its own
+   copy, the same computation on the same inputs, and the broadcast stays inside the replica's node;
 4. each rank takes its shard of the result (a local slice, no communication) and applies torch's Muon update to its
    shard: decoupled weight decay, then `- adjusted_lr * O` with torch's `_adjust_lr` on the matrix's global shape.
 
@@ -44,6 +46,20 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+REPLICATE_DIM = "dp_replicate"  # HSDP's replica dimension (llm.training.parallel.mesh.HSDP_DIMS)
+
+
+def _owner_mesh(mesh: Any) -> Any:
+    """The ranks that share one matrix's orthogonalisation: the whole mesh, except under HSDP, where each replica
+    (this rank's slice of the mesh without its `dp_replicate` dimension) does its own. The replicas hold the same
+    momentum-updated matrices (their gradients come out of one all-reduce), so each computes the same result, and no
+    bf16 broadcast crosses replicas (nodes)."""
+    names = mesh.mesh_dim_names or ()
+    if REPLICATE_DIM not in names or mesh.ndim == 1:
+        return mesh
+    return mesh[tuple(name for name in names if name != REPLICATE_DIM)]
+
+
 class _MeshGroup:
     """The process group spanning every rank of a device mesh (a broadcast reaches all holders of a matrix)."""
 
@@ -68,7 +84,7 @@ class ShardedMuon(torch.optim.Muon):
     def _mesh_group(self, mesh: Any) -> _MeshGroup:
         key = id(mesh)
         if key not in self._groups:
-            self._groups[key] = _MeshGroup(mesh)
+            self._groups[key] = _MeshGroup(_owner_mesh(mesh))
         return self._groups[key]
 
     @torch.no_grad()

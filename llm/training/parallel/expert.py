@@ -16,8 +16,8 @@ from llm.errors import ConfigError
 
 
 def check_expert_parallel(size: int, world_size: int | None, model_config: Any, strategy: str) -> None:
-    """Refuse a `distributed.expert_parallel` that the world size (None: not known yet) or the model cannot take
-    (`strategy`: either takes it)."""
+    """Refuse a `distributed.expert_parallel` that the world size (None: not known yet), the model or the strategy
+    cannot take (ddp and fsdp take it; hsdp's 2-D mesh has no expert dimension yet)."""
     if size == 1:
         return
     if size < 1:
@@ -26,6 +26,9 @@ def check_expert_parallel(size: int, world_size: int | None, model_config: Any, 
         raise ConfigError(f"distributed.expert_parallel: {size} needs an MoE model (--model-use-moe)")
     if world_size is not None and world_size % size:
         raise ConfigError(f"distributed.expert_parallel: {size} must divide the number of processes ({world_size})")
+    if strategy == "hsdp":
+        raise ConfigError(f"distributed.expert_parallel: {size} is not combined with distributed.strategy=hsdp (yet); "
+                          "use --distributed-strategy fsdp or ddp with --distributed-expert-parallel")
     if model_config.num_experts % size:
         raise ConfigError(
             f"distributed.expert_parallel: {size} must divide model.num_experts ({model_config.num_experts})"

@@ -7,6 +7,12 @@ as DTensor shards; a block's full weights exist only while it runs (all-gathered
 backward, freed after) and gradients are reduce-scattered. `training.precision=bf16` becomes the
 mixed-precision policy: bf16 copies for compute, fp32 gradient reduction, fp32 master weights.
 
+HSDP (`distributed.strategy=hsdp`, `shard_size` S < N) is the same `fully_shard` on a 2-D (replicas x S) mesh
+(mesh.py `build_hsdp_mesh`): each weight is sharded over the S ranks of a group (a node) and every group holds the
+same shards, so the all-gathers and reduce-scatters stay inside a group and only the all-reduce of each rank's 1/S
+gradient shard crosses groups. The parameters are DTensors placed (Replicate, Shard(0)); everything below (the
+gradient norm, full weights, DCP checkpoints, `ShardedMuon`) reads their placements, so it serves both.
+
 Under FSDP anything that reads the weights outside the training step is a collective, so every rank
 calls it:
 - `save_full_weights` gathers a full state dict to rank 0's CPU, which writes one ordinary safetensors
@@ -45,6 +51,7 @@ from llm.artifacts.sharded import (
 from llm.errors import UserError
 from llm.models import lora
 from llm.training.parallel.distributed import all_gather_object, any_rank, broadcast_object
+from llm.training.parallel.mesh import build_hsdp_mesh
 
 _END = object()
 
@@ -77,15 +84,19 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard_model(model: nn.Module, device: torch.device, precision: str, mesh: Any = None) -> nn.Module:
-    """Shard `model` in place across the default process group, or over `mesh` (the data-parallel dimension of the
-    parallel plan's device mesh, whose caller has made the ranks' weights equal); returns it (now an `FSDPModule`)."""
+def shard_model(model: nn.Module, device: torch.device, precision: str, mesh: Any = None,
+                shard_size: int = 0) -> nn.Module:
+    """Shard `model` in place across the default process group, or over `mesh` (the data-parallel dimension(s) of the
+    parallel plan's device mesh, whose caller has made the ranks' weights equal); returns it (now an `FSDPModule`).
+
+    Without `mesh`, a `shard_size` S below the world size makes it HSDP: sharded within groups of S consecutive
+    ranks, replicated across the groups."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if precision == "fp16":
         raise UserError(
-            "training.precision: fp16 is not supported with distributed.strategy=fsdp (its loss scaler would "
+            "training.precision: fp16 is not supported with distributed.strategy=fsdp or hsdp (its loss scaler would "
             "need sharded gradients); use bf16, which needs no scaler"
         )
     if mesh is None:
@@ -94,7 +105,11 @@ def shard_model(model: nn.Module, device: torch.device, precision: str, mesh: An
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor, src=0)
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        world = dist.get_world_size()
+        if 0 < shard_size < world:
+            mesh = build_hsdp_mesh(world, shard_size, device)
+        else:
+            mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     units = fsdp_units(model)
@@ -113,7 +128,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`clip_grad_norm_` that also takes FSDP's DTensor gradients; returns the total norm as a plain tensor.
 
     With DTensors the norm comes back as a DTensor (the shards' norms combined across ranks); the engine's
-    finite check and metric reduction want an ordinary scalar, identical on every rank.
+    finite check and metric reduction want an ordinary scalar, identical on every rank. Under HSDP the norm is
+    reduced over the shard dimension only: the replicas hold the same gradient shards, which are not counted twice.
     """
     from torch.distributed.tensor import DTensor
 

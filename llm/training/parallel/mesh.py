@@ -83,3 +83,55 @@ def build_expert_mesh(layout: MeshLayout, expert_parallel: int,
                           f"{layout.data_parallel} (processes / --distributed-tensor-parallel)")
     shape = (layout.data_parallel // expert_parallel, expert_parallel, layout.tensor_parallel)
     return init_device_mesh(device.type, shape, mesh_dim_names=EXPERT_DIMS)
+
+
+# ---------------------------------------------------------------------------------------------
+# HSDP: `distributed.strategy=hsdp`, FSDP2 shards inside groups of `distributed.shard_size` ranks and replicates
+# across the groups (docs/scale-out.md, "HSDP"). Rank r sits at (r // S, r % S) of a replicas x S grid, so a shard
+# group's ranks are consecutive: with torchrun's rank order, one node (its weights' all-gathers and reduce-scatters
+# on NVLink); only the all-reduce of each rank's 1/S gradient shard crosses nodes.
+# ---------------------------------------------------------------------------------------------
+
+HSDP_DIMS = ("dp_replicate", "dp_shard")  # the mesh's dimension names under hsdp, outermost first
+
+
+def resolve_shard_size(shard_size: int, local_world_size: int) -> int:
+    """`distributed.shard_size`, with 0 meaning the processes of one node (`local_world_size`)."""
+    return shard_size if shard_size else max(1, local_world_size)
+
+
+def check_hsdp(strategy: str, shard_size: int, world_size: int | None, tensor_parallel: int = 1,
+               local_world_size: int | None = None) -> None:
+    """Refuse a `distributed.shard_size` that is negative or set without `distributed.strategy=hsdp`, hsdp with
+    tensor parallelism, and (once the world size is known: not None) hsdp with one process or a shard size that does
+    not divide the number of processes (`local_world_size`: a node's processes, for the default; None: all)."""
+    if shard_size < 0:
+        raise ConfigError(f"distributed.shard_size: {shard_size} must be >= 1 (or 0: the processes of one node)")
+    if shard_size and strategy != "hsdp":
+        raise ConfigError(f"distributed.shard_size: {shard_size} applies to --distributed-strategy hsdp only, not "
+                          f"{strategy!r}; drop --distributed-shard-size or use --distributed-strategy hsdp")
+    if strategy != "hsdp":
+        return
+    if tensor_parallel > 1:
+        # The tensor-parallel gradient norm (tensor.py) reduces over one mesh dimension or all of them; HSDP x TP
+        # shards over two of three (dp_shard, tp). Refused rather than counted wrong.
+        raise ConfigError(f"distributed.strategy: hsdp is not combined with --distributed-tensor-parallel "
+                          f"{tensor_parallel} (yet); use --distributed-strategy fsdp with it, or "
+                          "--distributed-tensor-parallel 1 with hsdp")
+    if world_size is None:
+        return
+    if world_size == 1:
+        raise ConfigError("distributed.strategy: hsdp needs more than one process (--distributed-nproc-per-node, "
+                          "or torchrun's --nnodes x --nproc-per-node); use ddp for one")
+    size = resolve_shard_size(shard_size, local_world_size or world_size)
+    if world_size % size:
+        default = "" if shard_size else " (0: the processes of one node)"
+        raise ConfigError(f"distributed.shard_size: {size}{default} must divide the {world_size} processes; set "
+                          "--distributed-shard-size to a divisor")
+
+
+def build_hsdp_mesh(world_size: int, shard_size: int, device: torch.device) -> torch.distributed.device_mesh.DeviceMesh:
+    """The run's (world_size / shard_size) replicas x shard_size DeviceMesh (a collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size // shard_size, shard_size), mesh_dim_names=HSDP_DIMS)

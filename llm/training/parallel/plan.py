@@ -1,6 +1,7 @@
 """The parallel plan: how one run spreads its model over the processes, and everything that depends on it.
 
-`ParallelPlan.from_config` reads the run's layout (`distributed.strategy` ddp/fsdp, `distributed.expert_parallel`,
+`ParallelPlan.from_config` reads the run's layout (`distributed.strategy` ddp/fsdp/hsdp, `distributed.shard_size`,
+`distributed.expert_parallel`,
 `distributed.tensor_parallel`, the world size, the device, `training.precision`); `plan.apply(model)` lays the model
 out (the global batch for the model's balance statistics, its experts sharded over expert-parallel groups, or its
 heads and MLP columns split over tensor-parallel groups, then DDP replicas or FSDP2 shards) and returns the module
@@ -19,6 +20,10 @@ wrapper takes no DTensor parameters). The T ranks of a group read the same batch
 mesh (`build_expert_mesh`), DTensors of the whole experts, left out of the plan's DDP averaging and of FSDP's
 sharding (the expert machinery reduces them); FSDP x EP without tensor parallelism does the same on a T = 1 mesh.
 
+HSDP (`strategy="hsdp"`, without tensor parallelism: refused by the config check) is FSDP2 over a replicas x
+`shard_size` mesh (fsdp.py, mesh.py `build_hsdp_mesh`): the same sharded module, state and checkpoints as fsdp, only
+the mesh differs.
+
 The plan sits above `distributed.py` (process group, collectives), `mesh.py`, `fsdp.py` (sharding), `tensor.py`
 (tensor parallelism) and `expert.py` (the degree's checks); the model-side expert machinery is the model's own
 (`llm.models.hooks.shard_experts`).
@@ -27,6 +32,7 @@ The plan sits above `distributed.py` (process group, collectives), `mesh.py`, `f
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -38,12 +44,15 @@ from llm.models import hooks
 from llm.training.parallel import tensor
 from llm.training.parallel.expert import check_expert_parallel
 from llm.training.parallel.fsdp import clip_grad_norm, is_fsdp, lockstep_batches, shard_model
-from llm.training.parallel.mesh import MeshLayout, build_expert_mesh, build_mesh
+from llm.training.parallel.mesh import MeshLayout, build_expert_mesh, build_mesh, check_hsdp, resolve_shard_size
+
+SHARDED_STRATEGIES = ("fsdp", "hsdp")  # the strategies whose data parallelism is FSDP2 (hsdp: on a 2-D mesh)
 
 
 def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.device, precision: str,
-                keep_local: list[str] | None = None) -> nn.Module:
-    """Wrap `model` for data parallelism: DDP (a replica per rank) or FSDP2 (sharded in place, see fsdp.py).
+                keep_local: list[str] | None = None, shard_size: int = 0) -> nn.Module:
+    """Wrap `model` for data parallelism: DDP (a replica per rank) or FSDP2 (sharded in place, see fsdp.py; hsdp:
+    sharded over groups of `shard_size` ranks, replicated across them).
 
     `keep_local` names parameters that differ between ranks by design (expert-parallel experts): DDP neither
     broadcasts nor reduces them (the model's expert machinery does).
@@ -53,8 +62,8 @@ def parallelize(model: nn.Module, strategy: str, world_size: int, device: torch.
     """
     if world_size <= 1:
         return model
-    if strategy == "fsdp":
-        return shard_model(model, device, precision)
+    if strategy in SHARDED_STRATEGIES:
+        return shard_model(model, device, precision, shard_size=shard_size if strategy == "hsdp" else 0)
     ids = [device.index] if device.type == "cuda" else None
     if keep_local:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, keep_local)
@@ -74,6 +83,7 @@ class ParallelPlan:
         expert_parallel: int = 1,
         model_config: Any = None,
         tensor_parallel: int = 1,
+        shard_size: int = 0,
     ) -> None:
         self.strategy, self.world_size, self.rank = strategy, world_size, rank
         self.device = device if device is not None else torch.device("cpu")
@@ -85,6 +95,9 @@ class ParallelPlan:
         # attribute, read by the engine's counters at every micro-batch.
         self.data_parallel = self.layout.data_parallel
         self.mesh: Any = None  # the run's DeviceMesh (dp x tp), built by `apply` under tensor parallelism
+        # hsdp: the ranks each weight is sharded over (resolved: never 0); fsdp and ddp: 0
+        check_hsdp(strategy, shard_size, world_size, tensor_parallel)
+        self.shard_size = resolve_shard_size(shard_size, world_size) if strategy == "hsdp" else 0
         self._model_params: list[nn.Parameter] = []
 
     @property
@@ -100,10 +113,16 @@ class ParallelPlan:
     def from_config(cls, config: Any, rank: int, world_size: int, device: torch.device) -> ParallelPlan:
         """The plan of a run's config (a task without a `distributed` section runs DDP replicas)."""
         dist_cfg = getattr(config, "distributed", None)
+        strategy, tensor_parallel = getattr(dist_cfg, "strategy", "ddp"), getattr(dist_cfg, "tensor_parallel", 1)
+        shard_size = getattr(dist_cfg, "shard_size", 0)
+        if strategy == "hsdp":  # 0 = one node's processes: LOCAL_WORLD_SIZE (torchrun's, the CLI's spawn's)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE") or getattr(dist_cfg, "nproc_per_node", world_size))
+            shard_size = resolve_shard_size(shard_size, local)
         return cls(
-            strategy=getattr(dist_cfg, "strategy", "ddp"), world_size=world_size, rank=rank, device=device,
+            strategy=strategy, world_size=world_size, rank=rank, device=device,
             precision=config.training.precision, expert_parallel=getattr(dist_cfg, "expert_parallel", 1),
-            model_config=getattr(config, "model", None), tensor_parallel=getattr(dist_cfg, "tensor_parallel", 1),
+            model_config=getattr(config, "model", None), tensor_parallel=tensor_parallel,
+            shard_size=shard_size,
         )
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -124,7 +143,8 @@ class ParallelPlan:
                 return self._apply_fsdp_experts(model)
             self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size)
             keep_local = self.experts.expert_parameter_names(model)
-        wrapped = parallelize(model, self.strategy, self.world_size, self.device, self.precision, keep_local)
+        wrapped = parallelize(model, self.strategy, self.world_size, self.device, self.precision, keep_local,
+                              self.shard_size)
         self.sharded = is_fsdp(model)
         return wrapped
 
