@@ -71,6 +71,7 @@ class ParallelPlan:
         expert_parallel: int = 1,
         model_config: Any = None,
         tensor_parallel: int = 1,
+        sequence_parallel: bool = False,
     ) -> None:
         self.strategy, self.world_size, self.rank = strategy, world_size, rank
         self.device = device if device is not None else torch.device("cpu")
@@ -82,7 +83,10 @@ class ParallelPlan:
         # attribute, read by the engine's counters at every micro-batch.
         self.data_parallel = self.layout.data_parallel
         self.mesh: Any = None  # the run's DeviceMesh (dp x tp), built by `apply` under tensor parallelism
+        # Sequence and loss parallelism within the tensor-parallel groups (tensor.py); only with T > 1.
+        self.sequence_parallel = sequence_parallel and self.layout.tensor_parallel > 1
         self._model_params: list[nn.Parameter] = []
+        self._summed_params: list[nn.Parameter] = []
 
     @property
     def tensor_parallel(self) -> int:
@@ -101,6 +105,7 @@ class ParallelPlan:
             strategy=getattr(dist_cfg, "strategy", "ddp"), world_size=world_size, rank=rank, device=device,
             precision=config.training.precision, expert_parallel=getattr(dist_cfg, "expert_parallel", 1),
             model_config=getattr(config, "model", None), tensor_parallel=getattr(dist_cfg, "tensor_parallel", 1),
+            sequence_parallel=getattr(dist_cfg, "sequence_parallel", False),
         )
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -134,16 +139,20 @@ class ParallelPlan:
         self.mesh = build_mesh(self.layout, self.device)
         dp_group = self.mesh.get_group("dp") if self.data_parallel > 1 else None
         hooks.set_data_parallel_group(model, dp_group)  # the balance statistics: the dp ranks' batches
-        tensor.parallelize(model, self.mesh["tp"])
+        tensor.parallelize(model, self.mesh["tp"], sequence_parallel=self.sequence_parallel)
         if self.strategy == "fsdp" and self.data_parallel > 1:
             shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
         self.sharded = True
         self._model_params = [p for p in model.parameters() if p.requires_grad]  # the DDP half's, in a fixed order
+        self._summed_params = tensor.summed_parameters(model)  # QK-norm weights: partial sums over the group
         return model
 
     # -- the step -------------------------------------------------------------------------------
     def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-        """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only."""
+        """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only; under
+        sequence parallelism the loss is vocabulary-parallel in it (`tensor.loss_parallel_block`)."""
+        if self.sequence_parallel:
+            return tensor.loss_parallel_block()
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
         return contextlib.nullcontext()
@@ -151,6 +160,8 @@ class ParallelPlan:
     def finish_gradients(self) -> None:
         """After the backward: gradients the wrapper does not reduce (sharded experts; under tensor parallelism with
         DDP, all of them: averaged over the data-parallel ranks) become the global batch's."""
+        if self.sequence_parallel or self._summed_params:  # partial sums over the group (QK norms, sequence shards)
+            tensor.sum_partial_gradients(self._model_params, self._summed_params, self.mesh.get_group("tp"))
         if self.tensor_parallel > 1 and self.strategy == "ddp" and self.data_parallel > 1:
             tensor.reduce_gradients(self._model_params, self.mesh.get_group("dp"), self.data_parallel)
         if self.experts is not None:

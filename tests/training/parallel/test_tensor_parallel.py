@@ -12,9 +12,11 @@ losses and final weights.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +25,8 @@ from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import load_trainer_state
+from llm.export import load_model
+from llm.generate import main as generate_main
 from llm.training.core.callbacks import Callback
 from llm.training.parallel import distributed as D
 from llm.training.parallel.mesh import MeshLayout
@@ -33,6 +37,19 @@ COMMON = [*TINY_REGRESSION, *CKPT, "--data-num-samples", "330", "--training-max-
 MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 TP2 = ["--distributed-tensor-parallel", "2"]
 MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogonalised whole (sharded_muon.py)
+# Sequence and loss parallelism (--distributed-sequence-parallel) on the lm task: 15-token windows split 8 + 7 over
+# the group, packed documents (rotary positions restart per document), QK norms (partial sums over the heads), a
+# tied vocabulary-split embedding and head.
+SP = ["--distributed-sequence-parallel"]
+TEXT = "".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n" for i in range(60))
+
+
+def lm_flags(root: Path) -> list[str]:
+    return ["--task", "lm", "--data-path", str(root / "corpus.txt"), "--data-seq-len", "15", "--data-document-mask",
+            "--data-val-fraction", "0.2", "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads",
+            "4", "--model-num-kv-heads", "2", "--model-qk-norm", "--model-tie-embeddings", "--training-max-steps", "4",
+            "--training-val-interval", "2", "--training-val-max-batches", "2", "--seed", "3", "--training-precision",
+            "fp32", "--training-optimizer", "adamw", "--training-log-interval", "1", *CKPT]
 
 
 class StopAfter(Callback):
@@ -46,7 +63,7 @@ class StopAfter(Callback):
             self.engine.should_stop = True
 
 
-def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> None:
+def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) -> Any:
     config, task = make_config(out, *flags, "--distributed-nproc-per-node", str(world))
     if rank == 0:
         prepare_run_dir(config)
@@ -58,6 +75,7 @@ def _train(out: Path, flags: list[str], rank: int, world: int, stop: int = 0) ->
     engine.run()
     if world > 1:
         D.barrier()
+    return engine
 
 
 def _group(rank: int, world: int, port: int) -> None:
@@ -75,6 +93,11 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         _train(root_path / "tp2-fsdp2-moe", [*COMMON, *MOE, *TP2, "--distributed-strategy", "fsdp",
                                              "--training-batch-size", "8"], rank, 4)
         _train(root_path / "tp2-dp2-muon", [*MUON, *TP2, "--training-batch-size", "8"], rank, 4)
+        engine = _train(root_path / "tp2-dp2-sp", [*lm_flags(root_path), *TP2, *SP, "--training-batch-size", "4",
+                                                   "--data-cache-dir", str(root_path / f"cache-{rank}")], rank, 4)
+        model = engine.unwrapped_model  # the layout it trained with: sequence-sharded norms, a vocabulary-split head
+        assert engine.plan.sequence_parallel and model.lm_head.weight is model.embed_tokens.weight
+        assert [str(p) for p in (*model.lm_head.weight.placements, *model.norm.weight.placements)] == ["S(0)", "R"]
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -85,6 +108,13 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         finally:
             D.destroy_process_group()
     (root_path / f"done-{rank}").write_text(json.dumps(rank))
+
+
+def _greedy(run_dir: Path) -> str:
+    out = io.StringIO()
+    args = ["--checkpoint", str(run_dir), "--prompt", "def f", "--temperature", "0", "--max-new-tokens", "12"]
+    assert generate_main(args, out=out) == 0
+    return out.getvalue()
 
 
 def _checkpoint(root: Path) -> Path:
@@ -110,6 +140,7 @@ def assert_same(run_dir: Path, ref_dir: Path, steps: range, weights: bool = True
 
 @pytest.mark.slow  # a 4-process job
 def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     mp.spawn(_job, args=((D.free_port(), D.free_port()), str(tmp_path)), nprocs=4, join=True)
     assert all((tmp_path / f"done-{r}").exists() for r in range(4))
     for name, flags in (("dense", COMMON), ("moe", [*COMMON, *MOE]), ("muon", MUON)):  # one process, batch 16
@@ -127,6 +158,12 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     assert_same(tmp_path / "tp2-dp2-muon" / "run", tmp_path / "muon" / "run", range(1, 5), tol=5e-3)
     for resumed in ("fsdp2-resume", "one-resume"):
         assert_same(tmp_path / resumed / "run", dense, range(3, 5))
+    _train(tmp_path / "lm", [*lm_flags(tmp_path), "--training-batch-size", "8"], 0, 1)
+    assert_same(tmp_path / "tp2-dp2-sp" / "run", tmp_path / "lm" / "run", range(1, 5))
+    # Its run directory holds whole weights: it generates (KV cache) and exports as one process's does.
+    assert _greedy(tmp_path / "tp2-dp2-sp" / "run") == _greedy(tmp_path / "lm" / "run")
+    exported = load_model(tmp_path / "tp2-dp2-sp" / "run").state_dict()
+    assert set(exported) == set(load_model(tmp_path / "lm" / "run").state_dict())
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
     state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
     assert state["state"]["samples_seen"] == 2 * 16
@@ -150,6 +187,8 @@ def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-compile", *TP2, "--distributed-nproc-per-node", "2"], "--training-compile"),
     (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
+    ([*SP, "--distributed-nproc-per-node", "2"], "--distributed-sequence-parallel"),  # T = 1: nothing to split
+    ([*SP, *TP2, "--distributed-nproc-per-node", "2"], "--task regression"),  # its loss takes whole outputs
 ])
 def test_a_composition_tensor_parallelism_cannot_take_is_one_line_naming_both_flags(tmp_path, flags, other):
     proc = call_main(main, [*TINY_REGRESSION, "--logging-log-dir", str(tmp_path / "run"), *flags], tmp_path)
