@@ -206,7 +206,9 @@ def sp_rank(rank: int, port: int, sequence_parallel: bool, args: argparse.Namesp
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        local = t.to_local() if hasattr(t, "to_local") else t
+        local = t
+        while hasattr(local, "_local_tensor") or hasattr(local, "elem"):  # a DTensor's, a pending collective's
+            local = local._local_tensor if hasattr(local, "_local_tensor") else local.elem
         saved[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
         return t
 
