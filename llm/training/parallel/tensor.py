@@ -26,9 +26,11 @@ tied: both are `Shard(0)`), so the logits of a training step are a vocabulary-sh
 under `torch.distributed.tensor.parallel.loss_parallel` (`loss_parallel_block`, entered by the plan around each
 micro-batch's forward and backward): the whole (tokens x vocabulary) logits never exist on a rank. Outside such a
 block (validation, generation) the model returns whole logits (`_whole_output`). An MoE layer runs whole on the
-gathered sequence, as without sequence parallelism. The exchange is the same bytes as the all-reduce it replaces
-(an all-reduce is a reduce-scatter plus an all-gather), while norms, residual adds and their saved activations shrink
-T times; it is off by default only because it is newer and narrower (see docs/scale-out.md).
+gathered sequence, as without sequence parallelism. In the blocks the exchange is the same bytes as the all-reduces
+it replaces (an all-reduce is a reduce-scatter plus an all-gather); the vocabulary split adds a reduce-scatter after
+the embedding, an all-gather before the head and the loss's per-token all-reduces. Norms, residual adds and their
+saved activations shrink T times, and so do the logits; it is off by default because it is newer and narrower
+(see docs/scale-out.md).
 
 `check_composition` refuses what this does not support, as one line naming both flags, before any process starts.
 `reduce_gradients` averages gradients over the data-parallel ranks (the DDP half of TP x DDP), `clip_grad_norm` takes
