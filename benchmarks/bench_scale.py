@@ -4,6 +4,7 @@
     python -m benchmarks.bench_scale async [--device cpu|cuda] [--hidden 512 --layers 4 --steps 40 --interval 8]
         [--fsdp 2]
     python -m benchmarks.bench_scale fp8 [--device cuda] [--preset byte-125m --compile]
+    python -m benchmarks.bench_scale sp [--hidden 256 --layers 4 --seq-len 256 --batch 8 --vocab 8192]
 
 - `recompute`: time per training step (forward, backward, AdamW) and the step's peak memory of `none`, `full` and
   `selective` (`--training-activation-checkpointing`), each in a fresh child process, alternating the modes `rounds`
@@ -15,6 +16,11 @@
   whether an asynchronous write was in flight. Reports the median step time with a write in flight over the median
   without (target <= 1.1), and the pause per save: the synchronous save's duration vs the asynchronous staging. With
   `--fsdp N` both runs are FSDP over N spawned gloo processes (sharded checkpoints) and rank 0's steps are reported.
+- `sp`: tensor parallelism 2 over two gloo CPU processes without and with `--distributed-sequence-parallel` (and
+  its vocabulary-parallel loss), each side in a fresh pair of processes, alternated `rounds` times: per rank the
+  bytes autograd saves for the backward of one training step (counted by a saved-tensors hook, unique storages: a
+  measure that does not depend on the machine's load), the step's peak resident set above the pre-step level, and
+  the step time; rank 0's medians (the ranks are symmetric).
 - `fp8`: the engine's tokens/s (ThroughputMonitor) with `--training-precision bf16` and `fp8`, alternated; needs a
   CUDA GPU of compute capability >= 8.9 and torchao (elsewhere it says why and exits 0).
 """
@@ -22,6 +28,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -209,6 +216,88 @@ def async_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ fp8
+# ------------------------------------------------------------------------------------ sequence parallelism (TP 2)
+def sp_rank(rank: int, port: int, sequence_parallel: bool, args: argparse.Namespace, out: str) -> None:
+    """One rank of a TP 2 pair: saved-activation bytes, step peak RSS above the pre-step level, step seconds."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from benchmarks.bench_memory import _peak_bytes, _reset_peak
+    from llm.models.decoder import DecoderModel
+    from llm.training.parallel import tensor
+
+    torch.set_num_threads(args.threads or 1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    torch.manual_seed(0)
+    model = DecoderModel(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                         num_heads=args.heads, max_seq_len=args.seq_len)
+    tensor.parallelize(model, mesh, sequence_parallel=sequence_parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    summed = tensor.summed_parameters(model)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = t
+        while hasattr(local, "_local_tensor") or hasattr(local, "elem"):  # a DTensor's, a pending collective's
+            local = local._local_tensor if hasattr(local, "_local_tensor") else local.elem
+        saved[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        return t
+
+    def step(count: bool = False) -> None:
+        block = tensor.loss_parallel_block() if sequence_parallel else contextlib.nullcontext()
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else contextlib.nullcontext()
+        with block:
+            with hooks:
+                loss = tensor.plain(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+            loss.backward()
+        tensor.sum_partial_gradients(list(model.parameters()), summed, mesh.get_group())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(count=True)  # also warms the optimizer state and the allocator
+    _reset_peak()
+    before = _rss_bytes()
+    times = []
+    for _ in range(args.steps):
+        dist.barrier()
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    result = {"saved_mib": sum(saved.values()) / 2**20, "peak_mib": (_peak_bytes() - before) / 2**20,
+              "step_s": statistics.median(times)}
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def sp_main(args: argparse.Namespace) -> None:
+    import torch.multiprocessing as mp
+
+    from llm.training.parallel.distributed import free_port
+
+    rows: dict[str, list[dict[str, float]]] = {"tp2": [], "tp2+sp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for side in rows:
+                out = os.path.join(tmp, "rank0.json")
+                mp.spawn(sp_rank, args=(free_port(), side == "tp2+sp", args, out), nprocs=2, join=True)
+                rows[side].append(json.loads(Path(out).read_text()))
+    print(f"TP 2 on 2 gloo CPU processes: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, seq "
+          f"{args.seq_len}, batch {args.batch}; rank 0, medians of {args.rounds} rounds x {args.steps} steps")
+    base = {key: statistics.median(r[key] for r in rows["tp2"]) for key in ("saved_mib", "peak_mib", "step_s")}
+    for side, results in rows.items():
+        m = {key: statistics.median(r[key] for r in results) for key in base}
+        print(f"  {side:7s} saved for backward {m['saved_mib']:8.1f} MiB ({m['saved_mib'] / base['saved_mib']:.2f}x)"
+              f"   step peak {m['peak_mib']:8.1f} MiB ({m['peak_mib'] / base['peak_mib']:.2f}x)   step "
+              f"{m['step_s'] * 1e3:8.1f} ms ({m['step_s'] / base['step_s']:.2f}x)", flush=True)
+
+
 def fp8_main(args: argparse.Namespace) -> None:
     from benchmarks.bench_overhead import engine_throughput
     from llm.training.optim.precision import float8_refusal
@@ -231,7 +320,7 @@ def fp8_main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["recompute", "async", "fp8"])
+    parser.add_argument("what", choices=["recompute", "async", "fp8", "sp"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", type=int, default=0)
     parser.add_argument("--layers", type=int, default=0, help="layers (default 4; fp8: the preset's)")
@@ -247,6 +336,7 @@ def main() -> None:
     parser.add_argument("--preset", default="byte-125m", help="fp8: a bench_overhead preset")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--vocab", type=int, default=8192, help="sp: the vocabulary (the loss is split by it)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.what != "fp8":
@@ -257,6 +347,9 @@ def main() -> None:
             print(json.dumps(recompute_child(args.child, args)))
             return
         recompute_main(args)
+    elif args.what == "sp":
+        args.hidden, args.steps = args.hidden or 256, args.steps or 3
+        sp_main(args)
     elif args.what == "async":
         args.hidden, args.steps = args.hidden or 512, args.steps or 40
         async_main(args)

@@ -216,6 +216,10 @@ class DistributedConfig(Freezable):
     tensor_parallel: int = 1  # split attention heads and MLP columns over this many ranks
     # HSDP (docs/scale-out.md, "HSDP"): distributed.strategy=hsdp shards within groups of shard_size ranks
     shard_size: int = 0  # hsdp: processes per shard group (0 = those of one node)
+    # Sequence and loss parallelism inside each tensor-parallel group (docs/scale-out.md; lm and sft tasks)
+    sequence_parallel: bool = field(
+        default=False, metadata=for_tasks("lm", "sft")
+    )  # with tensor_parallel > 1: norms on sequence shards, a vocabulary-split loss
 
 
 @dataclass
@@ -557,9 +561,10 @@ def validate_config(config: Config, *, check_names: bool = True, check_scheduler
     from llm.training.optim.optimizers import check_strategy
 
     check_strategy(t.optimizer, dist.strategy)  # muon + fsdp: refused here, before anything is written
-    from llm.training.parallel.tensor import check_composition
+    from llm.training.parallel.tensor import check_composition, check_sequence_parallel
 
     check_composition(dist.tensor_parallel, None, m, t, dist)  # with what T > 1 cannot be combined
+    check_sequence_parallel(config.task, dist)  # the tasks whose loss takes vocabulary-split logits
     _check(0 < dist.timeout_minutes <= MAX_TIMEOUT_MINUTES, "distributed.timeout_minutes", dist.timeout_minutes,
            f"must be > 0 and at most {MAX_TIMEOUT_MINUTES:g} (a year)")
     _check(0 <= dist.master_port < 65536, "distributed.master_port", dist.master_port, "a port number (0 = free)")

@@ -84,6 +84,7 @@ class ParallelPlan:
         model_config: Any = None,
         tensor_parallel: int = 1,
         shard_size: int = 0,
+        sequence_parallel: bool = False,
     ) -> None:
         self.strategy, self.world_size, self.rank = strategy, world_size, rank
         self.device = device if device is not None else torch.device("cpu")
@@ -98,7 +99,10 @@ class ParallelPlan:
         # hsdp: the ranks each weight is sharded over (resolved: never 0); fsdp and ddp: 0
         check_hsdp(strategy, shard_size, world_size, tensor_parallel)
         self.shard_size = resolve_shard_size(shard_size, world_size) if strategy == "hsdp" else 0
+        # Sequence and loss parallelism within the tensor-parallel groups (tensor.py); only with T > 1.
+        self.sequence_parallel = sequence_parallel and self.layout.tensor_parallel > 1
         self._model_params: list[nn.Parameter] = []
+        self._summed_params: list[nn.Parameter] = []
 
     @property
     def tensor_parallel(self) -> int:
@@ -122,7 +126,7 @@ class ParallelPlan:
             strategy=strategy, world_size=world_size, rank=rank, device=device,
             precision=config.training.precision, expert_parallel=getattr(dist_cfg, "expert_parallel", 1),
             model_config=getattr(config, "model", None), tensor_parallel=tensor_parallel,
-            shard_size=shard_size,
+            shard_size=shard_size, sequence_parallel=getattr(dist_cfg, "sequence_parallel", False),
         )
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ class ParallelPlan:
             check_expert_parallel(self.expert_parallel, self.world_size, self.model_config, self.strategy)
             expert_mesh = build_expert_mesh(self.layout, self.expert_parallel, self.device)
             self.experts = hooks.shard_experts(model, self.expert_parallel, self.rank, self.world_size, expert_mesh)
-        tensor.parallelize(model, self.mesh["tp"])
+        tensor.parallelize(model, self.mesh["tp"], sequence_parallel=self.sequence_parallel)
         if self.strategy == "fsdp" and self.data_parallel > 1:  # FSDP shards what it finds: not the experts
             with self.experts.detached() if self.experts is not None else contextlib.nullcontext():
                 shard_model(model, self.device, self.precision, mesh=self.mesh["dp"])
@@ -182,11 +186,15 @@ class ParallelPlan:
         # The DDP half's, in a fixed order; the experts' gradients are the expert machinery's (`finish_gradients`).
         experts = {id(p) for p in self.experts.expert_parameters()} if self.experts is not None else set()
         self._model_params = [p for p in model.parameters() if p.requires_grad and id(p) not in experts]
+        self._summed_params = tensor.summed_parameters(model)  # QK-norm weights: partial sums over the group
         return model
 
     # -- the step -------------------------------------------------------------------------------
     def no_sync(self, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-        """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only."""
+        """The block of one micro-batch's forward and backward: DDP all-reduces gradients on the `last` only; under
+        sequence parallelism the loss is vocabulary-parallel in it (`tensor.loss_parallel_block`)."""
+        if self.sequence_parallel:
+            return tensor.loss_parallel_block()
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
         return contextlib.nullcontext()
@@ -194,6 +202,8 @@ class ParallelPlan:
     def finish_gradients(self) -> None:
         """After the backward: gradients the wrapper does not reduce (sharded experts; under tensor parallelism with
         DDP, all of them: averaged over the data-parallel ranks) become the global batch's."""
+        if self.sequence_parallel or self._summed_params:  # partial sums over the group (QK norms, sequence shards)
+            tensor.sum_partial_gradients(self._model_params, self._summed_params, self.mesh.get_group("tp"))
         if self.tensor_parallel > 1 and self.strategy == "ddp" and self.data_parallel > 1:
             tensor.reduce_gradients(self._model_params, self.mesh.get_group("dp"), self.data_parallel)
         if self.experts is not None:

@@ -12,8 +12,25 @@ the group: a `Replicate` DTensor, so that every parameter of the model is a DTen
 optimizer, gradient clipping and torch's distributed checkpoint treat them alike. A replicated parameter's module runs
 on the plain local tensor (a forward pre-hook swaps it in, the post-hook back), so the model code never meets a
 DTensor; the group's ranks hold the same input and the same upstream gradient, so their replicated gradients are
-equal. Loss parallelism and sequence parallelism (norms and dropout on sequence shards) are not used: the logits are
-whole on every rank of the group (simple and exact; it costs the output layer's memory on each rank).
+equal.
+
+Sequence and loss parallelism (`distributed.sequence_parallel`, Megatron-SP; `DecoderModel`s of the lm and sft
+tasks): between the split layers the residual stream is a `Shard(1)` DTensor, each rank holding `seq_len / T`
+positions (uneven lengths are padded by DTensor), and the norms run on those shards (`SequenceParallel`). Before the
+column-parallel projections the stream is all-gathered (`PrepareModuleInput` to `Replicate`, kept a DTensor so that
+the q/k/v (gate/up) input gradients are summed as one partial sum and reduce-scattered once); the row-parallel
+projections reduce-scatter onto sequence shards instead of all-reducing. Attention itself still sees the whole
+sequence of its heads: positions, rotary tables and document masks are built from the whole batch, which every
+rank of the group holds. The embedding table and the output head are split along the vocabulary (a tied pair stays
+tied: both are `Shard(0)`), so the logits of a training step are a vocabulary-sharded DTensor and cross-entropy runs
+under `torch.distributed.tensor.parallel.loss_parallel` (`loss_parallel_block`, entered by the plan around each
+micro-batch's forward and backward): the whole (tokens x vocabulary) logits never exist on a rank. Outside such a
+block (validation, generation) the model returns whole logits (`_whole_output`). An MoE layer runs whole on the
+gathered sequence, as without sequence parallelism. In the blocks the exchange is the same bytes as the all-reduces
+it replaces (an all-reduce is a reduce-scatter plus an all-gather); the vocabulary split adds a reduce-scatter after
+the embedding, an all-gather before the head and the loss's per-token all-reduces. Norms, residual adds and their
+saved activations shrink T times, and so do the logits; it is off by default because it is newer and narrower
+(see docs/scale-out.md).
 
 `check_composition` refuses what this does not support, as one line naming both flags, before any process starts.
 `reduce_gradients` averages gradients over the data-parallel ranks (the DDP half of TP x DDP), `clip_grad_norm` takes
@@ -22,7 +39,9 @@ the norm of gradients sharded over any dimensions of the mesh.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,6 +66,9 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
     cannot take, in one line naming both flags."""
     check_tensor_parallel_degree(size, world_size)
     if size == 1:
+        if getattr(distributed, "sequence_parallel", False):
+            raise ConfigError("distributed.sequence_parallel: it splits the sequence over a tensor-parallel group; "
+                              "it needs --distributed-tensor-parallel > 1 (or drop --distributed-sequence-parallel)")
         return
     flag = f"--distributed-tensor-parallel {size}"
     ep = distributed.expert_parallel
@@ -79,6 +101,26 @@ def check_composition(size: int, world_size: int | None, model_config: Any, trai
                           "--distributed-tensor-parallel)")
 
 
+#: The tasks whose losses take vocabulary-split logits (`plain` in their loss functions); their validation and
+#: generation see whole logits.
+SEQUENCE_PARALLEL_TASKS = ("lm", "sft")
+
+
+def check_sequence_parallel(task: str, distributed: Any) -> None:
+    """Refuse `distributed.sequence_parallel` for a task whose loss does not take vocabulary-split logits, in one
+    line naming both flags (the degree is `check_composition`'s)."""
+    if getattr(distributed, "sequence_parallel", False) and task not in SEQUENCE_PARALLEL_TASKS:
+        raise ConfigError(f"distributed.sequence_parallel: not supported by --task {task} (its loss takes whole "
+                          f"logits; supported: {', '.join(SEQUENCE_PARALLEL_TASKS)}); drop "
+                          "--distributed-sequence-parallel (--distributed-tensor-parallel alone works)")
+    if getattr(distributed, "sequence_parallel", False) and getattr(distributed, "expert_parallel", 1) > 1:
+        # Not run together yet: MoE layers take the gathered sequence, the experts' all-to-all was only checked
+        # without the sequence shards. Refused rather than trusted untested.
+        raise ConfigError(f"distributed.sequence_parallel: --distributed-sequence-parallel (with "
+                          f"--distributed-tensor-parallel {distributed.tensor_parallel}) is not combined with "
+                          f"--distributed-expert-parallel {distributed.expert_parallel} (yet); drop one of the two")
+
+
 # ---------------------------------------------------------------------------------------------
 # Laying the model out
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +134,11 @@ def split_layers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
             [m for m in model.modules() if isinstance(m, MLP)])
 
 
-def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Any, sequence_parallel: bool = False) -> nn.Module:
     """Split `model`'s attention heads and MLP columns over the 1-D tensor-parallel `mesh` and replicate the rest
-    (in place; the ranks' weights must already be equal). Returns `model`."""
+    (in place; the ranks' weights must already be equal); with `sequence_parallel`, also shard the residual stream
+    and norms along the sequence and the embedding and output head along the vocabulary. Returns `model`."""
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     size = mesh.size()
@@ -110,16 +154,126 @@ def parallelize(model: nn.Module, mesh: Any) -> nn.Module:
         if mlp.gate_proj.out_features % size:
             raise UserError(f"distributed.tensor_parallel: {size} must divide the MLP width "
                             f"({mlp.gate_proj.out_features}) of {type(model).__name__}")
+    if sequence_parallel:
+        check_sequence_parallel_model(model)
+    # Under sequence parallelism a row-parallel output is reduce-scattered onto sequence shards, kept a DTensor.
+    row = (lambda: RowwiseParallel(output_layouts=Shard(1), use_local_output=False)) if sequence_parallel \
+        else RowwiseParallel
     for module in [*attentions, *mlps]:
         plan = {name: ColwiseParallel() for name in COLUMN if hasattr(module, name)}
-        plan.update({name: RowwiseParallel() for name in ROW if hasattr(module, name)})
+        plan.update({name: row() for name in ROW if hasattr(module, name)})
         parallelize_module(module, mesh, plan)
+    if sequence_parallel:
+        _shard_sequence(model, mesh)
     for attn in attentions:  # this rank's heads: the views, the GQA ratio (unchanged) and a KV cache's size
         attn.num_heads //= size
         attn.num_kv_heads //= size
         attn.tensor_parallel = size
     replicate_rest(model, mesh)
     return model
+
+
+def check_sequence_parallel_model(model: nn.Module) -> None:
+    """Refuse a model sequence parallelism cannot lay out: it needs the decoder's layout (an embedding, blocks of
+    norms, attention and MLP, a final norm, an output head). The vocabulary need not divide by T (DTensor pads)."""
+    from llm.models.decoder import DecoderModel
+
+    if not isinstance(model, DecoderModel):
+        raise UserError(f"distributed.sequence_parallel: {type(model).__name__} is not a DecoderModel; sequence "
+                        f"parallelism lays out decoders only (drop --distributed-sequence-parallel)")
+
+
+def _shard_sequence(model: nn.Module, mesh: Any) -> None:
+    """The sequence- and loss-parallel layout of a `DecoderModel` whose attention and MLPs are already split (see
+    the module docstring): which tensors are sequence shards, where they are gathered, and the vocabulary split."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    from llm.models.layers import MLP
+
+    seq, whole = Shard(1), Replicate()
+    # The embedding's rows are split by vocabulary; its partial sums are reduce-scattered onto sequence shards.
+    plan: dict[str, Any] = {
+        "embed_tokens": RowwiseParallel(input_layouts=whole, output_layouts=seq, use_local_output=False),
+        "norm": SequenceParallel(),
+        # the head's input is gathered, its logits stay split by vocabulary (the loss is parallel too)
+        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+    for i, block in enumerate(model.layers):
+        prefix = f"layers.{i}."
+        plan[prefix + "input_layernorm"] = SequenceParallel()
+        plan[prefix + "post_attention_layernorm"] = SequenceParallel()
+        # (x, cos, sin, attn_mask, cache): only x is a sequence shard; it is gathered, kept a DTensor
+        plan[prefix + "self_attn"] = PrepareModuleInput(
+            input_layouts=(seq, None, None, None, None), desired_input_layouts=(whole, None, None, None, None),
+            use_local_output=False)
+        if isinstance(block.mlp, MLP):
+            plan[prefix + "mlp"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(whole,),
+                                                      use_local_output=False)
+        else:  # an MoE layer runs whole on every rank of the group (its experts are replicated)
+            plan[prefix + "mlp"] = (
+                PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(whole,), use_local_output=True),
+                PrepareModuleOutput(output_layouts=(whole,), desired_output_layouts=(seq,), use_local_output=False),
+            )
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    for name, style in plan.items():
+        styles = style if isinstance(style, tuple) else (style,)
+        for one in styles:
+            parallelize_module(model.get_submodule(name), mesh, one)
+    if tied:  # both are split along the vocabulary (dim 0): one parameter again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.register_forward_hook(_whole_output)
+
+
+# How many `loss_parallel_block`s are open: torch's context is not re-entrant (its exit disables the loss ops).
+_loss_parallel_depth = 0
+
+
+@contextlib.contextmanager
+def loss_parallel_block() -> Iterator[None]:
+    """`torch.distributed.tensor.parallel.loss_parallel`, re-entrant: cross-entropy on vocabulary-sharded logits
+    (forward and backward) inside; a sequence-parallel model returns such logits only inside."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    global _loss_parallel_depth
+    if _loss_parallel_depth:
+        _loss_parallel_depth += 1
+        try:
+            yield
+        finally:
+            _loss_parallel_depth -= 1
+        return
+    with loss_parallel():
+        _loss_parallel_depth = 1
+        try:
+            yield
+        finally:
+            _loss_parallel_depth = 0
+
+
+def _whole_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """Outside a `loss_parallel_block` a sequence-parallel model returns whole plain tensors (the logits gathered
+    along the vocabulary, hidden states along the sequence), as any other layout does."""
+    from torch.distributed.tensor import DTensor
+
+    if _loss_parallel_depth or not isinstance(output, DTensor):
+        return output
+    return output.full_tensor()
+
+
+def plain(value: torch.Tensor) -> torch.Tensor:
+    """A loss computed under `loss_parallel_block` (a replicated DTensor) as the plain tensor every rank holds; any
+    other tensor as it is. Differentiable: the tasks' minimal hook for loss parallelism."""
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def replicate_rest(model: nn.Module, mesh: Any) -> None:
@@ -216,6 +370,45 @@ def reduce_gradients(params: list[torch.Tensor], group: Any, size: int) -> None:
             flat.div_(size)
             for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 grad.copy_(reduced)
+
+
+def summed_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The replicated parameters whose gradients are partial sums over the tensor-parallel group: the QK-norm weights
+    of split attention layers (each rank normalises its own heads with the shared weight). Call it once the model is
+    laid out for good (FSDP replaces parameters)."""
+    attentions, _ = split_layers(model)
+    return [p for attn in attentions for norm in (attn.q_norm, attn.k_norm) if norm is not None
+            for p in norm.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def sum_partial_gradients(params: list[torch.Tensor], summed: list[torch.Tensor], group: Any) -> None:
+    """Sum over the tensor-parallel `group` the gradients that are partial there, in one all-reduce per dtype: those
+    of `summed` (`summed_parameters`) and every `Partial` DTensor gradient (sequence-parallel norms: each rank's
+    share of the positions), which become `Replicate`. Accumulated micro-batches are summed once, at the step."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+    from torch.distributed.tensor import DTensor, Replicate
+
+    wanted = {id(p) for p in summed}
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        partial = isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements)
+        if partial:
+            if any(pl.is_partial() and pl.reduce_op != "sum" for pl in grad.placements):
+                raise ValueError(f"sum_partial_gradients: a gradient partial by {grad.placements}")
+            placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+            p.grad = DTensor.from_local(grad.to_local(), grad.device_mesh, placements, run_check=False)
+        if partial or id(p) in wanted:
+            local = _local(p.grad)
+            by_dtype.setdefault(local.dtype, []).append(local)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
 
 
 @torch.no_grad()

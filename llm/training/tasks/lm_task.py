@@ -39,6 +39,7 @@ from llm.models.presets import get_preset
 from llm.registry import register_callback, register_task
 from llm.training.core.callbacks import Callback
 from llm.training.core.config import ModelConfig
+from llm.training.parallel.tensor import plain
 from llm.training.tasks.base_task import TrainingTask
 
 _DEFAULT_VOCAB = ModelConfig.vocab_size
@@ -187,8 +188,9 @@ class LMTask(TrainingTask):
             logits = model(input_ids)  # (B, T, V)
         else:  # data.document_mask: attention stays inside each document of the window
             logits = model(input_ids, document_ids=window_document_ids(input_ids, separator))  # (B, T, V)
-        # fp32 logits for the softmax: under bf16 autocast a 4k-way log-softmax loses precision.
-        return criterion(logits.flatten(0, 1).float(), targets.flatten())
+        # fp32 logits for the softmax: under bf16 autocast a 4k-way log-softmax loses precision. Under sequence
+        # parallelism the logits are split along the vocabulary and the loss is the group's replicated DTensor.
+        return plain(criterion(logits.flatten(0, 1).float(), targets.flatten()))
 
     def train_step(self, batch: Any, model: nn.Module, criterion: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
         warmup = self.config.training.seq_len_warmup

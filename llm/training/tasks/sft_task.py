@@ -32,6 +32,7 @@ from torch import nn
 from llm.data.sft import IGNORE_INDEX, SFTDataModule
 from llm.errors import ConfigError, invalid
 from llm.registry import register_task
+from llm.training.parallel.tensor import plain
 from llm.training.tasks.lm_task import LMTask
 
 # Sums of a validation batch, divided by its size (see the module docstring); `reduce_metrics` turns them into ratios.
@@ -86,7 +87,8 @@ class SFTTask(LMTask):
         # tokens, packed or not); instead each rank divides its sum by the global count, times the world size that
         # the gradient average divides by again. A tensor-parallel group counts its shared batch T times and is T
         # times in the world size, so the two cancel. One scalar all-reduce per micro-batch, on the device.
-        nll = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        # (vocabulary-split logits under sequence parallelism: `plain` makes the loss the rank's plain tensor)
+        nll = plain(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
         count = (labels != IGNORE_INDEX).sum().to(nll.dtype)
         dist.all_reduce(count)
         return nll * dist.get_world_size() / count

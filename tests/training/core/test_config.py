@@ -90,7 +90,7 @@ def test_help_is_grouped_by_section_with_each_flag_and_default_once(capsys, monk
                 expected = " ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
                 flag = f"--{section}-{name.replace('_', '-')}"
                 assert _default_of(text, f"--[no-]{flag[2:]}" if isinstance(value, bool) else flag) == expected
-    assert "Other tasks' own flags (dpo 5, lm 2, sft 1) are listed by --task NAME --help." in text
+    assert "Other tasks' own flags (dpo 5, lm 3, sft 2) are listed by --task NAME --help." in text
     dpo = _help(capsys, monkeypatch, ["--task", "dpo"])
     assert "--training-dpo-beta FLOAT" in dpo and "(default: 0.1)" in dpo and "(dpo " not in dpo
     # One default per flag: every field, plus --task, --seed and --plugins; no argparse-added duplicates.

@@ -19,6 +19,7 @@ losses and final weights.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,8 @@ from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.artifacts.checkpoint import load_trainer_state, verify_checkpoint
+from llm.export import load_model
+from llm.generate import main as generate_main
 from llm.models.moe import moe_layers
 from llm.training.core.callbacks import Callback
 from llm.training.core.engine import TrainingEngine
@@ -43,6 +46,19 @@ MOE = ["--model-use-moe", "--model-num-experts", "4", "--model-top-k", "2"]
 TP2 = ["--distributed-tensor-parallel", "2"]
 EP2 = ["--distributed-expert-parallel", "2"]
 MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogonalised whole (sharded_muon.py)
+# Sequence and loss parallelism (--distributed-sequence-parallel) on the lm task: 15-token windows split 8 + 7 over
+# the group, packed documents (rotary positions restart per document), QK norms (partial sums over the heads), a
+# tied vocabulary-split embedding and head.
+SP = ["--distributed-sequence-parallel"]
+TEXT = "".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n" for i in range(60))
+
+
+def lm_flags(root: Path) -> list[str]:
+    return ["--task", "lm", "--data-path", str(root / "corpus.txt"), "--data-seq-len", "15", "--data-document-mask",
+            "--data-val-fraction", "0.2", "--model-hidden-size", "32", "--model-num-layers", "1", "--model-num-heads",
+            "4", "--model-num-kv-heads", "2", "--model-qk-norm", "--model-tie-embeddings", "--training-max-steps", "4",
+            "--training-val-interval", "2", "--training-val-max-batches", "2", "--seed", "3", "--training-precision",
+            "fp32", "--training-optimizer", "adamw", "--training-log-interval", "1", *CKPT]
 
 
 # The decoder tasks under TP2 (no data parallelism), 2 steps each: their model, loss and collectives (sft's global
@@ -115,6 +131,11 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
                                                "--training-batch-size", "8"], rank, 4, stop=2)
             experts = moe_layers(engine.unwrapped_model)[0].w_gate_up
             assert experts.shape[0] == 4 and experts.to_local().shape[0] == 2  # whole to readers, half held here
+        engine = _train(root_path / "tp2-dp2-sp", [*lm_flags(root_path), *TP2, *SP, "--training-batch-size", "4",
+                                                   "--data-cache-dir", str(root_path / f"cache-{rank}")], rank, 4)
+        model = engine.unwrapped_model  # the layout it trained with: sequence-sharded norms, a vocabulary-split head
+        assert engine.plan.sequence_parallel and model.lm_head.weight is model.embed_tokens.weight
+        assert [str(p) for p in (*model.lm_head.weight.placements, *model.norm.weight.placements)] == ["S(0)", "R"]
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -132,6 +153,15 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         finally:
             D.destroy_process_group()
     (root_path / f"done-{rank}").write_text(json.dumps(rank))
+
+
+def _greedy(run_dir: Path) -> str:
+    out = io.StringIO()
+    args = ["--checkpoint", str(run_dir), "--prompt", "def f", "--temperature", "0", "--max-new-tokens", "12"]
+    assert generate_main(args, out=out) == 0
+    return out.getvalue()
+
+
 
 
 def _checkpoint(root: Path, run: str = "tp2-dp2") -> Path:
@@ -157,6 +187,7 @@ def assert_same(run_dir: Path, ref_dir: Path, steps: range, weights: bool = True
 
 @pytest.mark.slow  # a 4-process job
 def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     mp.spawn(_job, args=((D.free_port(), D.free_port()), str(tmp_path)), nprocs=4, join=True)
     assert all((tmp_path / f"done-{r}").exists() for r in range(4))
     for name, flags in (("dense", COMMON), ("moe", [*COMMON, *MOE]), ("muon", MUON)):  # one process, batch 16
@@ -191,6 +222,12 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     assert all(json.loads((tmp_path / f"compiled-{rank}").read_text()) for rank in range(2))
     _train(tmp_path / "eager", COMPILED[:-1], 0, 1, base=[])
     assert_same(tmp_path / "tp2-compiled" / "run", tmp_path / "eager" / "run", range(1, 3))
+    _train(tmp_path / "lm", [*lm_flags(tmp_path), "--training-batch-size", "8"], 0, 1)
+    assert_same(tmp_path / "tp2-dp2-sp" / "run", tmp_path / "lm" / "run", range(1, 5))
+    # Its run directory holds whole weights: it generates (KV cache) and exports as one process's does.
+    assert _greedy(tmp_path / "tp2-dp2-sp" / "run") == _greedy(tmp_path / "lm" / "run")
+    exported = load_model(tmp_path / "tp2-dp2-sp" / "run").state_dict()
+    assert set(exported) == set(load_model(tmp_path / "lm" / "run").state_dict())
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
     state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
     assert state["state"]["samples_seen"] == 2 * 16
@@ -226,6 +263,9 @@ def test_the_expert_mesh_splits_experts_over_dp_ranks_of_one_tensor_parallel_coo
     ([*MOE, *EP2, *TP2, "--distributed-nproc-per-node", "6"], "--distributed-expert-parallel"),  # dp 3
     (["--model-dropout", "0.1", *TP2, "--distributed-nproc-per-node", "2"], "--model-dropout"),
     (["--training-lora-rank", "4", *TP2, "--distributed-nproc-per-node", "2"], "--training-lora-rank"),
+    ([*SP, "--distributed-nproc-per-node", "2"], "--distributed-sequence-parallel"),  # T = 1: nothing to split
+    ([*SP, *TP2, "--distributed-nproc-per-node", "2"], "--task regression"),  # its loss takes whole outputs
+    (["--task", "lm", *MOE, *EP2, *TP2, *SP, "--distributed-nproc-per-node", "4"], "--distributed-expert-parallel 2"),
 ])
 def test_a_composition_tensor_parallelism_cannot_take_is_one_line_naming_both_flags(tmp_path, flags, other):
     proc = call_main(main, [*TINY_REGRESSION, "--logging-log-dir", str(tmp_path / "run"), *flags], tmp_path)
