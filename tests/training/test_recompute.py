@@ -116,3 +116,31 @@ def test_a_checkpoint_written_when_the_field_was_a_switch_resumes_without_a_chan
     assert any(f"resumed from {saved}" in r.getMessage() for r in caplog.records)
     changes = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
     assert not any("activation_checkpointing" in line for line in changes), changes
+
+
+def moe_grads(mode: str) -> dict[str, torch.Tensor]:
+    """Gradients of one optimizer step of 2 micro-batches of an MoE model, balance loss included (its fractions
+    come from the step's counts so far: the second micro-batch's differ from its own)."""
+    from llm.models import hooks
+
+    torch.manual_seed(0)
+    model = DecoderModel.tiny(hidden_size=32, num_layers=2, num_heads=4, vocab_size=64, use_moe=True, num_experts=4,
+                              top_k=2, moe_aux_loss_coef=1.0)
+    for block in model.layers:
+        block.activation_checkpointing = mode
+    hooks.begin_step(model)
+    for seed in (2, 3):
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+        loss = model(ids).float().logsumexp(-1).mean() + hooks.aux_loss(model)
+        loss.backward()
+    hooks.end_step(model)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_moe_balance_loss_gradients_are_the_same_when_recomputed(mode):
+    """The recomputed forward must save what the first one saved: the balance loss's fractions of the step's global
+    counts, not of the micro-batch's own (the drift once seen with MoE + recomputation on several processes)."""
+    plain, got = moe_grads("none"), moe_grads(mode)
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-6, atol=1e-6, msg=f"{mode}: {name}")

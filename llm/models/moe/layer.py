@@ -132,6 +132,8 @@ class MoELayer(nn.Module):
         self.balance_loss: Tensor | None = None  # the last forward's unscaled losses, detached, for logging
         self.z_loss: Tensor | None = None
         self._step_counts: Tensor | None = None  # global copies per expert in the open optimizer step
+        # The balance counts of the training forwards not yet recomputed (activation checkpointing), last on top
+        self._forward_counts: list[Tensor] = []
         self._window_counts: Tensor | None = None  # this rank's copies per expert since the last routing log
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.normal_(self.w_gate_up, std=0.02)
@@ -208,6 +210,7 @@ class MoELayer(nn.Module):
 
     def begin_step(self) -> None:
         """Open an optimizer step: balance counts accumulate over its micro-batches until :meth:`end_step`."""
+        self._forward_counts = []
         self._step_counts = torch.zeros(self.num_experts, dtype=torch.long, device=self.gate.weight.device)
 
     @torch.no_grad()
@@ -338,9 +341,17 @@ class MoELayer(nn.Module):
         )  # (E,)
         # Activation checkpointing re-runs this forward inside backward: the losses were taken the first time, and
         # the balance collective and the step's counts must not run (or count) twice. The recomputation still runs
-        # the same operations (it must save the same tensors), on this forward's own counts, and discards them.
+        # the same operations and must save the same tensors: the balance loss's gradient is scaled by the fractions
+        # f_e, so it takes the counts the first forward used (the global batch's, the step's so far), kept for it.
+        # Backward visits forwards in reverse order (a later forward's nodes first), hence a stack.
         recomputing = _recomputing()
-        balance, z_loss = self.losses(logits, experts, counts if recomputing else self.balance_counts(counts))
+        if recomputing:
+            balance_counts = self._forward_counts.pop() if self._forward_counts else counts
+        else:
+            balance_counts = self.balance_counts(counts)
+            if self.training and torch.is_grad_enabled():
+                self._forward_counts = [*self._forward_counts[-(_KEPT_FORWARDS - 1):], balance_counts.detach()]
+        balance, z_loss = self.losses(logits, experts, balance_counts)
         if not recomputing:
             self.balance_loss, self.z_loss = balance.detach(), z_loss.detach()
             if self.balance == "aux_free":
@@ -358,6 +369,9 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+
+_KEPT_FORWARDS = 16  # forwards whose balance counts wait for a recomputation (without one, a bounded few)
 
 
 def _recomputing() -> bool:
