@@ -222,12 +222,12 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     assert all(json.loads((tmp_path / f"compiled-{rank}").read_text()) for rank in range(2))
     _train(tmp_path / "eager", COMPILED[:-1], 0, 1, base=[])
     assert_same(tmp_path / "tp2-compiled" / "run", tmp_path / "eager" / "run", range(1, 3))
-    _train(tmp_path / "lm", [*lm_flags(tmp_path), "--training-batch-size", "8"], 0, 1)
-    assert_same(tmp_path / "tp2-dp2-sp" / "run", tmp_path / "lm" / "run", range(1, 5))
+    _train(tmp_path / "lm-sp", [*lm_flags(tmp_path), "--training-batch-size", "8"], 0, 1)
+    assert_same(tmp_path / "tp2-dp2-sp" / "run", tmp_path / "lm-sp" / "run", range(1, 5))
     # Its run directory holds whole weights: it generates (KV cache) and exports as one process's does.
-    assert _greedy(tmp_path / "tp2-dp2-sp" / "run") == _greedy(tmp_path / "lm" / "run")
+    assert _greedy(tmp_path / "tp2-dp2-sp" / "run") == _greedy(tmp_path / "lm-sp" / "run")
     exported = load_model(tmp_path / "tp2-dp2-sp" / "run").state_dict()
-    assert set(exported) == set(load_model(tmp_path / "lm" / "run").state_dict())
+    assert set(exported) == set(load_model(tmp_path / "lm-sp" / "run").state_dict())
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
     state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
     assert state["state"]["samples_seen"] == 2 * 16
