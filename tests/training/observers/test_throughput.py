@@ -145,7 +145,8 @@ def test_gpu_check_benchmark_smoke_on_cpu(tmp_path):
 @pytest.mark.parametrize("command", [
     ["benchmarks.bench_overhead", "--device", "cpu", "--preset", "tiny", "--compile", "--rounds", "1", "--warmup",
      "2", "--steps", "3"],
-    ["benchmarks.bench_gpu_models", "--device", "cpu", "--shapes", "tiny", "debug-moe", "--compile", "--batch", "2",
+    # One shape (the MoE: ours and HF's Mixtral) keeps the script's plumbing covered; each compile costs ~10 s here.
+    ["benchmarks.bench_gpu_models", "--device", "cpu", "--shapes", "debug-moe", "--compile", "--batch", "2",
      "--seq-len", "32", "--steps", "2", "--rounds", "1"],
 ], ids=["engine-vs-hand-loop", "ours-vs-hf"])
 def test_gpu_check_comparisons_smoke_on_cpu(tmp_path, command):
@@ -160,7 +161,7 @@ def test_gpu_check_comparisons_smoke_on_cpu(tmp_path, command):
     if command[0] == "benchmarks.bench_overhead":
         assert "ratio" in proc.stdout and "(MFU" in proc.stdout
     else:
-        assert proc.stdout.count("tok/s") == 4 and "[eager: compile failed" not in proc.stdout, proc.stdout
+        assert proc.stdout.count("tok/s") == 2 and "[eager: compile failed" not in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu
