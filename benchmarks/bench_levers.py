@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_levers [--steps 400] [--out ablations/levers.jsonl] [--queue FILE] [NAME ...]
     python -m benchmarks.bench_levers --timing NAME NAME [--timing-steps 40] [--rounds 3]
+    python -m benchmarks.bench_levers --step-cost NAME NAME [--rounds 20]
 
 Each variant is the default `lm` job (`python -m llm.training.train --task lm`, what `make train` runs) with the
 budget shortened to `--steps` optimizer steps (warmup a tenth of it, the schedule fitted to the budget, validation
@@ -17,7 +18,8 @@ step over the logged intervals (from the engine's `train/samples_per_s`; this on
 
 `--timing A B` measures what a lever costs per step where it changes the compute: short runs of A and B
 alternate (A B A B ...; `--rounds` of each, `--timing-steps` steps, no validation) so that the machine's load hits
-both alike, and the medians and their ratio are printed.
+both alike, and the medians and their ratio are printed. `--step-cost A B` does the same for the training step
+alone in CPU time: both engines in one process, stepped in turn (`--rounds` steps each).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ VARIANTS: dict[str, list[str]] = {
     "depth-3-width-144": ["--model-num-layers", "3", "--model-hidden-size", "144", "--model-num-heads", "4"],
     "depth-6-width-104": ["--model-num-layers", "6", "--model-hidden-size", "104", "--model-num-heads", "4"],
     "document-mask": ["--data-document-mask"],
+    # The baseline given the training compute of a variant that costs 13% more per step (qk-norm: --step-cost).
+    "baseline-452-steps": ["--training-max-steps", "452"],
     "sampling-sequential": ["--data-sampling", "sequential"],
 }
 
@@ -187,6 +191,37 @@ def timing(names: list[str], args: argparse.Namespace) -> None:
         print(f"{name:<24} median {med:.4f} s/step  ({med / first:.3f}x {names[0]})")
 
 
+def step_cost(names: list[str], args: argparse.Namespace) -> None:
+    """CPU time of one engine step of each named variant, engines built side by side in this process and stepped
+    in turn (A B A B ...: the machine's load hits all alike; `time.process_time` with one thread is far less
+    load-dependent than wall seconds); medians of `--rounds` steps after 3 warm-up steps each."""
+    import torch
+
+    from llm.training.train import build_engine, parse_config
+
+    torch.set_num_threads(1)
+    engines = {}
+    with tempfile.TemporaryDirectory(prefix="bench-levers-c-") as tmp:
+        for name in names:
+            flags = ["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
+                     "--logging-log-dir", str(Path(tmp) / name), *variant_flags(name, args.steps)]
+            engine = build_engine(parse_config(flags)[0])
+            engine.setup()
+            engines[name] = (engine, next(iter(engine.data_module.train_dataloader())))
+    per: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds + 3):
+        for name, (engine, batch) in engines.items():
+            start = time.process_time()
+            engine._optimizer_step([batch])
+            engine.lr_schedule.step_batch()
+            if round_ >= 3:
+                per[name].append(time.process_time() - start)
+    first = statistics.median(per[names[0]])
+    for name in names:
+        med = statistics.median(per[name])
+        print(f"{name:<24} median {med * 1e3:7.1f} ms CPU/step  ({med / first:.3f}x {names[0]})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="variants to run, in order (default: all); a+b combines two")
@@ -200,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="print the variants and their flags, then exit")
     parser.add_argument("--table", action="store_true", help="print the table of --out, then exit")
     parser.add_argument("--timing", action="store_true", help="alternate short runs of the named variants")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="CPU time of one engine step of each named variant, stepped in turn in one process")
     parser.add_argument("--timing-steps", type=int, default=40, help="--timing: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="--timing: runs of each variant")
     args = parser.parse_args(argv)
@@ -213,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.names or ([] if args.queue else list(VARIANTS))
     for name in names:
         variant_flags(name, args.steps)  # unknown names fail before anything runs
-    (timing if args.timing else sweep)(names, args)
+    (step_cost if args.step_cost else timing if args.timing else sweep)(names, args)
 
 
 if __name__ == "__main__":
