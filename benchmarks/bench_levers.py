@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_levers [--steps 400] [--out ablations/levers.jsonl] [--queue FILE] [NAME ...]
     python -m benchmarks.bench_levers --timing NAME NAME [--timing-steps 40] [--rounds 3]
+    python -m benchmarks.bench_levers --step-cost NAME NAME [--rounds 20]
 
 Each variant is the default `lm` job (`python -m llm.training.train --task lm`, what `make train` runs) with the
-budget shortened to `--steps` optimizer steps (warmup a tenth of it, warmup + cosine fitted to the budget, validation
-at half-way and at the end on the first `--val-batches` batches of the held-out split) plus the variant's own
+budget shortened to `--steps` optimizer steps (warmup a tenth of it, the schedule fitted to the budget, validation
+at half-way and at the end on the first `--val-batches` batches of the held-out split) on top of `--base` (the lm
+default as it is now, or issue 15's warmup + cosine recipe the first sweep ranked against) plus the variant's own
 flags. Runs go one at a time, each in its own process with one intra-op thread (`OMP_NUM_THREADS=1`), and each
 result is appended to `--out` as one JSON line as soon as it is known, so an interrupted sweep keeps what it
 finished and a second invocation skips the variants already there (`--redo` runs them again).
@@ -16,7 +18,8 @@ step over the logged intervals (from the engine's `train/samples_per_s`; this on
 
 `--timing A B` measures what a lever costs per step where it changes the compute: short runs of A and B
 alternate (A B A B ...; `--rounds` of each, `--timing-steps` steps, no validation) so that the machine's load hits
-both alike, and the medians and their ratio are printed.
+both alike, and the medians and their ratio are printed. `--step-cost A B` does the same for the training step
+alone in CPU time: both engines in one process, stepped in turn (`--rounds` steps each).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "wsd-sqrt-0.2": [*WSD, "0.2", "--training-decay-shape", "sqrt"],
     "wsd-sqrt-0.4": [*WSD, "0.4", "--training-decay-shape", "sqrt"],
     "warmup-half": ["--training-warmup", "{warmup_half}"],
+    "warmup-double": ["--training-warmup", "{warmup_x2}"],
     "tied-embeddings": ["--model-tie-embeddings"],
     "qk-norm": ["--model-qk-norm"],
     "heads-2": ["--model-num-heads", "2"],
@@ -59,18 +63,30 @@ VARIANTS: dict[str, list[str]] = {
     "adamw-lr-x2": ["--training-adamw-lr-scale", "2"],
     "adamw-lr-x4": ["--training-adamw-lr-scale", "4"],
     "seq-len-warmup": ["--training-seq-len-warmup", "{warmup_x2}"],
+    # Width vs depth at the default's parameter (and so compute) budget: layers x hidden^2 held near 4 x 128^2.
+    "depth-2-width-176": ["--model-num-layers", "2", "--model-hidden-size", "176", "--model-num-heads", "4"],
     "depth-3-width-144": ["--model-num-layers", "3", "--model-hidden-size", "144", "--model-num-heads", "4"],
-    "depth-6-width-112": ["--model-num-layers", "6", "--model-hidden-size", "112", "--model-num-heads", "4"],
+    "depth-6-width-104": ["--model-num-layers", "6", "--model-hidden-size", "104", "--model-num-heads", "4"],
+    "document-mask": ["--data-document-mask"],
+    # The baseline given the training compute of a variant that costs 13% more per step (qk-norm: --step-cost).
+    "baseline-452-steps": ["--training-max-steps", "452"],
+    "sampling-sequential": ["--data-sampling", "sequential"],
+}
+
+# What every variant of a sweep sits on top of. `default`: the lm default as it is now (WSD with a 1-sqrt decay
+# over the last 20%, Muon on the embeddings). `issue15`: the recipe the first sweep ranked against (warmup +
+# cosine, embeddings on AdamW), kept so that its rows can be reproduced; rows recorded before bases existed are
+# issue15's.
+BASES: dict[str, list[str]] = {
+    "default": [],
+    "issue15": ["--training-scheduler-type", "cosine", "--no-training-muon-embeddings"],
 }
 
 
-def job_flags(steps: int, val_batches: int) -> list[str]:
-    """The default job shortened to `steps`: warmup a tenth, validation at half-way and the end. The recipe is
-    pinned to the one the levers were ranked against (issue 15's: warmup + cosine, the embeddings on AdamW; the lm
-    default took WSD with a 1-sqrt decay and Muon on the embeddings from this sweep), so every variant differs from
-    `baseline` by its own flags alone."""
-    return ["--training-scheduler-type", "cosine", "--no-training-muon-embeddings",
-            "--training-max-steps", str(steps), "--training-warmup", str(max(1, steps // 10)),
+def job_flags(steps: int, val_batches: int, base: str = "default") -> list[str]:
+    """The default job shortened to `steps`: warmup a tenth, validation at half-way and the end, on top of the
+    recipe `base` names (BASES), so every variant differs from its base's `baseline` by its own flags alone."""
+    return [*BASES[base], "--training-max-steps", str(steps), "--training-warmup", str(max(1, steps // 10)),
             "--training-val-interval", str(max(1, steps // 2)), "--training-val-max-batches", str(val_batches),
             "--logging-loggers", "console", "jsonl", "--checkpoint-resume", "none"]
 
@@ -116,13 +132,13 @@ def sweep(names: list[str], args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
     if out.exists() and not args.redo:
-        done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line.strip()}
+        done = {r["name"] for r in _records(out) if r.get("base", "issue15") == args.base}
     while (name := _pending(names, args, done)) is not None:
         done.add(name)
-        flags = [*job_flags(args.steps, args.val_batches), *variant_flags(name, args.steps)]
+        flags = [*job_flags(args.steps, args.val_batches, args.base), *variant_flags(name, args.steps)]
         with tempfile.TemporaryDirectory(prefix="bench-levers-") as tmp:
             result = run_job(flags, Path(tmp) / "run")
-        record = {"name": name, "steps": args.steps, "flags": variant_flags(name, args.steps),
+        record = {"name": name, "base": args.base, "steps": args.steps, "flags": variant_flags(name, args.steps),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), **result}
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -130,21 +146,24 @@ def sweep(names: list[str], args: argparse.Namespace) -> None:
             " ".join(f"@{s} {b:.4f}" for s, b in sorted(result["val_bpb"].items(), key=lambda kv: int(kv[0])))
             + f"  {result['sec_per_step']:.3f} s/step")
         print(f"{name}: {shown}  ({result['wall_s']:.0f} s)", flush=True)
-    print(table(out))
+    print(table(out, args.base))
 
 
-def table(path: Path) -> str:
-    """The recorded variants by final val bpb (markdown), with the difference to the baseline."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "val_bpb" in r]
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(path: Path, base: str = "default") -> str:
+    """The variants recorded on top of `base` by final val bpb (markdown), with the difference to its baseline."""
+    rows = [r for r in _records(path) if "val_bpb" in r and r.get("base", "issue15") == base]
     rows = [r for i, r in enumerate(rows) if r["name"] not in {q["name"] for q in rows[:i]}]  # a rerun: the first
     final = {r["name"]: r["val_bpb"][max(r["val_bpb"], key=int)] for r in rows}
-    base = final.get("baseline")
+    base_bpb = final.get("baseline")
     lines = ["| variant | val bpb (mid) | val bpb (end) | vs baseline | s/step (loaded) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: final[r["name"]]):
         steps = sorted(r["val_bpb"], key=int)
         mid = r["val_bpb"][steps[0]] if len(steps) > 1 else float("nan")
-        delta = f"{final[r['name']] - base:+.4f}" if base is not None else "-"
+        delta = f"{final[r['name']] - base_bpb:+.4f}" if base_bpb is not None else "-"
         lines.append(f"| {r['name']} | {mid:.4f} | {final[r['name']]:.4f} | {delta} | {r['sec_per_step']:.3f} |")
     return "\n".join(lines)
 
@@ -172,17 +191,52 @@ def timing(names: list[str], args: argparse.Namespace) -> None:
         print(f"{name:<24} median {med:.4f} s/step  ({med / first:.3f}x {names[0]})")
 
 
+def step_cost(names: list[str], args: argparse.Namespace) -> None:
+    """CPU time of one engine step of each named variant, engines built side by side in this process and stepped
+    in turn (A B A B ...: the machine's load hits all alike; `time.process_time` with one thread is far less
+    load-dependent than wall seconds); medians of `--rounds` steps after 3 warm-up steps each."""
+    import torch
+
+    from llm.training.train import build_engine, parse_config
+
+    torch.set_num_threads(1)
+    engines = {}
+    with tempfile.TemporaryDirectory(prefix="bench-levers-c-") as tmp:
+        for name in names:
+            flags = ["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
+                     "--logging-log-dir", str(Path(tmp) / name), *variant_flags(name, args.steps)]
+            engine = build_engine(parse_config(flags)[0])
+            engine.setup()
+            engines[name] = (engine, next(iter(engine.data_module.train_dataloader())))
+    per: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds + 3):
+        for name, (engine, batch) in engines.items():
+            start = time.process_time()
+            engine._optimizer_step([batch])
+            engine.lr_schedule.step_batch()
+            if round_ >= 3:
+                per[name].append(time.process_time() - start)
+    first = statistics.median(per[names[0]])
+    for name in names:
+        med = statistics.median(per[name])
+        print(f"{name:<24} median {med * 1e3:7.1f} ms CPU/step  ({med / first:.3f}x {names[0]})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="variants to run, in order (default: all); a+b combines two")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     parser.add_argument("--val-batches", type=int, default=40, help="validation batches (the first N)")
     parser.add_argument("--out", default=str(REPO / "ablations" / "levers.jsonl"), help="results, one JSON line each")
+    parser.add_argument("--base", choices=sorted(BASES), default="default",
+                        help="what the variants sit on top of: the lm default now, or issue 15's recipe")
     parser.add_argument("--redo", action="store_true", help="run variants already in --out again")
     parser.add_argument("--queue", default="", help="read the variants to run from this file before each run")
     parser.add_argument("--list", action="store_true", help="print the variants and their flags, then exit")
     parser.add_argument("--table", action="store_true", help="print the table of --out, then exit")
     parser.add_argument("--timing", action="store_true", help="alternate short runs of the named variants")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="CPU time of one engine step of each named variant, stepped in turn in one process")
     parser.add_argument("--timing-steps", type=int, default=40, help="--timing: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="--timing: runs of each variant")
     args = parser.parse_args(argv)
@@ -191,12 +245,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<26} {' '.join(variant_flags(name, args.steps))}")
         return
     if args.table:
-        print(table(Path(args.out)))
+        print(table(Path(args.out), args.base))
         return
     names = args.names or ([] if args.queue else list(VARIANTS))
     for name in names:
         variant_flags(name, args.steps)  # unknown names fail before anything runs
-    (timing if args.timing else sweep)(names, args)
+    (step_cost if args.step_cost else timing if args.timing else sweep)(names, args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 shape on the same data (a benchmark, not a test).
 
     python -m benchmarks.bench_main_job [--max-steps N] [--val-interval N] [--target-bpb X] [--sides ours hf]
-                                        [--peer hf|hf-muon] [--json out.json] [-- our training flags ...]
+                                        [--peer hf|hf-muon] [--json out.json] [--breakdown DIR]
+                                        [-- our training flags ...]
+    python -m benchmarks.bench_main_job --step-ab ROUNDS [-- our training flags ...]
 
 Side A ("ours") is `python -m llm.training.train --task lm` exactly as `make train` runs it, plus any flags given after
 `--` (e.g. `-- --training-optimizer muon`). Side B ("hf") is a `transformers.Trainer` training a `LlamaForCausalLM`
@@ -32,6 +34,14 @@ copy, so what it gains is a recipe lead, not a framework one.
 Each side runs as its own process, back to back, and is timed from launch to exit (import, data, model, training,
 validations, our sampling and saving: the whole run a user waits for). Each side's validation lines are time-stamped
 as they arrive, which gives the "time to reach bpb X" readout (X defaults to side B's final bpb).
+
+`--breakdown DIR` (issue 24, step cost) runs each side under `cProfile` with a CPU-time clock
+(`time.process_time`: proportions that hold on a loaded machine, where wall seconds do not) and prints where each
+side's CPU seconds went: training steps (per step), validation (per validation), our sample generation, the final
+saves, and the rest (imports, data, model, start-up). The profiles stay in DIR (`ours.prof`, `hf-muon.prof`; read
+them with `python -m pstats`). cProfile's own cost inflates Python-heavy parts (sampling most): compare like with
+like, and time a suspect without the profiler before acting on it. `--step-ab ROUNDS` is the unprofiled check of
+the training step alone (see `step_ab`).
 """
 
 from __future__ import annotations
@@ -60,6 +70,58 @@ def our_argv(flags: list[str], log_dir: Path) -> list[str]:
 
 def hf_argv(flags: list[str], side: str = "hf") -> list[str]:
     return [sys.executable, "-m", "benchmarks.bench_main_job", "--worker", side, "--", *flags]
+
+
+def profiled_argv(argv: list[str], out: Path) -> list[str]:
+    """`argv` (python -m MODULE ARGS) run under cProfile with a CPU-time clock, the stats dumped to `out`."""
+    module, args = argv[2], argv[3:]
+    code = ("import cProfile, runpy, sys, time\n"
+            f"sys.argv = {[module, *args]!r}\n"
+            "p = cProfile.Profile(time.process_time)\n"
+            "p.enable()\n"
+            "try:\n    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+            "finally:\n"
+            f"    p.disable(); p.dump_stats({str(out)!r})\n")
+    return [argv[0], "-c", code]
+
+
+# (label, [(path suffix, function)] whose cumulative CPU seconds add up, ... minus [...]) per side; "steps" and
+# "validations" divide the row by the side's count. The rest of the profile's total is start-up and everything else.
+BREAKDOWN: dict[str, list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]] = {
+    "ours": [
+        ("training steps", [("core/engine.py", "_fit")], [("core/engine.py", "validate")]),
+        ("validation forwards", [("core/engine.py", "validate")], [("tasks/lm_task.py", "sample")]),
+        ("sample generation", [("tasks/lm_task.py", "sample")], []),
+        ("final saves", [("core/engine.py", "_save_final")], []),
+    ],
+    "hf": [
+        ("training steps", [("transformers/trainer.py", "_inner_training_loop")],
+         [("transformers/trainer.py", "evaluate")]),
+        ("validation forwards", [("transformers/trainer.py", "evaluate")], []),
+    ],
+}
+
+
+def breakdown(prof: Path, side: str, steps: int, validations: int) -> list[tuple[str, float, str]]:
+    """(what, CPU seconds, per unit) rows of one side's profile."""
+    import pstats
+
+    stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
+
+    def cum(path: str, func: str) -> float:
+        return max((v[3] for (f, _, name), v in stats.items() if f.endswith(path) and name == func), default=0.0)
+
+    total = max(v[3] for v in stats.values())
+    rows, accounted = [], 0.0
+    for label, plus, minus in BREAKDOWN["ours" if side == "ours" else "hf"]:
+        seconds = sum(cum(*k) for k in plus) - sum(cum(*k) for k in minus)
+        accounted += seconds
+        unit = {"training steps": f"{seconds / max(steps, 1):.3f} s/step",
+                "validation forwards": f"{seconds / max(validations, 1):.2f} s/validation"}.get(label, "")
+        rows.append((label, seconds, unit))
+    rows.append(("start-up and the rest", total - accounted, ""))
+    rows.append(("total", total, ""))
+    return rows
 
 
 def timed_run(name: str, argv: list[str], pattern: re.Pattern[str], env: dict[str, str]) -> dict[str, Any]:
@@ -122,9 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer", choices=["hf", "hf-muon"], default="hf",
                         help="hf: Trainer + AdamW (the HF default); hf-muon: Trainer + torch Muon with our recipe")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--step-ab", type=int, default=0, metavar="ROUNDS",
+                        help="in one process, alternate ROUNDS steps of our engine, our hand loop and the hf-muon "
+                             "peer's hand loop; print median CPU ms per phase")
+    parser.add_argument("--breakdown", default="", metavar="DIR",
+                        help="profile each side (CPU time) into DIR and print where its CPU seconds went")
     args = parser.parse_args(argv)
     if args.worker:
         hf_worker(ours_flags, muon=args.worker == "hf-muon")
+        return
+    if args.step_ab:
+        print(step_ab(ours_flags, args.step_ab))
         return
     sides = args.sides or ["ours", args.peer]
     flags = list(ours_flags)
@@ -136,14 +206,22 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     results = []
+    prof_dir = Path(args.breakdown) if args.breakdown else None
+    if prof_dir:
+        prof_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-main-job-") as tmp:
         for side in sides:
             print(f"running {side} ...", flush=True)
-            if side == "ours":
-                results.append(timed_run("ours", our_argv(flags, Path(tmp) / "ours"), OUR_VAL, env))
-            else:
-                results.append(timed_run(side, hf_argv(flags, side), HF_VAL, env))
+            argv = our_argv(flags, Path(tmp) / "ours") if side == "ours" else hf_argv(flags, side)
+            if prof_dir:
+                argv = profiled_argv(argv, prof_dir / f"{side}.prof")
+            results.append(timed_run(side, argv, OUR_VAL if side == "ours" else HF_VAL, env))
     text = report(results, args.target_bpb)
+    if prof_dir:
+        for r in results:
+            rows = breakdown(prof_dir / f"{r['side']}.prof", r["side"], r["steps"], len(r["curve"]))
+            text += f"\n{r['side']} CPU seconds (cProfile, process time):\n" + "\n".join(
+                f"  {label:<24} {seconds:8.1f} s {seconds / rows[-1][1]:6.1%}  {unit}" for label, seconds, unit in rows)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"flags": flags, "results": results, "table": text}, indent=2))
@@ -154,7 +232,7 @@ def hf_worker(flags: list[str], muon: bool = False) -> None:
     """Side B: train LlamaForCausalLM (Qwen3ForCausalLM under qk_norm) with the HF Trainer on our data windows under
     our resolved config; AdamW (the Trainer's), or with `muon` torch's Muon on the hidden matrices + AdamW."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from llm.data.text import TextDataModule, bits_per_byte
     from llm.training.train import parse_config
@@ -172,18 +250,7 @@ def hf_worker(flags: list[str], muon: bool = False) -> None:
         val_batches = val_batches[:t.val_max_batches]
     tokens_per_byte = float(getattr(data, "val_tokens_per_byte", 1.0))
 
-    if m.export_blockers():
-        raise SystemExit(f"the HF peer has no {', '.join(m.export_blockers())}: compare that lever against ours alone")
-    shape = dict(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings, hidden_act="silu", attention_bias=False, attn_implementation="sdpa",
-    )
-    if m.qk_norm:  # Qwen3 is Llama with per-head q/k RMSNorm, which is what our qk_norm is
-        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=m.head_dim, use_sliding_window=False))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**shape, mlp_bias=False, head_dim=m.head_dim))
+    model = peer_model(m)
     optimizers = (_muon_and_adamw(model, t, Trainer), None) if muon else (None, None)
     print(f"hf: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
           + (f", {optimizers[0]!r}" if muon else ""), flush=True)
@@ -207,6 +274,83 @@ def hf_worker(flags: list[str], muon: bool = False) -> None:
         trainer.train()
         if t.max_steps % val_interval:
             trainer.evaluate()
+
+
+def peer_model(m: Any) -> Any:
+    """The peer's model for our resolved model config `m`: LlamaForCausalLM, or Qwen3ForCausalLM under qk_norm."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if m.export_blockers():
+        raise SystemExit(f"the HF peer has no {', '.join(m.export_blockers())}: compare that lever against ours alone")
+    shape = dict(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings, hidden_act="silu", attention_bias=False, attn_implementation="sdpa",
+    )
+    if m.qk_norm:  # Qwen3 is Llama with per-head q/k RMSNorm, which is what our qk_norm is
+        return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=m.head_dim, use_sliding_window=False))
+    return LlamaForCausalLM(LlamaConfig(**shape, mlp_bias=False, head_dim=m.head_dim))
+
+
+def step_ab(flags: list[str], rounds: int) -> str:
+    """One optimizer step three ways in one process, alternating so that the machine's load hits all alike: our
+    engine's step (`_optimizer_step` + the schedule), a hand loop on our model and optimizer, and a hand loop on the
+    hf-muon peer's model and optimizers (forward, backward, clip, step, zero_grad under the same autocast). Median
+    CPU milliseconds (`time.process_time`, one thread) per step and per phase."""
+    import statistics
+
+    import torch
+    from transformers import Trainer
+
+    from llm.training.optim.precision import autocast
+    from llm.training.train import build_engine, parse_config
+
+    with tempfile.TemporaryDirectory(prefix="bench-step-ab-") as tmp:
+        config = parse_config(["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
+                               "--logging-log-dir", str(Path(tmp) / "run"), *flags])[0]
+        engine = build_engine(config)
+        engine.setup()
+    t = config.training
+    batch = next(iter(engine.data_module.train_dataloader()))
+    x, y = batch
+    peer = peer_model(config.model.resolved())
+    peer_opt = _muon_and_adamw(peer, t, Trainer)
+    peer_batch = _collate([(x[i], y[i]) for i in range(x.shape[0])])
+    ours, ours_opt, criterion = engine.unwrapped_model, engine.optimizer, engine.criterion
+    times: dict[str, list[float]] = {}
+
+    def timed(key: str, fn: Any) -> Any:
+        start = time.process_time()
+        out = fn()
+        times.setdefault(key, []).append(time.process_time() - start)
+        return out
+
+    def hand(side: str, model: Any, optimizer: Any, loss_fn: Any) -> None:
+        start = time.process_time()
+        with autocast(t.precision, torch.device("cpu")):
+            loss = timed(f"{side} forward", loss_fn)
+        timed(f"{side} backward", loss.backward)
+        timed(f"{side} clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9))
+        timed(f"{side} optimizer", optimizer.step)
+        optimizer.zero_grad(set_to_none=True)
+        times.setdefault(f"{side} hand step", []).append(time.process_time() - start)
+
+    def engine_step() -> None:
+        engine._optimizer_step([batch])
+        engine.lr_schedule.step_batch()
+
+    def one_round() -> None:
+        timed("ours engine step", engine_step)
+        hand("ours", ours, ours_opt, lambda: criterion(ours(x).flatten(0, 1).float(), y.flatten()))
+        hand("peer", peer, peer_opt, lambda: peer(**peer_batch).loss)
+
+    for _ in range(3):  # warm-up rounds, not counted
+        one_round()
+    times.clear()
+    for _ in range(rounds):
+        one_round()
+    return "\n".join(f"{key:<20} median {statistics.median(v) * 1e3:8.1f} ms CPU" for key, v in times.items())
 
 
 def _hf_schedule(t: Any) -> dict[str, Any]:
