@@ -107,6 +107,8 @@ class LMTask(TrainingTask):
     # is warmup, stable, then a 1-sqrt decay over the last 20% (WSD): 0.050 bits per byte below warmup + cosine at the
     # 400-step ablation budget, at the same cost per step; the embedding table trains with Muon too (no weight decay),
     # a further 0.037 below it on AdamW (with WSD) at that budget (issue 24, "Main-job levers", benchmarks/RESULTS.md).
+    # Muon's momentum 0.9 (torch's default 0.95): a further 0.046 below at the same budget and cost per step (issue 24,
+    # "Ablations on the new default").
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_multiple_of": 8,
                   "max_seq_len": 256},
@@ -114,6 +116,7 @@ class LMTask(TrainingTask):
         "training": {
             "optimizer": "muon", "lr": 1e-3, "batch_size": 16, "max_steps": 1000, "warmup": 100, "min_lr_ratio": 0.1,
             "scheduler_type": "wsd", "decay_fraction": 0.2, "decay_shape": "sqrt", "muon_embeddings": True,
+            "muon_momentum": 0.9,
             "weight_decay": 0.1, "val_interval": 500, "val_max_batches": 0, "log_interval": 20,
             "callbacks": ["+TextSampler"],  # appended to the framework's default callbacks
         },
