@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--breakdown", default="", metavar="DIR",
                         help="profile each side (CPU time) into DIR and print where its CPU seconds went")
     args = parser.parse_args(argv)
+    if args.sides and args.peer == "hf-muon" and "hf" in args.sides:
+        # `--peer hf-muon --sides hf` once ran the AdamW peer under the hf-muon label (RESULTS.md says how): refused.
+        parser.error("--sides hf is the AdamW peer; with --peer hf-muon name the side hf-muon (--sides hf-muon)")
     if args.worker:
         hf_worker(ours_flags, muon=args.worker == "hf-muon")
         return
