@@ -239,7 +239,9 @@ def test_one_failing_rank_ends_the_job_promptly_reported_once(workdir, launcher)
     assert "lost contact" not in proc.stderr  # rank 0 was ended by the launcher while it waited
 
 
-@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("ddp", 1, 2), ("fsdp", 2, 1)])
+# FSDP's reshard on a smaller world is held by the HSDP test (an HSDP 2 x 2 checkpoint resumed in one process) and the
+# tensor-parallel one (a TP2 x DP2 checkpoint resumed by FSDP 2 and by one process).
+@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("ddp", 1, 2)])
 def test_resume_on_another_world_size_continues_the_same_run(workdir, reference, strategy, before, after):
     """Elastic resume: stopped after step 3 on `before` processes, resumed on `after` with the same global batch of
     16; the data position is remapped (sample 48 of the epoch), so the run ends where one uninterrupted process does
