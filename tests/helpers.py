@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 from llm.training.core.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +208,16 @@ class Crash(Callback):
     def on_batch_end(self, logs=None) -> None:
         if self.engine.state.step == self.at_step:
             raise RuntimeError(f"simulated crash at step {self.at_step}")
+
+
+# The GPU tier (tests/gpu/): its device (`LLM_GPU_TIER_DEVICE=cpu` is a dry run of the same code on the CPU) and the
+# marks every module of it carries (skipped without CUDA unless the device is the CPU).
+GPU_TIER_DEVICE = os.environ.get("LLM_GPU_TIER_DEVICE", "cuda")
+GPU_TIER_ON_CUDA = GPU_TIER_DEVICE.startswith("cuda")
+GPU_TIER_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(GPU_TIER_ON_CUDA and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def gpu_lm_args(tmp_path: Path, device: str, *extra: str, hidden: int = 64, batch: int = 8) -> list[str]:

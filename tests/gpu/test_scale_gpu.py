@@ -5,22 +5,16 @@ capability >= 8.9 and torchao). `LLM_GPU_TIER_DEVICE=cpu` runs the recompute and
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from helpers import gpu_lm_args, make_config, read_metrics
+from helpers import GPU_TIER_DEVICE, GPU_TIER_MARKS, GPU_TIER_ON_CUDA, gpu_lm_args, make_config, read_metrics
 from safetensors.torch import load_file
 
 from llm.training.optim.precision import float8_refusal
 from llm.training.train import train_worker
 
-DEVICE = os.environ.get("LLM_GPU_TIER_DEVICE", "cuda")
-ON_CUDA = DEVICE.startswith("cuda")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+DEVICE, ON_CUDA = GPU_TIER_DEVICE, GPU_TIER_ON_CUDA
+pytestmark = GPU_TIER_MARKS
 
 
 def lm_args(tmp_path, *extra: str) -> list[str]:
