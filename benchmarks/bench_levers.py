@@ -71,6 +71,11 @@ VARIANTS: dict[str, list[str]] = {
     # The baseline given the training compute of a variant that costs 13% more per step (qk-norm: --step-cost).
     "baseline-452-steps": ["--training-max-steps", "452"],
     "sampling-sequential": ["--data-sampling", "sequential"],
+    # The learning rate and the schedule's floor at a short budget (the lr scales both Muon and AdamW sides).
+    "lr-x1.5": ["--training-lr", "1.5e-3"],
+    "lr-x0.7": ["--training-lr", "7e-4"],
+    "min-lr-0": ["--training-min-lr-ratio", "0"],
+    "weight-decay-0": ["--training-weight-decay", "0"],
 }
 
 # What every variant of a sweep sits on top of. `default`: the lm default as it is now (WSD with a 1-sqrt decay

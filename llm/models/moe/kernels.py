@@ -68,7 +68,10 @@ class _LoopGroupedMatmul(torch.autograd.Function):
 
 # The loop needs the group sizes as Python ints: a host sync that dynamo cannot trace (on CUDA also a stall). Under
 # torch.compile it is a deliberate graph break, so the sync runs in eager code between two compiled graphs.
-@torch.compiler.disable
+# `torch._disable_dynamo` is `torch.compiler.disable` with the import of torch._dynamo put off to the first call
+# (torch.optim marks its own methods with it): `@torch.compiler.disable` imported dynamo with this module, 1.2 s of
+# every `llm` command's start-up, also those that never train (--help, a config error, generate, export).
+@torch._disable_dynamo
 def _loop_grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return _LoopGroupedMatmul.apply(x, w, counts.tolist())  # (N, M)
 

@@ -1,74 +1,18 @@
 """HSDP (`--distributed-strategy hsdp --distributed-shard-size S`) held to one process, and its refusals (issue 23).
 
-One 4-process gloo launch (the tensor-parallel test's harness) trains, in turn:
-- HSDP 2 replicas x 2 shards with full activation checkpointing, 4 steps with a checkpoint at step 2, gradients
-  clipped (the norm must count each shard once, not once per replica): every step's loss and gradient norm and the
-  final weights equal one process's;
-- FSDP over the 4 ranks for 2 steps, whose checkpoint HSDP 2 x 2 resumes for steps 3-4 (DCP reshards 1-D shards onto
-  the 2-D mesh);
-then this process resumes the HSDP checkpoint alone. Every comparison is to 1e-5 (fp32, AdamW).
+The training runs (HSDP 2 replicas x 2 shards = one process, FSDP -> HSDP and HSDP -> one process resumes) share the
+tensor-parallel test's 4-process launch (tests/training/parallel/test_tensor_parallel.py, `_check_hsdp`): one launch
+instead of two. Here: the shard size's default, the layouts refused in one line, and the planner's HSDP.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
-import torch.multiprocessing as mp
 from helpers import TINY_REGRESSION, call_main
 
-from llm.artifacts.checkpoint import load_shard_metadata
 from llm.errors import ConfigError
-from llm.training.parallel import distributed as D
 from llm.training.parallel.mesh import check_hsdp, resolve_shard_size
 from llm.training.train import main
-from tests.training.parallel.test_tensor_parallel import COMMON, _by_step, _group, _train, assert_same
-
-CLIP = ["--training-grad-clip", "0.05", "--checkpoint-interval", "2"]  # clipping engages at every step (checked)
-HSDP = ["--distributed-strategy", "hsdp", "--distributed-shard-size", "2", "--training-batch-size", "4",
-        "--training-activation-checkpointing", "full"]  # recomputing the blocks changes nothing (checked at 1e-5)
-FSDP = ["--distributed-strategy", "fsdp", "--training-batch-size", "4"]
-
-
-def _checkpoint(root: Path, name: str) -> Path:
-    return root / name / "run" / "checkpoints" / "step-00000002"
-
-
-def _job(rank: int, port: int, root: str) -> None:
-    torch.set_num_threads(1)
-    root_path = Path(root)
-    _group(rank, 4, port)
-    try:
-        _train(root_path / "hsdp", [*COMMON, *CLIP, *HSDP], rank, 4)
-        _train(root_path / "fsdp", [*COMMON, *CLIP, *FSDP], rank, 4, stop=2)
-        _train(root_path / "hsdp-resume", [*COMMON, *CLIP, *HSDP, "--checkpoint-resume",
-                                           str(_checkpoint(root_path, "fsdp"))], rank, 4)
-    finally:
-        D.destroy_process_group()
-    (root_path / f"done-{rank}").write_text(json.dumps(rank))
-
-
-@pytest.mark.slow  # a 4-process job
-def test_hsdp_two_by_two_and_its_checkpoint_equal_one_process(tmp_path):
-    mp.spawn(_job, args=(D.free_port(), str(tmp_path)), nprocs=4, join=True)
-    assert all((tmp_path / f"done-{r}").exists() for r in range(4))
-    _train(tmp_path / "one", [*COMMON, *CLIP, "--training-batch-size", "16"], 0, 1)
-    _train(tmp_path / "one-resume", [*COMMON, *CLIP, "--training-batch-size", "16", "--checkpoint-resume",
-                                     str(_checkpoint(tmp_path, "hsdp"))], 0, 1)
-    one = tmp_path / "one" / "run"
-    norms = _by_step(one, "train/grad_norm")
-    assert len(norms) == 4 and min(norms.values()) > 0.05, norms  # the clip is active: a doubled norm would show
-    # fsdp's format; each weight in 2 pieces (the replicas' copies written once), where FSDP over 4 ranks has 4
-    for name, pieces in (("hsdp", 2), ("fsdp", 4)):
-        meta = load_shard_metadata(_checkpoint(tmp_path, name) / "sharded" / ".metadata").state_dict_metadata
-        assert len(meta["model.layers.0.mlp.gate_proj.weight"].chunks) == pieces, name
-    assert_same(tmp_path / "hsdp" / "run", one, range(1, 5))
-    got = _by_step(tmp_path / "hsdp" / "run", "train/grad_norm")
-    assert list(got.values()) == pytest.approx(list(norms.values()), abs=1e-5)
-    assert_same(tmp_path / "hsdp-resume" / "run", one, range(3, 5))  # fsdp -> hsdp
-    assert_same(tmp_path / "one-resume" / "run", one, range(3, 5))  # hsdp -> one process
 
 
 def test_shard_size_defaults_to_the_processes_of_one_node():

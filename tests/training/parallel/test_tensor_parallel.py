@@ -8,6 +8,9 @@ One 4-process gloo launch trains, in turn:
 - TP2 x EP2 with the MoE model (the experts split over the 2 data-parallel ranks of each tensor-parallel coordinate),
   DDP and FSDP, stopped after step 2 (FSDP: with a checkpoint): their steps equal one process's, and each rank holds
   half of the experts;
+- TP2 x DP2 with sequence parallelism on the lm task (packed documents, QK-norm, tied embeddings);
+- HSDP 2 replicas x 2 shards with full activation checkpointing and a clipped gradient, and FSDP over the 4 ranks
+  whose step-2 checkpoint HSDP resumes (the HSDP checkpoint resumes in this process too);
 then two of its processes form a new 2-process group, resume the TP2 x DP2 checkpoint with FSDP 2 (DCP reshards the
 tensor-parallel DTensors onto FSDP shards), train FSDP2 x EP2 (the MoE model's experts split over the two ranks and
 kept out of FSDP's sharding: 4 steps equal one process's), the decoder tasks (lm, sft, dpo) with TP2 and a compiled
@@ -30,7 +33,7 @@ import torch.multiprocessing as mp
 from helpers import CKPT, TINY_REGRESSION, call_main, make_config, read_metrics
 from safetensors.torch import load_file
 
-from llm.artifacts.checkpoint import load_trainer_state, verify_checkpoint
+from llm.artifacts.checkpoint import load_shard_metadata, load_trainer_state, verify_checkpoint
 from llm.export import load_model
 from llm.generate import main as generate_main
 from llm.models.moe import moe_layers
@@ -50,6 +53,13 @@ MUON = [*COMMON[:-1], "muon"]  # torch's Muon; under TP each matrix is orthogona
 # the group, packed documents (rotary positions restart per document), QK norms (partial sums over the heads), a
 # tied vocabulary-split embedding and head.
 SP = ["--distributed-sequence-parallel"]
+# HSDP 2 replicas x 2 shards (issue 23), clipped at every step (the norm must count each shard once, not once per
+# replica) and with full recompute (which changes nothing: checked at 1e-5); FSDP over the 4 ranks writes the
+# checkpoint HSDP resumes (DCP reshards 1-D shards onto the 2-D mesh).
+CLIP = ["--training-grad-clip", "0.05", "--checkpoint-interval", "2"]
+HSDP = ["--distributed-strategy", "hsdp", "--distributed-shard-size", "2", "--training-batch-size", "4",
+        "--training-activation-checkpointing", "full"]
+FSDP4 = ["--distributed-strategy", "fsdp", "--training-batch-size", "4"]
 TEXT = "".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n" for i in range(60))
 
 
@@ -136,6 +146,10 @@ def _job(rank: int, ports: tuple[int, int], root: str) -> None:
         model = engine.unwrapped_model  # the layout it trained with: sequence-sharded norms, a vocabulary-split head
         assert engine.plan.sequence_parallel and model.lm_head.weight is model.embed_tokens.weight
         assert [str(p) for p in (*model.lm_head.weight.placements, *model.norm.weight.placements)] == ["S(0)", "R"]
+        _train(root_path / "hsdp", [*COMMON, *CLIP, *HSDP], rank, 4)
+        _train(root_path / "fsdp4", [*COMMON, *CLIP, *FSDP4], rank, 4, stop=2)
+        _train(root_path / "hsdp-resume", [*COMMON, *CLIP, *HSDP, "--checkpoint-resume",
+                                           str(_checkpoint(root_path, "fsdp4"))], rank, 4)
     finally:
         D.destroy_process_group()
     if rank < 2:
@@ -231,6 +245,27 @@ def test_tensor_parallel_runs_and_their_checkpoint_equal_one_process(tmp_path):
     # A TP group's batch counts once: the data-parallel degree of 2 at 8 samples per step is the global 16.
     state = load_trainer_state(_checkpoint(tmp_path) / "trainer_state_rank3.pt")
     assert state["state"]["samples_seen"] == 2 * 16
+    _check_hsdp(tmp_path)
+
+
+def _check_hsdp(tmp_path: Path) -> None:
+    """HSDP 2 x 2's steps, clipped norms and weights equal one process's; FSDP -> HSDP and HSDP -> one process
+    resumes continue it."""
+    _train(tmp_path / "one-clip", [*COMMON, *CLIP, "--training-batch-size", "16"], 0, 1)
+    _train(tmp_path / "one-clip-resume", [*COMMON, *CLIP, "--training-batch-size", "16", "--checkpoint-resume",
+                                          str(_checkpoint(tmp_path, "hsdp"))], 0, 1)
+    one = tmp_path / "one-clip" / "run"
+    norms = _by_step(one, "train/grad_norm")
+    assert len(norms) == 4 and min(norms.values()) > 0.05, norms  # the clip is active: a doubled norm would show
+    # fsdp's format; each HSDP weight in 2 pieces (the replicas' copies written once), where FSDP over 4 has 4
+    for name, pieces in (("hsdp", 2), ("fsdp4", 4)):
+        meta = load_shard_metadata(_checkpoint(tmp_path, name) / "sharded" / ".metadata").state_dict_metadata
+        assert len(meta["model.layers.0.mlp.gate_proj.weight"].chunks) == pieces, name
+    assert_same(tmp_path / "hsdp" / "run", one, range(1, 5))
+    got = _by_step(tmp_path / "hsdp" / "run", "train/grad_norm")
+    assert list(got.values()) == pytest.approx(list(norms.values()), abs=1e-5)
+    assert_same(tmp_path / "hsdp-resume" / "run", one, range(3, 5))  # fsdp -> hsdp
+    assert_same(tmp_path / "one-clip-resume" / "run", one, range(3, 5))  # hsdp -> one process
 
 
 def test_the_mesh_puts_a_tensor_parallel_group_on_consecutive_ranks():
