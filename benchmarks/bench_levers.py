@@ -76,6 +76,9 @@ VARIANTS: dict[str, list[str]] = {
     "lr-x0.7": ["--training-lr", "7e-4"],
     "min-lr-0": ["--training-min-lr-ratio", "0"],
     "weight-decay-0": ["--training-weight-decay", "0"],
+    # Systems: the attention kernel in fp32 on the CPU (numerics only; see llm/models/layers.py attention_in_fp32).
+    "attention-fp32": ["--model-attention-fp32-on-cpu"],
+    "attention-bf16": ["--no-model-attention-fp32-on-cpu"],
 }
 
 # What every variant of a sweep sits on top of. `default`: the lm default as it is now (WSD with a 1-sqrt decay

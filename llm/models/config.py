@@ -88,6 +88,9 @@ class ModelConfig(Freezable):
     # Recipe levers (issue 24); off by default, so older configs build the same model, bitwise.
     zero_init_output: bool = False  # o_proj/down_proj start at zero (blocks start as the identity)
     logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the logits (0 = off; not exportable)
+    # On a CPU, bf16/fp16 queries, keys and values go through the attention kernel in fp32 and its output back (the
+    # kernel is faster so for short heads on the CPUs measured; numerics only: the weights and the export are the same)
+    attention_fp32_on_cpu: bool = False
 
     @property
     def head_dim(self) -> int:

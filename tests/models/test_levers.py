@@ -85,6 +85,34 @@ def test_a_softcapped_model_is_refused_by_the_exports_in_one_line(tmp_path, caps
     assert DecoderModel(**TINY, zero_init_output=True).config.export_blockers() == []  # init only: exportable
 
 
+def test_attention_fp32_on_cpu_runs_the_kernel_on_fp32_copies_under_bf16_autocast_only(monkeypatch):
+    import llm.models.layers as layers
+
+    torch.manual_seed(0)
+    plain = DecoderModel(**TINY)
+    upcast = DecoderModel(**TINY, attention_fp32_on_cpu=True)
+    upcast.load_state_dict(plain.state_dict())
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(x), upcast(x)
+    assert seen == [torch.bfloat16] * 2 + [torch.float32] * 2  # two layers each
+    assert b.dtype == a.dtype and (a.float() - b.float()).abs().max() < 0.05  # bf16 rounding apart, no more
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upcast(x).float().sum().backward()  # the fp32 copies carry gradients back to the bf16 projections
+    assert all(p.grad is not None for p in upcast.parameters())
+    seen.clear()
+    assert torch.equal(plain(x), upcast(x)) and seen == [torch.float32] * 4  # fp32 already: the same model, bitwise
+    assert upcast.config.export_blockers() == []  # numerics only: it exports as the plain model
+
+
 def test_model_levers_come_from_flags_and_yaml_and_are_checked(tmp_path):
     config, _ = make_config(tmp_path, "--model-logit-softcap", "15", "--model-zero-init-output")
     assert config.model.logit_softcap == 15.0 and config.model.zero_init_output
