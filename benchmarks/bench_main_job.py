@@ -27,9 +27,11 @@ ours (the 2-D weights of the decoder layers) at `lr * muon_lr_scale`, RMS-matche
 `training.adamw_lr_scale`), decayed as the Trainer decays (`Trainer.get_decay_parameter_names`: every weight but
 biases and norms); both follow the Trainer's one schedule (the two optimizers are stepped as one, through our
 `CompositeOptimizer`: plumbing, not a recipe choice). Steps, batch, warmup, cosine floor and validation as above,
-so with no flags it runs our default 1000 steps. The peer keeps the embedding table on AdamW, as the issue defines
-it, where our lm default has put it on Muon since issue 24 (`training.muon_embeddings`): a choice an HF user could
-copy, so what it gains is a recipe lead, not a framework one.
+so with no flags it runs our default steps (1,100 since issue 24's third sweep). The peer keeps the embedding table
+on AdamW, as the issue defines it, where our lm default has put it on Muon since issue 24
+(`training.muon_embeddings`): a choice an HF user could copy, so what it gains is a recipe lead, not a framework
+one. It follows our shape (heads included) but runs transformers' attention (bf16 under autocast), not our
+`model.attention_fp32_on_cpu`.
 
 Each side runs as its own process, back to back, and is timed from launch to exit (import, data, model, training,
 validations, our sampling and saving: the whole run a user waits for). Each side's validation lines are time-stamped

@@ -63,7 +63,7 @@ def test_task_help_is_short_grouped_and_shows_the_task_defaults(tmp_path, monkey
     assert all(entry.count("(default:") <= 1 for entry in entries)
     [max_steps] = [e for e in entries if e.startswith("training-max-steps")]
     [batch] = [e for e in entries if e.startswith("training-batch-size")]
-    assert "(default: 1000)" in max_steps and "(default: 16)" in batch  # lm's, not the dataclass's 0/32
+    assert "(default: 1100)" in max_steps and "(default: 16)" in batch  # lm's, not the dataclass's 0/32
 
 
 def test_plus_appends_a_callback_to_the_task_defaults(tmp_path):

@@ -107,7 +107,7 @@ def test_help_shows_the_selected_task_and_yaml_defaults(capsys, monkeypatch, tmp
     lm = LMTask.config_defaults["training"]
     assert (lm["max_steps"], lm["batch_size"]) != (0, 32)  # else the test proves nothing
     text = _help(capsys, monkeypatch, ["--task", "lm"])
-    assert _default_of(text, "--training-max-steps") == str(lm["max_steps"]) == "1000"
+    assert _default_of(text, "--training-max-steps") == str(lm["max_steps"]) == "1100"
     assert _default_of(text, "--training-precision") == "auto"
     assert _default_of(text, "--training-batch-size") == str(lm["batch_size"])
     lm_callbacks = parse_config(["--task", "lm"])[0].training.callbacks  # config_defaults may itself use +NAME
@@ -120,7 +120,7 @@ def test_help_shows_the_selected_task_and_yaml_defaults(capsys, monkeypatch, tmp
     # A set value replaces the comment's derived default rather than adding a second one.
     assert _default_of(text, "--model-intermediate-size") == "512"
     assert _default_of(text, "--training-lr") == "0.25"
-    assert _default_of(text, "--training-max-steps") == "1000"  # the YAML's task
+    assert _default_of(text, "--training-max-steps") == "1100"  # the YAML's task
     assert _default_of(text, "--training-callbacks") == " ".join([*lm_callbacks, "EarlyStopping"])
 
 
