@@ -52,6 +52,8 @@ VARIANTS: dict[str, list[str]] = {
     "qk-norm": ["--model-qk-norm"],
     "heads-2": ["--model-num-heads", "2"],
     "heads-8": ["--model-num-heads", "8"],
+    "heads-1": ["--model-num-heads", "1"],
+    "heads-4": ["--model-num-heads", "4"],
     "muon-scale-12": ["--training-muon-lr-scale", "12"],
     "zero-init-output": ["--model-zero-init-output"],
     "softcap-15": ["--model-logit-softcap", "15"],
