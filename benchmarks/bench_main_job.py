@@ -30,8 +30,7 @@ biases and norms); both follow the Trainer's one schedule (the two optimizers ar
 so with no flags it runs our default steps (1,100 since issue 24's third sweep). The peer keeps the embedding table
 on AdamW, as the issue defines it, where our lm default has put it on Muon since issue 24
 (`training.muon_embeddings`): a choice an HF user could copy, so what it gains is a recipe lead, not a framework
-one. It follows our shape (heads included) but runs transformers' attention (bf16 under autocast), not our
-`model.attention_fp32_on_cpu`.
+one. It follows our shape, heads included.
 
 Each side runs as its own process, back to back, and is timed from launch to exit (import, data, model, training,
 validations, our sampling and saving: the whole run a user waits for). Each side's validation lines are time-stamped

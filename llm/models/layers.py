@@ -208,10 +208,10 @@ class Attention(nn.Module):
 
 def attention_in_fp32(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
     """``F.scaled_dot_product_attention`` on fp32 copies of low-precision ``q``, ``k``, ``v``, its output cast back
-    (``model.attention_fp32_on_cpu``). torch's CPU flash-attention kernel runs faster in fp32 than in bf16 for short
-    heads: forward + backward of the lm default's (16, 4, 256, 32) heads 34-38 ms against 47-54 ms per layer on the
-    development machine (AVX512-BF16/AMX), the whole training step 0.89-0.93x; with 128-wide heads over 1,024 positions
-    bf16 is faster (1.25x), so it is the lm default's option, not a rule (benchmarks/RESULTS.md)."""
+    (``model.attention_fp32_on_cpu``). torch's CPU flash-attention kernel runs faster in fp32 than in bf16 for
+    narrow heads: forward + backward of (16, 4, 256, 32) heads 0.74-0.76x on the development machine (AVX512-BF16/AMX),
+    a whole training step of that model 0.93x; about even at 64 wide, and with 128-wide heads over 1,024 positions
+    bf16 is faster (1.28x), so it is an option, not a rule (`python -m benchmarks.bench_attention`)."""
     mask = kwargs.get("attn_mask")
     if mask is not None and mask.is_floating_point():
         kwargs["attn_mask"] = mask.float()

@@ -110,7 +110,8 @@ class LMTask(TrainingTask):
     # Muon's momentum 0.9 (torch's default 0.95): a further 0.046 below at the same budget and cost per step (issue 24,
     # "Ablations on the new default").
     config_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        # Two heads of 64 and the attention kernel in fp32 on a CPU (issue 24's third sweep, benchmarks/RESULTS.md)
+        # Two heads of 64: a cheaper step than four of 32, the same bpb after the decay; the attention kernel in fp32
+        # on a CPU: a little faster at this width (issue 24's third sweep, benchmarks/RESULTS.md).
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 2, "intermediate_multiple_of": 8,
                   "max_seq_len": 256, "attention_fp32_on_cpu": True},
         "data": {"seq_len": 256},
