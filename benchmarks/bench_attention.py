@@ -49,14 +49,10 @@ def time_shape(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
 def profile_step(flags: list[str]) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    from llm.training.train import build_engine, parse_config
+    from benchmarks.bench_levers import lm_engine
 
     with tempfile.TemporaryDirectory(prefix="bench-attention-") as tmp:
-        config = parse_config(["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
-                               "--logging-log-dir", str(Path(tmp) / "run"), *flags])[0]
-        engine = build_engine(config)
-        engine.setup()
-        batch = next(iter(engine.data_module.train_dataloader()))
+        engine, batch = lm_engine(flags, Path(tmp) / "run")
         for _ in range(3):
             engine._optimizer_step([batch])
         with profile(activities=[ProfilerActivity.CPU]) as prof:

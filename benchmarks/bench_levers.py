@@ -201,23 +201,26 @@ def timing(names: list[str], args: argparse.Namespace) -> None:
         print(f"{name:<24} median {med:.4f} s/step  ({med / first:.3f}x {names[0]})")
 
 
+def lm_engine(flags: list[str], log_dir: Path) -> tuple[Any, Any]:
+    """A set-up engine of the lm job with `flags` over its defaults (no checkpoints read, JSONL logs under
+    `log_dir`), and its first training batch: what the benchmarks step by hand (`engine._optimizer_step([batch])`)."""
+    from llm.training.train import build_engine, parse_config
+
+    engine = build_engine(parse_config(["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
+                                        "--logging-log-dir", str(log_dir), *flags])[0])
+    engine.setup()
+    return engine, next(iter(engine.data_module.train_dataloader()))
+
+
 def step_cost(names: list[str], args: argparse.Namespace) -> None:
     """CPU time of one engine step of each named variant, engines built side by side in this process and stepped
     in turn (A B A B ...: the machine's load hits all alike; `time.process_time` with one thread is far less
     load-dependent than wall seconds); medians of `--rounds` steps after 3 warm-up steps each."""
     import torch
 
-    from llm.training.train import build_engine, parse_config
-
     torch.set_num_threads(1)
-    engines = {}
     with tempfile.TemporaryDirectory(prefix="bench-levers-c-") as tmp:
-        for name in names:
-            flags = ["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
-                     "--logging-log-dir", str(Path(tmp) / name), *variant_flags(name, args.steps)]
-            engine = build_engine(parse_config(flags)[0])
-            engine.setup()
-            engines[name] = (engine, next(iter(engine.data_module.train_dataloader())))
+        engines = {name: lm_engine(variant_flags(name, args.steps), Path(tmp) / name) for name in names}
     per: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.rounds + 3):
         for name, (engine, batch) in engines.items():

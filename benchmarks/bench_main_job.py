@@ -307,16 +307,13 @@ def step_ab(flags: list[str], rounds: int) -> str:
     import torch
     from transformers import Trainer
 
+    from benchmarks.bench_levers import lm_engine
     from llm.training.optim.precision import autocast
-    from llm.training.train import build_engine, parse_config
 
     with tempfile.TemporaryDirectory(prefix="bench-step-ab-") as tmp:
-        config = parse_config(["--task", "lm", "--logging-loggers", "jsonl", "--checkpoint-resume", "none",
-                               "--logging-log-dir", str(Path(tmp) / "run"), *flags])[0]
-        engine = build_engine(config)
-        engine.setup()
+        engine, batch = lm_engine(flags, Path(tmp) / "run")
+    config = engine.config
     t = config.training
-    batch = next(iter(engine.data_module.train_dataloader()))
     x, y = batch
     peer = peer_model(config.model.resolved())
     peer_opt = _muon_and_adamw(peer, t, Trainer)

@@ -189,7 +189,7 @@ def test_recipe_3_new_task_trains(workspace):
 
 
 @pytest.mark.slow  # a whole training run in a real process
-# The guide's hidden-512 MoE model (config.yaml) learns within 30 steps; the flags' default-width one needs 60 (and
+# The guide's hidden-512 MoE model (config.yaml) learns within 20 steps; the flags' default-width one needs 60 (and
 # costs a sixth as much per step).
 @pytest.mark.parametrize(("needle", "steps"), [("--config config.yaml", "20"), ("--model-use-moe", "60")])
 def test_recipe_4_moe_layers_present(workspace, needle, steps):
